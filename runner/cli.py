@@ -1,0 +1,89 @@
+"""The `byol-runner` command. Thin: parse arguments, call one function, print, return the exit code.
+
+Exit codes: 0 success; 1 the command ran and found problems (failed tasks, data defects); 2 bad
+input or usage (printed as `error: ...`, never a traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runner import __version__
+from runner.errors import UserError
+
+DEFAULT_RESULTS = "results"
+
+
+def _results_dir(args: argparse.Namespace, manifest_results: str | None = None) -> Path:
+    return Path(args.results or manifest_results or DEFAULT_RESULTS)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from runner.manifest import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_data_audit(args: argparse.Namespace) -> int:
+    from runner.console import progress_reporter
+    from runner.data.dataset import audit_report, prepare
+    from runner.manifest import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    cache_dir = _results_dir(args, manifest.results) / "cache"
+    report: dict = {"manifest": str(args.manifest), "datasets": {}}
+    for name, spec in manifest.datasets.items():
+        with progress_reporter(name) as progress:
+            ds = prepare(name, spec, cache_dir, progress)
+        report["datasets"][name] = audit_report(ds, manifest.labels.budgets(), manifest.seeds)
+    report["clean"] = not any(d["defects"] for d in report["datasets"].values())
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from runner.console import print_audit
+
+        print_audit(report)
+    return 0 if report["clean"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="byol-runner", description="BYOL vs supervised training on medical images.")
+    p.add_argument("--version", action="version", version=f"byol-runner {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("schema", help="print the manifest's JSON schema")
+    s.set_defaults(func=cmd_schema)
+
+    data = sub.add_parser("data", help="inspect the data sets of a manifest")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    a = data_sub.add_parser(
+        "audit",
+        help="counts per class and split, duplicates, label conflicts, leaks (exit 1 when defects are found)",
+    )
+    a.add_argument("manifest", type=Path)
+    a.add_argument("--results", help=f"results dir, holds the image cache (default: the manifest's, or {DEFAULT_RESULTS}/)")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.set_defaults(func=cmd_data_audit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        lines = str(e).splitlines() or [type(e).__name__]
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The decoded-image cache: every image decoded once, stored as one uint8 array file.
+
+An entry is `<cache_dir>/<key>/` with `images.npy` (N, C, S, S) uint8 and `index.json` (one record
+per item: key, file and pixel hashes, gray, native mode and size, decode error). The key hashes the
+source's content fingerprint (the bytes of its files, not their names or dates), the image settings
+and DECODE_VERSION, so a changed file or setting makes a new entry and an unchanged source is never
+decoded twice. Entries are written in a temporary folder and renamed into place: a crash leaves no
+half entry. Training reads `images.npy` (memory-mapped), never the original files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runner.data.arrays import SYNTHETIC_VERSION, load_npz_images, synthetic_images
+from runner.data.decode import DECODE_VERSION, Decoded, ImageSettings, decode_array, decode_file
+from runner.data.sources import DatasetBase, Item, NpzSource, RootedSource, SyntheticSource, expand_path
+
+Progress = Callable[[int, int, str], None]
+GRAY_DATASET_SHARE = 0.75  # channels: auto -> 1 when at least this share of the images is grayscale content
+_PARALLEL_MIN = 64  # below this many files, decoding in-process beats starting workers
+
+
+def no_progress(done: int, total: int, what: str) -> None:
+    return None
+
+
+@dataclass
+class ImageTable:
+    """A source's decoded images, in the order of its items. Unreadable images are all-zero rows."""
+
+    keys: list[str]
+    images: np.ndarray  # (N, C, S, S) uint8, memory-mapped from the cache
+    records: list[dict]  # per item: file_sha, pixel_sha, gray, mode, native_size, error
+    channels: int
+    cache_key: str
+    from_cache: bool
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return {k: r["error"] for k, r in zip(self.keys, self.records) if r["error"]}
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def content_fingerprint(spec: DatasetBase, items: Sequence[Item]) -> str:
+    """A hash of what the source's images are: file bytes (or array bytes, or generator settings)."""
+    h = hashlib.sha256()
+    if isinstance(spec, RootedSource):
+        root = spec.root_path
+        for it in items:
+            h.update(it.key.encode() + b"\0")
+            h.update(_file_sha(root / it.key).encode() + b"\n")
+    elif isinstance(spec, NpzSource):
+        h.update(_file_sha(Path(expand_path(spec.path))).encode())
+    elif isinstance(spec, SyntheticSource):
+        h.update(json.dumps(["synthetic", SYNTHETIC_VERSION, spec.num_classes, spec.per_class, spec.size, spec.seed]).encode())
+    return h.hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        h.update(f"unreadable:{e.errno}".encode())  # decoding will name the file and the reason
+    return h.hexdigest()
+
+
+def cache_key(fingerprint: str, settings: ImageSettings, channels: str | int) -> str:
+    blob = json.dumps([fingerprint, settings.size, settings.fit, str(channels), DECODE_VERSION])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load_images(
+    spec: DatasetBase,
+    items: Sequence[Item],
+    cache_dir: Path,
+    progress: Progress = no_progress,
+    workers: int | None = None,
+) -> ImageTable:
+    """The decoded images of `items`, from the cache, or decoded now (on all cores) and cached."""
+    t0 = time.perf_counter()
+    settings = ImageSettings(spec.image_size, spec.fit)
+    key = cache_key(content_fingerprint(spec, items), settings, spec.channels)
+    entry = Path(cache_dir) / key
+    keys = [it.key for it in items]
+    if (entry / "index.json").is_file():
+        table = _read_entry(entry, key)
+        if table.keys == keys:
+            table.seconds = time.perf_counter() - t0
+            return table
+    _write_entry(spec, items, settings, entry, progress, workers or cpu_count())
+    table = _read_entry(entry, key)
+    table.from_cache = False
+    table.seconds = time.perf_counter() - t0
+    return table
+
+
+def _read_entry(entry: Path, key: str) -> ImageTable:
+    index = json.loads((entry / "index.json").read_text())
+    images = np.load(entry / "images.npy", mmap_mode="r")
+    return ImageTable(
+        keys=[r["key"] for r in index["items"]],
+        images=images,
+        records=index["items"],
+        channels=int(index["channels"]),
+        cache_key=key,
+        from_cache=True,
+    )
+
+
+def _decoded_stream(spec: DatasetBase, items: Sequence[Item], s: ImageSettings, workers: int):
+    if isinstance(spec, RootedSource):
+        paths = [str(spec.root_path / it.key) for it in items]
+        if workers <= 1 or len(paths) < _PARALLEL_MIN:
+            yield from (decode_file(p, s) for p in paths)
+            return
+        # forkserver: never fork a process that may run threads (rich's refresh, torch's pools).
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            yield from pool.map(decode_file, paths, [s] * len(paths), chunksize=16)
+    elif isinstance(spec, NpzSource):
+        arrays = load_npz_images(expand_path(spec.path))
+        for it in items:
+            split, index = it.key.split("/")
+            yield decode_array(arrays[split][int(index)], s)
+    elif isinstance(spec, SyntheticSource):
+        imgs = synthetic_images(spec.num_classes, spec.per_class, spec.size, spec.seed)
+        order = {f"synthetic/{c}/{i:06d}": c * spec.per_class + i for c in range(spec.num_classes) for i in range(spec.per_class)}
+        for it in items:
+            yield decode_array(imgs[order[it.key]], s)
+    else:  # pragma: no cover
+        raise TypeError(type(spec))
+
+
+def _write_entry(
+    spec: DatasetBase,
+    items: Sequence[Item],
+    s: ImageSettings,
+    entry: Path,
+    progress: Progress,
+    workers: int,
+) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    n, size = len(items), s.size
+    # Both layouts are written as we go; the RGB file is sparse until a colour image arrives, and
+    # only the one the channel decision keeps survives.
+    gray = np.lib.format.open_memmap(tmp / "gray.npy", mode="w+", dtype=np.uint8, shape=(n, 1, size, size))
+    rgb = np.lib.format.open_memmap(tmp / "rgb.npy", mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
+    records: list[dict] = []
+    colour_rows: list[int] = []
+    step = max(1, n // 200)
+    for i, (it, d) in enumerate(zip(items, _decoded_stream(spec, items, s, workers))):
+        records.append(_record(it, d))
+        if d.pixels is not None:
+            if d.gray:
+                gray[i, 0] = d.pixels
+            else:
+                rgb[i] = d.pixels.transpose(2, 0, 1)
+                gray[i, 0] = _luma(d.pixels)
+                colour_rows.append(i)
+        if (i + 1) % step == 0 or i + 1 == n:
+            progress(i + 1, n, "decoding")
+    readable = sum(1 for r in records if r["error"] is None)
+    if spec.channels == "auto":
+        channels = 1 if readable == 0 or (readable - len(colour_rows)) / readable >= GRAY_DATASET_SHARE else 3
+    else:
+        channels = int(spec.channels)
+    if channels == 3:
+        colour = np.zeros(n, bool)
+        colour[colour_rows] = True
+        for start in range(0, n, 1024):  # replicate the gray images into RGB, in blocks
+            sl = slice(start, min(n, start + 1024))
+            g = ~colour[sl]
+            rgb[sl][g] = np.repeat(gray[sl][g], 3, axis=1)
+        rgb.flush()
+        keep, drop = "rgb.npy", "gray.npy"
+    else:
+        gray.flush()
+        keep, drop = "gray.npy", "rgb.npy"
+    del gray, rgb
+    (tmp / drop).unlink()
+    (tmp / keep).rename(tmp / "images.npy")
+    index = {"version": DECODE_VERSION, "channels": channels, "size": size, "fit": s.fit, "items": records}
+    (tmp / "index.json").write_text(json.dumps(index))
+    try:
+        tmp.rename(entry)
+    except OSError:  # another process finished the same entry first: theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    # ITU-R 601-2 luma, as PIL's convert("L")
+    y = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+
+
+def _record(it: Item, d: Decoded) -> dict:
+    return {
+        "key": it.key,
+        "file_sha": d.file_sha,
+        "pixel_sha": d.pixel_sha,
+        "gray": d.gray,
+        "mode": d.mode,
+        "native_size": list(d.native_size) if d.native_size else None,
+        "error": d.error,
+    }

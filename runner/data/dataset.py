@@ -1,0 +1,213 @@
+"""From a manifest's dataset entry to clean, labeled splits: scan, decode (cached), audit, filter,
+map classes, split, and hand out label subsets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runner.data.audit import SourceAudit, audit_and_filter
+from runner.data.cache import ImageTable, Progress, no_progress, load_images
+from runner.data.sources import REST, DatasetBase, Item, scan
+from runner.data.splits import SPLITS, LabelBudget, group_leaks, grouped_stratified_split, labeled_subset
+from runner.errors import DataError
+
+
+@dataclass
+class PreparedDataset:
+    """A data set ready for training. Index arrays (`splits`, `labeled`) point into `labels`/`keys`;
+    `pixels(idx)` reads the cached images of those items."""
+
+    name: str
+    spec: DatasetBase
+    class_names: list[str]
+    keys: list[str]
+    labels: np.ndarray
+    groups: list[str]
+    splits: dict[str, np.ndarray]
+    table: ImageTable
+    rows: np.ndarray  # row of each kept item in table.images
+    audit: SourceAudit
+    not_selected: dict[str, int] = field(default_factory=dict)
+    group_leaks: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        return self.table.channels
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of everything about the data that changes a result: pixels and settings (the cache
+        key), the classes, and which item is in which split with which label."""
+        h = hashlib.sha256(json.dumps([self.table.cache_key, self.class_names]).encode())
+        for s in SPLITS:
+            for i in self.splits.get(s, []):
+                h.update(f"{s}\0{self.keys[i]}\0{self.labels[i]}\n".encode())
+        return h.hexdigest()[:16]
+
+    def pixels(self, idx: np.ndarray) -> np.ndarray:
+        """(len(idx), C, S, S) uint8 images of the given items, read from the cache."""
+        rows = self.rows[np.asarray(idx, dtype=np.int64)]
+        order = np.argsort(rows, kind="stable")  # read the memory map front to back
+        out = np.empty((len(rows),) + self.table.images.shape[1:], np.uint8)
+        out[order] = self.table.images[rows[order]]
+        return out
+
+    def labeled(self, budget: LabelBudget, seed: int) -> np.ndarray:
+        return labeled_subset(self.splits["train"], self.keys, self.labels, self.class_names, budget, seed)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {
+            s: {c: int((self.labels[idx] == k).sum()) for k, c in enumerate(self.class_names)}
+            for s, idx in self.splits.items()
+        }
+
+
+def map_classes(spec: DatasetBase, source_labels: list[str]) -> dict[str, str]:
+    """Source label -> class name, for the source labels that are selected."""
+    present = sorted(set(source_labels))
+    if spec.classes is None:
+        return {lab: lab for lab in present}
+    mapping = {c: [c] for c in spec.classes} if isinstance(spec.classes, list) else dict(spec.classes)
+    named = {src for srcs in mapping.values() if srcs != REST for src in srcs}
+    unknown = sorted(named - set(present))
+    if unknown:
+        raise DataError(f"classes: {', '.join(map(repr, unknown))} not found in the source (its classes: {', '.join(present)})")
+    out = {src: cls for cls, srcs in mapping.items() if srcs != REST for src in srcs}
+    rest = [cls for cls, srcs in mapping.items() if srcs == REST]
+    if rest:
+        out |= {lab: rest[0] for lab in present if lab not in named}
+    return out
+
+
+def prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress = no_progress) -> PreparedDataset:
+    items = scan(spec)
+    table = load_images(spec, items, cache_dir, progress)
+    errors = table.errors
+    if errors and spec.on_bad_image == "fail":
+        key, reason = next(iter(errors.items()))
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise DataError(f"{_where(spec, key)}: {reason}{more}; set on_bad_image: skip to leave such files out")
+    warnings = [f"skipped unreadable image {_where(spec, k)}: {v}" for k, v in errors.items()]
+    keep, audit = audit_and_filter(items, table.records, spec.on_conflict, spec.dedupe)
+
+    to_class = map_classes(spec, [it.label for it in items])
+    class_names = _class_order(spec, to_class)
+    kept: list[Item] = []
+    rows: list[int] = []
+    not_selected: Counter[str] = Counter()
+    for i in keep:
+        it = items[i]
+        if it.label in to_class:
+            kept.append(it)
+            rows.append(i)
+        else:
+            not_selected[it.label] += 1
+    labels = np.array([class_names.index(to_class[it.label]) for it in kept], dtype=np.int64)
+    present = [class_names[c] for c in sorted(set(labels.tolist()))]
+    if len(present) < 2:
+        left = f"only {present[0]!r}" if present else "no images"
+        raise DataError(f"{left} left after filtering; a classification task needs two classes")
+    empty = [c for c in class_names if c not in present]
+    if empty:
+        raise DataError(f"class {empty[0]!r} has no images left after filtering")
+    if spec.positive is not None and spec.positive not in class_names:
+        raise DataError(f"positive: {spec.positive!r} is not one of the classes {class_names}")
+
+    keys = [it.key for it in kept]
+    groups = [it.group if it.group is not None else it.key for it in kept]
+    splits = _split(spec, kept, keys, labels, groups)
+    for s, idx in splits.items():
+        if len(idx) == 0 and (s != "val" or spec.split.val > 0):
+            raise DataError(f"the {s} split is empty; give it more images or a larger fraction")
+    missing = [class_names[c] for c in range(len(class_names)) if not (labels[splits["train"]] == c).any()]
+    if missing:
+        raise DataError(f"class {missing[0]!r} has no image in the train split")
+    leaks = group_leaks(groups, splits) if spec.split.group_pattern or any(it.group for it in kept) else []
+    if leaks:
+        warnings.append(f"{len(leaks)} groups span two splits (e.g. {leaks[0]!r}): the given split folders leak")
+    return PreparedDataset(
+        name=name,
+        spec=spec,
+        class_names=class_names,
+        keys=keys,
+        labels=labels,
+        groups=groups,
+        splits=splits,
+        table=table,
+        rows=np.array(rows, dtype=np.int64),
+        audit=audit,
+        not_selected=dict(sorted(not_selected.items())),
+        group_leaks=leaks,
+        warnings=warnings,
+    )
+
+
+def _where(spec: DatasetBase, key: str) -> str:
+    root = getattr(spec, "root_path", None)
+    return str(root / key) if root is not None else key
+
+
+def _class_order(spec: DatasetBase, to_class: dict[str, str]) -> list[str]:
+    if spec.classes is not None:
+        return list(spec.classes)  # the manifest's order (list items or mapping keys)
+    return sorted(set(to_class.values()))
+
+
+def _split(spec: DatasetBase, kept: list[Item], keys: list[str], labels: np.ndarray, groups: list[str]) -> dict[str, np.ndarray]:
+    sp = spec.split
+    if sp.strategy == "stratified":
+        fr = {"train": 1.0 - sp.val - sp.test, "val": sp.val, "test": sp.test}
+        return grouped_stratified_split(keys, labels, groups, fr, sp.seed)
+    by_origin = {s: np.array([i for i, it in enumerate(kept) if it.origin_split == s], dtype=np.int64) for s in SPLITS}
+    if len(by_origin["val"]) == 0 and sp.val > 0:  # carve val out of train, grouped and stratified
+        train = by_origin["train"]
+        part = grouped_stratified_split(
+            [keys[i] for i in train], labels[train], [groups[i] for i in train], {"train": 1 - sp.val, "val": sp.val}, sp.seed
+        )
+        by_origin["train"], by_origin["val"] = train[part["train"]], train[part["val"]]
+    return by_origin
+
+
+def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[int]) -> dict:
+    """What `byol-runner data audit` shows for one data set (also its --json form)."""
+    a = ds.audit
+    defects = []
+    if a.unreadable:
+        defects.append(f"{len(a.unreadable)} unreadable images")
+    if a.conflicts:
+        defects.append(f"{len(a.conflicts)} images under two labels")
+    if a.leaks:
+        defects.append(f"{len(a.leaks)} images in two source splits")
+    same_label = len(a.duplicates) - len(a.conflicts)
+    if same_label:
+        defects.append(f"{same_label} groups of exact duplicates with one label")
+    if ds.group_leaks:
+        defects.append(f"{len(ds.group_leaks)} groups (patients) in two splits")
+    labeled = {
+        str(seed): {b.name: int(len(ds.labeled(b, seed))) for b in budgets} for seed in seeds
+    }
+    dropped_by_reason = Counter(d.reason for d in a.dropped)
+    return {
+        "source": ds.spec.source,
+        "classes": ds.class_names,
+        "positive": ds.spec.positive,
+        "channels": ds.channels,
+        "image_size": ds.spec.image_size,
+        "fingerprint": ds.fingerprint,
+        "counts": ds.counts(),
+        "labeled": labeled,
+        "not_selected": ds.not_selected,
+        "dropped_by_reason": dict(sorted(dropped_by_reason.items())),
+        "group_leaks": ds.group_leaks,
+        "warnings": ds.warnings,
+        "defects": defects,
+        "cache": {"key": ds.table.cache_key, "from_cache": ds.table.from_cache, "seconds": round(ds.table.seconds, 3)},
+        **a.to_json(),
+    }

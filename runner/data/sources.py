@@ -1,0 +1,353 @@
+"""Where images and labels come from: one pydantic model per source kind, and its file scan.
+
+A source turns a manifest's `datasets.<name>` entry into a sorted list of `Item`s (a stable key,
+the label as the source writes it, the split folder it came from, a group id). Nothing here
+decodes an image: that is `decode.py`'s job, through the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from runner.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+SPLITS = ("train", "val", "test")
+REST = "*"  # in a class mapping: every source class not named elsewhere
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_path(value: str) -> str:
+    """`~` and `${VAR}` / `${VAR:-default}` expansion, so one manifest serves several machines."""
+
+    def sub(m: re.Match[str]) -> str:
+        val = os.environ.get(m.group(1))
+        if val:
+            return val
+        if m.group(2) is not None:
+            return m.group(2)
+        raise ValueError(f"environment variable {m.group(1)} is not set (write ${{{m.group(1)}:-default}} for a default)")
+
+    return os.path.expanduser(_ENV_REF.sub(sub, value))
+
+
+class SplitSpec(StrictModel):
+    """How items are split into train/val/test.
+
+    `given`: the source's own split folders (or arrays); a missing val split is carved out of train.
+    `stratified`: the source's split folders are pooled and split anew, stratified by class and,
+    with `group_pattern`, grouped so that no group (a patient) spans two splits.
+    """
+
+    strategy: Literal["given", "stratified"] = "stratified"
+    val: float = Field(0.15, ge=0.0, lt=1.0, description="fraction for val (stratified, or carved from train)")
+    test: float = Field(0.15, ge=0.0, lt=1.0, description="fraction for test (stratified only)")
+    group_pattern: str | None = Field(
+        None,
+        description="regex searched in each file's relative path; the first capture group that matched "
+        "(or the whole match) is the group id, e.g. a patient id: '(person\\d+)_|((?:NORMAL2-)?IM-\\d+)-'",
+    )
+    seed: int = Field(0, description="split seed; the run's seeds vary the label subsets, not the test set")
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "SplitSpec":
+        if self.strategy == "stratified" and self.val + self.test >= 1.0:
+            raise ValueError(f"val + test must leave something for train (got {self.val} + {self.test})")
+        return self
+
+
+ClassMap = dict[str, Union[list[str], Literal["*"]]]
+
+
+class DatasetBase(StrictModel):
+    classes: list[str] | ClassMap | None = Field(
+        None,
+        description="class selection: a list keeps those source classes; a mapping new -> [source classes] "
+        "merges them, '*' takes every source class not named elsewhere (e.g. {melanoma: [melanoma], other: '*'})",
+    )
+    positive: str | None = Field(None, description="the positive class of a binary task (for sensitivity/AUROC)")
+    split: SplitSpec = SplitSpec()
+    image_size: int = Field(224, ge=8, le=2048, description="cached image side in pixels")
+    fit: Literal["pad", "crop", "squash"] = Field(
+        "pad", description="pad: keep aspect, pad with black; crop: keep aspect, centre crop; squash: resize"
+    )
+    channels: Literal["auto", 1, 3] = Field("auto", description="auto: 1 when the content is grayscale, else 3")
+    on_bad_image: Literal["skip", "fail"] = Field("skip", description="an unreadable or truncated image")
+    on_conflict: Literal["drop", "keep"] = Field(
+        "drop", description="the same image under two labels: drop every copy, or keep them (not advised)"
+    )
+    dedupe: bool = Field(True, description="keep one copy of an image that appears more than once with one label")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str] | ClassMap | None) -> list[str] | ClassMap | None:
+        if isinstance(v, list):
+            if len(set(v)) != len(v):
+                raise ValueError("a class is listed twice")
+            if len(v) < 2:
+                raise ValueError("a classification task needs at least two classes")
+        elif isinstance(v, dict):
+            if len(v) < 2:
+                raise ValueError("a classification task needs at least two classes")
+            if sum(1 for s in v.values() if s == REST) > 1:
+                raise ValueError("only one class can take the rest ('*')")
+            named = [c for s in v.values() if s != REST for c in s]
+            if len(set(named)) != len(named):
+                raise ValueError("a source class is mapped to two classes")
+        return v
+
+    @model_validator(mode="after")
+    def _positive(self) -> "DatasetBase":
+        if self.positive is not None and self.classes is not None and self.positive not in self.classes:
+            raise ValueError(f"positive class {self.positive!r} is not one of the classes {list(self.classes)}")
+        return self
+
+
+class RootedSource(DatasetBase):
+    root: str = Field(description="dataset folder; relative paths are from the working directory; ${VAR:-x} and ~ expand")
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, v: str) -> str:
+        path = expand_path(v)
+        if not os.path.isdir(path):
+            raise ValueError(f"no such directory: {v}" + (f" ({path})" if path != v else ""))
+        return v
+
+    @property
+    def root_path(self) -> Path:
+        return Path(expand_path(self.root)).resolve()
+
+
+class ImageFolderSource(RootedSource):
+    """Class per folder: `root/<class>/*.png`, or with split folders `root/<split>/<class>/*`."""
+
+    source: Literal["imagefolder"]
+    split_dirs: dict[Literal["train", "val", "test"], str] | None = Field(
+        None, description="split -> folder under root, e.g. {train: Train, test: Test}; absent: root holds class folders"
+    )
+
+    @model_validator(mode="after")
+    def _given_needs_dirs(self) -> "ImageFolderSource":
+        if self.split.strategy == "given" and not self.split_dirs:
+            raise ValueError("split.strategy 'given' needs split_dirs (which folder is train, val, test)")
+        if self.split_dirs and self.split.strategy == "given" and not {"train", "test"} <= set(self.split_dirs):
+            raise ValueError("split_dirs needs at least train and test for split.strategy 'given'")
+        return self
+
+
+class CsvSource(RootedSource):
+    """A label file: one row per image, an image column (a path, or an id put into `image_pattern`)."""
+
+    source: Literal["csv"]
+    labels_csv: str = Field("labels.csv", description="the label file, relative to root")
+    image_column: str
+    label_column: str
+    image_pattern: str | None = Field(
+        None, description="file name made from the image column, e.g. '{}.png' or '{:03d}.png'; absent: the column is the path"
+    )
+    image_dir: str = Field(".", description="folder of the images, relative to root")
+    split_column: str | None = Field(None, description="a column with train/val/test, for split.strategy 'given'")
+    group_column: str | None = Field(None, description="a column with a group id (patient); overrides group_pattern")
+    on_missing: Literal["fail", "skip"] = Field("fail", description="a row whose image file does not exist")
+
+    @model_validator(mode="after")
+    def _given_needs_column(self) -> "CsvSource":
+        if self.split.strategy == "given" and not self.split_column:
+            raise ValueError("split.strategy 'given' needs split_column for a csv source")
+        return self
+
+
+class NpzSource(DatasetBase):
+    """MedMNIST-style arrays: `{train,val,test}_images` (N,H,W[,C] uint8) and `{split}_labels`."""
+
+    source: Literal["npz"]
+    path: str
+    class_names: list[str] | None = Field(None, description="names of the integer labels 0..K-1")
+
+    @field_validator("path")
+    @classmethod
+    def _file_exists(cls, v: str) -> str:
+        if not os.path.isfile(expand_path(v)):
+            raise ValueError(f"no such file: {v}")
+        return v
+
+
+class SyntheticSource(DatasetBase):
+    """Made at run time from a seed: grayscale scan-like images, one structure per class. Not real data."""
+
+    source: Literal["synthetic"]
+    num_classes: int = Field(2, ge=2, le=4)
+    per_class: int = Field(200, ge=4, le=100_000)
+    size: int = Field(64, ge=16, le=512, description="generated side in pixels")
+    seed: int = 0
+
+
+DatasetSpec = Annotated[
+    Union[ImageFolderSource, CsvSource, NpzSource, SyntheticSource], Field(discriminator="source")
+]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image as the source lists it. `key` is stable across machines (a relative path)."""
+
+    key: str
+    label: str
+    origin_split: str | None = None
+    group: str | None = None
+
+
+def scan(spec: DatasetBase) -> list[Item]:
+    """The source's items, sorted by key, labels as written by the source (before class mapping)."""
+    if isinstance(spec, ImageFolderSource):
+        items = _scan_imagefolder(spec)
+    elif isinstance(spec, CsvSource):
+        items = _scan_csv(spec)
+    elif isinstance(spec, NpzSource):
+        items = _scan_npz(spec)
+    elif isinstance(spec, SyntheticSource):
+        items = [
+            Item(key=f"synthetic/{c}/{i:06d}", label=f"class{c}")
+            for c in range(spec.num_classes)
+            for i in range(spec.per_class)
+        ]
+    else:  # pragma: no cover - the discriminated union admits nothing else
+        raise TypeError(type(spec))
+    items.sort(key=lambda it: it.key)
+    pattern = spec.split.group_pattern
+    if pattern and not (isinstance(spec, CsvSource) and spec.group_column):
+        rx = re.compile(pattern)
+        items = [Item(it.key, it.label, it.origin_split, group_of(rx, it.key)) for it in items]
+    return items
+
+
+def group_of(rx: re.Pattern[str], key: str) -> str:
+    """The group id a pattern finds in a key; a key it does not match is a group of its own."""
+    m = rx.search(key)
+    if m is None:
+        return key
+    return next((g for g in m.groups() if g is not None), m.group(0))
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _scan_class_folders(root: Path, base: Path, origin: str | None) -> list[Item]:
+    class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{base}: no class folders (expected {base}/<class>/<image files>)")
+    items: list[Item] = []
+    for cdir in class_dirs:
+        files = _list_images(cdir)
+        if not files:
+            raise DataError(f"{cdir}: empty class folder (no {', '.join(IMAGE_EXTENSIONS)} files)")
+        items += [Item(f.relative_to(root).as_posix(), cdir.name, origin) for f in files]
+    return items
+
+
+def _scan_imagefolder(spec: ImageFolderSource) -> list[Item]:
+    root = spec.root_path
+    if not spec.split_dirs:
+        return _scan_class_folders(root, root, None)
+    items: list[Item] = []
+    for split, name in spec.split_dirs.items():
+        base = root / name
+        if not base.is_dir():
+            raise DataError(f"{root}: split folder {name!r} (for {split}) does not exist")
+        items += _scan_class_folders(root, base, split)
+    return items
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"label file not found: {path}")
+    try:
+        # skipinitialspace + strip: Kaggle's head CT header is "id, hemorrhage" (note the space).
+        df = pd.read_csv(path, dtype=str, skipinitialspace=True, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV file ({str(e).splitlines()[0]})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def _image_name(pattern: str | None, value: str) -> str:
+    if pattern is None:
+        return value
+    try:
+        return pattern.format(value)
+    except ValueError:  # a numeric format spec such as {:03d} needs an int
+        try:
+            return pattern.format(int(value))
+        except ValueError:
+            raise DataError(f"image_pattern {pattern!r} cannot format the value {value!r}") from None
+
+
+def _scan_csv(spec: CsvSource) -> list[Item]:
+    root = spec.root_path
+    csv_path = root / spec.labels_csv
+    df = _read_csv(csv_path)
+    wanted = [spec.image_column, spec.label_column, spec.split_column, spec.group_column]
+    missing = [c for c in wanted if c is not None and c not in df.columns]
+    if missing:
+        raise DataError(f"{csv_path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(df.columns)})")
+    image_dir = (root / spec.image_dir).resolve()
+    items: list[Item] = []
+    missing_rows: list[str] = []
+    for row_no, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
+        name = _image_name(spec.image_pattern, row[spec.image_column].strip())
+        path = image_dir / name
+        if not path.is_file():
+            missing_rows.append(f"line {row_no}: {path}")
+            continue
+        label = row[spec.label_column].strip()
+        if label == "":
+            raise DataError(f"{csv_path} line {row_no}: empty label in column {spec.label_column!r}")
+        origin = row[spec.split_column].strip().lower() if spec.split_column else None
+        if origin is not None and origin not in SPLITS:
+            raise DataError(f"{csv_path} line {row_no}: split {origin!r} is not one of {', '.join(SPLITS)}")
+        group = row[spec.group_column].strip() if spec.group_column else None
+        items.append(Item(path.relative_to(root).as_posix(), label, origin, group))
+    if missing_rows and spec.on_missing == "fail":
+        more = f" (and {len(missing_rows) - 1} more)" if len(missing_rows) > 1 else ""
+        raise DataError(f"{csv_path}: image file missing for {missing_rows[0]}{more}; set on_missing: skip to ignore")
+    if not items:
+        raise DataError(f"{csv_path}: no rows with an existing image")
+    return items
+
+
+def _scan_npz(spec: NpzSource) -> list[Item]:
+    from runner.data.arrays import load_npz_labels
+
+    items: list[Item] = []
+    for split, labels in load_npz_labels(expand_path(spec.path)).items():
+        names = spec.class_names
+        for i, y in enumerate(labels):
+            if names is not None and not 0 <= y < len(names):
+                raise DataError(f"{spec.path}: {split}_labels[{i}] = {y} but class_names has {len(names)} names")
+            items.append(Item(f"{split}/{i:07d}", names[y] if names else str(int(y)), split))
+    return items

@@ -1,0 +1,175 @@
+"""The manifest: what to run, as pydantic models, loaded from YAML with errors that name the place.
+
+A manifest names a matrix: datasets x label budgets x seeds (methods and training settings join in
+with the runner). Every model forbids unknown keys; every error message starts with the file, line
+and YAML path it is about, e.g.
+`experiments/matrix.yaml:7: datasets.pneumonia.root: no such directory: data/chest_xray`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator, model_validator
+
+from runner.data.sources import DatasetSpec, StrictModel
+from runner.data.splits import LabelBudget
+from runner.errors import ManifestError
+
+RESERVED_NAMES = {"tasks", "cache"}  # folders of the results dir that are not runs
+SafeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class LabelsSpec(StrictModel):
+    """The label budgets of the matrix: fractions of each class's train images, or counts per class."""
+
+    fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.01, 0.1, 1.0], description="e.g. [0.01, 0.1, 1.0]; nested per seed"
+    )
+    per_class: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="labeled examples per class, e.g. [2, 10, 50]; in addition to fractions"
+    )
+
+    @field_validator("fractions", "per_class")
+    @classmethod
+    def _unique(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError("a budget is listed twice")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "LabelsSpec":
+        if not self.fractions and not self.per_class:
+            raise ValueError("no label budget: give fractions or per_class")
+        return self
+
+    def budgets(self) -> list[LabelBudget]:
+        return [LabelBudget(per_class=k) for k in self.per_class] + [LabelBudget(fraction=f) for f in self.fractions]
+
+
+class Manifest(StrictModel):
+    name: SafeName = Field(description="the run's name: its folder under the results dir")
+    datasets: dict[SafeName, DatasetSpec] = Field(min_length=1)
+    labels: LabelsSpec = LabelsSpec()
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run of every cell per seed")
+    results: str | None = Field(None, description="results dir (default: results/, or --results)")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v in RESERVED_NAMES or ".." in v:
+            raise ValueError(f"{v!r} cannot name a run (reserved: {', '.join(sorted(RESERVED_NAMES))})")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("a seed is listed twice")
+        return v
+
+
+def json_schema() -> dict[str, Any]:
+    return Manifest.model_json_schema()
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping (YAML would keep the last)."""
+
+
+def _mapping_no_dupes(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_dupes)
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """1-based line of the YAML node a pydantic error location points at (best effort)."""
+    node, line = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    node, line = v, k.start_mark.line + 1
+                    break
+            # not found: a union tag or "[key]" in the location; stay on this node
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+    return line
+
+
+def _all_field_names() -> set[str]:
+    """Every key any manifest model knows, for 'did you mean' hints."""
+    import runner.data.sources as sources
+
+    models = list(vars(sources).values()) + list(globals().values())
+    return {f for m in models if isinstance(m, type) and issubclass(m, BaseModel) for f in m.model_fields}
+
+
+def _message(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        close = difflib.get_close_matches(key, _all_field_names(), n=1)
+        return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "; `byol-runner schema` lists the keys")
+    if kind == "missing":
+        return "required, but missing"
+    msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+    if "input" in err and kind not in ("union_tag_invalid", "union_tag_not_found") and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def _format_errors(source: str, root: yaml.Node | None, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if p != "[key]")
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(root, loc)
+        where = f"{source}:{line}" if line else source
+        lines.append(f"{where}: {path}: {_message(err)}")
+    return "\n".join(lines)
+
+
+def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ManifestError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise ManifestError(f"{source}: a manifest is a mapping (name:, datasets:, ...), this one is {kind}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(_format_errors(source, root, e)) from None
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{p}: no such manifest file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{p}: cannot read the manifest ({e})") from None
+    return parse_manifest(text, str(p))
