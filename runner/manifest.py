@@ -14,25 +14,42 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from runner.data.sources import DatasetSpec, StrictModel
 from runner.data.splits import LabelBudget
 from runner.errors import ManifestError
 
 RESERVED_NAMES = {"tasks", "cache"}  # folders of the results dir that are not runs
-SafeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _safe_name(v: str) -> str:
+    """Run and dataset names become folder names: no separators, no '..', nothing absolute."""
+    if not _SAFE_NAME.match(v) or ".." in v:
+        raise ValueError(f"{v!r} is not a usable name: letters, digits, '_', '.', '-', at most 64, starting with a letter or digit, no '..'")
+    return v
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
 
 
 class LabelsSpec(StrictModel):
     """The label budgets of the matrix: fractions of each class's train images, or counts per class."""
 
     fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
-        default_factory=lambda: [0.01, 0.1, 1.0], description="e.g. [0.01, 0.1, 1.0]; nested per seed"
+        default_factory=list, description="e.g. [0.01, 0.1, 1.0] (the default when no budget is given); nested per seed"
     )
     per_class: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=list, description="labeled examples per class, e.g. [2, 10, 50]; in addition to fractions"
+        default_factory=list, description="labeled examples per class, e.g. [2, 10, 50]; with or instead of fractions"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_budgets(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "fractions" not in data and "per_class" not in data:
+            return {**data, "fractions": [0.01, 0.1, 1.0]}
+        return data
 
     @field_validator("fractions", "per_class")
     @classmethod
@@ -61,7 +78,7 @@ class Manifest(StrictModel):
     @field_validator("name")
     @classmethod
     def _not_reserved(cls, v: str) -> str:
-        if v in RESERVED_NAMES or ".." in v:
+        if v in RESERVED_NAMES:
             raise ValueError(f"{v!r} cannot name a run (reserved: {', '.join(sorted(RESERVED_NAMES))})")
         return v
 
@@ -97,20 +114,30 @@ def _mapping_no_dupes(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bo
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_dupes)
 
 
-def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
-    """1-based line of the YAML node a pydantic error location points at (best effort)."""
-    node, line = root, None
-    for part in loc:
+def _locate(root: yaml.Node | None, loc: tuple) -> tuple[str, int | None]:
+    """The YAML path and 1-based line a pydantic error location points at.
+
+    Parts of the location that are not in the YAML (the tag pydantic adds for a discriminated
+    union, "[key]" for a bad mapping key) are left out, except a last part: a missing key.
+    """
+    node, line, path = root, None, []
+    for n, part in enumerate(loc):
+        if part == "[key]":
+            continue
         if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if k.value == str(part):
-                    node, line = v, k.start_mark.line + 1
-                    break
-            # not found: a union tag or "[key]" in the location; stay on this node
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is not None:
+                node, line = match[1], match[0].start_mark.line + 1
+                path.append(str(part))
+            elif n == len(loc) - 1:
+                path.append(str(part))
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
             line = node.start_mark.line + 1
-    return line
+            path.append(str(part))
+        else:
+            path.append(str(part))
+    return ".".join(path) or "(top level)", line
 
 
 def _all_field_names() -> set[str]:
@@ -138,9 +165,7 @@ def _message(err: dict) -> str:
 def _format_errors(source: str, root: yaml.Node | None, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if p != "[key]")
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        line = _line_of(root, loc)
+        path, line = _locate(root, tuple(err["loc"]))
         where = f"{source}:{line}" if line else source
         lines.append(f"{where}: {path}: {_message(err)}")
     return "\n".join(lines)

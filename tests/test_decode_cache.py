@@ -99,7 +99,7 @@ def test_second_load_reads_the_cache_and_gives_the_same_pixels(tmp_path):
     assert first.cache_key == second.cache_key
     assert np.array_equal(np.asarray(first.images), np.asarray(second.images))
     assert first.images.shape == (118, 3, 24, 24)
-    assert [p.name for p in tmp_path.iterdir()] == [first.cache_key]  # no temporary folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.cache_key, "file-hashes"])  # no temp folder left
     assert isinstance(second.images, np.memmap)  # training reads the file, it is not re-decoded
 
 
@@ -115,7 +115,9 @@ def test_cache_key_follows_content_and_settings_not_names(tmp_path):
     assert load_images(bigger, scan(bigger), tmp_path / "c").cache_key != key
     victim = root / "a" / "a000.png"
     Image.open(victim).convert("L").rotate(90).save(victim)  # same name, new content
-    assert load_images(spec, scan(spec), tmp_path / "c").cache_key != key
+    changed = load_images(spec, scan(spec), tmp_path / "c")
+    assert changed.cache_key != key and not changed.from_cache
+    assert load_images(spec, scan(spec), tmp_path / "c").from_cache
 
 
 def test_channel_choice_follows_the_content(cache_dir):

@@ -61,19 +61,65 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def content_fingerprint(spec: DatasetBase, items: Sequence[Item]) -> str:
+def content_fingerprint(spec: DatasetBase, items: Sequence[Item], cache_dir: Path | None = None) -> str:
     """A hash of what the source's images are: file bytes (or array bytes, or generator settings)."""
     h = hashlib.sha256()
     if isinstance(spec, RootedSource):
-        root = spec.root_path
-        for it in items:
-            h.update(it.key.encode() + b"\0")
-            h.update(_file_sha(root / it.key).encode() + b"\n")
+        for key, sha in zip((it.key for it in items), FileHashes(spec.root_path, cache_dir).hashes([it.key for it in items])):
+            h.update(key.encode() + b"\0" + sha.encode() + b"\n")
     elif isinstance(spec, NpzSource):
         h.update(_file_sha(Path(expand_path(spec.path))).encode())
     elif isinstance(spec, SyntheticSource):
         h.update(json.dumps(["synthetic", SYNTHETIC_VERSION, spec.num_classes, spec.per_class, spec.size, spec.seed]).encode())
     return h.hexdigest()
+
+
+class FileHashes:
+    """sha256 of files, remembered by (size, mtime_ns) as git's index does, so that a cache hit
+    does not read every file again. A file rewritten with the same size within the same
+    nanosecond would be missed; that is the whole of the trade."""
+
+    def __init__(self, root: Path, cache_dir: Path | None) -> None:
+        self.root = root
+        self.memo_path = None
+        if cache_dir is not None:
+            name = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+            self.memo_path = Path(cache_dir) / "file-hashes" / f"{name}.json"
+
+    def hashes(self, keys: Sequence[str]) -> list[str]:
+        memo: dict[str, list] = {}
+        if self.memo_path is not None and self.memo_path.is_file():
+            try:
+                memo = json.loads(self.memo_path.read_text())
+            except (OSError, ValueError):
+                memo = {}
+        out, fresh, changed = [], {}, False
+        root = str(self.root)
+        for key in keys:
+            path = os.path.join(root, key)
+            try:
+                st = os.stat(path)
+                stamp = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                stamp = None
+            known = memo.get(key)
+            if stamp is not None and known is not None and known[:2] == stamp:
+                sha = known[2]
+            else:
+                sha, changed = _file_sha(Path(path)), True
+            if stamp is not None:
+                fresh[key] = stamp + [sha]
+            out.append(sha)
+        if self.memo_path is not None and (changed or len(fresh) != len(memo)):
+            _atomic_write(self.memo_path, json.dumps(fresh))
+        return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _file_sha(path: Path) -> str:
@@ -102,7 +148,7 @@ def load_images(
     """The decoded images of `items`, from the cache, or decoded now (on all cores) and cached."""
     t0 = time.perf_counter()
     settings = ImageSettings(spec.image_size, spec.fit)
-    key = cache_key(content_fingerprint(spec, items), settings, spec.channels)
+    key = cache_key(content_fingerprint(spec, items, cache_dir), settings, spec.channels)
     entry = Path(cache_dir) / key
     keys = [it.key for it in items]
     if (entry / "index.json").is_file():

@@ -60,7 +60,11 @@ class PreparedDataset:
         return out
 
     def labeled(self, budget: LabelBudget, seed: int) -> np.ndarray:
-        return labeled_subset(self.splits["train"], self.keys, self.labels, self.class_names, budget, seed)
+        """Indices of the labeled train items for a budget and seed (nested across budgets)."""
+        try:
+            return labeled_subset(self.splits["train"], self.keys, self.labels, self.class_names, budget, seed)
+        except DataError as e:
+            raise DataError(f"datasets.{self.name}: {e}") from None
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {
@@ -87,6 +91,16 @@ def map_classes(spec: DatasetBase, source_labels: list[str]) -> dict[str, str]:
 
 
 def prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress = no_progress) -> PreparedDataset:
+    """Scan, decode (cached), audit, filter, map classes and split one data set.
+
+    Raises DataError, its message starting with the manifest path of the data set."""
+    try:
+        return _prepare(name, spec, cache_dir, progress)
+    except DataError as e:
+        raise DataError(f"datasets.{name}: {e}") from None
+
+
+def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress) -> PreparedDataset:
     items = scan(spec)
     table = load_images(spec, items, cache_dir, progress)
     errors = table.errors

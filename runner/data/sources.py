@@ -253,8 +253,20 @@ def group_of(rx: re.Pattern[str], key: str) -> str:
     return next((g for g in m.groups() if g is not None), m.group(0))
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def _list_images(root: Path, folder: Path) -> list[str]:
+    """Image files under folder, recursively, as sorted keys relative to root (os.scandir and plain
+    strings: a scan of 100k files is a stat-free directory walk)."""
+    prefix = len(str(root)) + 1
+    found: list[str] = []
+    stack = [str(folder)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir() and not entry.name.startswith("."):
+                    stack.append(entry.path)
+                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append(entry.path[prefix:].replace(os.sep, "/"))
+    return sorted(found)
 
 
 def _scan_class_folders(root: Path, base: Path, origin: str | None) -> list[Item]:
@@ -263,10 +275,10 @@ def _scan_class_folders(root: Path, base: Path, origin: str | None) -> list[Item
         raise DataError(f"{base}: no class folders (expected {base}/<class>/<image files>)")
     items: list[Item] = []
     for cdir in class_dirs:
-        files = _list_images(cdir)
-        if not files:
+        keys = _list_images(root, cdir)
+        if not keys:
             raise DataError(f"{cdir}: empty class folder (no {', '.join(IMAGE_EXTENSIONS)} files)")
-        items += [Item(f.relative_to(root).as_posix(), cdir.name, origin) for f in files]
+        items += [Item(k, cdir.name, origin) for k in keys]
     return items
 
 

@@ -1,0 +1,229 @@
+"""Manifests and the headless CLI, as a user meets them: clear one-line errors, exit codes, JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from runner.manifest import parse_manifest
+from tests.conftest import REPO, real_data, run_cli
+
+GOOD = """\
+name: t
+datasets:
+  syn:
+    source: synthetic
+    per_class: 20
+    size: 32
+    image_size: 16
+labels: {fractions: [0.5, 1.0]}
+"""
+
+# (manifest text, what the one-line error must say)
+BROKEN = [
+    ("name: t\ndatasets: {}\n", r"datasets: List should have at least 1 item|datasets: Dictionary should have at least 1 item"),
+    ("name: t\n", r"^error: .*:1?:? ?datasets: required, but missing"),
+    ("datasets:\n  s: {source: synthetic}\n", r"name: required, but missing"),
+    (GOOD + "bogus: 1\n", r":9: bogus: unknown key"),
+    (GOOD.replace("image_size: 16", "imagesize: 16"), r":7: datasets\.syn\.imagesize: unknown key \(did you mean 'image_size'\?\)"),
+    (GOOD.replace("per_class: 20", "per_class: many"), r":5: datasets\.syn\.per_class: Input should be a valid integer"),
+    (GOOD.replace("[0.5, 1.0]", "[-0.1, 1.0]"), r":8: labels\.fractions\.0: Input should be greater than 0"),
+    (GOOD.replace("[0.5, 1.0]", "[0.5, 0.5]"), r"labels\.fractions: a budget is listed twice"),
+    (GOOD.replace("[0.5, 1.0]", "[]"), r"labels: no label budget"),
+    (GOOD + "seeds: []\n", r"seeds: List should have at least 1 item"),
+    (GOOD + "seeds: [1, 1]\n", r"seeds: a seed is listed twice"),
+    (GOOD.replace("source: synthetic", "source: dicom"), r"datasets\.syn: Input tag 'dicom' .* does not match"),
+    (GOOD.replace("name: t", "name: ../up"), r"name: '\.\./up' is not a usable name"),
+    (GOOD.replace("name: t", "name: tasks"), r"name: 'tasks' cannot name a run"),
+    (GOOD.replace("  syn:", "  a/b:"), r":3: datasets\.a/b: 'a/b' is not a usable name: letters, digits"),
+    (GOOD.replace("labels:", "  syn:\n    source: synthetic\nlabels:"), r":8: not valid YAML: key 'syn' is written twice"),
+    (GOOD.replace("datasets:", "datasets: [\n"), r"not valid YAML"),
+    ("- a\n- b\n", r"a manifest is a mapping"),
+    ("", r"a manifest is a mapping .* this one is empty"),
+    ("name: t\ndatasets:\n  x:\n    source: imagefolder\n    root: /no/such/dir\n", r":5: datasets\.x\.root: no such directory: /no/such/dir"),
+    ("name: t\ndatasets:\n  x:\n    source: imagefolder\n    root: ${NO_SUCH_VAR_X}/d\n", r"environment variable NO_SUCH_VAR_X is not set"),
+    (GOOD.replace("image_size: 16", "image_size: 16\n    split: {val: 0.6, test: 0.5}"), r"val \+ test must leave something for train"),
+    (GOOD.replace("image_size: 16", "image_size: 16\n    split: {group_pattern: '(unclosed'}"), r"not a valid regular expression"),
+    (GOOD.replace("image_size: 16", "image_size: 16\n    classes: [class0]"), r"needs at least two classes"),
+    (GOOD.replace("image_size: 16", "image_size: 16\n    classes: [class0, class1]\n    positive: x"), r"positive class 'x' is not one of"),
+]
+
+
+@pytest.mark.parametrize("text,expected", BROKEN, ids=[f"case{i}" for i in range(len(BROKEN))])
+def test_broken_manifest_exits_2_with_a_one_line_reason(write_manifest, text, expected):
+    path = write_manifest(text)
+    r = run_cli("data", "audit", str(path), "--results", str(path.parent / "r"))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), r.stderr
+    assert str(path) in lines[0]
+    assert re.search(expected, r.stderr, re.M), r.stderr
+
+
+def test_missing_manifest_file_and_usage_errors_exit_2(tmp_path):
+    r = run_cli("data", "audit", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "no such manifest file" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("data", "frobnicate")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_data_problems_exit_2_naming_the_problem(write_manifest, tmp_path):
+    csv_dir = tmp_path / "ct"
+    csv_dir.mkdir()
+    src = real_data("head_ct")
+    (csv_dir / "labels.csv").write_text("id, hemorrhage\n000,1\n001,0\n002,1\n")
+    (csv_dir / "000.png").write_bytes((src / "000.png").read_bytes())
+    (csv_dir / "001.png").write_bytes((src / "001.png").read_bytes())
+    cases = {
+        "missing image": (f"""\
+            name: t
+            datasets:
+              ct: {{source: csv, root: {csv_dir}, image_column: id, label_column: hemorrhage, image_pattern: '{{}}.png'}}
+            """, r"image file missing for line 4: .*002\.png"),
+        "missing column": (f"""\
+            name: t
+            datasets:
+              ct: {{source: csv, root: {csv_dir}, image_column: file, label_column: hemorrhage}}
+            """, r"no column 'file' \(columns: id, hemorrhage\)"),
+        "empty class folder": (f"""\
+            name: t
+            datasets:
+              f: {{source: imagefolder, root: {tmp_path / 'folder'}}}
+            """, r"empty class folder"),
+        "one class left": (f"""\
+            name: t
+            datasets:
+              ct: {{source: csv, root: {csv_dir}, image_column: id, label_column: hemorrhage, image_pattern: '{{}}.png', on_missing: skip, classes: {{a: ['1'], b: ['7']}}}}
+            """, r"classes: '7' not found in the source"),
+        "unknown class": (f"""\
+            name: t
+            datasets:
+              s: {{source: imagefolder, root: {src.parent / 'skin_isic' / 'Test'}, classes: [melanoma, naevus]}}
+            """, r"'naevus' not found in the source"),
+        "fraction too small": (f"""\
+            name: t
+            datasets:
+              s: {{source: imagefolder, root: {src.parent / 'skin_isic' / 'Test'}, classes: [melanoma, nevus], image_size: 16}}
+            labels: {{fractions: [0.01]}}
+            """, r"datasets\.s: label fraction 0\.01 gives no labeled example of class 'melanoma'"),
+    }
+    (tmp_path / "folder" / "a").mkdir(parents=True)
+    (tmp_path / "folder" / "b").mkdir(parents=True)
+    (tmp_path / "folder" / "a" / "x.png").write_bytes((src / "000.png").read_bytes())
+    for name, (text, expected) in cases.items():
+        path = write_manifest(text, f"{name.replace(' ', '_')}.yaml")
+        r = run_cli("data", "audit", str(path), "--results", str(tmp_path / "r"))
+        assert r.returncode == 2, (name, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr, name
+        assert re.search(expected, r.stderr), (name, r.stderr)
+
+
+def test_a_single_class_after_filtering_is_refused(tmp_path):
+    from runner.data.dataset import prepare
+    from runner.data.sources import ImageFolderSource
+    from runner.errors import DataError
+
+    root = tmp_path / "d"
+    skin = real_data("skin_isic")
+    for cls, src in (("a", "Train/melanoma/ISIC_0000139.jpg"), ("b", "Train/melanoma/ISIC_0000139.jpg")):
+        (root / cls).mkdir(parents=True)
+        (root / cls / "x.jpg").write_bytes((skin / src).read_bytes())
+    (root / "a" / "y.jpg").write_bytes((skin / "Train/nevus/ISIC_0000019.jpg").read_bytes())
+    spec = ImageFolderSource(source="imagefolder", root=str(root), image_size=16)
+    with pytest.raises(DataError, match=r"only 'a' left after filtering"):
+        prepare("d", spec, tmp_path / "c")
+
+
+def test_demo_manifest_audits_clean_and_headless_never_imports_textual(tmp_path):
+    code = (
+        "import sys; from runner.cli import main; rc = main(['data', 'audit', 'experiments/demo.yaml', "
+        f"'--results', {str(tmp_path)!r}]); "
+        "assert 'textual' not in sys.modules, 'the headless path imported textual'; sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "clean" in r.stdout and "finding (positive)" in r.stdout
+
+
+def test_audit_json_on_the_real_skin_set_reports_defects_and_exits_1(write_manifest, tmp_path):
+    path = write_manifest(f"""\
+        name: skin
+        datasets:
+          melanoma:
+            source: imagefolder
+            root: {real_data('skin_isic')}
+            split_dirs: {{train: Train, test: Test}}
+            classes: [melanoma, nevus]
+            image_size: 16
+            split: {{strategy: given, val: 0.15}}
+        labels: {{fractions: [0.01, 1.0], per_class: [2]}}
+        seeds: [0, 1]
+        """)
+    r = run_cli("data", "audit", str(path), "--json", "--results", str(tmp_path / "r"))
+    assert r.returncode == 1, r.stderr
+    report = json.loads(r.stdout)
+    d = report["datasets"]["melanoma"]
+    assert report["clean"] is False
+    assert d["n_label_conflicts"] == 155 and d["n_split_leaks"] > 0
+    assert d["dropped_by_reason"] == {"duplicate": 4, "label conflict": 310}
+    assert set(d["counts"]) == {"train", "val", "test"}
+    assert sum(d["counts"]["test"].values()) == 32 - 0  # Test/melanoma and Test/nevus: 16 + 16
+    assert d["labeled"]["0"]["2/class"] == 4 and d["labeled"]["1"]["100%"] == sum(d["counts"]["train"].values())
+    assert any("images under two labels" in x for x in d["defects"])
+    # the table form says the same to a person
+    r2 = run_cli("data", "audit", str(path), "--results", str(tmp_path / "r"))
+    assert r2.returncode == 1 and "155 images under two labels" in r2.stdout.replace("\n", " ")
+    assert "read from cache" in r2.stdout.replace("\n", " ")
+
+
+def test_npz_source_in_medmnist_layout(write_manifest, tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 40), ("val", 10), ("test", 10)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1)
+    arrays["train_images"][5] = arrays["test_images"][3]  # a leak the audit must find
+    np.savez(tmp_path / "mini.npz", **arrays)
+    path = write_manifest(f"""\
+        name: npz
+        datasets:
+          mini:
+            source: npz
+            path: {tmp_path / 'mini.npz'}
+            class_names: [benign, malignant]
+            image_size: 28
+            split: {{strategy: given}}
+        labels: {{per_class: [3]}}
+        """)
+    r = run_cli("data", "audit", str(path), "--json", "--results", str(tmp_path / "r"))
+    report = json.loads(r.stdout)["datasets"]["mini"]
+    assert r.returncode == 1  # the planted leak
+    assert report["n_split_leaks"] == 1 and report["duplicate_groups"][0]["keys"] == ["test/0000003", "train/0000005"]
+    # the test copy is kept, the train copy dropped
+    assert report["counts"]["test"] == {"benign": 5, "malignant": 5}
+    assert sum(report["counts"]["train"].values()) == 39
+
+
+def test_schema_is_json_and_names_the_sources():
+    r = run_cli("schema")
+    assert r.returncode == 0
+    schema = json.loads(r.stdout)
+    text = json.dumps(schema)
+    for tag in ("imagefolder", "csv", "npz", "synthetic"):
+        assert tag in text
+    assert set(schema["required"]) == {"name", "datasets"}
+
+
+def test_repo_manifests_are_valid(monkeypatch):
+    monkeypatch.setenv("BYOL_DATA", str(real_data("head_ct").parent))
+    for name in ("demo.yaml", "matrix.yaml"):
+        m = parse_manifest((REPO / "experiments" / name).read_text(), name)
+        assert m.datasets
+    m = parse_manifest((REPO / "experiments" / "matrix.yaml").read_text(), "matrix.yaml")
+    assert set(m.datasets) == {"pneumonia", "hemorrhage", "melanoma"}
