@@ -50,6 +50,12 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
     return 0 if report["clean"] else 1
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from runner.worker import main as worker_main
+
+    return worker_main(args.task_json, args.results, args.data_root)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="byol-runner", description="BYOL vs supervised training on medical images.")
     p.add_argument("--version", action="version", version=f"byol-runner {__version__}")
@@ -68,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--results", help=f"results dir, holds the image cache (default: the manifest's, or {DEFAULT_RESULTS}/)")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.set_defaults(func=cmd_data_audit)
+
+    w = sub.add_parser("worker", help="internal: train one task from its task.json (what a container or Ray task runs)")
+    w.add_argument("task_json")
+    w.add_argument("--results", help="results dir (default: the task folder's grandparent)")
+    w.add_argument("--data-root", help="where this task's dataset is mounted, when not at the root in task.json")
+    w.set_defaults(func=cmd_worker)
     return p
 
 

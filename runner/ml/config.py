@@ -1,0 +1,81 @@
+"""Training settings: what a manifest's model/pretrain/finetune/probe sections hold, and what a task
+spec carries to the worker. Defaults run the study as the BYOL paper describes, scaled to a single
+GPU and to data sets of a few thousand images."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from runner.data.sources import StrictModel
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+class ModelSpec(StrictModel):
+    arch: Literal[ARCHS] = Field("resnet50", description="torchvision backbone; resnet50 is the study's")  # type: ignore[valid-type]
+    image_size: int | None = Field(None, ge=16, le=1024, description="training crop side; default: the data set's image_size")
+
+
+class RunSpec(StrictModel):
+    """How a task uses the device."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible, else cpu")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
+    compile: bool = Field(False, description="torch.compile the networks (faster on a GPU after a minute of compiling)")
+    channels_last: bool = True
+    progress_every_s: float = Field(2.0, gt=0, description="at most one progress event per this many seconds")
+    checkpoint_every_steps: int = Field(200, ge=1)
+
+
+class PretrainSpec(StrictModel):
+    """BYOL pretraining (Grill et al. 2020, with its LARS, schedules and heads)."""
+
+    epochs: int = Field(100, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (tests, smoke runs)")
+    batch_size: int = Field(256, ge=2)
+    base_lr: float = Field(0.2, gt=0, description="LARS rate for a batch of 256, scaled linearly with batch_size")
+    weight_decay: float = Field(1.5e-6, ge=0)
+    warmup_epochs: float = Field(10, ge=0)
+    tau_base: float = Field(0.99, gt=0, lt=1, description="0.996 in the paper for 1000 epochs; 0.99 suits short runs")
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    pred_hidden: int = 4096
+    augment: str = Field("auto", description="auto (byol for colour, xray for gray), byol, xray, ct")
+
+
+class FinetuneSpec(StrictModel):
+    """Fine-tuning (all layers) and supervised training: one recipe for both models.
+
+    AdamW with warm-up and cosine decay; batches are always full (a small labeled set is sampled
+    with replacement, each copy augmented anew); the step with the lowest validation loss is the
+    model scored on test. A pretrained backbone trains at `backbone_lr_scale` times the head's rate."""
+
+    epochs: int = Field(30, ge=1)
+    min_steps: int = Field(200, ge=1, description="at least this many steps however few labels there are")
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    backbone_lr_scale: float = Field(0.1, gt=0, le=1, description="for a pretrained backbone; random init uses 1")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_frac: float = Field(0.05, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    eval_every_steps: int | None = Field(None, ge=1, description="default: once per epoch, at least every 20 steps")
+    augment: str = Field("auto", description="auto (finetune, or finetune-gray for gray images)")
+
+
+class ProbeSpec(StrictModel):
+    """Linear evaluation: features of the frozen encoder (eval mode) extracted once, standardized,
+    then L2-regularized logistic regression with its strength chosen on validation."""
+
+    c_grid: list[float] = Field(default_factory=lambda: [10.0**k for k in range(-4, 3)], min_length=1)
+    max_iter: int = Field(2000, ge=10)
+
+
+class TrainSettings(StrictModel):
+    model: ModelSpec = ModelSpec()
+    run: RunSpec = RunSpec()
+    pretrain: PretrainSpec = PretrainSpec()
+    finetune: FinetuneSpec = FinetuneSpec()
+    probe: ProbeSpec = ProbeSpec()

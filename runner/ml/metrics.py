@@ -1,0 +1,47 @@
+"""Test-split metrics from predicted probabilities: accuracy, cross-entropy, AUROC (one-vs-rest for
+more than two classes), balanced accuracy, sensitivity and specificity of the positive class, and
+the confusion matrix (rows: true class, columns: predicted)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, positive: int | None = None) -> dict:
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    n, k = probs.shape
+    pred = probs.argmax(axis=1)
+    p_true = np.clip(probs[np.arange(n), labels], 1e-12, 1.0)
+    out: dict = {
+        "n": int(n),
+        "accuracy": float((pred == labels).mean()),
+        "loss": float(-np.log(p_true).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(k))).tolist(),
+    }
+    present = np.unique(labels)
+    if len(present) < 2:
+        out["auroc"] = None  # undefined with one class in the split
+    elif k == 2:
+        pos = 1 if positive is None else positive
+        out["auroc"] = float(roc_auc_score(labels == pos, probs[:, pos]))
+    else:
+        out["auroc"] = float(roc_auc_score(labels, probs, multi_class="ovr", labels=list(range(k))))
+    if k == 2:
+        pos = 1 if positive is None else positive
+        tp = int(((pred == pos) & (labels == pos)).sum())
+        fn = int(((pred != pos) & (labels == pos)).sum())
+        tn = int(((pred != pos) & (labels != pos)).sum())
+        fp = int(((pred == pos) & (labels != pos)).sum())
+        out["sensitivity"] = tp / (tp + fn) if tp + fn else None
+        out["specificity"] = tn / (tn + fp) if tn + fp else None
+    return out
+
+
+def prior_loss(train_labels: np.ndarray, test_labels: np.ndarray, num_classes: int) -> float:
+    """Cross-entropy on test of always predicting the train class frequencies: the loss a model that
+    learned nothing would get, the bar a diverging fine-tune must not cross."""
+    prior = np.bincount(train_labels, minlength=num_classes) / len(train_labels)
+    return float(-np.log(np.clip(prior[test_labels], 1e-12, 1)).mean())

@@ -1,0 +1,338 @@
+"""The training loops: BYOL pretraining, classifier training (fine-tune and supervised), linear probe.
+
+Every loop reads a uint8 image tensor that sits on the device (pinned host memory when it does not
+fit), draws batch indices from seeded per-epoch permutations (so a resumed run picks up at the same
+batch), makes its views with `augment` on the device, and keeps its running loss on the device,
+reading it back only when an event is due.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runner.ml.augment import augment, eval_view, preset_for
+from runner.ml.byol import BYOL, projection_std, tau_at
+from runner.ml.checkpoint import atomic_save, rng_state, safe_load, set_rng_state
+from runner.ml.config import FinetuneSpec, PretrainSpec, ProbeSpec, RunSpec
+from runner.ml.models import Backbone, Classifier
+from runner.ml.optim import lars_for, scaled_lr, set_lr, split_decay_groups, warmup_cosine
+
+Emit = Callable[..., None]  # emit(kind, **values)
+
+
+@dataclass
+class Context:
+    """Where and how a task trains, and where its files go."""
+
+    device: torch.device
+    run: RunSpec
+    task_dir: Path
+    seed: int
+    emit: Emit
+
+    @property
+    def amp(self):
+        bf16 = self.run.precision == "bf16" or (self.run.precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.run.channels_last else x
+
+    def place(self, module: nn.Module) -> nn.Module:
+        module = module.to(self.device)
+        return module.to(memory_format=torch.channels_last) if self.run.channels_last else module
+
+    def maybe_compile(self, fn):
+        return torch.compile(fn) if self.run.compile else fn
+
+
+def to_device_images(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The uint8 images on the device, or in pinned host memory when they would take over 40% of the
+    free GPU memory."""
+    t = torch.from_numpy(np.ascontiguousarray(pixels))
+    if device.type != "cuda":
+        return t
+    free, _ = torch.cuda.mem_get_info(device)
+    return t.to(device) if t.nbytes < 0.4 * free else t.pin_memory()
+
+
+def take(images: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if images.device == device:
+        return images.index_select(0, idx.to(device))
+    return images.index_select(0, idx.cpu()).pin_memory().to(device, non_blocking=True)
+
+
+class IndexStream:
+    """Batches of `batch` indices out of range(n): consecutive seeded permutations, cut into batches.
+
+    A batch may span two permutations, so a labeled set smaller than the batch still fills it (each
+    image several times, each copy augmented anew). Batch k is a pure function of (seed, n, k)."""
+
+    def __init__(self, n: int, batch: int, seed: int, device: torch.device) -> None:
+        self.n, self.batch, self.seed, self.device = n, batch, seed, device
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g).to(self.device)
+        return self._perms[epoch]
+
+    def batch_at(self, k: int) -> torch.Tensor:
+        start = k * self.batch
+        e0, e1 = start // self.n, (start + self.batch - 1) // self.n
+        flat = torch.cat([self._perm(e) for e in range(e0, e1 + 1)])
+        off = start - e0 * self.n
+        return flat[off : off + self.batch]
+
+
+class Progress:
+    """Progress events at a steady rate (not every step), with images/s measured between them."""
+
+    def __init__(self, ctx: Context, batch: int) -> None:
+        self.ctx, self.batch = ctx, batch
+        self.last_t, self.last_step = time.perf_counter(), None
+
+    def due(self, step: int, final: bool) -> bool:
+        return final or self.last_step is None or time.perf_counter() - self.last_t >= self.ctx.run.progress_every_s
+
+    def emit(self, step: int, epoch: int, **values: float) -> None:
+        now = time.perf_counter()
+        if self.last_step is not None and step > self.last_step:
+            values["img_per_s"] = round((step - self.last_step) * self.batch / (now - self.last_t), 1)
+        self.ctx.emit("progress", epoch=epoch, step=step, **values)
+        self.last_t, self.last_step = now, step
+
+
+# ---- BYOL pretraining ------------------------------------------------------------------------
+
+
+def pretrain_byol(pixels: np.ndarray, spec: PretrainSpec, arch: str, size: int, ctx: Context) -> dict:
+    """Pretrain on all of `pixels` (N, C, S, S uint8, no labels); writes encoder.pt; resumes from
+    checkpoint.pt when one is there."""
+    n, channels = pixels.shape[0], pixels.shape[1]
+    bs = min(spec.batch_size, n)
+    steps_per_epoch = n // bs
+    total = spec.epochs * steps_per_epoch if spec.max_steps is None else min(spec.max_steps, spec.epochs * steps_per_epoch)
+    warmup = min(int(round(spec.warmup_epochs * steps_per_epoch)), total // 2)
+    peak_lr = scaled_lr(spec.base_lr, bs)
+    model = ctx.place(BYOL(Backbone(arch, channels), spec.proj_hidden, spec.proj_dim, spec.pred_hidden))
+    opt = lars_for(model.trainable_modules(), lr=peak_lr, weight_decay=spec.weight_decay)
+    aug1, aug2 = preset_for(spec.augment, channels, "pretrain")
+    images = to_device_images(pixels, ctx.device)
+    stream = IndexStream(n, bs, ctx.seed, ctx.device)
+    dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed)
+    ckpt_path = ctx.task_dir / "checkpoint.pt"
+    step = 0
+    if ckpt_path.is_file():
+        state = safe_load(ckpt_path, ctx.device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], dev_gen)
+        step = int(state["step"])
+        ctx.emit("log", epoch=step // steps_per_epoch, step=step, message=f"resumed from checkpoint at step {step} of {total}")
+    forward = ctx.maybe_compile(model)
+    ctx.emit("log", epoch=step // steps_per_epoch, step=step, message=f"BYOL {arch} on {n} images, batch {bs}, {total} steps, lr {peak_lr:g}")
+    progress = Progress(ctx, bs)
+    run_loss = torch.zeros((), device=ctx.device)
+    run_count = 0
+    z1 = None
+    epoch_loss = torch.zeros((), device=ctx.device)
+    epoch_count = 0
+    model.train()
+    while step < total:
+        epoch = step // steps_per_epoch
+        x = take(images, stream.batch_at(step), ctx.device)
+        v1 = ctx.prepare_input(augment(x, aug1, size, dev_gen))
+        v2 = ctx.prepare_input(augment(x, aug2, size, dev_gen))
+        lr = warmup_cosine(step, total, warmup, peak_lr)
+        set_lr(opt, lr)
+        with ctx.amp:
+            loss, z1 = forward(v1, v2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tau = tau_at(step, total, spec.tau_base)
+        model.update_target(tau)
+        step += 1
+        run_loss += loss.detach()
+        epoch_loss += loss.detach()
+        run_count += 1
+        epoch_count += 1
+        if progress.due(step, step == total):
+            std = float(projection_std(z1))
+            progress.emit(step, epoch, loss=round(float(run_loss) / run_count, 5), lr=lr, tau=tau, proj_std=round(std, 5))
+            run_loss.zero_()
+            run_count = 0
+        if step % steps_per_epoch == 0 or step == total:
+            ctx.emit("metric", epoch=epoch, step=step, loss=float(epoch_loss) / epoch_count, proj_std=float(projection_std(z1)))
+            epoch_loss.zero_()
+            epoch_count = 0
+        if step % ctx.run.checkpoint_every_steps == 0 or step == total:
+            atomic_save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "rng": rng_state(dev_gen)},
+                ckpt_path,
+            )
+    encoder = model.online_encoder
+    atomic_save({"arch": arch, "in_channels": channels, "state_dict": encoder.state_dict()}, ctx.task_dir / "encoder.pt")
+    return {"steps": total, "batch_size": bs, "images": n, "final_proj_std": float(projection_std(z1)) if z1 is not None else None}
+
+
+def load_encoder(path: Path, device: torch.device) -> Backbone:
+    state = safe_load(path, "cpu")
+    backbone = Backbone(state["arch"], int(state["in_channels"]))
+    backbone.load_state_dict(state["state_dict"])
+    return backbone.to(device)
+
+
+# ---- classifier training: fine-tune (Model 1) and supervised (Model 2) ---------------------------
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, size: int, ctx: Context, batch: int = 256) -> torch.Tensor:
+    """Softmax probabilities (N, K) on the CPU, in eval mode, on the deterministic view."""
+    model.eval()
+    out = []
+    for start in range(0, images.shape[0], batch):
+        idx = torch.arange(start, min(start + batch, images.shape[0]))
+        x = ctx.prepare_input(eval_view(take(images, idx, ctx.device), size))
+        with ctx.amp:
+            out.append(model(x).float().softmax(dim=1).cpu())
+    return torch.cat(out)
+
+
+def ce_from_probs(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(-torch.log(probs[torch.arange(len(labels)), labels].clamp(min=1e-12)).mean())
+
+
+def train_classifier(
+    backbone: Backbone,
+    pretrained: bool,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    spec: FinetuneSpec,
+    size: int,
+    ctx: Context,
+) -> tuple[nn.Module, dict]:
+    """Train all layers on the labeled set; return the model at the step with the lowest val loss."""
+    model = ctx.place(Classifier(backbone, num_classes))
+    n = len(train[1])
+    bs = spec.batch_size
+    steps_per_epoch = max(1, math.ceil(n / bs))
+    total = max(spec.epochs * steps_per_epoch, spec.min_steps)
+    total = min(total, spec.max_steps) if spec.max_steps else total
+    eval_every = spec.eval_every_steps or min(max(steps_per_epoch, 20), total)
+    warmup = int(spec.warmup_frac * total)
+    bb_scale = spec.backbone_lr_scale if pretrained else 1.0
+    decay, no_decay = split_decay_groups([model.backbone])
+    head_decay, head_no_decay = split_decay_groups([model.head])
+    groups = [
+        {"params": decay, "weight_decay": spec.weight_decay, "lr_scale": bb_scale},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": bb_scale},
+        {"params": head_decay, "weight_decay": spec.weight_decay, "lr_scale": 1.0},
+        {"params": head_no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
+    fused = ctx.device.type == "cuda"
+    opt = torch.optim.AdamW(groups, lr=spec.lr, fused=fused, foreach=None if fused else True)
+    aug, _ = preset_for(spec.augment, train[0].shape[1], "finetune")
+    images = to_device_images(train[0], ctx.device)
+    labels = torch.from_numpy(train[1]).to(ctx.device)
+    val_images = to_device_images(val[0], ctx.device)
+    val_labels = torch.from_numpy(val[1])
+    stream = IndexStream(n, bs, ctx.seed, ctx.device)
+    dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed + 17)
+    forward = ctx.maybe_compile(model)
+    best = {"val_loss": math.inf, "step": 0, "state": None, "val_accuracy": None}
+    progress = Progress(ctx, bs)
+    run_loss, run_count = torch.zeros((), device=ctx.device), 0
+    for step in range(total):
+        model.train()
+        idx = stream.batch_at(step)
+        x = ctx.prepare_input(augment(take(images, idx, ctx.device), aug, size, dev_gen))
+        set_lr(opt, warmup_cosine(step, total, warmup, spec.lr))
+        with ctx.amp:
+            loss = F.cross_entropy(forward(x).float(), labels[idx], label_smoothing=spec.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run_loss += loss.detach()
+        run_count += 1
+        done = step + 1
+        epoch = step // steps_per_epoch
+        if done % eval_every == 0 or done == total:
+            probs = predict(model, val_images, size, ctx)
+            val_loss = ce_from_probs(probs, val_labels)
+            val_acc = float((probs.argmax(1) == val_labels).float().mean())
+            train_loss = float(run_loss) / max(run_count, 1)
+            run_loss.zero_()
+            run_count = 0
+            ctx.emit("metric", epoch=epoch, step=done, loss=train_loss, val_loss=val_loss, val_acc=val_acc)
+            if val_loss < best["val_loss"]:
+                best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": done,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        elif progress.due(done, False):
+            progress.emit(done, epoch, loss=round(float(run_loss) / max(run_count, 1), 5), lr=opt.param_groups[-1]["lr"])
+    model.load_state_dict(best["state"])
+    return model, {"selected_step": best["step"], "val_loss": best["val_loss"], "val_accuracy": best["val_accuracy"],
+                   "steps": total, "batch_size": bs, "backbone_lr_scale": bb_scale}
+
+
+# ---- linear probe ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(backbone: Backbone, pixels: np.ndarray, size: int, ctx: Context, batch: int = 256) -> np.ndarray:
+    """Frozen-encoder features (eval mode: BatchNorm uses its running statistics), once per image."""
+    backbone = ctx.place(backbone).eval()
+    images = to_device_images(pixels, ctx.device)
+    feats = []
+    for start in range(0, pixels.shape[0], batch):
+        idx = torch.arange(start, min(start + batch, pixels.shape[0]))
+        with ctx.amp:
+            feats.append(backbone(ctx.prepare_input(eval_view(take(images, idx, ctx.device), size))).float().cpu())
+    return torch.cat(feats).numpy()
+
+
+def linear_probe(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: ProbeSpec, num_classes: int):
+    """Logistic regression on standardized features; L2 strength (C) chosen by val loss.
+    Returns (fitted predict_proba over all classes, selection info)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(feats["train"])
+    xtr, xva = scaler.transform(feats["train"]), scaler.transform(feats["val"])
+    best = None
+    for c in spec.c_grid:
+        clf = LogisticRegression(C=c, max_iter=spec.max_iter).fit(xtr, labels["train"])
+        probs = _full_proba(clf, xva, num_classes)
+        loss = float(-np.log(np.clip(probs[np.arange(len(labels["val"])), labels["val"]], 1e-12, 1)).mean())
+        if best is None or loss < best[0]:
+            best = (loss, c, clf, float((probs.argmax(1) == labels["val"]).mean()))
+    loss, c, clf, acc = best
+
+    def proba(x: np.ndarray) -> np.ndarray:
+        return _full_proba(clf, scaler.transform(x), num_classes)
+
+    return proba, {"C": c, "val_loss": loss, "val_accuracy": acc}
+
+
+def _full_proba(clf, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """predict_proba with a column for every class, also one absent from the labeled set."""
+    p = clf.predict_proba(x)
+    out = np.zeros((len(x), num_classes))
+    out[:, clf.classes_] = p
+    return out
