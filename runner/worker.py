@@ -100,7 +100,7 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
     from runner.data.dataset import prepare
     from runner.data.splits import LabelBudget
     from runner.ml import train as T
-    from runner.ml.metrics import classification_metrics, prior_loss
+    from runner.ml.metrics import apply_temperature, classification_metrics, fit_temperature, prior_loss
     from runner.ml.models import Backbone
 
     device = resolve_device(task.settings.run.device)
@@ -134,16 +134,23 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
             backbone, pretrained, (ds.pixels(labeled), ds.labels[labeled]), (ds.pixels(val), ds.labels[val]),
             k, task.settings.finetune, size, ctx,
         )
+        val_probs = T.predict(model, T.to_device_images(ds.pixels(val), device), size, ctx).numpy()
         probs = T.predict(model, T.to_device_images(ds.pixels(test), device), size, ctx).numpy()
     else:  # linear probe on the pretrained encoder, or on a random-init one (the control)
         backbone = T.load_encoder(encoder_path, device) if task.kind == "linear" else Backbone(arch, ds.channels)
         feats = {name: T.extract_features(backbone, ds.pixels(idx), size, ctx) for name, idx in (("train", labeled), ("val", val), ("test", test))}
         labels = {"train": ds.labels[labeled], "val": ds.labels[val]}
         proba, selection = T.linear_probe(feats, labels, task.settings.probe, k)
-        probs = proba(feats["test"])
+        val_probs, probs = proba(feats["val"]), proba(feats["test"])
     test_labels = ds.labels[test]
+    # every arm's probabilities get a temperature fitted on val: the loss compares calibrated
+    # models, and no prediction changes (the raw loss is kept beside it)
+    temperature = fit_temperature(val_probs, ds.labels[val])
+    raw = classification_metrics(probs, test_labels, positive)
+    probs = apply_temperature(probs, temperature)
     return {
-        "test": classification_metrics(probs, test_labels, positive),
+        "test": classification_metrics(probs, test_labels, positive) | {"loss_uncalibrated": raw["loss"]},
+        "temperature": round(temperature, 4),
         "selection": selection,
         "prior_loss": prior_loss(ds.labels[labeled], test_labels, k),
         "n_labeled": int(len(labeled)),

@@ -61,7 +61,7 @@ class FinetuneSpec(StrictModel):
     weight_decay: float = Field(0.05, ge=0)
     warmup_frac: float = Field(0.05, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    eval_every_steps: int | None = Field(None, ge=1, description="default: once per epoch, at least every 20 steps")
+    eval_every_steps: int | None = Field(None, ge=1, description="default: once an epoch, at least every 5 steps, at most about 50 times")
     augment: str = Field("auto", description="auto (finetune, or finetune-gray for gray images)")
 
 

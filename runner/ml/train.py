@@ -228,14 +228,24 @@ def train_classifier(
     size: int,
     ctx: Context,
 ) -> tuple[nn.Module, dict]:
-    """Train all layers on the labeled set; return the model at the step with the lowest val loss."""
-    model = ctx.place(Classifier(backbone, num_classes))
+    """Train all layers on the labeled set; return the model at the step with the lowest val loss.
+
+    The head starts at zero weights with the log class prior as its bias, so step 0 predicts the
+    labeled set's class frequencies; step 0 is a candidate of the validation selection, so a run
+    that only overfits a handful of labels ends no worse on val than the prior."""
+    classifier = Classifier(backbone, num_classes)
+    prior = np.bincount(train[1], minlength=num_classes) + 1.0  # +1: no -inf for a class with no label
+    with torch.no_grad():
+        classifier.head.weight.zero_()
+        classifier.head.bias.copy_(torch.log(torch.as_tensor(prior / prior.sum(), dtype=torch.float32)))
+    model = ctx.place(classifier)
     n = len(train[1])
     bs = spec.batch_size
     steps_per_epoch = max(1, math.ceil(n / bs))
     total = max(spec.epochs * steps_per_epoch, spec.min_steps)
     total = min(total, spec.max_steps) if spec.max_steps else total
-    eval_every = spec.eval_every_steps or min(max(steps_per_epoch, 20), total)
+    # once an epoch, but at least every 5 steps' worth of a tiny set and at most ~50 times a run
+    eval_every = spec.eval_every_steps or max(5, steps_per_epoch, total // 50)
     warmup = int(spec.warmup_frac * total)
     bb_scale = spec.backbone_lr_scale if pretrained else 1.0
     decay, no_decay = split_decay_groups([model.backbone])
@@ -256,8 +266,16 @@ def train_classifier(
     stream = IndexStream(n, bs, ctx.seed, ctx.device)
     dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed + 17)
     forward = ctx.maybe_compile(model)
-    best = {"val_loss": math.inf, "step": 0, "state": None, "val_accuracy": None}
     progress = Progress(ctx, bs)
+
+    def validate() -> tuple[float, float]:
+        probs = predict(model, val_images, size, ctx)
+        return ce_from_probs(probs, val_labels), float((probs.argmax(1) == val_labels).float().mean())
+
+    val_loss, val_acc = validate()
+    ctx.emit("metric", epoch=0, step=0, val_loss=val_loss, val_acc=val_acc)
+    best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": 0,
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     run_loss, run_count = torch.zeros((), device=ctx.device), 0
     for step in range(total):
         model.train()
@@ -274,9 +292,7 @@ def train_classifier(
         done = step + 1
         epoch = step // steps_per_epoch
         if done % eval_every == 0 or done == total:
-            probs = predict(model, val_images, size, ctx)
-            val_loss = ce_from_probs(probs, val_labels)
-            val_acc = float((probs.argmax(1) == val_labels).float().mean())
+            val_loss, val_acc = validate()
             train_loss = float(run_loss) / max(run_count, 1)
             run_loss.zero_()
             run_count = 0

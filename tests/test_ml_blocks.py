@@ -1,0 +1,209 @@
+"""The BYOL building blocks, each on its own: heads, loss, EMA target, tau, LARS groups, schedules,
+augmentations, metrics, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from runner.ml.augment import PRESETS, affine_params, augment, eval_view, preset_for
+from runner.ml.byol import BYOL, MLPHead, byol_loss, projection_std, tau_at
+from runner.ml.checkpoint import atomic_save, safe_load
+from runner.ml.metrics import apply_temperature, classification_metrics, fit_temperature, prior_loss
+from runner.ml.models import Backbone
+from runner.ml.optim import LARS, lars_for, scaled_lr, split_decay_groups, warmup_cosine
+
+
+def small_byol(channels: int = 1) -> BYOL:
+    return BYOL(Backbone("resnet18", channels), proj_hidden=64, proj_dim=16, pred_hidden=64)
+
+
+def test_heads_have_the_papers_shape():
+    head = MLPHead(2048, 4096, 256)
+    kinds = [type(m) for m in head.net]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert (head.net[0].in_features, head.net[0].out_features, head.net[3].out_features) == (2048, 4096, 256)
+    model = BYOL(Backbone("resnet50", 3))
+    assert model.online_projector.net[0].in_features == 2048
+    assert (model.predictor.net[0].in_features, model.predictor.net[0].out_features, model.predictor.net[3].out_features) == (256, 4096, 256)
+
+
+def test_one_channel_stem_sums_the_rgb_weights():
+    torch.manual_seed(0)
+    rgb = Backbone("resnet18", 3)
+    torch.manual_seed(0)
+    gray = Backbone("resnet18", 1)
+    assert gray.net.conv1.weight.shape[1] == 1
+    assert torch.allclose(gray.net.conv1.weight, rgb.net.conv1.weight.sum(1, keepdim=True))
+    x = torch.rand(2, 1, 32, 32)
+    rgb.eval(), gray.eval()
+    assert torch.allclose(gray(x), rgb(x.repeat(1, 3, 1, 1)), atol=1e-4)  # gray input: same as repeating it
+
+
+def test_loss_is_2_minus_2_cos_and_symmetric():
+    p, z = torch.randn(8, 16), torch.randn(8, 16)
+    cos = torch.nn.functional.cosine_similarity(p, z).mean()
+    assert torch.isclose(byol_loss(p, z), 2 - 2 * cos)
+    assert torch.isclose(byol_loss(p, p), torch.tensor(0.0), atol=1e-6)
+    assert torch.isclose(byol_loss(p, -p), torch.tensor(4.0))
+    model = small_byol().eval()
+    v1, v2 = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)
+    a, _ = model(v1, v2)
+    b, _ = model(v2, v1)
+    assert torch.isclose(a, b, atol=1e-5)  # swapping the views changes nothing: both directions summed
+
+
+def test_target_gets_no_gradient_and_follows_the_online_net_by_ema():
+    torch.manual_seed(0)
+    model = small_byol()
+    loss, _ = model(torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.target_parameters())
+    assert all(p.grad is not None for p in model.online_encoder.parameters())
+    with torch.no_grad():
+        for p in model.online_parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.target_parameters()]
+    online = [p.clone() for p in model.online_parameters()]
+    model.update_target(0.9)
+    for t0, o, t1 in zip(before, online, model.target_parameters()):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * o, atol=1e-6)
+
+
+def test_tau_goes_from_base_to_one_on_a_cosine():
+    assert tau_at(0, 1000, 0.996) == pytest.approx(0.996)
+    assert tau_at(1000, 1000, 0.996) == pytest.approx(1.0)
+    assert tau_at(500, 1000, 0.996) == pytest.approx(1 - 0.004 * 0.5)
+    taus = [tau_at(k, 100, 0.99) for k in range(101)]
+    assert all(a <= b for a, b in zip(taus, taus[1:]))
+
+
+def test_excluded_parameter_groups_are_exactly_biases_and_norms():
+    model = small_byol()
+    regular, excluded = split_decay_groups(model.trainable_modules())
+    names = {id(p): n for n, p in model.named_parameters()}
+    excluded_names = {names[id(p)] for p in excluded}
+    expected = {n for n, p in model.named_parameters() if p.requires_grad and (n.endswith(".bias") or ".bn" in n
+                or "downsample.1" in n or ".net.1." in n)}
+    assert excluded_names == expected
+    assert all(p.ndim >= 2 for p in regular)
+    opt = lars_for(model.trainable_modules(), lr=0.1, weight_decay=1e-6)
+    assert [g["exclude"] for g in opt.param_groups] == [False, True]
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_lars_scales_the_step_by_the_trust_ratio_and_skips_excluded():
+    w = nn.Parameter(torch.full((4, 4), 2.0))  # ||w|| = 8
+    b = nn.Parameter(torch.ones(4))
+    opt = LARS([{"params": [w]}, {"params": [b], "exclude": True, "weight_decay": 0.0}], lr=1.0, momentum=0.0, weight_decay=0.0, eta=0.001)
+    w.grad = torch.full((4, 4), 0.5)  # ||g|| = 2 -> trust 0.001 * 8 / 2 = 0.004
+    b.grad = torch.full((4,), 0.5)
+    opt.step()
+    assert torch.allclose(w, torch.full((4, 4), 2.0 - 0.5 * 0.004))
+    assert torch.allclose(b, torch.full((4,), 0.5))  # plain SGD step
+
+
+def test_learning_rate_scales_warms_up_and_decays():
+    assert scaled_lr(0.2, 512) == pytest.approx(0.4)
+    lrs = [warmup_cosine(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+
+
+def test_projection_std_tells_collapse_from_spread():
+    spread = torch.randn(512, 64)
+    assert projection_std(spread) == pytest.approx(1 / math.sqrt(64), rel=0.1)
+    collapsed = torch.ones(512, 64) + 1e-4 * torch.randn(512, 64)
+    assert projection_std(collapsed) < 0.01
+
+
+def test_every_sample_of_a_batch_gets_its_own_crop_and_colour():
+    g = torch.Generator().manual_seed(0)
+    one = (torch.rand(1, 3, 64, 64) * 255).to(torch.uint8)
+    batch = one.repeat(16, 1, 1, 1)  # sixteen copies of ONE image
+    theta = affine_params(PRESETS["byol"][0], 16, g, torch.device("cpu"))
+    assert len({tuple(t.flatten().round(decimals=4).tolist()) for t in theta}) == 16
+    aug = PRESETS["byol"][0]
+    no_geometry = aug.__class__(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0, jitter_p=1.0, grayscale_p=0.0, blur_p=0.0)
+    out = augment(batch, no_geometry, 64, g)
+    means = out.mean(dim=(2, 3))  # per sample, per channel: colour differs with the same geometry
+    assert len({tuple(m.round(decimals=3).tolist()) for m in means}) == 16
+    out = augment(batch, aug, 32, g)
+    assert out.shape == (16, 3, 32, 32)
+    flat = out.flatten(1)
+    assert (torch.cdist(flat, flat) + torch.eye(16) * 1e9).min() > 1e-3  # no two views alike
+
+
+def test_presets_are_asymmetric_and_gray_presets_leave_hue_alone():
+    v1, v2 = PRESETS["byol"]
+    assert (v1.blur_p, v2.blur_p, v1.solarize_p, v2.solarize_p) == (1.0, 0.1, 0.0, 0.2)
+    for name in ("xray", "ct"):
+        a, b = PRESETS[name]
+        assert a.hue == b.hue == a.saturation == b.saturation == 0.0 and a.gamma > 0
+        assert (a.blur_p, b.blur_p, a.solarize_p, b.solarize_p) == (1.0, 0.1, 0.0, 0.2)
+    assert preset_for("auto", 1, "pretrain") == PRESETS["xray"]
+    assert preset_for("auto", 3, "pretrain") == PRESETS["byol"]
+    g = torch.Generator().manual_seed(1)
+    gray = (torch.rand(8, 1, 40, 40) * 255).to(torch.uint8)
+    assert augment(gray, PRESETS["xray"][1], 32, g).shape == (8, 1, 32, 32)
+    with pytest.raises(ValueError, match="unknown augmentation preset"):
+        preset_for("sepia", 3, "pretrain")
+
+
+def test_eval_view_is_deterministic_and_normalized():
+    x = (torch.rand(4, 1, 48, 48) * 255).to(torch.uint8)
+    a, b = eval_view(x, 32), eval_view(x, 32)
+    assert torch.equal(a, b) and a.shape == (4, 1, 32, 32)
+    assert abs(float(a.mean())) < 1.5
+
+
+def test_metrics_on_hand_made_predictions():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p1 = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    probs = np.stack([1 - p1, p1], 1)
+    m = classification_metrics(probs, labels, positive=1)
+    # predicted positive: 0.6 (neg), 0.7, 0.8, 0.9 -> TP 3, FN 1 (0.4), TN 3, FP 1
+    assert m["accuracy"] == 0.75 and m["sensitivity"] == 0.75 and m["specificity"] == 0.75
+    assert m["confusion_matrix"] == [[3, 1], [1, 3]]
+    # AUROC: of 16 (pos, neg) pairs, 15 ranked right (0.4 < 0.6 is the one wrong pair)
+    assert m["auroc"] == pytest.approx(15 / 16)
+    assert m["loss"] == pytest.approx(-np.mean(np.log([0.9, 0.8, 0.7, 0.4, 0.4, 0.7, 0.8, 0.9])))
+    assert m["balanced_accuracy"] == 0.75
+    assert prior_loss(np.array([0, 1, 1, 1]), labels, 2) == pytest.approx(-(4 * np.log(0.25) + 4 * np.log(0.75)) / 8)
+    three = classification_metrics(np.eye(3)[[0, 1, 2, 2]] * 0.9 + 0.1 / 3, np.array([0, 1, 2, 1]))
+    assert three["auroc"] is not None and "sensitivity" not in three and three["accuracy"] == 0.75
+
+
+def test_checkpoints_are_atomic_and_load_without_pickle(tmp_path):
+    path = tmp_path / "c.pt"
+    atomic_save({"w": torch.ones(3), "step": 7}, path)
+    assert safe_load(path)["step"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        safe_load(tmp_path / "evil.pt")
+
+
+def test_temperature_scaling_calms_an_overconfident_model_without_changing_its_predictions():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    right = rng.random(400) < 0.8  # 80% right, always 99% sure
+    pred = np.where(right, labels, 1 - labels)
+    probs = np.where(np.eye(2)[pred] == 1, 0.99, 0.01)
+    t = fit_temperature(probs, labels)
+    calm = apply_temperature(probs, t)
+    assert t > 2
+    assert (calm.argmax(1) == probs.argmax(1)).all()
+    nll = lambda p: -np.log(p[np.arange(400), labels]).mean()  # noqa: E731
+    assert nll(calm) < nll(probs) - 0.3
+    # the best single confidence for 80% accuracy is 0.8
+    assert calm.max(1).mean() == pytest.approx(0.8, abs=0.02)

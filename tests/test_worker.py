@@ -1,0 +1,164 @@
+"""`byol-runner worker` as the executors run it: a real process, real head CT images, real files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, real_data
+
+
+def head_ct_task(results: Path, task_id: str, kind: str, **over) -> Path:
+    spec = {
+        "id": task_id,
+        "kind": kind,
+        "dataset": "hemorrhage",
+        "data": {
+            "source": "csv", "root": str(real_data("head_ct")), "image_column": "id", "label_column": "hemorrhage",
+            "image_pattern": "{}.png", "classes": {"normal": ["0"], "hemorrhage": ["1"]}, "positive": "hemorrhage",
+            "image_size": 32, "split": {"val": 0.2, "test": 0.2},
+        },
+        "seed": 0,
+        "settings": {
+            "model": {"arch": "resnet18"},
+            "run": {"device": "cpu", "progress_every_s": 0.5, "checkpoint_every_steps": 5},
+            "pretrain": {"epochs": 1000, "max_steps": 120, "batch_size": 32, "proj_hidden": 512, "pred_hidden": 512, "proj_dim": 64},
+            "finetune": {"epochs": 10, "min_steps": 40, "batch_size": 32},
+        },
+    }
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            for k, v in value.items():
+                spec[key][k] = {**spec[key][k], **v} if isinstance(v, dict) and isinstance(spec[key].get(k), dict) else v
+        else:
+            spec[key] = value
+    d = results / "tasks" / task_id
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "task.json").write_text(json.dumps(spec))
+    return d / "task.json"
+
+
+def worker(task_json: Path, *extra: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runner.cli", "worker", str(task_json), *extra], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def events(task_json: Path) -> list[dict]:
+    return [json.loads(line) for line in (task_json.parent / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """One BYOL pretraining on the real head CT images (CPU, 32 px, resnet18, 120 steps)."""
+    results = tmp_path_factory.mktemp("results")
+    task = head_ct_task(results, "pre", "pretrain")
+    r = worker(task)
+    assert r.returncode == 0, r.stderr
+    return task
+
+
+def test_byol_on_real_head_ct_lowers_the_loss_without_collapse(pretrained):
+    ev = events(pretrained)
+    epochs = [e for e in ev if e["kind"] == "metric"]
+    assert len(epochs) == 40  # 119 train images, batch 32: 3 steps an epoch
+    first = sum(e["loss"] for e in epochs[:5]) / 5
+    last = sum(e["loss"] for e in epochs[-5:]) / 5
+    assert last < first - 0.2, (first, last)
+    healthy = 1 / math.sqrt(64)
+    stds = [e["proj_std"] for e in epochs]
+    assert min(stds) > 0.5 * healthy, stds  # far from the 0 of a collapsed representation
+    progress = [e for e in ev if e["kind"] == "progress"]
+    assert progress and all({"loss", "lr", "tau", "proj_std"} <= set(e) for e in progress)
+    assert any("img_per_s" in e for e in progress)
+    assert all({"ts", "task", "kind", "epoch", "step"} <= set(e) for e in ev)
+    assert ev[-1]["kind"] == "done"
+    m = json.loads((pretrained.parent / "metrics.json").read_text())
+    assert m["pretrain"]["steps"] == 120 and (pretrained.parent / "encoder.pt").is_file()
+
+
+@pytest.mark.parametrize("kind", ["finetune", "linear", "supervised", "random-linear"])
+def test_every_evaluation_arm_scores_the_test_split_once(pretrained, kind):
+    results = pretrained.parent.parent.parent
+    task = head_ct_task(results, f"eval-{kind}", kind, budget={"fraction": 0.5}, encoder="tasks/pre/encoder.pt")
+    r = worker(task)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((task.parent / "metrics.json").read_text())
+    t = m["test"]
+    assert t["n"] == 40 and 0 <= t["accuracy"] <= 1 and math.isfinite(t["loss"])
+    assert {"auroc", "balanced_accuracy", "sensitivity", "specificity", "confusion_matrix"} <= set(t)
+    assert sum(map(sum, t["confusion_matrix"])) == 40
+    assert m["n_labeled"] == 60 and m["class_names"] == ["normal", "hemorrhage"] and m["positive"] == 1
+    assert len(m["predictions"]["test_probs"]) == 40
+    if kind in ("linear", "random-linear"):
+        assert m["selection"]["C"] in [10.0**k for k in range(-4, 3)]
+    else:
+        assert 0 < m["selection"]["selected_step"] <= m["selection"]["steps"]
+        assert m["selection"]["backbone_lr_scale"] == (0.1 if kind == "finetune" else 1.0)
+
+
+def test_two_labels_per_class_fine_tune_stays_near_the_prior_loss(pretrained):
+    results = pretrained.parent.parent.parent
+    for kind in ("finetune", "supervised"):
+        task = head_ct_task(results, f"few-{kind}", kind, budget={"per_class": 2}, encoder="tasks/pre/encoder.pt")
+        r = worker(task)
+        assert r.returncode == 0, r.stderr
+        m = json.loads((task.parent / "metrics.json").read_text())
+        assert m["n_labeled"] == 4
+        assert math.isfinite(m["test"]["loss"]) and math.isfinite(m["test"]["loss_uncalibrated"])
+        # val-selected step (step 0 predicts the prior) + temperature fitted on val
+        assert m["test"]["loss"] < m["prior_loss"] * 1.15, (kind, m["test"]["loss"], m["prior_loss"])
+
+
+def test_sigkilled_pretraining_resumes_from_its_checkpoint(tmp_path):
+    task = head_ct_task(tmp_path, "kill", "pretrain", settings={"pretrain": {"max_steps": 60}})
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "worker", str(task)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = task.parent / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ckpt.exists() and any(e.get("step") and e["step"] >= 12 for e in events(task) if e["kind"] == "progress"):
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("no checkpoint within 120 s")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (task.parent / "metrics.json").exists()
+    killed_at = max(e["step"] for e in events(task) if e["kind"] == "progress")
+    r = worker(task)
+    assert r.returncode == 0, r.stderr
+    resumed = [e for e in events(task) if e["kind"] == "log" and "resumed from checkpoint" in e["message"]]
+    assert len(resumed) == 1
+    step = int(resumed[0]["message"].split("step ")[1].split()[0])
+    assert 5 <= step <= killed_at + 5 and step % 5 == 0  # the last checkpoint, not step 0
+    after = [e for e in events(task) if e["kind"] == "metric" and e["ts"] >= resumed[0]["ts"]]
+    assert after and after[0]["step"] > step  # training went on from there
+    assert json.loads((task.parent / "metrics.json").read_text())["pretrain"]["steps"] == 60
+
+
+def test_start_errors_are_error_events_and_non_zero_exits(tmp_path):
+    bad = tmp_path / "tasks" / "bad" / "task.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"id": "bad", "kind": "pretrain", "datas')
+    r = worker(bad, timeout=60)
+    assert r.returncode == 2 and "not a valid task spec" in r.stderr
+    assert events(bad)[-1]["kind"] == "error" and events(bad)[-1]["error_type"] == "start"
+
+    nodep = head_ct_task(tmp_path, "nodep", "finetune", budget={"fraction": 0.5}, encoder="tasks/missing/encoder.pt")
+    r = worker(nodep, timeout=60)
+    assert r.returncode == 2 and "needs the pretrained encoder" in r.stderr
+    assert "run its pretrain task first" in events(nodep)[-1]["message"]
+
+    gpu = head_ct_task(tmp_path, "gpu", "pretrain", settings={"run": {"device": "cuda"}})
+    r = worker(gpu, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=60)
+    assert r.returncode == 2 and "asks for a GPU" in r.stderr
+    assert events(gpu)[-1]["kind"] == "error" and not (gpu.parent / "metrics.json").exists()
