@@ -56,6 +56,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return worker_main(args.task_json, args.results, args.data_root)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from runner.bench import run_bench
+    from runner.worker import StartError
+
+    try:
+        result = run_bench(args.arch, args.size, args.batch, args.precision, args.device, args.steps, args.warmup,
+                           args.compile, args.channels, tuple(args.parts.split(",")))
+    except StartError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="byol-runner", description="BYOL vs supervised training on medical images.")
     p.add_argument("--version", action="version", version=f"byol-runner {__version__}")
@@ -74,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--results", help=f"results dir, holds the image cache (default: the manifest's, or {DEFAULT_RESULTS}/)")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.set_defaults(func=cmd_data_audit)
+
+    b = sub.add_parser("bench", help="images/s of the BYOL and supervised training steps and of the augmentation (JSON)")
+    b.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
+    b.add_argument("--size", type=int, default=224, help="image side in pixels")
+    b.add_argument("--batch", type=int, default=256)
+    b.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on cuda, fp32 on cpu")
+    b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    b.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    b.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    b.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    b.add_argument("--parts", default="byol,supervised,augment", help="comma-separated subset of byol,supervised,augment")
+    b.set_defaults(func=cmd_bench)
 
     w = sub.add_parser("worker", help="internal: train one task from its task.json (what a container or Ray task runs)")
     w.add_argument("task_json")

@@ -82,6 +82,6 @@ class BYOL(nn.Module):
         online, target = self.online_parameters(), self.target_parameters()
         torch._foreach_lerp_(target, online, 1.0 - tau)
         # BatchNorm running statistics follow the online network (they are not learned)
-        for src, dst in ((self.online_encoder, self.target_encoder), (self.online_projector, self.target_projector)):
-            for b_src, b_dst in zip(src.buffers(), dst.buffers()):
-                b_dst.copy_(b_src)
+        src = [*self.online_encoder.buffers(), *self.online_projector.buffers()]
+        dst = [*self.target_encoder.buffers(), *self.target_projector.buffers()]
+        torch._foreach_copy_(dst, src)
