@@ -67,7 +67,7 @@ def to_device_images(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def take(images: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if images.device == device:
+    if images.device.type == device.type:
         return images.index_select(0, idx.to(device))
     return images.index_select(0, idx.cpu()).pin_memory().to(device, non_blocking=True)
 
