@@ -207,3 +207,19 @@ def test_temperature_scaling_calms_an_overconfident_model_without_changing_its_p
     assert nll(calm) < nll(probs) - 0.3
     # the best single confidence for 80% accuracy is 0.8
     assert calm.max(1).mean() == pytest.approx(0.8, abs=0.02)
+
+
+def test_the_second_view_blurs_exactly_its_share_of_the_batch():
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(40, 1, 48, 48) * 255).to(torch.uint8)
+    plain = PRESETS["xray"][1].__class__(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0, jitter_p=0.0,
+                                         brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, gamma=0.0, grayscale_p=0.0,
+                                         blur_p=0.0)
+    from dataclasses import replace
+
+    a = augment(x, plain, 48, g)
+    b = augment(x, replace(plain, blur_p=0.1), 48, g)
+    changed = ((a - b).abs().flatten(1).max(1).values > 1e-4).sum()
+    assert int(changed) == 4
+    c = augment(x, replace(plain, blur_p=1.0), 48, g)
+    assert int(((a - c).abs().flatten(1).max(1).values > 1e-4).sum()) == 40
