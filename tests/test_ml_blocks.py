@@ -214,7 +214,7 @@ def test_the_second_view_blurs_exactly_its_share_of_the_batch():
     x = (torch.rand(40, 1, 48, 48) * 255).to(torch.uint8)
     plain = PRESETS["xray"][1].__class__(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0, jitter_p=0.0,
                                          brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, gamma=0.0, grayscale_p=0.0,
-                                         blur_p=0.0)
+                                         blur_p=0.0, blur_sigma=(5.0, 8.0))  # 1-1.7 px at 48 px
     from dataclasses import replace
 
     a = augment(x, plain, 48, g)
