@@ -162,3 +162,25 @@ def test_start_errors_are_error_events_and_non_zero_exits(tmp_path):
     r = worker(gpu, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=60)
     assert r.returncode == 2 and "asks for a GPU" in r.stderr
     assert events(gpu)[-1]["kind"] == "error" and not (gpu.parent / "metrics.json").exists()
+
+
+def test_sigkilled_fine_tune_resumes_from_its_checkpoint(pretrained):
+    results = pretrained.parent.parent.parent
+    task = head_ct_task(results, "ft-kill", "finetune", budget={"fraction": 1.0}, encoder="tasks/pre/encoder.pt",
+                        settings={"finetune": {"min_steps": 120, "eval_every_steps": 5}})
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "worker", str(task)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = task.parent / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "no checkpoint within 120 s"
+    assert not (task.parent / "metrics.json").exists()
+    r = worker(task)
+    assert r.returncode == 0, r.stderr
+    resumed = [e for e in events(task) if e["kind"] == "log" and "resumed from checkpoint" in e["message"]]
+    assert len(resumed) == 1 and "step 0 " not in resumed[0]["message"]
+    m = json.loads((task.parent / "metrics.json").read_text())
+    assert m["selection"]["steps"] == 120 and math.isfinite(m["test"]["loss"])

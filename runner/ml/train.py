@@ -272,12 +272,23 @@ def train_classifier(
         probs = predict(model, val_images, size, ctx)
         return ce_from_probs(probs, val_labels), float((probs.argmax(1) == val_labels).float().mean())
 
-    val_loss, val_acc = validate()
-    ctx.emit("metric", epoch=0, step=0, val_loss=val_loss, val_acc=val_acc)
-    best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": 0,
-            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    ckpt_path = ctx.task_dir / "checkpoint.pt"
+    start = 0
+    if ckpt_path.is_file():
+        state = safe_load(ckpt_path, ctx.device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], dev_gen)
+        best, start = state["best"], int(state["step"])
+        ctx.emit("log", epoch=start // steps_per_epoch, step=start, message=f"resumed from checkpoint at step {start} of {total}")
+    else:
+        val_loss, val_acc = validate()
+        ctx.emit("metric", epoch=0, step=0, val_loss=val_loss, val_acc=val_acc)
+        best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": 0,
+                "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    last_saved = start
     run_loss, run_count = torch.zeros((), device=ctx.device), 0
-    for step in range(total):
+    for step in range(start, total):
         model.train()
         idx = stream.batch_at(step)
         x = ctx.prepare_input(augment(take(images, idx, ctx.device), aug, size, dev_gen))
@@ -300,6 +311,10 @@ def train_classifier(
             if val_loss < best["val_loss"]:
                 best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": done,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            if done - last_saved >= ctx.run.checkpoint_every_steps and done < total:  # at a validation, so `best` is current
+                atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done, "best": best,
+                             "rng": rng_state(dev_gen)}, ckpt_path)
+                last_saved = done
         elif progress.due(done, False):
             progress.emit(done, epoch, loss=round(float(run_loss) / max(run_count, 1), 5), lr=opt.param_groups[-1]["lr"])
     model.load_state_dict(best["state"])
