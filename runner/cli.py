@@ -50,6 +50,67 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
     return 0 if report["clean"] else 1
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from runner.commands import run_manifest
+    from runner.console import RunDisplay, progress_reporter
+    from runner.report import to_markdown
+
+    with progress_reporter("data") as progress:
+        outcome, rep = run_manifest(args.manifest, args.results, args.executor, args.max_parallel, args.retry_failed,
+                                    progress, display_factory=RunDisplay)
+    print()
+    print(to_markdown(rep))
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items()))
+    print(f"{counts}; {outcome.started_workers} workers started in {outcome.seconds:.1f} s")
+    if outcome.exit_code == 1:
+        print("some tasks failed: `byol-runner status` shows why; `run --retry-failed` tries them again", file=sys.stderr)
+    if outcome.exit_code == 130:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+    return outcome.exit_code
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from runner.commands import plan_view
+    from runner.console import print_plan, progress_reporter
+
+    with progress_reporter("data") as progress:
+        view = plan_view(args.manifest, args.results, progress)
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        print_plan(view)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from runner.commands import status
+    from runner.console import print_status
+
+    st = status(args.results, args.run)
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print_status(st)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from runner import report as R
+    from runner.commands import results_dir
+
+    results = results_dir(args.results)
+    rep = R.report_for(results, args.run)
+    out = R.write(results, rep)
+    if args.format == "json" or args.json:
+        print(json.dumps(rep, indent=2))
+    elif args.format == "csv":
+        print(R.to_csv(rep), end="")
+    else:
+        print(R.to_markdown(rep), end="")
+        print(f"\n(written to {out}/results.md, .csv, .json)", file=sys.stderr)
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from runner.worker import main as worker_main
 
@@ -73,6 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="byol-runner", description="BYOL vs supervised training on medical images.")
     p.add_argument("--version", action="version", version=f"byol-runner {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a manifest's whole matrix headless, resuming where it stopped")
+    r.add_argument("manifest", type=Path)
+    r.add_argument("--executor", choices=("local",), help="overrides the manifest's executor.kind")
+    r.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
+    r.add_argument("--max-parallel", type=int, help="tasks at once (default: one per GPU, 1 on the CPU)")
+    r.add_argument("--retry-failed", action="store_true", help="run again the tasks an earlier run gave up on")
+    r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser("plan", help="show the tasks, their dependencies and which are done; runs nothing")
+    pl.add_argument("manifest", type=Path)
+    pl.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
+
+    st = sub.add_parser("status", help="the queue of the latest (or named) run")
+    st.add_argument("--results", help=f"results dir (default: {DEFAULT_RESULTS}/)")
+    st.add_argument("--run", help="a run name (default: the latest run)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    rp = sub.add_parser("report", help="the results table of a run, rebuilt from what is on disk")
+    rp.add_argument("--results", help=f"results dir (default: {DEFAULT_RESULTS}/)")
+    rp.add_argument("--run", help="a run name (default: the latest run)")
+    rp.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    rp.add_argument("--json", action="store_true", help="same as --format json")
+    rp.set_defaults(func=cmd_report)
 
     s = sub.add_parser("schema", help="print the manifest's JSON schema")
     s.set_defaults(func=cmd_schema)

@@ -76,3 +76,122 @@ def print_audit(report: dict) -> None:
         verdict = "[red]defects: " + "; ".join(d["defects"]) + "[/]" if d["defects"] else "[green]clean[/]"
         cache = "read from cache" if d["cache"]["from_cache"] else "decoded and cached"
         out.print(f"{verdict}  (images {cache} in {d['cache']['seconds']:.1f} s; fingerprint {d['fingerprint']})\n")
+
+
+class RunDisplay:
+    """What `run` shows while it works: a live rich table of the running tasks and the counts on a
+    terminal (refreshed at most 4 times a second), one plain line per state change otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.live = None
+        self.last: dict[str, str] = {}
+        self.last_draw = 0.0
+        self.summary = ""
+
+    def __enter__(self) -> "RunDisplay":
+        if out.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(console=out, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def __call__(self, sched, changed: bool) -> None:  # noqa: ANN001 - a Scheduler
+        import time as _time
+
+        if self.live is None:
+            if changed:
+                self._plain(sched)
+            return
+        now = _time.monotonic()
+        if changed or now - self.last_draw > 0.5:
+            self.last_draw = now
+            self.live.update(self._table(sched))
+
+    def _counts(self, sched) -> str:  # noqa: ANN001
+        counts: dict[str, int] = {}
+        for s in sched.status.values():
+            counts[s] = counts.get(s, 0) + 1
+        order = ("done", "running", "pending", "failed", "blocked", "interrupted")
+        return ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k))
+
+    def _plain(self, sched) -> None:  # noqa: ANN001
+        import time as _time
+
+        by_id = sched.plan.by_id()
+        for tid, st in sched.status.items():
+            if self.last.get(tid) != st:
+                if tid in self.last or st != "pending":
+                    stamp = _time.strftime("%H:%M:%S")
+                    print(f"[{stamp}] {st:<8} {by_id[tid].label} ({by_id[tid].kind}, {tid})", flush=True)
+                self.last[tid] = st
+        done = sum(1 for s in sched.status.values() if s == "done")
+        summary = f"{done}/{self.total} done: {self._counts(sched)}"
+        if summary != self.summary:
+            self.summary = summary
+            print(summary, flush=True)
+
+    def _table(self, sched):  # noqa: ANN001
+        from rich.console import Group
+        from rich.table import Table
+
+        rows = sched.store.db.execute(
+            "SELECT id, epoch, step, loss, img_per_s FROM tasks WHERE id IN (%s)" % ",".join("?" * len(sched.running)),
+            list(sched.running),
+        ).fetchall() if sched.running else []
+        info = {r["id"]: r for r in rows}
+        t = Table(title=None, expand=False)
+        for col in ("task", "kind", "slot", "epoch", "step", "loss", "img/s", "elapsed"):
+            t.add_column(col, justify="right" if col not in ("task", "kind") else "left")
+        import time as _time
+
+        for tid, r in sched.running.items():
+            i = info.get(tid)
+            t.add_row(r.task.label, r.task.kind, r.handle.slot.name,
+                      str(i["epoch"]) if i and i["epoch"] is not None else "",
+                      str(i["step"]) if i and i["step"] is not None else "",
+                      f"{i['loss']:.4f}" if i and i["loss"] is not None else "",
+                      f"{i['img_per_s']:.0f}" if i and i["img_per_s"] else "",
+                      f"{_time.time() - r.handle.started:.0f}s")
+        done = sum(1 for s in sched.status.values() if s == "done")
+        return Group(f"[bold]{sched.plan.name}[/]: {done}/{self.total} tasks done ({self._counts(sched)})", t)
+
+
+def print_plan(view: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{view['name']}: {len(view['tasks'])} tasks", title_justify="left")
+    for col in ("id", "kind", "dataset", "method", "labels", "seed", "needs", "state"):
+        t.add_column(col)
+    for task in view["tasks"]:
+        colour = "green" if task["state"] == "done" else "yellow"
+        t.add_row(task["id"], task["kind"], task["dataset"], task["method"], task["budget"] or "", str(task["seed"]),
+                  ", ".join(task["deps"]), f"[{colour}]{task['state']}[/]")
+    out.print(t)
+    done = sum(1 for task in view["tasks"] if task["state"] == "done")
+    out.print(f"{done} done, {len(view['tasks']) - done} to run")
+    if view["invalidated"]:
+        out.print(f"[yellow]{len(view['invalidated'])} tasks of the previous run are invalidated by a changed setting:[/]")
+        for task in view["invalidated"]:
+            out.print(f"  {task['id']} {task['kind']} {task['dataset']} {task['method']} {task['budget'] or ''} seed {task['seed']}")
+
+
+def print_status(st: dict) -> None:
+    from rich.table import Table
+
+    run = st["run"]
+    colours = {"done": "green", "running": "cyan", "pending": "white", "failed": "red", "blocked": "red", "interrupted": "yellow"}
+    t = Table(title=f"run {run['name']} (#{run['id']}, {run['status']}, pid {run['pid']})", title_justify="left")
+    for col in ("id", "dataset", "method", "labels", "seed", "status", "epoch", "step", "loss", "attempts", "error"):
+        t.add_column(col)
+    for task in st["tasks"]:
+        c = colours.get(task["status"], "white")
+        t.add_row(task["id"], task["dataset"], task["method"], task["budget"] or "", str(task["seed"]), f"[{c}]{task['status']}[/]",
+                  "" if task["epoch"] is None else str(task["epoch"]), "" if task["step"] is None else str(task["step"]),
+                  "" if task["loss"] is None else f"{task['loss']:.4f}", str(task["attempts"]), (task["error"] or "")[:80])
+    out.print(t)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_va
 from runner.data.sources import DatasetSpec, StrictModel
 from runner.data.splits import LabelBudget
 from runner.errors import ManifestError
+from runner.ml.config import FinetuneSpec, ModelSpec, PretrainSpec, ProbeSpec, RunSpec
 
 RESERVED_NAMES = {"tasks", "cache"}  # folders of the results dir that are not runs
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -68,12 +69,46 @@ class LabelsSpec(StrictModel):
         return [LabelBudget(per_class=k) for k in self.per_class] + [LabelBudget(fraction=f) for f in self.fractions]
 
 
+METHODS = ("byol-finetune", "byol-linear", "supervised", "supervised-imagenet", "random-linear")
+Method = Literal[METHODS]  # type: ignore[valid-type]
+
+
+class ExecutorSpec(StrictModel):
+    """Where tasks run and how many at once."""
+
+    kind: Literal["local"] = Field("local", description="local: one subprocess per task on this machine")
+    gpus: Literal["auto"] | Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] = Field(
+        "auto", description="auto: every visible GPU; N: the first N; [ids]: those; one task per GPU at a time"
+    )
+    max_parallel: int | None = Field(None, ge=1, description="tasks at once (default: one per GPU, or 1 on the CPU)")
+    retries: int = Field(1, ge=0, le=10, description="attempts after the first, for a task whose worker fails")
+    timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one attempt, enforced by the runner")
+
+
 class Manifest(StrictModel):
     name: SafeName = Field(description="the run's name: its folder under the results dir")
     datasets: dict[SafeName, DatasetSpec] = Field(min_length=1)
+    methods: list[Method] = Field(
+        default_factory=lambda: ["byol-finetune", "byol-linear", "supervised", "random-linear"], min_length=1,
+        description="Model 1 = byol-finetune (or byol-linear), Model 2 = supervised; random-linear is the control "
+        "(a linear probe on a random-init encoder); supervised-imagenet needs ImageNet weights in the torch hub cache",
+    )
     labels: LabelsSpec = LabelsSpec()
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run of every cell per seed")
+    model: ModelSpec = ModelSpec()
+    pretrain: PretrainSpec = PretrainSpec()
+    finetune: FinetuneSpec = FinetuneSpec()
+    probe: ProbeSpec = ProbeSpec()
+    run: RunSpec = RunSpec()
+    executor: ExecutorSpec = ExecutorSpec()
     results: str | None = Field(None, description="results dir (default: results/, or --results)")
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_methods(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a method is listed twice")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -27,7 +27,9 @@ from runner.data.sources import DatasetSpec, StrictModel
 from runner.ml.config import TrainSettings
 
 ENGINE_VERSION = 1  # bump when a code change alters results: it is part of every task id
-KINDS = ("pretrain", "finetune", "linear", "supervised", "random-linear")
+KINDS = ("pretrain", "finetune", "linear", "supervised", "supervised-imagenet", "random-linear", "noop")
+# `noop` writes its metrics at once and imports no torch: the runner's own overhead is measured with it.
+# BYOL_RUNNER_FAIL_KIND=<kind> makes every task of that kind fail (fault injection for the runner's tests).
 
 
 class BudgetSpec(StrictModel):
@@ -95,6 +97,10 @@ def resolve_device(want: str):
 
 
 def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> dict:
+    if os.environ.get("BYOL_RUNNER_FAIL_KIND") == task.kind:
+        raise RuntimeError(f"injected failure for kind {task.kind} (BYOL_RUNNER_FAIL_KIND)")
+    if task.kind == "noop":
+        return {"noop": True}
     import torch
 
     from runner.data.dataset import prepare
@@ -127,9 +133,12 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
     val, test = ds.splits["val"], ds.splits["test"]
     k = len(ds.class_names)
     positive = ds.class_names.index(ds.spec.positive) if ds.spec.positive else (1 if k == 2 else None)
-    if task.kind in ("finetune", "supervised"):
-        pretrained = task.kind == "finetune"
-        backbone = T.load_encoder(encoder_path, device) if pretrained else Backbone(arch, ds.channels)
+    if task.kind in ("finetune", "supervised", "supervised-imagenet"):
+        pretrained = task.kind != "supervised"
+        if task.kind == "finetune":
+            backbone = T.load_encoder(encoder_path, device)
+        else:  # ImageNet weights come from the torch hub cache; the plan checked they are there
+            backbone = Backbone(arch, ds.channels, weights="DEFAULT" if pretrained else None)
         model, selection = T.train_classifier(
             backbone, pretrained, (ds.pixels(labeled), ds.labels[labeled]), (ds.pixels(val), ds.labels[val]),
             k, task.settings.finetune, size, ctx,
@@ -165,6 +174,22 @@ def _on_sigterm(signum, frame):  # noqa: ANN001
     raise SystemExit(143)
 
 
+def _die_with_parent() -> None:
+    """Under the local executor: get SIGTERM when the runner dies (even by SIGKILL), so no worker
+    trains on unwatched; its last checkpoint is where the next run resumes."""
+    parent = os.environ.get("BYOL_RUNNER_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the runner died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(task_json: str, results: str | None = None, data_root: str | None = None) -> int:
     from runner.ml.checkpoint import atomic_write_json
 
@@ -174,6 +199,7 @@ def main(task_json: str, results: str | None = None, data_root: str | None = Non
     log = EventLog(task_dir / "events.jsonl", task_dir.name)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        _die_with_parent()
         task = load_task(path)
         if data_root is not None and hasattr(task.data, "root"):  # the same task, its data mounted elsewhere
             task = task.model_copy(update={"data": task.data.model_copy(update={"root": data_root})})

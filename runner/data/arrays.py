@@ -8,7 +8,7 @@ import numpy as np
 
 from runner.errors import DataError
 
-SYNTHETIC_VERSION = 1  # bump when the generator's pixels change
+SYNTHETIC_VERSION = 2  # bump when the generator's pixels change
 
 
 def _open_npz(path: str) -> np.lib.npyio.NpzFile:
@@ -103,8 +103,8 @@ def _synthetic_chunk(labels: np.ndarray, size: int, rng: np.random.Generator) ->
         pos_r = rng.uniform(0.0, 0.55, (m, 1, 1)).astype(np.float32)
         lx = cx[has] + pos_r * np.cos(ang) * ax[has]
         ly = cy[has] + pos_r * np.sin(ang) * ay[has]
-        sigma = rad * rng.uniform(0.07, 0.12, (m, 1, 1)).astype(np.float32)
+        sigma = rad * rng.uniform(0.11, 0.16, (m, 1, 1)).astype(np.float32)
         blob = np.exp(-(((xx - lx) ** 2 + (yy - ly) ** 2) / (2 * sigma**2)))
-        img[has] += 0.28 * blob * body[has]
+        img[has] += 0.4 * blob * body[has]
     img += rng.normal(0.0, 0.035, img.shape).astype(np.float32)
     return np.clip(img * 255.0, 0, 255).astype(np.uint8)

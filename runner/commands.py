@@ -1,0 +1,119 @@
+"""What the headless commands do, one function each (the CLI only parses and prints)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from runner.data.cache import Progress, no_progress
+from runner.errors import UserError
+from runner.manifest import Manifest, load_manifest
+from runner.plan import Plan, is_done, make_plan
+
+
+def results_dir(cli_value: str | None, manifest: Manifest | None = None) -> Path:
+    return Path(cli_value or (manifest.results if manifest else None) or "results")
+
+
+def load_plan(manifest_path: str | Path, results_cli: str | None, progress: Progress = no_progress) -> tuple[Manifest, Path, Plan]:
+    manifest = load_manifest(manifest_path)
+    results = results_dir(results_cli, manifest)
+    return manifest, results, make_plan(manifest, results, progress)
+
+
+def run_manifest(manifest_path: str | Path, results_cli: str | None = None, executor: str | None = None,
+                 max_parallel: int | None = None, retry_failed: bool = False, progress: Progress = no_progress,
+                 display_factory=None):  # noqa: ANN001
+    """Plan, schedule and run a manifest; write its results tables. Returns (outcome, report)."""
+    from runner import report as R
+    from runner.executors import make_executor
+    from runner.executors.base import make_slots
+    from runner.scheduler import Scheduler
+    from runner.store import Store
+
+    manifest, results, plan = load_plan(manifest_path, results_cli, progress)
+    kind = executor or manifest.executor.kind
+    try:
+        slots = make_slots(manifest.executor.gpus, max_parallel or manifest.executor.max_parallel)
+        ex = make_executor(kind, slots)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    store = Store(results / "runner.db")
+    run_dir = results / manifest.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = Path(manifest_path).read_text()
+    (run_dir / "manifest.yaml").write_text(text)
+    sched = Scheduler(plan, results, ex, slots, store, retries=manifest.executor.retries, retry_failed=retry_failed,
+                      timeout_s=manifest.executor.timeout_s)
+    try:
+        if display_factory is not None:
+            with display_factory(len(plan.tasks)) as display:
+                sched.display = display
+                outcome = sched.run(text, str(Path(manifest_path).resolve()))
+        else:
+            outcome = sched.run(text, str(Path(manifest_path).resolve()))
+        rep = R.build(results, manifest.name, store.run_tasks(outcome.run_id), R._arch_of(text))
+        R.write(results, rep)
+    finally:
+        store.close()
+    return outcome, rep
+
+
+def plan_view(manifest_path: str | Path, results_cli: str | None = None, progress: Progress = no_progress) -> dict:
+    """The DAG: every task with its dependencies and state (done / pending), and the tasks of the
+    previous run of this manifest that the current settings no longer produce (invalidated)."""
+    from runner.store import Store
+
+    manifest, results, plan = load_plan(manifest_path, results_cli, progress)
+    tasks = [{"id": t.id, "kind": t.kind, "dataset": t.dataset, "method": t.method, "seed": t.seed, "budget": t.budget,
+              "deps": t.deps, "state": "done" if is_done(results, t.id) else "pending"} for t in plan.tasks]
+    invalidated = []
+    db = results / "runner.db"
+    if db.is_file():
+        store = Store(db, readonly=True)
+        try:
+            prev = store.latest_run(manifest.name)
+            if prev is not None:
+                current = {t.id for t in plan.tasks}
+                invalidated = [{"id": r.id, "kind": r.kind, "dataset": r.dataset, "method": r.method, "seed": r.seed,
+                                "budget": r.budget} for r in store.run_tasks(prev["id"]) if r.id not in current]
+        finally:
+            store.close()
+    return {"name": manifest.name, "results": str(results), "tasks": tasks, "invalidated": invalidated}
+
+
+def status(results_cli: str | None, run_name: str | None = None) -> dict:
+    from runner.store import Store
+
+    results = results_dir(results_cli)
+    db = results / "runner.db"
+    if not db.is_file():
+        raise UserError(f"no runs in {results} (no runner.db): run a manifest first")
+    store = Store(db, readonly=True)
+    try:
+        run = store.latest_run(run_name)
+        if run is None:
+            raise UserError(f"no run named {run_name!r} in {results}" if run_name else f"no runs in {results}")
+        tasks = store.run_tasks(run["id"])
+        alive = run["status"] == "running" and _pid_alive(run["pid"])
+        return {
+            "run": {"id": run["id"], "name": run["name"], "status": run["status"] if alive or run["status"] != "running" else "stopped",
+                    "started": run["started"], "ended": run["ended"], "pid": run["pid"], "executor": run["executor"]},
+            "tasks": [{"id": t.id, "kind": t.kind, "dataset": t.dataset, "method": t.method, "seed": t.seed, "budget": t.budget,
+                       "status": t.status, "epoch": t.epoch, "step": t.step, "loss": t.loss, "img_per_s": t.img_per_s,
+                       "attempts": t.attempts, "error": t.error} for t in tasks],
+        }
+    finally:
+        store.close()
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

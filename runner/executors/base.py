@@ -1,0 +1,79 @@
+"""The executor interface: the scheduler hands a task and a slot to `submit`, then `poll`s the
+handle until it has an exit code, and `cancel`s it on Ctrl-C or a timeout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one task runs: a GPU (its index) or a CPU slot."""
+
+    name: str
+    gpu: int | None = None
+
+
+@dataclass
+class Handle:
+    task_id: str
+    slot: Slot
+    started: float
+    pid: int | None = None
+    node: str = field(default_factory=lambda: os.uname().nodename)
+    state: object = None  # the backend's own (a Popen, a container, an ObjectRef)
+
+
+class Executor(ABC):
+    name: str = "base"
+
+    @abstractmethod
+    def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot) -> Handle: ...
+
+    @abstractmethod
+    def poll(self, handle: Handle) -> int | None:
+        """The exit code once the task has ended, else None."""
+
+    @abstractmethod
+    def cancel(self, handle: Handle, grace_s: float = 10.0) -> None:
+        """Stop the task: SIGTERM (it saves nothing more than its last checkpoint), then SIGKILL."""
+
+
+def visible_gpus() -> list[int]:
+    """GPU indices this process may use, without importing torch: CUDA_VISIBLE_DEVICES if set, else
+    what `nvidia-smi -L` lists, else none."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [i for i, part in enumerate(p for p in env.split(",") if p.strip() and p.strip() != "-1")]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [i for i, line in enumerate(line for line in out.splitlines() if line.startswith("GPU "))]
+
+
+def make_slots(gpus: str | int | list[int], max_parallel: int | None) -> list[Slot]:
+    """One slot per GPU (gpus: auto | N | [ids]); CPU slots (max_parallel, default 1) when none."""
+    visible = visible_gpus()
+    if gpus == "auto":
+        chosen = visible
+    elif isinstance(gpus, int):
+        if gpus > len(visible):
+            raise ValueError(f"executor.gpus: {gpus} asked, {len(visible)} visible")
+        chosen = visible[:gpus]
+    else:
+        missing = [g for g in gpus if g not in visible]
+        if missing:
+            raise ValueError(f"executor.gpus: GPU {missing[0]} is not visible (visible: {visible or 'none'})")
+        chosen = list(gpus)
+    if chosen:
+        slots = [Slot(f"gpu{g}", g) for g in chosen]
+        return slots[:max_parallel] if max_parallel else slots
+    return [Slot(f"cpu{i}") for i in range(max_parallel or 1)]

@@ -1,0 +1,282 @@
+"""Runs a plan on an executor: slots, dependencies, retries, resume, timeouts, Ctrl-C.
+
+The scheduler is runner.db's only writer. It loops: reap ended workers (done when metrics.json is
+there, else a failed attempt, retried up to `executor.retries`), read new event lines of running
+tasks into the store, block tasks whose dependency failed, start ready tasks on free slots. A task
+whose metrics.json exists is never run again; one that was interrupted restarts and its worker
+resumes from its checkpoint. A lock file keeps a second runner off the same results dir.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.errors import UserError
+from runner.executors import Executor, Handle, Slot
+from runner.executors.local import stop_group
+from runner.plan import Plan, PlannedTask, is_done, write_task_files
+from runner.store import Store
+
+TERMINAL = ("done", "failed", "blocked")
+
+
+class RunnerLock:
+    """An flock on <results>/runner.lock holding the owner's pid; released when the process dies."""
+
+    def __init__(self, results: Path) -> None:
+        self.path = results / "runner.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode().strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"another byol-runner (pid {owner}) is running on {self.path.parent}: wait for it, stop it, "
+                "or use another --results"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class EventTail:
+    """New complete lines of a task's events.jsonl since the last read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, path.stat().st_size if path.exists() else 0
+        self.last_error: str | None = None
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        out = []
+        for line in data[:end].splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("kind") == "error":
+                self.last_error = e.get("message")
+            out.append(e)
+        return out
+
+
+@dataclass
+class Running:
+    task: PlannedTask
+    handle: Handle
+    attempt_id: int
+    tail: EventTail
+
+
+@dataclass
+class RunOutcome:
+    run_id: int
+    exit_code: int
+    counts: dict[str, int]
+    started_workers: int
+    seconds: float
+    status: dict[str, str] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, plan: Plan, results: Path, executor: Executor, slots: list[Slot], store: Store,
+                 retries: int = 1, retry_failed: bool = False, timeout_s: float | None = None,
+                 display=None, poll_s: float = 0.2, grace_s: float = 10.0) -> None:  # noqa: ANN001
+        self.plan, self.results, self.executor, self.slots, self.store = plan, results, executor, slots, store
+        self.retries, self.retry_failed, self.timeout_s = retries, retry_failed, timeout_s
+        self.display, self.poll_s, self.grace_s = display, poll_s, grace_s
+        self.status: dict[str, str] = {}
+        self.failures: dict[str, int] = {}
+        self.running: dict[str, Running] = {}
+        self.started_workers = 0
+
+    # ---- setup -----------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Attempts a dead runner left marked running: stop any worker still alive, record them."""
+        for a in self.store.stale_attempts():
+            pid = a["pid"]
+            if pid and _alive(pid) and a["node"] == os.uname().nodename:
+                stop_group(pid, self.grace_s, lambda p=pid: not _alive(p))
+            self.store.end_attempt(a["id"], "interrupted", None, "the runner stopped while this attempt ran")
+            self.store.set_status(a["task_id"], "done" if is_done(self.results, a["task_id"]) else "interrupted")
+        self.store.commit()
+
+    def _initial_status(self, run_id: int) -> None:
+        rows = {r.id: r for r in self.store.run_tasks(run_id)}
+        for t in self.plan.tasks:
+            if is_done(self.results, t.id):
+                self.status[t.id] = "done"
+            elif rows[t.id].status == "failed" and not self.retry_failed:
+                self.status[t.id] = "failed"  # an earlier run gave up on it; --retry-failed runs it again
+            else:
+                self.status[t.id] = "pending"
+                self.store.set_status(t.id, "pending", None)
+        self.store.commit()
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def run(self, manifest_yaml: str, manifest_path: str) -> RunOutcome:
+        t0 = time.time()
+        lock = RunnerLock(self.results)
+        lock.acquire()
+        previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+        run_id = -1
+        try:
+            self._recover()
+            run_id = self.store.begin_run(self.plan.name, manifest_yaml, manifest_path, os.getpid(), self.executor.name)
+            write_task_files(self.plan, self.results)
+            self.store.add_tasks(run_id, self.plan.tasks, {t.id for t in self.plan.tasks if is_done(self.results, t.id)})
+            self._initial_status(run_id)
+            self._show(True)
+            try:
+                self._loop(run_id)
+            except KeyboardInterrupt:
+                self._stop_all("interrupted")
+                self.store.end_run(run_id, "interrupted", 130)
+                return self._outcome(run_id, 130, t0)
+            code = 0 if all(s == "done" for s in self.status.values()) else 1
+            self.store.end_run(run_id, "done" if code == 0 else "failed", code)
+            return self._outcome(run_id, code, t0)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            lock.release()
+
+    def _outcome(self, run_id: int, code: int, t0: float) -> RunOutcome:
+        counts: dict[str, int] = {}
+        for s in self.status.values():
+            counts[s] = counts.get(s, 0) + 1
+        return RunOutcome(run_id, code, counts, self.started_workers, time.time() - t0, dict(self.status))
+
+    def _loop(self, run_id: int) -> None:
+        by_id = self.plan.by_id()
+        while True:
+            changed = self._reap()
+            for r in self.running.values():
+                events = r.tail.read()
+                if events:
+                    self.store.add_points(r.task.id, r.attempt_id, events)
+            changed |= self._block_orphans(by_id)
+            changed |= self._launch(run_id, by_id)
+            self.store.commit()
+            self._show(changed)
+            if not self.running and not any(s == "pending" for s in self.status.values()):
+                return
+            time.sleep(self.poll_s)
+
+    def _ready(self, t: PlannedTask) -> bool:
+        return self.status[t.id] == "pending" and all(self.status[d] == "done" for d in t.deps)
+
+    def _launch(self, run_id: int, by_id: dict[str, PlannedTask]) -> bool:
+        busy = {r.handle.slot for r in self.running.values()}
+        free = [s for s in self.slots if s not in busy]
+        launched = False
+        for t in self.plan.tasks:
+            if not free:
+                break
+            if not self._ready(t):
+                continue
+            slot = free.pop(0)
+            task_json = self.results / "tasks" / t.id / "task.json"
+            tail = EventTail(task_json.parent / "events.jsonl")
+            handle = self.executor.submit(t.id, task_json, self.results, slot)
+            number = len(self.store.attempts(t.id)) + 1
+            attempt = self.store.start_attempt(t.id, run_id, number, self.executor.name, slot.name, handle.pid, handle.node)
+            self.running[t.id] = Running(t, handle, attempt, tail)
+            self.status[t.id] = "running"
+            self.started_workers += 1
+            launched = True
+        return launched
+
+    def _reap(self) -> bool:
+        changed = False
+        for tid, r in list(self.running.items()):
+            code = self.executor.poll(r.handle)
+            if code is None and self.timeout_s and time.time() - r.handle.started > self.timeout_s:
+                self.executor.cancel(r.handle, self.grace_s)
+                code = self.executor.poll(r.handle)
+                r.tail.last_error = f"wall-clock limit of {self.timeout_s:g} s reached (executor.timeout_s)"
+            if code is None:
+                continue
+            self.store.add_points(tid, r.attempt_id, r.tail.read())
+            del self.running[tid]
+            changed = True
+            if code == 0 and is_done(self.results, tid):
+                self.store.end_attempt(r.attempt_id, "done", 0, None)
+                self.store.set_status(tid, "done")
+                self.status[tid] = "done"
+                continue
+            error = r.tail.last_error or f"worker exited with code {code} and no error event (see worker.log)"
+            if code == 0:
+                error = "worker exited 0 without writing metrics.json"
+            self.store.end_attempt(r.attempt_id, "failed", code, error)
+            self.failures[tid] = self.failures.get(tid, 0) + 1
+            if self.failures[tid] <= self.retries:
+                self.status[tid] = "pending"
+                self.store.set_status(tid, "pending", f"attempt {self.failures[tid]} failed: {error}")
+            else:
+                self.status[tid] = "failed"
+                self.store.set_status(tid, "failed", error)
+        return changed
+
+    def _block_orphans(self, by_id: dict[str, PlannedTask]) -> bool:
+        changed = False
+        for t in self.plan.tasks:
+            if self.status[t.id] == "pending":
+                bad = [d for d in t.deps if self.status[d] in ("failed", "blocked")]
+                if bad:
+                    self.status[t.id] = "blocked"
+                    self.store.set_status(t.id, "blocked", f"dependency {bad[0]} ({by_id[bad[0]].label}) failed")
+                    changed = True
+        return changed
+
+    def _stop_all(self, status: str) -> None:
+        for tid, r in list(self.running.items()):
+            self.executor.cancel(r.handle, self.grace_s)
+            self.store.add_points(tid, r.attempt_id, r.tail.read())
+            self.store.end_attempt(r.attempt_id, status, self.executor.poll(r.handle), "stopped by Ctrl-C")
+            self.store.set_status(tid, "done" if is_done(self.results, tid) else status)
+            self.status[tid] = "done" if is_done(self.results, tid) else status
+        self.running.clear()
+        self.store.commit()
+
+    def _show(self, changed: bool) -> None:
+        if self.display is not None:
+            self.display(self, changed)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sigterm_to_interrupt(signum, frame):  # noqa: ANN001
+    raise KeyboardInterrupt

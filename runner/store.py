@@ -1,0 +1,183 @@
+"""runner.db: the one shared state. SQLite in WAL mode: the scheduler is its only writer; status, the
+TUI and report open it read-only and never block the writer.
+
+Tables: runs (one per `run` of a manifest), tasks (content-addressed, shared by every run that needs
+them), run_tasks (which run needs which task), attempts (one per worker start: when, where, how it
+ended), metric_points (the curves, from the workers' events). The schema version is SQLite's
+user_version; `MIGRATIONS[i]` takes a database from version i to i + 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MIGRATIONS = [
+    """
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY, name TEXT NOT NULL, manifest TEXT NOT NULL, manifest_path TEXT,
+        started REAL NOT NULL, ended REAL, status TEXT NOT NULL, pid INTEGER, executor TEXT, exit_code INTEGER
+    );
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY, kind TEXT NOT NULL, dataset TEXT NOT NULL, method TEXT NOT NULL, seed INTEGER NOT NULL,
+        budget TEXT, deps TEXT NOT NULL, status TEXT NOT NULL, epoch INTEGER, step INTEGER, loss REAL,
+        img_per_s REAL, error TEXT, updated REAL
+    );
+    CREATE TABLE run_tasks (run_id INTEGER NOT NULL, task_id TEXT NOT NULL, position INTEGER NOT NULL,
+                            PRIMARY KEY (run_id, task_id));
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY, task_id TEXT NOT NULL, run_id INTEGER NOT NULL, number INTEGER NOT NULL,
+        started REAL NOT NULL, ended REAL, status TEXT NOT NULL, exit_code INTEGER, error TEXT,
+        executor TEXT, slot TEXT, pid INTEGER, node TEXT
+    );
+    CREATE INDEX attempts_task ON attempts (task_id);
+    CREATE TABLE metric_points (
+        task_id TEXT NOT NULL, attempt_id INTEGER, ts REAL, kind TEXT NOT NULL, epoch INTEGER, step INTEGER,
+        loss REAL, val_loss REAL, val_acc REAL, lr REAL, tau REAL, proj_std REAL, img_per_s REAL
+    );
+    CREATE INDEX points_task ON metric_points (task_id, step);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+POINT_FIELDS = ("loss", "val_loss", "val_acc", "lr", "tau", "proj_std", "img_per_s")
+
+
+@dataclass
+class TaskRow:
+    id: str
+    kind: str
+    dataset: str
+    method: str
+    seed: int
+    budget: str | None
+    deps: list[str]
+    status: str
+    epoch: int | None
+    step: int | None
+    loss: float | None
+    img_per_s: float | None
+    error: str | None
+    attempts: int = 0
+
+
+class Store:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=10)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        self.db.row_factory = sqlite3.Row
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} has schema {version}, newer than this byol-runner ({SCHEMA_VERSION}): upgrade byol-runner")
+        for v in range(version, SCHEMA_VERSION):
+            with self.db:
+                self.db.executescript(MIGRATIONS[v])
+                self.db.execute(f"PRAGMA user_version = {v + 1}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- writer (the scheduler) ----------------------------------------------------------
+
+    def begin_run(self, name: str, manifest_yaml: str, manifest_path: str, pid: int, executor: str) -> int:
+        with self.db:
+            cur = self.db.execute(
+                "INSERT INTO runs (name, manifest, manifest_path, started, status, pid, executor) VALUES (?,?,?,?,?,?,?)",
+                (name, manifest_yaml, manifest_path, time.time(), "running", pid, executor),
+            )
+        return int(cur.lastrowid)
+
+    def end_run(self, run_id: int, status: str, exit_code: int) -> None:
+        with self.db:
+            self.db.execute("UPDATE runs SET ended=?, status=?, exit_code=? WHERE id=?", (time.time(), status, exit_code, run_id))
+
+    def add_tasks(self, run_id: int, tasks: list, done: set[str]) -> None:
+        """Register a run's tasks; a task done on disk is marked done whatever the store said."""
+        with self.db:
+            for pos, t in enumerate(tasks):
+                self.db.execute(
+                    "INSERT INTO tasks (id, kind, dataset, method, seed, budget, deps, status, updated) VALUES (?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT(id) DO NOTHING",
+                    (t.id, t.kind, t.dataset, t.method, t.seed, t.budget, json.dumps(t.deps), "pending", time.time()),
+                )
+                if t.id in done:
+                    self.db.execute("UPDATE tasks SET status='done', error=NULL WHERE id=?", (t.id,))
+                self.db.execute("INSERT OR IGNORE INTO run_tasks (run_id, task_id, position) VALUES (?,?,?)", (run_id, t.id, pos))
+
+    def set_status(self, task_id: str, status: str, error: str | None = None) -> None:
+        self.db.execute("UPDATE tasks SET status=?, error=?, updated=? WHERE id=?", (status, error, time.time(), task_id))
+
+    def start_attempt(self, task_id: str, run_id: int, number: int, executor: str, slot: str, pid: int | None, node: str) -> int:
+        cur = self.db.execute(
+            "INSERT INTO attempts (task_id, run_id, number, started, status, executor, slot, pid, node) VALUES (?,?,?,?,?,?,?,?,?)",
+            (task_id, run_id, number, time.time(), "running", executor, slot, pid, node),
+        )
+        self.set_status(task_id, "running")
+        return int(cur.lastrowid)
+
+    def end_attempt(self, attempt_id: int, status: str, exit_code: int | None, error: str | None) -> None:
+        self.db.execute("UPDATE attempts SET ended=?, status=?, exit_code=?, error=? WHERE id=?",
+                        (time.time(), status, exit_code, error, attempt_id))
+
+    def add_points(self, task_id: str, attempt_id: int, events: list[dict]) -> None:
+        rows = []
+        last = None
+        for e in events:
+            if e.get("kind") in ("progress", "metric"):
+                rows.append((task_id, attempt_id, e.get("ts"), e["kind"], e.get("epoch"), e.get("step"),
+                             *(e.get(f) for f in POINT_FIELDS)))
+                last = e
+        if rows:
+            self.db.executemany(f"INSERT INTO metric_points VALUES (?,?,?,?,?,?{',?' * len(POINT_FIELDS)})", rows)
+        if last is not None:
+            self.db.execute(
+                "UPDATE tasks SET epoch=?, step=?, loss=COALESCE(?, loss), img_per_s=COALESCE(?, img_per_s), updated=? WHERE id=?",
+                (last.get("epoch"), last.get("step"), last.get("loss"), last.get("img_per_s"), time.time(), task_id),
+            )
+
+    def commit(self) -> None:
+        self.db.commit()
+
+    def stale_attempts(self) -> list[sqlite3.Row]:
+        """Attempts still marked running: their runner died without recording how they ended."""
+        return self.db.execute("SELECT * FROM attempts WHERE status='running'").fetchall()
+
+    # ---- readers --------------------------------------------------------------------------
+
+    def latest_run(self, name: str | None = None) -> sqlite3.Row | None:
+        if name:
+            return self.db.execute("SELECT * FROM runs WHERE name=? ORDER BY id DESC LIMIT 1", (name,)).fetchone()
+        return self.db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+
+    def run_tasks(self, run_id: int) -> list[TaskRow]:
+        rows = self.db.execute(
+            "SELECT t.*, (SELECT COUNT(*) FROM attempts a WHERE a.task_id=t.id) AS n_attempts FROM tasks t "
+            "JOIN run_tasks r ON r.task_id=t.id WHERE r.run_id=? ORDER BY r.position",
+            (run_id,),
+        ).fetchall()
+        return [
+            TaskRow(r["id"], r["kind"], r["dataset"], r["method"], r["seed"], r["budget"], json.loads(r["deps"]), r["status"],
+                    r["epoch"], r["step"], r["loss"], r["img_per_s"], r["error"], r["n_attempts"])
+            for r in rows
+        ]
+
+    def attempts(self, task_id: str) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM attempts WHERE task_id=? ORDER BY id", (task_id,)).fetchall()
+
+    def failed_attempts(self, task_id: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM attempts WHERE task_id=? AND status='failed'", (task_id,)).fetchone()[0]
+
+    def points(self, task_id: str, kind: str | None = None) -> list[sqlite3.Row]:
+        q = "SELECT * FROM metric_points WHERE task_id=?" + (" AND kind=?" if kind else "") + " ORDER BY ts"
+        return self.db.execute(q, (task_id, kind) if kind else (task_id,)).fetchall()
