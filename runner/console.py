@@ -26,11 +26,14 @@ def progress_reporter(label: str) -> Iterator:
 
             yield update
         return
-    last = {"decile": -1}
+    import time
+
+    last = {"decile": -1, "start": time.monotonic()}
 
     def plain(done: int, total: int, what: str) -> None:
+        # quiet for work that ends within a second; then a line per tenth
         decile = done * 10 // max(total, 1)
-        if decile != last["decile"]:
+        if decile != last["decile"] and time.monotonic() - last["start"] > 1.0:
             last["decile"] = decile
             print(f"{label}: {what} {done}/{total}", file=sys.stderr, flush=True)
 

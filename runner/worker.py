@@ -209,6 +209,7 @@ def main(task_json: str, results: str | None = None, data_root: str | None = Non
         metrics = {"task": task.id, "kind": task.kind, "dataset": task.dataset, "seed": task.seed,
                    "budget": task.budget.model_dump() if task.budget else None, "engine_version": ENGINE_VERSION, **result}
         atomic_write_json(metrics, task_dir / "metrics.json")
+        (task_dir / "checkpoint.pt").unlink(missing_ok=True)  # done: the checkpoint has served
         log.emit("done", message="metrics.json written")
         return 0
     except StartError as e:

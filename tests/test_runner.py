@@ -1,0 +1,232 @@
+"""The runner with real worker processes and a real SQLite file: run, resume, rerun, retries, Ctrl-C,
+SIGKILL, the lock, plan, status and report."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+TINY = """\
+name: tiny
+datasets:
+  syn:
+    source: synthetic
+    per_class: 40
+    size: 32
+    image_size: 24
+    classes: {{normal: [class0], finding: [class1]}}
+    positive: finding
+    split: {{val: 0.25, test: 0.25}}
+methods: [byol-finetune, byol-linear, supervised, random-linear]
+labels: {{fractions: [0.25, 1.0]}}
+seeds: [0]
+model: {{arch: resnet18}}
+pretrain: {{epochs: {pre_epochs}, batch_size: 16, proj_hidden: 128, pred_hidden: 128, proj_dim: 32, warmup_epochs: 1}}
+finetune: {{epochs: 2, min_steps: {ft_steps}, batch_size: 16}}
+run: {{device: cpu, progress_every_s: 0.2, checkpoint_every_steps: 5}}
+executor: {{max_parallel: 2, retries: 1}}
+"""
+
+
+def tiny(tmp_path: Path, name: str = "tiny.yaml", pre_epochs: int = 4, ft_steps: int = 10) -> Path:
+    p = tmp_path / name
+    p.write_text(TINY.format(pre_epochs=pre_epochs, ft_steps=ft_steps))
+    return p
+
+
+def attempts(results: Path) -> list[tuple]:
+    with sqlite3.connect(results / "runner.db") as db:
+        return db.execute("SELECT a.task_id, t.kind, a.status, a.error FROM attempts a JOIN tasks t ON t.id=a.task_id").fetchall()
+
+
+def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tmp_path):
+    results = tmp_path / "results"
+    manifest = tiny(tmp_path)
+    r = run_cli("run", str(manifest), "--results", str(results))
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = (results / "tiny" / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| syn (")]
+    assert [row.split(" (")[1].split(" ")[0] for row in rows] == ["25%", "100%"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert len(cells) == 4 and all(c != "—" and float(c) >= 0 for c in cells), row
+    assert "Model 1 = BYOL + ResNet18, fine-tuned" in table and "Model 2 = supervised ResNet18" in table
+    assert "| Dataset | Model 1 accuracy | Model 1 loss | Model 2 accuracy | Model 2 loss |" in r.stdout
+    n_attempts = len(attempts(results))
+    assert n_attempts == 9  # 1 pretrain + 2 budgets x 4 methods, each once
+    data = json.loads((results / "tiny" / "results.json").read_text())
+    assert {a["method"] for a in data["arms"]} == {"byol-finetune", "byol-linear", "supervised", "random-linear"}
+
+    again = run_cli("run", str(manifest), "--results", str(results))
+    assert again.returncode == 0 and "0 workers started" in again.stdout
+    assert len(attempts(results)) == n_attempts
+    assert (results / "tiny" / "results.md").read_text() == table
+
+    # change one finetune setting: only the tasks that use it (finetune, supervised) run again
+    manifest.write_text(manifest.read_text().replace("min_steps: 10", "min_steps: 12"))
+    plan = run_cli("plan", str(manifest), "--results", str(results), "--json")
+    view = json.loads(plan.stdout)
+    pending = {t["kind"] for t in view["tasks"] if t["state"] == "pending"}
+    assert pending == {"finetune", "supervised"}
+    assert {t["kind"] for t in view["invalidated"]} == {"finetune", "supervised"} and len(view["invalidated"]) == 4
+    third = run_cli("run", str(manifest), "--results", str(results))
+    assert third.returncode == 0, third.stderr
+    new = attempts(results)[n_attempts:]
+    assert sorted(k for _, k, _, _ in new) == ["finetune", "finetune", "supervised", "supervised"]
+
+    st = run_cli("status", "--results", str(results), "--json")
+    status = json.loads(st.stdout)
+    assert status["run"]["name"] == "tiny" and all(t["status"] == "done" for t in status["tasks"])
+    rep = run_cli("report", "--results", str(results), "--format", "csv")
+    assert rep.returncode == 0 and rep.stdout.startswith("dataset,labels,method")
+
+
+def test_a_failing_task_is_retried_then_failed_and_the_rest_finishes(tmp_path):
+    results = tmp_path / "results"
+    r = run_cli("run", str(tiny(tmp_path)), "--results", str(results), env={"BYOL_RUNNER_FAIL_KIND": "supervised"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    att = attempts(results)
+    sup = [a for a in att if a[1] == "supervised"]
+    assert len(sup) == 4 and all(a[2] == "failed" and "injected failure" in a[3] for a in sup)  # 2 tasks x (1 + 1 retry)
+    assert all(a[2] == "done" for a in att if a[1] != "supervised")
+    st = json.loads(run_cli("status", "--results", str(results), "--json").stdout)
+    failed = [t for t in st["tasks"] if t["status"] == "failed"]
+    assert len(failed) == 2 and all("injected failure" in t["error"] for t in failed)
+    table = (results / "tiny" / "results.md").read_text()
+    assert "—" in table  # Model 2 missing, marked, not a crash
+    # a plain rerun leaves them failed; --retry-failed runs them again (now without the fault)
+    assert run_cli("run", str(tiny(tmp_path)), "--results", str(results)).returncode == 1
+    fixed = run_cli("run", str(tiny(tmp_path)), "--results", str(results), "--retry-failed")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "—" not in (results / "tiny" / "results.md").read_text()
+
+
+def _start_runner(manifest: Path, results: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(manifest), "--results", str(results)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(results: Path, timeout: float = 120) -> Path:
+    """The checkpoint of the pretrain task, once it has one (it is still training then)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for ckpt in results.glob("tasks/*/checkpoint.pt"):
+            spec = json.loads((ckpt.parent / "task.json").read_text())
+            if spec["kind"] == "pretrain" and not (ckpt.parent / "metrics.json").exists():
+                return ckpt
+        time.sleep(0.1)
+    pytest.fail("no checkpoint appeared")
+
+
+def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tmp_path):
+    manifest = tiny(tmp_path, pre_epochs=12)
+    reference = tmp_path / "reference"
+    assert run_cli("run", str(manifest), "--results", str(reference)).returncode == 0
+
+    results = tmp_path / "results"
+    proc = _start_runner(manifest, results)
+    ckpt = _wait_for_checkpoint(results)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted = ckpt.parent.name
+    assert not (ckpt.parent / "metrics.json").exists()
+    # the worker noticed its runner died and stopped (no orphan trains on)
+    deadline = time.time() + 30
+    while time.time() < deadline and "stopped by SIGTERM" not in (ckpt.parent / "events.jsonl").read_text():
+        time.sleep(0.2)
+    assert "stopped by SIGTERM" in (ckpt.parent / "events.jsonl").read_text()
+
+    r = run_cli("run", str(manifest), "--results", str(results))
+    assert r.returncode == 0, r.stderr
+    events = (results / "tasks" / interrupted / "events.jsonl").read_text()
+    assert "resumed from checkpoint at step" in events
+    with sqlite3.connect(results / "runner.db") as db:
+        statuses = [s for (s,) in db.execute("SELECT status FROM attempts WHERE task_id=? ORDER BY id", (interrupted,))]
+    assert statuses == ["interrupted", "done"]
+    ref = json.loads((reference / "tiny" / "results.json").read_text())
+    got = json.loads((results / "tiny" / "results.json").read_text())
+    assert sorted(p.name for p in (reference / "tasks").iterdir()) == sorted(p.name for p in (results / "tasks").iterdir())
+    for a, b in zip(ref["arms"], got["arms"]):
+        assert (a["dataset"], a["labels"], a["method"]) == (b["dataset"], b["labels"], b["method"])
+        assert b["accuracy"]["mean"] == pytest.approx(a["accuracy"]["mean"], abs=0.1)
+
+
+def test_ctrl_c_stops_workers_marks_them_interrupted_and_exits_130(tmp_path):
+    results = tmp_path / "results"
+    proc = _start_runner(tiny(tmp_path, pre_epochs=40), results)
+    _wait_for_checkpoint(results)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err
+    with sqlite3.connect(results / "runner.db") as db:
+        rows = db.execute("SELECT status, error FROM attempts WHERE status != 'done'").fetchall()
+        run = db.execute("SELECT status, exit_code FROM runs").fetchone()
+    assert rows and all(s == "interrupted" for s, _ in rows)
+    assert run == ("interrupted", 130)
+    assert not any(p.poll() is None for p in [proc])
+
+
+def test_a_second_runner_on_the_same_results_is_refused(tmp_path):
+    results = tmp_path / "results"
+    manifest = tiny(tmp_path, pre_epochs=40)
+    first = _start_runner(manifest, results)
+    try:
+        _wait_for_checkpoint(results)
+        second = run_cli("run", str(manifest), "--results", str(results))
+        assert second.returncode == 2
+        assert f"another byol-runner (pid {first.pid}) is running" in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+
+
+RUN_BROKEN = [
+    ("name: t\ndatasets:\n  s: {source: synthetic}\nmethods: []\n", r"methods: List should have at least 1 item"),
+    ("name: t\ndatasets:\n  s: {source: synthetic}\nmethods: [byol]\n", r"methods\.0: Input should be 'byol-finetune'"),
+    ("name: t\ndatasets:\n  s: {source: synthetic}\nmethods: [supervised, supervised]\n", r"a method is listed twice"),
+    ("name: t\ndatasets:\n  s: {source: synthetic}\npretrain: {epochs: -1}\n", r"pretrain\.epochs: Input should be greater than or equal to 1"),
+    ("name: t\ndatasets:\n  s: {source: synthetic}\nfinetune: {lr: fast}\n", r"finetune\.lr: Input should be a valid number"),
+    ("name: t\ndatasets:\n  s: {source: synthetic}\nexecutor: {kind: slurm}\n", r"executor\.kind: Input should be 'local'"),
+    ("name: t\ndatasets:\n  s: {source: synthetic}\nmodel: {arch: vgg16}\n", r"model\.arch: Input should be"),
+    ("name: t\ndatasets:\n  s: {source: synthetic}\nlabels: {fractions: [0]}\n", r"labels\.fractions\.0: Input should be greater than 0"),
+    ("name: t\ndatasets:\n  s: {source: synthetic}\nrun: {devise: cpu}\n", r"run\.devise: unknown key \(did you mean 'device'\?\)"),
+    ("name: t\ndatasets:\n  s: {source: synthetic, per_class: 4}\nlabels: {per_class: [3]}\n", r"datasets\.s: label budget 3/class asks 3 examples"),
+]
+
+
+@pytest.mark.parametrize("text,expected", RUN_BROKEN, ids=[f"case{i}" for i in range(len(RUN_BROKEN))])
+def test_run_refuses_a_broken_manifest_with_exit_2_and_one_line(tmp_path, text, expected):
+    import re
+
+    p = tmp_path / "m.yaml"
+    p.write_text(text)
+    r = run_cli("run", str(p), "--results", str(tmp_path / "r"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines)
+    assert re.search(expected, r.stderr), r.stderr
+    assert not (tmp_path / "r" / "runner.db").exists()  # nothing ran
+
+
+def test_status_and_report_without_runs_say_so(tmp_path):
+    for cmd in (("status",), ("report",)):
+        r = run_cli(*cmd, "--results", str(tmp_path))
+        assert r.returncode == 2 and "no runs in" in r.stderr
+
+
+def test_demo_manifest_is_the_readme_main_job(tmp_path):
+    r = run_cli("run", "experiments/demo.yaml", "--results", str(tmp_path / "results"), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| synthetic (10% labels) |" in r.stdout and "| synthetic (100% labels) |" in r.stdout
