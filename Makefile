@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/byol-runner data audit experiments/demo.yaml
+	$(BIN)/byol-runner run experiments/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.atomic import atomic_write_text
 from runner.data.cache import Progress, no_progress
 from runner.data.dataset import PreparedDataset, prepare
 from runner.data.sources import RootedSource
@@ -147,9 +148,7 @@ def write_task_files(plan: Plan, results: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
         path = d / "task.json"
         if not is_done(results, t.id):
-            tmp = d / f".task.json.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(t.spec, indent=1))
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(t.spec, indent=1), fsync=False)
 
 
 def is_done(results: Path, tid: str) -> bool:

@@ -16,6 +16,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from runner.atomic import atomic_write_text
 from runner.store import Store, TaskRow
 
 MODEL1 = ("byol-finetune", "byol-linear")  # the first present is Model 1
@@ -136,9 +137,7 @@ def write(results: Path, report: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.md", to_markdown(report)), ("results.csv", to_csv(report)),
                        ("results.json", json.dumps(report, indent=1))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        atomic_write_text(out / name, text)
     return out
 
 

@@ -191,7 +191,7 @@ def _die_with_parent() -> None:
 
 
 def main(task_json: str, results: str | None = None, data_root: str | None = None) -> int:
-    from runner.ml.checkpoint import atomic_write_json
+    from runner.atomic import atomic_write_json
 
     path = Path(task_json).resolve()
     task_dir = path.parent

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runner.atomic import atomic_write_text
 from runner.data.arrays import SYNTHETIC_VERSION, load_npz_images, synthetic_images
 from runner.data.decode import DECODE_VERSION, Decoded, ImageSettings, decode_array, decode_file
 from runner.data.sources import DatasetBase, Item, NpzSource, RootedSource, SyntheticSource, expand_path
@@ -111,15 +112,8 @@ class FileHashes:
                 fresh[key] = stamp + [sha]
             out.append(sha)
         if self.memo_path is not None and (changed or len(fresh) != len(memo)):
-            _atomic_write(self.memo_path, json.dumps(fresh))
+            atomic_write_text(self.memo_path, json.dumps(fresh), fsync=False)
         return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _file_sha(path: Path) -> str:
@@ -252,7 +246,7 @@ def _write_entry(
     (tmp / drop).unlink()
     (tmp / keep).rename(tmp / "images.npy")
     index = {"version": DECODE_VERSION, "channels": channels, "size": size, "fit": s.fit, "items": records}
-    (tmp / "index.json").write_text(json.dumps(index))
+    (tmp / "index.json").write_text(json.dumps(index))  # inside the temporary entry, renamed below
     try:
         tmp.rename(entry)
     except OSError:  # another process finished the same entry first: theirs is as good as ours

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runner.errors import DataError
@@ -295,7 +294,9 @@ def _scan_imagefolder(spec: ImageFolderSource) -> list[Item]:
     return items
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _read_csv(path: Path):  # noqa: ANN202 - a pandas DataFrame; pandas loads only for csv sources
+    import pandas as pd
+
     if not path.is_file():
         raise DataError(f"label file not found: {path}")
     try:

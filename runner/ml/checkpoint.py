@@ -6,7 +6,6 @@ tensors, numbers, strings, lists and dicts go in: nothing is unpickled from disk
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def safe_load(path: str | Path, device: str | torch.device = "cpu") -> Any:
     return torch.load(path, map_location=device, weights_only=True)
-
-
-def atomic_write_json(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state(device_gen: torch.Generator) -> dict:
