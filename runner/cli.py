@@ -51,13 +51,14 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from runner.commands import run_manifest
+    from runner.commands import execute_plan, load_plan
     from runner.console import RunDisplay, progress_reporter
     from runner.report import to_markdown
 
     with progress_reporter("data") as progress:
-        outcome, rep = run_manifest(args.manifest, args.results, args.executor, args.max_parallel, args.retry_failed,
-                                    progress, display_factory=RunDisplay)
+        manifest, results, plan = load_plan(args.manifest, args.results, progress)
+    outcome, rep = execute_plan(args.manifest, manifest, results, plan, args.executor, args.max_parallel, args.retry_failed,
+                                display_factory=RunDisplay)
     print()
     print(to_markdown(rep))
     counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items()))

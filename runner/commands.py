@@ -25,13 +25,18 @@ def run_manifest(manifest_path: str | Path, results_cli: str | None = None, exec
                  max_parallel: int | None = None, retry_failed: bool = False, progress: Progress = no_progress,
                  display_factory=None):  # noqa: ANN001
     """Plan, schedule and run a manifest; write its results tables. Returns (outcome, report)."""
+    manifest, results, plan = load_plan(manifest_path, results_cli, progress)
+    return execute_plan(manifest_path, manifest, results, plan, executor, max_parallel, retry_failed, display_factory)
+
+
+def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, plan: Plan, executor: str | None = None,
+                 max_parallel: int | None = None, retry_failed: bool = False, display_factory=None):  # noqa: ANN001
     from runner import report as R
     from runner.executors import make_executor
     from runner.executors.base import make_slots
     from runner.scheduler import Scheduler
     from runner.store import Store
 
-    manifest, results, plan = load_plan(manifest_path, results_cli, progress)
     kind = executor or manifest.executor.kind
     try:
         slots = make_slots(manifest.executor.gpus, max_parallel or manifest.executor.max_parallel)

@@ -162,7 +162,8 @@ class RunDisplay:
                       f"{i['img_per_s']:.0f}" if i and i["img_per_s"] else "",
                       f"{_time.time() - r.handle.started:.0f}s")
         done = sum(1 for s in sched.status.values() if s == "done")
-        return Group(f"[bold]{sched.plan.name}[/]: {done}/{self.total} tasks done ({self._counts(sched)})", t)
+        head = f"[bold]{sched.plan.name}[/]: {done}/{self.total} tasks done ({self._counts(sched)})"
+        return Group(head, t) if sched.running else head
 
 
 def print_plan(view: dict) -> None:

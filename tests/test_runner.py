@@ -66,8 +66,11 @@ def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tmp_path
     data = json.loads((results / "tiny" / "results.json").read_text())
     assert {a["method"] for a in data["arms"]} == {"byol-finetune", "byol-linear", "supervised", "random-linear"}
 
-    again = run_cli("run", str(manifest), "--results", str(results))
-    assert again.returncode == 0 and "0 workers started" in again.stdout
+    # the headless path never imports textual (the TUI's toolkit)
+    code = ("import sys; from runner.cli import main; rc = main(['run', sys.argv[1], '--results', sys.argv[2]]); "
+            "assert 'textual' not in sys.modules, 'run imported textual'; sys.exit(rc)")
+    again = subprocess.run([sys.executable, "-c", code, str(manifest), str(results)], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0 and "0 workers started" in again.stdout, again.stderr
     assert len(attempts(results)) == n_attempts
     assert (results / "tiny" / "results.md").read_text() == table
 
