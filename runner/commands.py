@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from runner.data.cache import Progress, no_progress
@@ -88,37 +87,17 @@ def plan_view(manifest_path: str | Path, results_cli: str | None = None, progres
 
 
 def status(results_cli: str | None, run_name: str | None = None) -> dict:
-    from runner.store import Store
+    from runner.executors.base import pid_alive
+    from runner.store import open_latest_run
 
-    results = results_dir(results_cli)
-    db = results / "runner.db"
-    if not db.is_file():
-        raise UserError(f"no runs in {results} (no runner.db): run a manifest first")
-    store = Store(db, readonly=True)
-    try:
-        run = store.latest_run(run_name)
-        if run is None:
-            raise UserError(f"no run named {run_name!r} in {results}" if run_name else f"no runs in {results}")
+    with open_latest_run(results_dir(results_cli), run_name) as (store, run):
         tasks = store.run_tasks(run["id"])
-        alive = run["status"] == "running" and _pid_alive(run["pid"])
-        return {
-            "run": {"id": run["id"], "name": run["name"], "status": run["status"] if alive or run["status"] != "running" else "stopped",
-                    "started": run["started"], "ended": run["ended"], "pid": run["pid"], "executor": run["executor"]},
-            "tasks": [{"id": t.id, "kind": t.kind, "dataset": t.dataset, "method": t.method, "seed": t.seed, "budget": t.budget,
-                       "status": t.status, "epoch": t.epoch, "step": t.step, "loss": t.loss, "img_per_s": t.img_per_s,
-                       "attempts": t.attempts, "error": t.error} for t in tasks],
-        }
-    finally:
-        store.close()
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # a run marked running whose runner is gone was killed: say so
+    state = "stopped" if run["status"] == "running" and not pid_alive(run["pid"]) else run["status"]
+    return {
+        "run": {"id": run["id"], "name": run["name"], "status": state, "started": run["started"], "ended": run["ended"],
+                "pid": run["pid"], "executor": run["executor"]},
+        "tasks": [{"id": t.id, "kind": t.kind, "dataset": t.dataset, "method": t.method, "seed": t.seed, "budget": t.budget,
+                   "status": t.status, "epoch": t.epoch, "step": t.step, "loss": t.loss, "img_per_s": t.img_per_s,
+                   "attempts": t.attempts, "error": t.error} for t in tasks],
+    }

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from runner.atomic import atomic_write_text
-from runner.store import Store, TaskRow
+from runner.store import TaskRow, open_latest_run
 
 MODEL1 = ("byol-finetune", "byol-linear")  # the first present is Model 1
 MODEL2 = ("supervised", "supervised-imagenet")
@@ -143,23 +143,9 @@ def write(results: Path, report: dict) -> Path:
 
 def report_for(results: Path, run_name: str | None = None) -> dict:
     """The report of the latest run (of that name), read from runner.db and the task folders."""
-    db = results / "runner.db"
-    if not db.is_file():
-        from runner.errors import UserError
-
-        raise UserError(f"no runs in {results} (no runner.db): run a manifest first")
-    store = Store(db, readonly=True)
-    try:
-        run = store.latest_run(run_name)
-        if run is None:
-            from runner.errors import UserError
-
-            raise UserError(f"no run named {run_name!r} in {results}" if run_name else f"no runs in {results}")
+    with open_latest_run(results, run_name) as (store, run):
         tasks = store.run_tasks(run["id"])
-        arch = _arch_of(run["manifest"])
-    finally:
-        store.close()
-    return build(results, run["name"], tasks, arch)
+    return build(results, run["name"], tasks, _arch_of(run["manifest"]))
 
 
 def _arch_of(manifest_yaml: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from runner.errors import UserError
 from runner.executors import Executor, Handle, Slot
+from runner.executors.base import pid_alive
 from runner.executors.local import stop_group
 from runner.plan import Plan, PlannedTask, is_done, write_task_files
 from runner.store import Store
@@ -119,8 +120,8 @@ class Scheduler:
         """Attempts a dead runner left marked running: stop any worker still alive, record them."""
         for a in self.store.stale_attempts():
             pid = a["pid"]
-            if pid and _alive(pid) and a["node"] == os.uname().nodename:
-                stop_group(pid, self.grace_s, lambda p=pid: not _alive(p))
+            if pid and pid_alive(pid) and a["node"] == os.uname().nodename:
+                stop_group(pid, self.grace_s, lambda p=pid: not pid_alive(p))
             self.store.end_attempt(a["id"], "interrupted", None, "the runner stopped while this attempt ran")
             self.store.set_status(a["task_id"], "done" if is_done(self.results, a["task_id"]) else "interrupted")
         self.store.commit()
@@ -266,16 +267,6 @@ class Scheduler:
     def _show(self, changed: bool) -> None:
         if self.display is not None:
             self.display(self, changed)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _sigterm_to_interrupt(signum, frame):  # noqa: ANN001

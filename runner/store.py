@@ -12,8 +12,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from runner.errors import UserError
 
 MIGRATIONS = [
     """
@@ -181,3 +185,19 @@ class Store:
     def points(self, task_id: str, kind: str | None = None) -> list[sqlite3.Row]:
         q = "SELECT * FROM metric_points WHERE task_id=?" + (" AND kind=?" if kind else "") + " ORDER BY ts"
         return self.db.execute(q, (task_id, kind) if kind else (task_id,)).fetchall()
+
+
+@contextmanager
+def open_latest_run(results: Path, run_name: str | None = None) -> Iterator[tuple[Store, sqlite3.Row]]:
+    """The store (read-only) and the latest run (of that name) of a results dir, or a UserError."""
+    db = Path(results) / "runner.db"
+    if not db.is_file():
+        raise UserError(f"no runs in {results} (no runner.db): run a manifest first")
+    store = Store(db, readonly=True)
+    try:
+        run = store.latest_run(run_name)
+        if run is None:
+            raise UserError(f"no run named {run_name!r} in {results}" if run_name else f"no runs in {results}")
+        yield store, run
+    finally:
+        store.close()

@@ -77,3 +77,15 @@ def make_slots(gpus: str | int | list[int], max_parallel: int | None) -> list[Sl
         slots = [Slot(f"gpu{g}", g) for g in chosen]
         return slots[:max_parallel] if max_parallel else slots
     return [Slot(f"cpu{i}") for i in range(max_parallel or 1)]
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -116,6 +116,20 @@ class Progress:
         self.last_t, self.last_step = now, step
 
 
+def resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dev_gen: torch.Generator, ctx: Context,
+           steps_per_epoch: int, total: int) -> dict | None:
+    """Load a task's checkpoint into the model, optimizer and augmentation generator, if there is one."""
+    if not path.is_file():
+        return None
+    state = safe_load(path, ctx.device)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"], dev_gen)
+    step = int(state["step"])
+    ctx.emit("log", epoch=step // steps_per_epoch, step=step, message=f"resumed from checkpoint at step {step} of {total}")
+    return state
+
+
 # ---- BYOL pretraining ------------------------------------------------------------------------
 
 
@@ -135,14 +149,8 @@ def pretrain_byol(pixels: np.ndarray, spec: PretrainSpec, arch: str, size: int, 
     stream = IndexStream(n, bs, ctx.seed, ctx.device)
     dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed)
     ckpt_path = ctx.task_dir / "checkpoint.pt"
-    step = 0
-    if ckpt_path.is_file():
-        state = safe_load(ckpt_path, ctx.device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], dev_gen)
-        step = int(state["step"])
-        ctx.emit("log", epoch=step // steps_per_epoch, step=step, message=f"resumed from checkpoint at step {step} of {total}")
+    state = resume(ckpt_path, model, opt, dev_gen, ctx, steps_per_epoch, total)
+    step = int(state["step"]) if state else 0
     forward = ctx.maybe_compile(model)
     ctx.emit("log", epoch=step // steps_per_epoch, step=step, message=f"BYOL {arch} on {n} images, batch {bs}, {total} steps, lr {peak_lr:g}")
     progress = Progress(ctx, bs)
@@ -273,14 +281,10 @@ def train_classifier(
         return ce_from_probs(probs, val_labels), float((probs.argmax(1) == val_labels).float().mean())
 
     ckpt_path = ctx.task_dir / "checkpoint.pt"
-    start = 0
-    if ckpt_path.is_file():
-        state = safe_load(ckpt_path, ctx.device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], dev_gen)
-        best, start = state["best"], int(state["step"])
-        ctx.emit("log", epoch=start // steps_per_epoch, step=start, message=f"resumed from checkpoint at step {start} of {total}")
+    state = resume(ckpt_path, model, opt, dev_gen, ctx, steps_per_epoch, total)
+    start = int(state["step"]) if state else 0
+    if state:
+        best = state["best"]
     else:
         val_loss, val_acc = validate()
         ctx.emit("metric", epoch=0, step=0, val_loss=val_loss, val_acc=val_acc)

@@ -1,0 +1,60 @@
+"""The store's schema and concurrency, and how slots follow the visible GPUs."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from runner.executors.base import make_slots, visible_gpus
+from runner.plan import PlannedTask
+from runner.store import SCHEMA_VERSION, Store
+
+
+def test_store_is_wal_versioned_and_readers_do_not_block_the_writer(tmp_path):
+    w = Store(tmp_path / "runner.db")
+    assert w.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert w.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    run = w.begin_run("r", "name: r\n", "m.yaml", 1, "local")
+    t = PlannedTask("abc", "supervised", "d", "supervised", 0, "10%", [], {})
+    w.add_tasks(run, [t], set())
+    reader = Store(tmp_path / "runner.db", readonly=True)
+    reader.db.execute("BEGIN")
+    assert reader.run_tasks(run)[0].status == "pending"  # a read transaction stays open ...
+    a = w.start_attempt("abc", run, 1, "local", "cpu0", 123, "host")  # ... and the writer still commits
+    w.add_points("abc", a, [{"kind": "progress", "ts": 1.0, "epoch": 0, "step": 5, "loss": 0.5, "img_per_s": 10.0}])
+    w.commit()
+    assert reader.run_tasks(run)[0].status == "pending"  # the reader's snapshot
+    reader.db.execute("COMMIT")
+    row = reader.run_tasks(run)[0]
+    assert (row.status, row.step, row.loss, row.attempts) == ("running", 5, 0.5, 1)
+    assert len(reader.points("abc")) == 1
+    with pytest.raises(sqlite3.OperationalError):
+        reader.db.execute("DELETE FROM tasks")  # read-only
+    # reopening migrates nothing and keeps the data
+    w.close()
+    again = Store(tmp_path / "runner.db")
+    assert again.latest_run()["name"] == "r"
+
+
+def test_a_database_from_a_newer_byol_runner_is_refused(tmp_path):
+    db = sqlite3.connect(tmp_path / "runner.db")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer than this byol-runner"):
+        Store(tmp_path / "runner.db")
+
+
+def test_slots_follow_the_visible_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert visible_gpus() == [0, 1, 2]
+    assert [s.name for s in make_slots("auto", None)] == ["gpu0", "gpu1", "gpu2"]
+    assert [s.gpu for s in make_slots(2, None)] == [0, 1]
+    assert [s.gpu for s in make_slots([2], None)] == [2]
+    with pytest.raises(ValueError, match="GPU 5 is not visible"):
+        make_slots([5], None)
+    with pytest.raises(ValueError, match="4 asked, 3 visible"):
+        make_slots(4, None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert [s.name for s in make_slots("auto", 3)] == ["cpu0", "cpu1", "cpu2"]
+    assert [s.name for s in make_slots("auto", None)] == ["cpu0"]
