@@ -100,14 +100,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     from runner.commands import results_dir
 
     results = results_dir(args.results)
-    rep = R.report_for(results, args.run)
+    rep = R.report_for(results, args.run, bootstrap=args.bootstrap)
     out = R.write(results, rep)
-    if args.format == "json" or args.json:
+    if args.readme:
+        changed = R.rewrite_readme(Path(args.readme), rep, results)
+        print(f"{args.readme}: results section {'rewritten' if changed else 'already up to date'}", file=sys.stderr)
+    if args.format == "html":
+        print(out / "results.html")
+    elif args.format == "json" or args.json:
         print(json.dumps(rep, indent=2))
     elif args.format == "csv":
         print(R.to_csv(rep), end="")
     else:
-        print(R.to_markdown(rep), end="")
+        print(R.to_markdown(rep) + "\n" + R.extended_markdown(rep), end="")
         print(f"\n(written to {out}/results.md, .csv, .json)", file=sys.stderr)
     return 0
 
@@ -159,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="the results table of a run, rebuilt from what is on disk")
     rp.add_argument("--results", help=f"results dir (default: {DEFAULT_RESULTS}/)")
     rp.add_argument("--run", help="a run name (default: the latest run)")
-    rp.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    rp.add_argument("--format", choices=("md", "csv", "json", "html"), default="md",
+                    help="what to print; all four files are written under results/<run>/ (html: prints its path)")
+    rp.add_argument("--readme", help="rewrite the results section of this README, between its marker comments")
+    rp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals")
     rp.add_argument("--json", action="store_true", help="same as --format json")
     rp.set_defaults(func=cmd_report)
 

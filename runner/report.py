@@ -12,10 +12,14 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
+from runner import stats
 from runner.atomic import atomic_write_text
 from runner.store import TaskRow, open_latest_run
 
@@ -61,23 +65,32 @@ def _fmt(s: dict) -> str:
 
 
 def collect(results: Path, tasks: list[TaskRow]) -> dict:
-    """Per (dataset, budget, method): the test metrics of each seed's task."""
+    """Per (dataset, budget, method): the test metrics of each seed's task, and its predictions."""
     cells: dict = defaultdict(lambda: defaultdict(list))
     planned: dict = defaultdict(int)
+    preds: dict = defaultdict(list)
     for t in tasks:
         if t.kind in ("pretrain", "noop") or t.budget is None:
             continue
         planned[(t.dataset, t.budget, t.method)] += 1
         m = _load_metrics(results, t.id)
         if m and "test" in m:
+            if "predictions" in m:
+                preds[(t.dataset, t.budget, t.method)].append(
+                    {"seed": t.seed, "task": t.id, "probs": m["predictions"]["test_probs"], "labels": m["predictions"]["test_labels"],
+                     "positive": m.get("positive"), "class_names": m.get("class_names"),
+                     "confusion": m["test"]["confusion_matrix"]})
             cells[(t.dataset, t.budget, t.method)]["accuracy"].append(m["test"]["accuracy"])
             cells[(t.dataset, t.budget, t.method)]["loss"].append(m["test"]["loss"])
             cells[(t.dataset, t.budget, t.method)]["auroc"].append(m["test"].get("auroc"))
             cells[(t.dataset, t.budget, t.method)]["balanced_accuracy"].append(m["test"].get("balanced_accuracy"))
-    return {"cells": cells, "planned": planned}
+    return {"cells": cells, "planned": planned, "preds": preds}
 
 
-def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNet50") -> dict:
+def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNet50", figures: bool = True,
+          bootstrap: int = 1000) -> dict:
+    """The report of a run's tasks: the README table, every arm with bootstrap intervals, the paired
+    Model 1 − Model 2 differences, and (figures=True) the figures under results/<run>/figures/."""
     data = collect(results, tasks)
     cells, planned = data["cells"], data["planned"]
     methods = {m for (_, _, m) in planned}
@@ -99,7 +112,11 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
         "model2": ARM_NAMES[m2].format(arch=arch) if m2 else None,
     }
     done = sum(1 for t in tasks if t.status == "done")
-    return {"run": run_name, "legend": legend, "rows": rows, "arms": arms, "tasks_done": done, "tasks": len(tasks)}
+    report = {"run": run_name, "legend": legend, "rows": rows, "arms": arms, "tasks_done": done, "tasks": len(tasks),
+              "model1_method": m1, "model2_method": m2}
+    add_uncertainty(report, data["preds"], m1, m2, bootstrap)
+    report["figures"] = make_figures(results, report, tasks, data["preds"]) if figures else []
+    return report
 
 
 def to_markdown(report: dict) -> str:
@@ -135,17 +152,17 @@ def to_csv(report: dict) -> str:
 def write(results: Path, report: dict) -> Path:
     out = results / report["run"]
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.md", to_markdown(report)), ("results.csv", to_csv(report)),
-                       ("results.json", json.dumps(report, indent=1))):
+    for name, text in (("results.md", to_markdown(report) + "\n" + extended_markdown(report)), ("results.csv", to_csv(report)),
+                       ("results.json", json.dumps(report, indent=1)), ("results.html", to_html(report, results))):
         atomic_write_text(out / name, text)
     return out
 
 
-def report_for(results: Path, run_name: str | None = None) -> dict:
+def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000) -> dict:
     """The report of the latest run (of that name), read from runner.db and the task folders."""
     with open_latest_run(results, run_name) as (store, run):
         tasks = store.run_tasks(run["id"])
-    return build(results, run["name"], tasks, _arch_of(run["manifest"]))
+    return build(results, run["name"], tasks, _arch_of(run["manifest"]), bootstrap=bootstrap)
 
 
 def _arch_of(manifest_yaml: str) -> str:
@@ -156,3 +173,158 @@ def _arch_of(manifest_yaml: str) -> str:
     except (yaml.YAMLError, AttributeError):
         arch = "resnet50"
     return {"resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResNet50", "resnet101": "ResNet101"}.get(arch, arch)
+
+
+# ---- uncertainty, figures, README, HTML ------------------------------------------------------
+
+
+def _pairs(entries: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.asarray(e["probs"]), np.asarray(e["labels"])) for e in sorted(entries, key=lambda e: e["seed"])]
+
+
+def add_uncertainty(report: dict, preds: dict, m1: str | None, m2: str | None, b: int) -> None:
+    """Every arm's pooled metrics with bootstrap 95% intervals over test images (all seeds pooled),
+    and Model 1 − Model 2 on the same images (paired bootstrap, seeds both models have)."""
+    report["extended"], report["differences"] = [], []
+    for (ds, budget, method), entries in sorted(preds.items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2])):
+        res = stats.bootstrap_metrics(_pairs(entries), entries[0]["positive"], b=b)
+        report["extended"].append({"dataset": ds, "labels": budget, "method": method, "seeds": len(entries), **res})
+    if not (m1 and m2):
+        return
+    for ds, budget in sorted({(d, b_) for (d, b_, _) in preds}, key=lambda k: (k[0], _budget_order(k[1]))):
+        a, c = preds.get((ds, budget, m1), []), preds.get((ds, budget, m2), [])
+        seeds = sorted({e["seed"] for e in a} & {e["seed"] for e in c})
+        if not seeds:
+            continue
+        pick = lambda es: [e for e in es if e["seed"] in seeds]  # noqa: E731
+        diff = stats.paired_difference(_pairs(pick(a)), _pairs(pick(c)), a[0]["positive"], b=b)
+        report["differences"].append({"dataset": ds, "labels": budget, "seeds": len(seeds), **diff})
+
+
+def _events(results: Path, tid: str) -> list[dict]:
+    try:
+        lines = (results / "tasks" / tid / "events.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict) -> list[str]:
+    from runner import figures as F
+
+    out = results / report["run"] / "figures"
+    paths: list[Path] = []
+    datasets = sorted({t.dataset for t in tasks})
+    for ds in datasets:
+        curves = {t.seed: [(e["epoch"], e["loss"]) for e in _events(results, t.id) if e.get("kind") == "metric" and "loss" in e]
+                  for t in tasks if t.dataset == ds and t.kind == "pretrain"}
+        if any(curves.values()):
+            paths.append(F.pretrain_loss(out, ds, curves))
+        budgets = sorted({t.budget for t in tasks if t.dataset == ds and t.budget}, key=_budget_order)
+        for budget in budgets:
+            mats, names = {}, None
+            for (d, b_, method), entries in sorted(preds.items()):
+                if d == ds and b_ == budget:
+                    mats[method] = np.sum([np.asarray(e["confusion"]) for e in entries], axis=0)
+                    names = entries[0]["class_names"]
+            if mats:
+                paths.append(F.confusion(out, ds, budget, mats, names))
+            ft = defaultdict(dict)
+            for t in tasks:
+                if t.dataset == ds and t.budget == budget and t.kind in ("finetune", "supervised", "supervised-imagenet"):
+                    pts = [(e["step"], e.get("loss"), e.get("val_loss")) for e in _events(results, t.id) if e.get("kind") == "metric"]
+                    if pts:
+                        ft[t.method][t.seed] = pts
+            if ft:
+                paths.append(F.finetune_loss(out, ds, budget, ft))
+        series = defaultdict(dict)
+        for e in report["extended"]:
+            if e["dataset"] == ds:
+                series[e["method"]][e["labels"]] = e
+        if series:
+            paths.append(F.label_efficiency(out, ds, budgets, dict(sorted(series.items()))))
+    return [str(p.relative_to(results / report["run"])) for p in paths]
+
+
+def _ci(r: dict | None, digits: int = 3) -> str:
+    if not r or r["value"] is None:
+        return "—"
+    text = f"{r['value']:.{digits}f}"
+    return text + (f" [{r['ci'][0]:.{digits}f}, {r['ci'][1]:.{digits}f}]" if r["ci"] else "")
+
+
+def extended_markdown(report: dict) -> str:
+    if not report.get("extended"):
+        return ""
+    lines = ["| Dataset | Labels | Method | Seeds | Accuracy | AUROC | Balanced accuracy | Sensitivity | Specificity | Loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in report["extended"]:
+        lines.append(f"| {e['dataset']} | {e['labels']} | {e['method']} | {e['seeds']} | " + " | ".join(
+            _ci(e.get(m)) for m in ("accuracy", "auroc", "balanced_accuracy", "sensitivity", "specificity", "loss")) + " |")
+    text = "\n".join(lines) + "\n\nPooled over seeds; [95% bootstrap interval over test images].\n"
+    if report.get("differences"):
+        d_lines = [f"\n| Dataset | Labels | Seeds | Δ accuracy | Δ AUROC | Δ balanced accuracy | Δ loss |", "|---|---|---|---|---|---|---|"]
+        for d in report["differences"]:
+            d_lines.append(f"| {d['dataset']} | {d['labels']} | {d['seeds']} | " + " | ".join(
+                _ci(d.get(m)) for m in ("accuracy", "auroc", "balanced_accuracy", "loss")) + " |")
+        text += "\n".join(d_lines) + (f"\n\nΔ = Model 1 ({report['model1_method']}) − Model 2 ({report['model2_method']}), "
+                                       "paired bootstrap on the same test images; an interval that excludes 0 is a difference.\n")
+    return text
+
+
+MARK_START = "<!-- byol-runner results start -->"
+MARK_END = "<!-- byol-runner results end -->"
+
+
+def rewrite_readme(readme: Path, report: dict, results: Path) -> bool:
+    """Replace what stands between the two marker lines of a README with the report; nothing else
+    changes. Returns whether the file changed."""
+    from runner.errors import UserError
+
+    text = readme.read_text()
+    if text.count(MARK_START) != 1 or text.count(MARK_END) != 1 or text.index(MARK_START) > text.index(MARK_END):
+        raise UserError(f"{readme}: needs exactly one pair of marker lines, {MARK_START} then {MARK_END}, where the results go")
+    run_dir = os.path.relpath(results / report["run"], readme.parent)
+    figs = "".join(f"- [{Path(f).stem}]({run_dir}/{f})\n" for f in report.get("figures", []))
+    body = to_markdown(report) + "\n" + extended_markdown(report) + ("\nFigures:\n\n" + figs if figs else "")
+    head, rest = text.split(MARK_START, 1)
+    _, tail = rest.split(MARK_END, 1)
+    new = f"{head}{MARK_START}\n{body}{MARK_END}{tail}"
+    if new != text:
+        atomic_write_text(readme, new)
+    return new != text
+
+
+def to_html(report: dict, results: Path) -> str:
+    import base64
+    import html
+
+    def table(md: str) -> str:
+        rows = [r for r in md.splitlines() if r.startswith("|") and not r.startswith("|---")]
+        if not rows:
+            return ""
+        cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
+        head = "".join(f"<th>{c}</th>" for c in cells[0])
+        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:])
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    imgs = []
+    for f in report.get("figures", []):
+        data = base64.b64encode((results / report["run"] / f).read_bytes()).decode()
+        imgs.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(f)}"><figcaption>{html.escape(f)}</figcaption></figure>')
+    notes = [html.escape(line) for line in to_markdown(report).splitlines() if line and not line.startswith("|")]
+    ext = extended_markdown(report)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>byol-runner: " + html.escape(report["run"]) + "</title>"
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}img{max-width:100%}</style></head><body>"
+        f"<h1>{html.escape(report['run'])}</h1>{table(to_markdown(report))}" + "".join(f"<p>{n}</p>" for n in notes)
+        + "<h2>Every arm, with intervals</h2>" + "".join(table(part) for part in ext.split("\n\n") if part.strip().startswith("|"))
+        + "<h2>Figures</h2>" + "".join(imgs) + "</body></html>"
+    )

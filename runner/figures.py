@@ -1,0 +1,111 @@
+"""The report's figures, drawn with matplotlib's headless backend into results/<run>/figures/.
+
+- confusion_<dataset>_<labels>.png: one panel per method, counts summed over seeds;
+- pretrain_loss_<dataset>.png: BYOL loss per epoch, one line per seed;
+- finetune_loss_<dataset>_<labels>.png: train and validation loss of fine-tuning and supervised
+  training per step, one line per seed;
+- label_efficiency_<dataset>.png: accuracy and AUROC against the label budget, every method, with
+  the bootstrap 95% intervals.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLOURS = {"byol-finetune": "#1f77b4", "byol-linear": "#17becf", "supervised": "#d62728",
+           "supervised-imagenet": "#ff7f0e", "random-linear": "#7f7f7f"}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.replace("%", "pct").replace("/", "per")).strip("-")
+
+
+def _save(fig, path: Path) -> Path:  # noqa: ANN001
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion(out: Path, dataset: str, budget: str, mats: dict[str, np.ndarray], class_names: list[str]) -> Path:
+    fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.2), squeeze=False)
+    for ax, (method, m) in zip(axes[0], mats.items()):
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=max(m.max(), 1))
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(int(v)), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
+        ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(method, fontsize=9)
+    fig.suptitle(f"{dataset}, {budget} labels: test confusion (all seeds)", fontsize=10)
+    return _save(fig, out / f"confusion_{slug(dataset)}_{slug(budget)}.png")
+
+
+def pretrain_loss(out: Path, dataset: str, curves: dict[int, list[tuple[int, float]]]) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for seed, pts in sorted(curves.items()):
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"seed {seed}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("BYOL loss (2 − 2 cos, both directions)")
+    ax.set_title(f"{dataset}: BYOL pretraining")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / f"pretrain_loss_{slug(dataset)}.png")
+
+
+def finetune_loss(out: Path, dataset: str, budget: str, curves: dict[str, dict[int, list[tuple]]]) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=False)
+    for method, by_seed in curves.items():
+        for seed, pts in sorted(by_seed.items()):
+            train = [(s, v) for s, v, _ in pts if v is not None]
+            val = [(s, v) for s, _, v in pts if v is not None]
+            label = f"{method} (seed {seed})"
+            if train:
+                axes[0].plot(*zip(*train), color=COLOURS.get(method), alpha=0.8, label=label)
+            if val:
+                axes[1].plot(*zip(*val), color=COLOURS.get(method), alpha=0.8, label=label)
+    for ax, what in zip(axes, ("train loss", "validation loss")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{dataset}, {budget} labels: fine-tuning (Model 1) and supervised training (Model 2)", fontsize=10)
+    return _save(fig, out / f"finetune_loss_{slug(dataset)}_{slug(budget)}.png")
+
+
+def label_efficiency(out: Path, dataset: str, budgets: list[str], series: dict[str, dict[str, dict]]) -> Path:
+    """series[method][budget] = the bootstrap result of that arm (metric -> value, ci)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = np.arange(len(budgets))
+    for k, (method, by_budget) in enumerate(series.items()):
+        for ax, metric in zip(axes, ("accuracy", "auroc")):
+            xs, ys, lo, hi = [], [], [], []
+            for i, b in enumerate(budgets):
+                r = by_budget.get(b, {}).get(metric)
+                if r and r["value"] is not None and np.isfinite(r["value"]):
+                    xs.append(x[i] + (k - len(series) / 2) * 0.04)
+                    ys.append(r["value"])
+                    ci = r["ci"] or (r["value"], r["value"])
+                    lo.append(r["value"] - ci[0])
+                    hi.append(ci[1] - r["value"])
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=COLOURS.get(method), label=method,
+                            linestyle="-" if method in ("byol-finetune", "supervised") else "--")
+    for ax, metric in zip(axes, ("test accuracy", "test AUROC")):
+        ax.set_xticks(x, budgets)
+        ax.set_xlabel("labels")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{dataset}: label efficiency (bootstrap 95% intervals over test images)", fontsize=10)
+    return _save(fig, out / f"label_efficiency_{slug(dataset)}.png")

@@ -1,0 +1,125 @@
+"""Results people can read: tables, bootstrap intervals, figures, the README section, HTML."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runner import report as R
+from runner.stats import bootstrap_metrics, paired_difference
+from tests.conftest import run_cli
+from tests.test_runner import TINY
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished two-seed run of the tiny synthetic matrix."""
+    tmp = tmp_path_factory.mktemp("report")
+    manifest = tmp / "tiny.yaml"
+    manifest.write_text(TINY.format(pre_epochs=3, ft_steps=10).replace("seeds: [0]", "seeds: [0, 1]"))
+    results = tmp / "results"
+    r = run_cli("run", str(manifest), "--results", str(results), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return results
+
+
+def test_hand_made_predictions_give_the_known_metrics_and_intervals():
+    labels = np.array([0] * 50 + [1] * 50)
+    # model A: right on 45 of each class; model B: right on 40 of each class, on a subset of A's
+    a_pred = np.r_[np.zeros(45), np.ones(5), np.ones(45), np.zeros(5)].astype(int)
+    b_pred = np.r_[np.zeros(40), np.ones(10), np.ones(40), np.zeros(10)].astype(int)
+    pa, pb = np.eye(2)[a_pred] * 0.8 + 0.1, np.eye(2)[b_pred] * 0.8 + 0.1
+    ra = bootstrap_metrics([(pa, labels)], positive=1, b=2000)
+    assert ra["accuracy"]["value"] == pytest.approx(0.9)
+    assert ra["sensitivity"]["value"] == pytest.approx(0.9) and ra["specificity"]["value"] == pytest.approx(0.9)
+    assert ra["balanced_accuracy"]["value"] == pytest.approx(0.9)
+    assert ra["auroc"]["value"] == pytest.approx(0.9)  # two score levels: (0.9·0.9 + 0.5·(0.9·0.1 + 0.1·0.9)) = 0.9
+    assert ra["loss"]["value"] == pytest.approx(-(0.9 * np.log(0.9) + 0.1 * np.log(0.1)))
+    lo, hi = ra["accuracy"]["ci"]
+    # binomial standard error of 0.9 on 100 images is 0.03: the interval is about ± 0.06
+    assert lo < 0.9 < hi and 0.04 < 0.9 - lo < 0.08 and 0.03 < hi - 0.9 < 0.08
+    d = paired_difference([(pa, labels)], [(pb, labels)], positive=1, b=2000)
+    assert d["accuracy"]["value"] == pytest.approx(0.1)
+    lo, hi = d["accuracy"]["ci"]
+    # B is wrong on every image A is wrong on, plus 10 more: the paired difference is 10 discordant
+    # images out of 100 and its interval stays above 0, narrower than the unpaired one would be
+    assert 0.0 < lo < 0.1 < hi and hi - lo < 0.13
+    # two seeds pool image by image: the same predictions twice leave the point estimate alone
+    two = bootstrap_metrics([(pa, labels), (pa, labels)], positive=1, b=200)
+    assert two["accuracy"]["value"] == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="test splits differ"):
+        bootstrap_metrics([(pa, labels), (pa[:90], labels[:90])], positive=1, b=10)
+
+
+def test_finished_run_has_every_table_row_and_figure(finished):
+    rep = json.loads((finished / "tiny" / "results.json").read_text())
+    assert [(r["dataset"], r["labels"]) for r in rep["rows"]] == [("syn", "25%"), ("syn", "100%")]
+    for row in rep["rows"]:
+        assert row["model1_accuracy"]["n"] == 2 and row["model1_accuracy"]["std"] is not None
+    assert len(rep["extended"]) == 8 and {e["seeds"] for e in rep["extended"]} == {2}
+    assert len(rep["differences"]) == 2
+    for e in rep["extended"] + rep["differences"]:
+        for m in ("accuracy", "auroc", "balanced_accuracy", "sensitivity", "specificity", "loss"):
+            r = e[m]
+            if r["ci"] is not None and r["value"] is not None:
+                assert r["ci"][0] - 1e-9 <= r["value"] <= r["ci"][1] + 1e-9, (e["method"] if "method" in e else "diff", m, r)
+    figs = rep["figures"]
+    expected = {"pretrain_loss_syn.png", "label_efficiency_syn.png", "confusion_syn_25pct.png", "confusion_syn_100pct.png",
+                "finetune_loss_syn_25pct.png", "finetune_loss_syn_100pct.png"}
+    assert {Path(f).name for f in figs} == expected
+    for f in figs:
+        path = finished / "tiny" / f
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    md = (finished / "tiny" / "results.md").read_text()
+    assert md.count("| syn (") == 2 and "Δ accuracy" in md
+    page = (finished / "tiny" / "results.html").read_text()
+    assert page.count("data:image/png;base64,") == len(figs) and "<table>" in page
+
+
+def test_readme_rewrite_touches_only_the_marked_section_and_is_idempotent(finished, tmp_path):
+    before = "# My study\n\nIntro text.\n\n<!-- byol-runner results start -->\nold table\n<!-- byol-runner results end -->\n\nOutro: keep me.\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(before)
+    r = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    assert r.returncode == 0, r.stderr
+    once = readme.read_text()
+    head, tail = before.split("<!-- byol-runner results start -->")[0], before.split("<!-- byol-runner results end -->")[1]
+    assert once.startswith(head) and once.endswith(tail)
+    assert "old table" not in once and "| Dataset | Model 1 accuracy |" in once
+    links = re.findall(r"\]\(([^)]+\.png)\)", once)
+    assert len(links) == 6 and all((readme.parent / link).is_file() for link in links)
+    r2 = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    assert "already up to date" in r2.stderr and readme.read_text() == once
+    readme.write_text("no markers here\n")
+    r3 = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    assert r3.returncode == 2 and "marker lines" in r3.stderr
+
+
+def test_partial_run_reports_what_is_finished_and_marks_the_rest(finished, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(finished, partial)
+    rep = json.loads((partial / "tiny" / "results.json").read_text())
+    victims = [p for p in (partial / "tasks").glob("*/metrics.json")
+               if json.loads((p.parent / "task.json").read_text())["kind"] == "supervised"
+               and json.loads((p.parent / "task.json").read_text())["seed"] == 1]
+    assert len(victims) == 2
+    for v in victims:
+        v.unlink()
+    r = run_cli("report", "--results", str(partial))
+    assert r.returncode == 0, r.stderr
+    assert "(1/2 seeds)" in r.stdout
+    data = R.report_for(partial, bootstrap=50)
+    sup = [e for e in data["extended"] if e["method"] == "supervised"]
+    assert all(e["seeds"] == 1 for e in sup)
+    assert all(d["seeds"] == 1 for d in data["differences"])  # paired on the seed both models have
+    assert rep["rows"][0]["model2_accuracy"]["n"] == 2
