@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,6 @@ class ImageTable:
     cache_key: str
     from_cache: bool
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def errors(self) -> dict[str, str]:
