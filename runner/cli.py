@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with progress_reporter("data") as progress:
         manifest, results, plan = load_plan(args.manifest, args.results, progress)
     outcome, rep = execute_plan(args.manifest, manifest, results, plan, args.executor, args.max_parallel, args.retry_failed,
-                                display_factory=RunDisplay)
+                                display_factory=RunDisplay, retry_ids=tuple(args.retry or ()))
     print()
     print(to_markdown(rep))
     counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items()))
@@ -117,6 +117,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tui(args: argparse.Namespace) -> int:
+    from runner.commands import results_dir
+
+    manifest = None
+    if args.manifest is not None:
+        from runner.manifest import load_manifest
+
+        manifest = load_manifest(args.manifest)  # a bad manifest fails here, before the screen opens
+    try:
+        from runner.tui.app import RunnerApp
+    except ImportError as e:
+        raise UserError(f"the TUI needs textual and textual-plotext ({e}): pip install textual textual-plotext") from None
+    results = results_dir(args.results, manifest)
+    run_name = manifest.name if manifest else args.run
+    if manifest is None and not (results / "runner.db").is_file():
+        raise UserError(f"no runs in {results} to attach to: give a manifest to start one")
+    RunnerApp(results, args.manifest, run_name).run()
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from runner.worker import main as worker_main
 
@@ -147,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
     r.add_argument("--max-parallel", type=int, help="tasks at once (default: one per GPU, 1 on the CPU)")
     r.add_argument("--retry-failed", action="store_true", help="run again the tasks an earlier run gave up on")
+    r.add_argument("--retry", action="append", metavar="TASK_ID", help="run again this one failed task (repeatable)")
     r.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="show the tasks, their dependencies and which are done; runs nothing")
@@ -170,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals")
     rp.add_argument("--json", action="store_true", help="same as --format json")
     rp.set_defaults(func=cmd_report)
+
+    tu = sub.add_parser("tui", help="the terminal UI: start MANIFEST's run and show it, or attach to the latest run")
+    tu.add_argument("manifest", type=Path, nargs="?")
+    tu.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
+    tu.add_argument("--run", help="attach to this run name (default: the latest run)")
+    tu.set_defaults(func=cmd_tui)
 
     s = sub.add_parser("schema", help="print the manifest's JSON schema")
     s.set_defaults(func=cmd_schema)

@@ -29,7 +29,8 @@ def run_manifest(manifest_path: str | Path, results_cli: str | None = None, exec
 
 
 def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, plan: Plan, executor: str | None = None,
-                 max_parallel: int | None = None, retry_failed: bool = False, display_factory=None):  # noqa: ANN001
+                 max_parallel: int | None = None, retry_failed: bool = False, display_factory=None,  # noqa: ANN001
+                 retry_ids: tuple[str, ...] = ()):
     from runner import report as R
     from runner.executors import make_executor
     from runner.executors.base import make_slots
@@ -48,7 +49,7 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
     text = Path(manifest_path).read_text()
     (run_dir / "manifest.yaml").write_text(text)
     sched = Scheduler(plan, results, ex, slots, store, retries=manifest.executor.retries, retry_failed=retry_failed,
-                      timeout_s=manifest.executor.timeout_s)
+                      timeout_s=manifest.executor.timeout_s, retry_ids=retry_ids)
     try:
         if display_factory is not None:
             with display_factory(len(plan.tasks)) as display:
@@ -56,7 +57,7 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
                 outcome = sched.run(text, str(Path(manifest_path).resolve()))
         else:
             outcome = sched.run(text, str(Path(manifest_path).resolve()))
-        rep = R.build(results, manifest.name, store.run_tasks(outcome.run_id), R._arch_of(text))
+        rep = R.build(results, manifest.name, store.run_tasks(outcome.run_id), R.arch_of(text))
         R.write(results, rep)
     finally:
         store.close()
@@ -101,3 +102,15 @@ def status(results_cli: str | None, run_name: str | None = None) -> dict:
                    "status": t.status, "epoch": t.epoch, "step": t.step, "loss": t.loss, "img_per_s": t.img_per_s,
                    "attempts": t.attempts, "error": t.error} for t in tasks],
     }
+
+
+def request(results: Path, action: str, task: str) -> Path:
+    """Ask the running scheduler to act on a task ("cancel" or "retry"): a file in <results>/control/."""
+    import json
+    import time
+
+    from runner.atomic import atomic_write_text
+
+    path = Path(results) / "control" / f"{time.time_ns()}-{action}-{task}.json"
+    atomic_write_text(path, json.dumps({"action": action, "task": task}), fsync=False)
+    return path

@@ -162,10 +162,10 @@ def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000
     """The report of the latest run (of that name), read from runner.db and the task folders."""
     with open_latest_run(results, run_name) as (store, run):
         tasks = store.run_tasks(run["id"])
-    return build(results, run["name"], tasks, _arch_of(run["manifest"]), bootstrap=bootstrap)
+    return build(results, run["name"], tasks, arch_of(run["manifest"]), bootstrap=bootstrap)
 
 
-def _arch_of(manifest_yaml: str) -> str:
+def arch_of(manifest_yaml: str) -> str:
     import yaml
 
     try:

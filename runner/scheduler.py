@@ -104,10 +104,10 @@ class RunOutcome:
 
 class Scheduler:
     def __init__(self, plan: Plan, results: Path, executor: Executor, slots: list[Slot], store: Store,
-                 retries: int = 1, retry_failed: bool = False, timeout_s: float | None = None,
+                 retries: int = 1, retry_failed: bool = False, timeout_s: float | None = None, retry_ids: tuple[str, ...] = (),
                  display=None, poll_s: float = 0.2, grace_s: float = 10.0) -> None:  # noqa: ANN001
         self.plan, self.results, self.executor, self.slots, self.store = plan, results, executor, slots, store
-        self.retries, self.retry_failed, self.timeout_s = retries, retry_failed, timeout_s
+        self.retries, self.retry_failed, self.timeout_s, self.retry_ids = retries, retry_failed, timeout_s, set(retry_ids)
         self.display, self.poll_s, self.grace_s = display, poll_s, grace_s
         self.status: dict[str, str] = {}
         self.failures: dict[str, int] = {}
@@ -131,7 +131,7 @@ class Scheduler:
         for t in self.plan.tasks:
             if is_done(self.results, t.id):
                 self.status[t.id] = "done"
-            elif rows[t.id].status == "failed" and not self.retry_failed:
+            elif rows[t.id].status == "failed" and not (self.retry_failed or t.id in self.retry_ids):
                 self.status[t.id] = "failed"  # an earlier run gave up on it; --retry-failed runs it again
             else:
                 self.status[t.id] = "pending"
@@ -180,6 +180,7 @@ class Scheduler:
                 events = r.tail.read()
                 if events:
                     self.store.add_points(r.task.id, r.attempt_id, events)
+            changed |= self._control()
             changed |= self._block_orphans(by_id)
             changed |= self._launch(run_id, by_id)
             self.store.commit()
@@ -242,6 +243,42 @@ class Scheduler:
                 self.status[tid] = "failed"
                 self.store.set_status(tid, "failed", error)
         return changed
+
+    def _control(self) -> bool:
+        """Requests from other processes (the TUI), as files in <results>/control/: the scheduler
+        stays the only writer of runner.db."""
+        requests = sorted((self.results / "control").glob("*.json")) if (self.results / "control").is_dir() else []
+        changed = False
+        for f in requests:
+            try:
+                req = json.loads(f.read_text())
+            except (OSError, ValueError):
+                req = {}
+            f.unlink(missing_ok=True)
+            tid, action = req.get("task"), req.get("action")
+            if tid not in self.status:
+                continue
+            if action == "cancel" and tid in self.running:
+                r = self.running.pop(tid)
+                self.executor.cancel(r.handle, self.grace_s)
+                self.store.add_points(tid, r.attempt_id, r.tail.read())
+                self.store.end_attempt(r.attempt_id, "cancelled", self.executor.poll(r.handle), "cancelled by the user")
+                self.status[tid] = "failed"
+                self.store.set_status(tid, "failed", "cancelled by the user")
+                changed = True
+            elif action == "retry" and self.status[tid] in ("failed", "blocked", "interrupted"):
+                self._reopen(tid)
+                changed = True
+        return changed
+
+    def _reopen(self, tid: str) -> None:
+        """A failed task, and the tasks it blocked, go back to pending with a fresh retry budget."""
+        self.status[tid] = "pending"
+        self.failures[tid] = 0
+        self.store.set_status(tid, "pending", None)
+        for t in self.plan.tasks:
+            if self.status[t.id] == "blocked" and tid in t.deps:
+                self._reopen(t.id)
 
     def _block_orphans(self, by_id: dict[str, PlannedTask]) -> bool:
         changed = False

@@ -65,6 +65,8 @@ class TaskRow:
     img_per_s: float | None
     error: str | None
     attempts: int = 0
+    slot: str | None = None  # of the latest attempt (filled by readers that need it)
+    started: float | None = None
 
 
 class Store:

@@ -1,0 +1,122 @@
+"""What the TUI shows, read from runner.db and the task folders, without textual (testable alone).
+
+The TUI never writes runner.db: it reads a snapshot at a steady rate (from a worker thread), and its
+actions go to the scheduler as control files (`runner.commands.request`), or start a scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.executors.base import pid_alive
+from runner.store import Store, TaskRow
+
+STATUS_ORDER = ("running", "failed", "blocked", "interrupted", "pending", "done")
+
+
+@dataclass
+class Snapshot:
+    run: dict | None
+    tasks: list[TaskRow] = field(default_factory=list)
+    scheduler_alive: bool = False
+    read_ms: float = 0.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tasks:
+            out[t.status] = out.get(t.status, 0) + 1
+        return out
+
+    @property
+    def done(self) -> int:
+        return sum(1 for t in self.tasks if t.status == "done")
+
+
+def read_snapshot(results: Path, run_name: str | None = None) -> Snapshot:
+    t0 = time.perf_counter()
+    db = results / "runner.db"
+    if not db.is_file():
+        return Snapshot(None)
+    store = Store(db, readonly=True)
+    try:
+        run = store.latest_run(run_name)
+        if run is None:
+            return Snapshot(None)
+        tasks = store.run_tasks(run["id"])
+        from runner.report import arch_of
+
+        info = {k: run[k] for k in ("id", "name", "status", "pid", "started", "ended", "manifest_path", "executor")}
+        info["arch"] = arch_of(run["manifest"])
+        alive = run["status"] == "running" and pid_alive(run["pid"])
+        started = {a["task_id"]: a for a in store.db.execute(
+            "SELECT task_id, MAX(started) AS started, slot FROM attempts WHERE run_id=? GROUP BY task_id", (run["id"],))}
+    finally:
+        store.close()
+    for t in tasks:
+        a = started.get(t.id)
+        t.slot, t.started = (a["slot"], a["started"]) if a else (None, None)
+    return Snapshot(info, tasks, alive, (time.perf_counter() - t0) * 1000)
+
+
+def curve(results: Path, task_id: str) -> dict[str, list[tuple[float, float]]]:
+    """The series of one task's points: loss per step, validation loss, tau and the collapse monitor."""
+    db = results / "runner.db"
+    if not db.is_file():
+        return {}
+    store = Store(db, readonly=True)
+    try:
+        rows = store.db.execute(
+            "SELECT kind, step, loss, val_loss, tau, proj_std FROM metric_points WHERE task_id=? ORDER BY ts", (task_id,)
+        ).fetchall()
+    finally:
+        store.close()
+    series: dict[str, list[tuple[float, float]]] = {"loss": [], "val_loss": [], "tau": [], "proj_std": []}
+    for r in rows:
+        if r["step"] is None:
+            continue
+        if r["kind"] == "progress" and r["loss"] is not None:
+            series["loss"].append((r["step"], r["loss"]))
+        if r["kind"] == "metric" and r["loss"] is not None and r["val_loss"] is not None:
+            series["loss"].append((r["step"], r["loss"]))
+        if r["val_loss"] is not None:
+            series["val_loss"].append((r["step"], r["val_loss"]))
+        if r["tau"] is not None:
+            series["tau"].append((r["step"], r["tau"]))
+        if r["proj_std"] is not None and r["kind"] == "progress":
+            series["proj_std"].append((r["step"], r["proj_std"]))
+    return {k: v for k, v in series.items() if v}
+
+
+def detail(results: Path, task: TaskRow, log_lines: int = 40) -> str:
+    """The selected task's spec, attempts with their errors, and the tail of its worker.log."""
+    folder = results / "tasks" / task.id
+    parts = [f"{task.id}  {task.kind}  {task.dataset}  {task.method}  {task.budget or ''}  seed {task.seed}  [{task.status}]"]
+    if task.error:
+        parts.append(f"error: {task.error}")
+    db = results / "runner.db"
+    if db.is_file():
+        store = Store(db, readonly=True)
+        try:
+            for a in store.attempts(task.id):
+                took = f"{a['ended'] - a['started']:.1f} s" if a["ended"] else "running"
+                parts.append(f"attempt {a['number']}: {a['status']} on {a['slot']} ({a['executor']}, {took}, exit {a['exit_code']})"
+                             + (f": {a['error']}" if a["error"] else ""))
+        finally:
+            store.close()
+    try:
+        spec = json.loads((folder / "task.json").read_text())
+        parts.append("task.json: " + json.dumps({k: spec[k] for k in ("kind", "dataset", "seed", "budget", "encoder") if k in spec}))
+        parts.append("settings: " + json.dumps(spec.get("settings", {}).get("model", {})))
+    except (OSError, ValueError):
+        pass
+    try:
+        tail = (folder / "worker.log").read_text(errors="replace").splitlines()[-log_lines:]
+        parts.append("--- worker.log (tail) ---")
+        parts += tail
+    except OSError:
+        parts.append("(no worker.log yet)")
+    return "\n".join(parts)

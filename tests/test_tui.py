@@ -1,0 +1,116 @@
+"""The TUI in a real (headless) terminal through Textual's Pilot, against real runs and runner.db."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.tui.app import RunnerApp
+from tests.conftest import REPO, run_cli
+from tests.test_runner import TINY
+
+
+def tiny(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY.format(pre_epochs=3, ft_steps=10))
+    return p
+
+
+async def wait_for(pilot, cond, timeout: float = 180.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        await pilot.pause(0.3)
+    raise AssertionError("condition not reached in time")
+
+
+def test_a_run_started_from_the_tui_moves_tasks_to_done_and_fills_the_table(tmp_path):
+    results = tmp_path / "results"
+    app = RunnerApp(results, tiny(tmp_path), poll_s=0.2)
+    seen: dict[str, set[str]] = {}
+
+    async def scenario() -> None:
+        async with app.run_test(size=(130, 40)) as pilot:
+            def observe() -> bool:
+                for t in app.snapshot.tasks:
+                    seen.setdefault(t.id, set()).add(t.status)
+                return bool(app.snapshot.tasks) and app.snapshot.done == len(app.snapshot.tasks) and not app.snapshot.scheduler_alive
+
+            await wait_for(pilot, observe)
+            await pilot.pause(0.5)
+            table = app.query_one("#tasks")
+            assert table.row_count == 9
+            assert all("done" in table.get_row(t.id)[5] for t in app.snapshot.tasks)
+            await pilot.press("3")
+            await pilot.pause(0.5)
+            md = app.query_one("#table")
+            text = md.source if hasattr(md, "source") else md._markdown
+            rows = [line for line in text.splitlines() if line.startswith("| syn (")]
+            assert len(rows) == 2 and all("—" not in row for row in rows)
+            await pilot.press("q")  # the run has ended: no question asked
+            await pilot.pause(0.2)
+
+    asyncio.run(scenario())
+    assert any({"pending", "running", "done"} <= s for s in seen.values()), seen
+    assert app.proc is not None and app.proc.poll() == 0
+
+
+def test_a_failed_task_is_retried_from_the_tui_and_ends_done(tmp_path):
+    results = tmp_path / "results"
+    manifest = tiny(tmp_path)
+    first = run_cli("run", str(manifest), "--results", str(results), env={"BYOL_RUNNER_FAIL_KIND": "supervised"})
+    assert first.returncode == 1
+    app = RunnerApp(results, poll_s=0.2)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(130, 40)) as pilot:
+            await wait_for(pilot, lambda: bool(app.snapshot.tasks))
+            failed = [t for t in app.snapshot.tasks if t.status == "failed"]
+            assert len(failed) == 2
+            table = app.query_one("#tasks")
+            table.move_cursor(row=table.get_row_index(failed[0].id))
+            await pilot.pause(0.3)
+            assert app.selected == failed[0].id
+            await pilot.press("r")
+            await wait_for(pilot, lambda: any(t.id == failed[0].id and t.status == "done" for t in app.snapshot.tasks))
+            await wait_for(pilot, lambda: not app.snapshot.scheduler_alive)
+            still = [t.id for t in app.snapshot.tasks if t.status == "failed"]
+            assert still == [failed[1].id]  # only the task asked for was retried
+            await pilot.press("l")  # its detail: attempts with their errors
+            await pilot.pause(0.5)
+            text = str(app.query_one("#detail-text").render())
+            assert "injected failure" in text or "attempt" in text
+
+    asyncio.run(scenario())
+
+
+def test_attaching_to_a_finished_run_shows_its_final_table(tmp_path):
+    results = tmp_path / "results"
+    assert run_cli("run", str(tiny(tmp_path)), "--results", str(results)).returncode == 0
+    final = (results / "tiny" / "results.md").read_text().split("\n\n")[0]
+    app = RunnerApp(results, poll_s=0.2)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(130, 40)) as pilot:
+            await wait_for(pilot, lambda: bool(app.snapshot.tasks))
+            await pilot.press("3")
+            await pilot.pause(0.5)
+            md = app.query_one("#table")
+            text = md.source if hasattr(md, "source") else md._markdown
+            assert text.split("\n\n")[0] == final
+            assert "(done)" in str(app.query_one("#summary").render())
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+
+
+def test_the_headless_cli_refuses_tui_without_runs(tmp_path):
+    r = run_cli("tui", "--results", str(tmp_path))
+    assert r.returncode == 2 and "no runs in" in r.stderr

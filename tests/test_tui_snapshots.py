@@ -1,0 +1,83 @@
+"""Snapshots of the TUI's main screens at a fixed size, on a fixed, hand-made run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runner.plan import PlannedTask
+from runner.store import Store
+from runner.tui.app import RunnerApp
+
+SIZE = (110, 30)
+
+
+@pytest.fixture
+def fixed_results(tmp_path) -> Path:
+    """A finished run of 6 tasks (4 done, 1 failed, 1 blocked) with curves and metrics, no clocks."""
+    results = tmp_path / "results"
+    store = Store(results / "runner.db")
+    run = store.begin_run("study", "name: study\nmodel: {arch: resnet18}\n", "/nonexistent/study.yaml", 0, "local")
+    tasks = [
+        PlannedTask("pre0000000000001", "pretrain", "ct", "byol-pretrain", 0, None, [], {}),
+        PlannedTask("fin0000000000001", "finetune", "ct", "byol-finetune", 0, "10%", ["pre0000000000001"], {}),
+        PlannedTask("sup0000000000001", "supervised", "ct", "supervised", 0, "10%", [], {}),
+        PlannedTask("fin0000000000002", "finetune", "ct", "byol-finetune", 0, "100%", ["pre0000000000001"], {}),
+        PlannedTask("sup0000000000002", "supervised", "ct", "supervised", 0, "100%", [], {}),
+        PlannedTask("lin0000000000002", "linear", "ct", "byol-linear", 0, "100%", ["pre0000000000001"], {}),
+    ]
+    store.add_tasks(run, tasks, set())
+    outcome = {"pre0000000000001": "done", "fin0000000000001": "done", "sup0000000000001": "done", "fin0000000000002": "done",
+               "sup0000000000002": "failed", "lin0000000000002": "blocked"}
+    acc = {"fin0000000000001": 0.75, "sup0000000000001": 0.70, "fin0000000000002": 0.85}
+    for i, t in enumerate(tasks):
+        d = results / "tasks" / t.id
+        d.mkdir(parents=True)
+        (d / "task.json").write_text(json.dumps({"id": t.id, "kind": t.kind, "dataset": "ct", "seed": 0, "settings": {"model": {"arch": "resnet18"}}}))
+        (d / "worker.log").write_text(f"worker log of {t.id}\nline two\n")
+        if outcome[t.id] == "blocked":
+            store.set_status(t.id, "blocked", "dependency failed")
+            continue
+        a = store.start_attempt(t.id, run, 1, "local", f"cpu{i % 2}", None, "host")
+        points = [{"kind": "progress", "ts": float(k), "epoch": k // 5, "step": k, "loss": 3.0 - 0.04 * k, "tau": 0.99 + 0.0002 * k,
+                   "proj_std": 0.06} for k in range(1, 51)]
+        store.add_points(t.id, a, points)
+        ok = outcome[t.id] == "done"
+        store.end_attempt(a, "done" if ok else "failed", 0 if ok else 1, None if ok else "RuntimeError: CUDA out of memory")
+        store.set_status(t.id, outcome[t.id], None if ok else "RuntimeError: CUDA out of memory")
+        if ok and t.id in acc:
+            (d / "metrics.json").write_text(json.dumps({"test": {"accuracy": acc[t.id], "loss": 0.5, "auroc": 0.8,
+                                                                 "balanced_accuracy": acc[t.id], "confusion_matrix": [[1, 0], [0, 1]]}}))
+        elif ok:
+            (d / "metrics.json").write_text(json.dumps({"pretrain": {"steps": 50}}))
+    store.db.execute("UPDATE attempts SET started=1000.0, ended=1042.0")  # no clock in the picture
+    store.commit()
+    store.end_run(run, "failed", 1)
+    store.close()
+    return results
+
+
+def app_for(results: Path) -> RunnerApp:
+    return RunnerApp(results, poll_s=3600)  # one read at start: the screen does not change under the camera
+
+
+def test_queue_screen(snap_compare, fixed_results):
+    assert snap_compare(app_for(fixed_results), terminal_size=SIZE, run_before=_settle)
+
+
+def test_results_screen(snap_compare, fixed_results):
+    assert snap_compare(app_for(fixed_results), press=["3"], terminal_size=SIZE, run_before=_settle)
+
+
+def test_curves_of_the_selected_task(snap_compare, fixed_results):
+    assert snap_compare(app_for(fixed_results), press=["enter"], terminal_size=SIZE, run_before=_settle)
+
+
+def test_failed_filter_and_detail(snap_compare, fixed_results):
+    assert snap_compare(app_for(fixed_results), press=["f", "f", "down", "l"], terminal_size=SIZE, run_before=_settle)
+
+
+async def _settle(pilot) -> None:  # noqa: ANN001
+    await pilot.pause(0.8)
