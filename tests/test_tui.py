@@ -114,3 +114,39 @@ def test_attaching_to_a_finished_run_shows_its_final_table(tmp_path):
 def test_the_headless_cli_refuses_tui_without_runs(tmp_path):
     r = run_cli("tui", "--results", str(tmp_path))
     assert r.returncode == 2 and "no runs in" in r.stderr
+
+
+def test_cancel_and_retry_go_through_the_scheduler_and_quitting_asks_first(tmp_path):
+    manifest = tmp_path / "long.yaml"
+    manifest.write_text(TINY.format(pre_epochs=200, ft_steps=10))
+    results = tmp_path / "results"
+    app = RunnerApp(results, manifest, poll_s=0.2)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(130, 40)) as pilot:
+            pre = lambda: next((t for t in app.snapshot.tasks if t.kind == "pretrain"), None)  # noqa: E731
+            await wait_for(pilot, lambda: pre() is not None and pre().status == "running" and (pre().step or 0) > 2)
+            table = app.query_one("#tasks")
+            table.move_cursor(row=table.get_row_index(pre().id))
+            await pilot.pause(0.3)
+            await pilot.press("c")
+            await wait_for(pilot, lambda: pre().status == "failed")
+            assert pre().error == "cancelled by the user"
+            await wait_for(pilot, lambda: any(t.status == "blocked" for t in app.snapshot.tasks))
+            await pilot.press("r")  # the scheduler is alive: it takes the request and runs the task again
+            await wait_for(pilot, lambda: pre().status == "running" and pre().attempts == 2)
+            assert not any(t.status == "blocked" for t in app.snapshot.tasks)  # its dependents wait again
+            assert not list((results / "control").glob("*.json"))  # requests consumed
+            await pilot.press("q")
+            await pilot.pause(0.5)
+            assert app.screen.__class__.__name__ == "ConfirmQuit"
+            await pilot.press("n")
+            await pilot.pause(0.3)
+            assert app.proc.poll() is None  # still running
+            await pilot.press("q")
+            await pilot.pause(0.3)
+            await pilot.press("y")
+            await pilot.pause(1.0)
+
+    asyncio.run(scenario())
+    assert app.proc.wait(timeout=60) == 130  # the run was stopped as asked, and says so
