@@ -21,7 +21,7 @@ from runner.data.splits import LabelBudget
 from runner.errors import ManifestError
 from runner.ml.config import FinetuneSpec, ModelSpec, PretrainSpec, ProbeSpec, RunSpec
 
-RESERVED_NAMES = {"tasks", "cache"}  # folders of the results dir that are not runs
+RESERVED_NAMES = {"tasks", "cache", "control"}  # folders of the results dir that are not runs
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

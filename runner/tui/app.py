@@ -20,7 +20,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Footer, Header, Label, Markdown, Static, TabbedContent, TabPane
+from textual.widgets import Button, DataTable, Footer, Header, Markdown, Static, TabbedContent, TabPane
 from textual_plotext import PlotextPlot
 
 from runner.commands import request
@@ -46,7 +46,8 @@ class ConfirmQuit(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label("This TUI started the run. Stop it and quit? (the next `run` resumes it)")
+            yield Static("This TUI started the run. Stop it and quit? Its workers stop and keep their last "
+                         "checkpoint; the next `byol-runner run` of the manifest resumes it.")
             with Horizontal():
                 yield Button("Stop and quit (y)", id="yes", variant="error")
                 yield Button("Keep running (n)", id="no", variant="primary")
@@ -64,7 +65,9 @@ class RunnerApp(App):
     CSS = """
     #summary { height: 1; padding: 0 1; background: $panel; }
     #curves { height: 1fr; }
-    #dialog { width: 70; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    #dialog { width: 72; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    #dialog Horizontal { height: auto; }
+    #dialog Static { width: 100%; }
     ConfirmQuit { align: center middle; }
     Button { margin: 1 1 0 0; }
     """
