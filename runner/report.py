@@ -9,6 +9,7 @@ planned says how many it has; one with none is "—". Written as results/<run>/r
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -165,6 +166,7 @@ def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000
     return build(results, run["name"], tasks, arch_of(run["manifest"]), bootstrap=bootstrap)
 
 
+@functools.lru_cache(maxsize=16)  # the TUI asks on every refresh
 def arch_of(manifest_yaml: str) -> str:
     import yaml
 
