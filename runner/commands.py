@@ -39,8 +39,14 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
 
     kind = executor or manifest.executor.kind
     try:
-        slots = make_slots(manifest.executor.gpus, max_parallel or manifest.executor.max_parallel)
-        ex = make_executor(kind, slots)
+        if kind == "ray":
+            from runner.executors.ray import RayExecutor
+
+            ex = RayExecutor(manifest.executor.address, manifest.executor.cpus_per_task)
+            slots = ex.cluster_slots(max_parallel or manifest.executor.max_parallel)
+        else:
+            slots = make_slots(manifest.executor.gpus, max_parallel or manifest.executor.max_parallel)
+            ex = make_executor(kind, slots)
     except ValueError as e:
         raise UserError(str(e)) from None
     store = Store(results / "runner.db")

@@ -76,7 +76,11 @@ Method = Literal[METHODS]  # type: ignore[valid-type]
 class ExecutorSpec(StrictModel):
     """Where tasks run and how many at once."""
 
-    kind: Literal["local"] = Field("local", description="local: one subprocess per task on this machine")
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: one subprocess per task on this machine; ray: one Ray task per cell on a Ray cluster"
+    )
+    address: str | None = Field(None, description="ray: the cluster's address (default: RAY_ADDRESS, or a local Ray)")
+    cpus_per_task: float = Field(1.0, gt=0, description="ray: CPUs a task reserves")
     gpus: Literal["auto"] | Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] = Field(
         "auto", description="auto: every visible GPU; N: the first N; [ids]: those; one task per GPU at a time"
     )

@@ -224,6 +224,7 @@ class Scheduler:
             if code is None:
                 continue
             self.store.add_points(tid, r.attempt_id, r.tail.read())
+            self.store.set_attempt_node(r.attempt_id, r.handle.node)  # a Ray task learns its node as it runs
             del self.running[tid]
             changed = True
             if code == 0 and is_done(self.results, tid):

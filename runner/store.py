@@ -136,6 +136,9 @@ class Store:
         self.db.execute("UPDATE attempts SET ended=?, status=?, exit_code=?, error=? WHERE id=?",
                         (time.time(), status, exit_code, error, attempt_id))
 
+    def set_attempt_node(self, attempt_id: int, node: str) -> None:
+        self.db.execute("UPDATE attempts SET node=? WHERE id=?", (node, attempt_id))
+
     def add_points(self, task_id: str, attempt_id: int, events: list[dict]) -> None:
         rows = []
         last = None

@@ -58,3 +58,14 @@ def test_slots_follow_the_visible_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert [s.name for s in make_slots("auto", 3)] == ["cpu0", "cpu1", "cpu2"]
     assert [s.name for s in make_slots("auto", None)] == ["cpu0"]
+
+
+def test_the_ray_executor_without_ray_names_the_extra(monkeypatch):
+    import sys
+
+    from runner.errors import UserError
+    from runner.executors.ray import RayExecutor
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    with pytest.raises(UserError, match=r'pip install "byol-runner\[ray\]"'):
+        RayExecutor()
