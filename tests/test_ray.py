@@ -91,7 +91,7 @@ def _ray_task_pids() -> list[int]:
 
 def test_killing_the_ray_worker_of_a_running_task_fails_that_attempt_and_it_is_retried(cluster, tmp_path):
     results = tmp_path / "results"
-    m = manifest(tmp_path, cluster, pre_epochs=30)
+    m = manifest(tmp_path, cluster, pre_epochs=10)
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(m), "--results", str(results)], cwd=REPO,
                             env={**os.environ, **_env()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180

@@ -38,8 +38,10 @@ executor: {{max_parallel: 2, retries: 1}}
 
 
 def tiny(tmp_path: Path, name: str = "tiny.yaml", pre_epochs: int = 4, ft_steps: int = 10) -> Path:
+    """TINY with Model 1 and Model 2 only (5 tasks): the runner's behaviour does not need more arms."""
     p = tmp_path / name
-    p.write_text(TINY.format(pre_epochs=pre_epochs, ft_steps=ft_steps))
+    p.write_text(TINY.format(pre_epochs=pre_epochs, ft_steps=ft_steps).replace(
+        "methods: [byol-finetune, byol-linear, supervised, random-linear]", "methods: [byol-finetune, supervised]"))
     return p
 
 
@@ -62,9 +64,9 @@ def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tmp_path
     assert "Model 1 = BYOL + ResNet18, fine-tuned" in table and "Model 2 = supervised ResNet18" in table
     assert "| Dataset | Model 1 accuracy | Model 1 loss | Model 2 accuracy | Model 2 loss |" in r.stdout
     n_attempts = len(attempts(results))
-    assert n_attempts == 9  # 1 pretrain + 2 budgets x 4 methods, each once
+    assert n_attempts == 5  # 1 pretrain + 2 budgets x 2 methods, each once
     data = json.loads((results / "tiny" / "results.json").read_text())
-    assert {a["method"] for a in data["arms"]} == {"byol-finetune", "byol-linear", "supervised", "random-linear"}
+    assert {a["method"] for a in data["arms"]} == {"byol-finetune", "supervised"}
 
     # the headless path never imports textual (the TUI's toolkit)
     code = ("import sys; from runner.cli import main; rc = main(['run', sys.argv[1], '--results', sys.argv[2]]); "
@@ -131,7 +133,7 @@ def _wait_for_checkpoint(results: Path, timeout: float = 120) -> Path:
 
 
 def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tmp_path):
-    manifest = tiny(tmp_path, pre_epochs=12)
+    manifest = tiny(tmp_path, pre_epochs=8)
     reference = tmp_path / "reference"
     assert run_cli("run", str(manifest), "--results", str(reference)).returncode == 0
 
