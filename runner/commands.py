@@ -33,20 +33,12 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
                  retry_ids: tuple[str, ...] = ()):
     from runner import report as R
     from runner.executors import make_executor
-    from runner.executors.base import make_slots
     from runner.scheduler import Scheduler
     from runner.store import Store
 
     kind = executor or manifest.executor.kind
     try:
-        if kind == "ray":
-            from runner.executors.ray import RayExecutor
-
-            ex = RayExecutor(manifest.executor.address, manifest.executor.cpus_per_task)
-            slots = ex.cluster_slots(max_parallel or manifest.executor.max_parallel)
-        else:
-            slots = make_slots(manifest.executor.gpus, max_parallel or manifest.executor.max_parallel)
-            ex = make_executor(kind, slots)
+        ex, slots = make_executor(kind, manifest.executor, max_parallel)
     except ValueError as e:
         raise UserError(str(e)) from None
     store = Store(results / "runner.db")

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from runner.executors.base import Executor, Handle, Slot
+from runner.executors.base import Executor, Handle, Slot, make_slots
 
 
-def make_executor(kind: str, slots: list[Slot]) -> Executor:
+def make_executor(kind: str, spec, max_parallel: int | None = None) -> tuple[Executor, list[Slot]]:  # noqa: ANN001
+    """The executor of a kind and the slots it offers: one per GPU (or CPU slots) on this machine for
+    `local`, the cluster's GPUs or CPUs for `ray`. `spec` is the manifest's ExecutorSpec."""
+    limit = max_parallel or spec.max_parallel
     if kind == "local":
         from runner.data.cache import cpu_count
         from runner.executors.local import LocalExecutor
 
+        slots = make_slots(spec.gpus, limit)
         cpu_slots = sum(1 for s in slots if s.gpu is None)
-        return LocalExecutor(cpu_threads=max(1, cpu_count() // cpu_slots) if cpu_slots else None)
+        return LocalExecutor(cpu_threads=max(1, cpu_count() // cpu_slots) if cpu_slots else None), slots
+    if kind == "ray":
+        from runner.executors.ray import RayExecutor
+
+        ex = RayExecutor(spec.address, spec.cpus_per_task)
+        return ex, ex.cluster_slots(limit)
     raise ValueError(f"unknown executor {kind!r}")
 
 

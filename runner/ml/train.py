@@ -105,7 +105,7 @@ class Progress:
         self.ctx, self.batch = ctx, batch
         self.last_t, self.last_step = time.perf_counter(), None
 
-    def due(self, step: int, final: bool) -> bool:
+    def due(self, final: bool) -> bool:
         return final or self.last_step is None or time.perf_counter() - self.last_t >= self.ctx.run.progress_every_s
 
     def emit(self, step: int, epoch: int, **values: float) -> None:
@@ -179,7 +179,7 @@ def pretrain_byol(pixels: np.ndarray, spec: PretrainSpec, arch: str, size: int, 
         epoch_loss += loss.detach()
         run_count += 1
         epoch_count += 1
-        if progress.due(step, step == total):
+        if progress.due(step == total):
             std = float(projection_std(z1))
             progress.emit(step, epoch, loss=round(float(run_loss) / run_count, 5), lr=lr, tau=tau, proj_std=round(std, 5))
             run_loss.zero_()
@@ -319,7 +319,7 @@ def train_classifier(
                 atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done, "best": best,
                              "rng": rng_state(dev_gen)}, ckpt_path)
                 last_saved = done
-        elif progress.due(done, False):
+        elif progress.due(False):
             progress.emit(done, epoch, loss=round(float(run_loss) / max(run_count, 1), 5), lr=opt.param_groups[-1]["lr"])
     model.load_state_dict(best["state"])
     return model, {"selected_step": best["step"], "val_loss": best["val_loss"], "val_accuracy": best["val_accuracy"],
