@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a manifest's whole matrix headless, resuming where it stopped")
     r.add_argument("manifest", type=Path)
-    r.add_argument("--executor", choices=("local", "ray"), help="overrides the manifest's executor.kind")
+    r.add_argument("--executor", choices=("local", "docker", "ray"), help="overrides the manifest's executor.kind")
     r.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
     r.add_argument("--max-parallel", type=int, help="tasks at once (default: one per GPU, 1 on the CPU)")
     r.add_argument("--retry-failed", action="store_true", help="run again the tasks an earlier run gave up on")

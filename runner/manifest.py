@@ -73,12 +73,62 @@ METHODS = ("byol-finetune", "byol-linear", "supervised", "supervised-imagenet", 
 Method = Literal[METHODS]  # type: ignore[valid-type]
 
 
+_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmg]?$", re.IGNORECASE)
+
+
+def _size(v: str | None) -> str | None:
+    if v is not None and not _SIZE.match(v):
+        raise ValueError(f"{v!r} is not a size: a number with an optional unit b, k, m or g, e.g. 8g or 512m")
+    return v
+
+
+Size = Annotated[str, AfterValidator(_size)]
+
+
+class DockerSpec(StrictModel):
+    """How the docker executor makes each task's container."""
+
+    image: str = Field("byol-runner:latest", description="the image with byol-runner installed (see Dockerfile); "
+                       "BYOL_RUNNER_IMAGE overrides it")
+    shm_size: Size = Field("8g", description="/dev/shm of a task container (Docker's 64m is too small for PyTorch)")
+    memory: Size | None = Field(None, description="memory limit of a task container, e.g. 32g (default: none); "
+                                "a container over it is reported as killed for memory")
+    network: bool = Field(False, description="give task containers a network (training needs none)")
+    user: str | None = Field(None, description="uid:gid the tasks run as (default: the user running byol-runner)")
+    keep_containers: bool = Field(False, description="leave ended containers for inspection instead of removing them")
+    stop_grace_s: float = Field(10.0, ge=0, description="seconds between SIGTERM and SIGKILL when a container is stopped")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment of task containers")
+    mounts: list[str] = Field(default_factory=list, description="extra bind mounts, 'host:container[:ro|rw]'")
+    host_venv: bool = Field(
+        False, description="run this machine's byol-runner virtualenv, bind-mounted read-only, instead of the image's "
+        "own install (for a bare CI image; BYOL_RUNNER_HOST_VENV=1 sets it)")
+
+    @field_validator("mounts")
+    @classmethod
+    def _mounts(cls, v: list[str]) -> list[str]:
+        for m in v:
+            parts = m.split(":")
+            if len(parts) not in (2, 3) or not parts[0].startswith("/") or not parts[1].startswith("/") or \
+                    (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+                raise ValueError(f"{m!r}: a mount is '/host/path:/container/path' with an optional ':ro' or ':rw'")
+        return v
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[0-9]+(:[0-9]+)?$", v):
+            raise ValueError(f"{v!r}: give a numeric uid or uid:gid, e.g. 1000:1000")
+        return v
+
+
 class ExecutorSpec(StrictModel):
     """Where tasks run and how many at once."""
 
-    kind: Literal["local", "ray"] = Field(
-        "local", description="local: one subprocess per task on this machine; ray: one Ray task per cell on a Ray cluster"
+    kind: Literal["local", "docker", "ray"] = Field(
+        "local", description="local: one subprocess per task on this machine; docker: one container per task on this "
+        "machine's Docker engine; ray: one Ray task per cell on a Ray cluster"
     )
+    docker: DockerSpec = DockerSpec()
     address: str | None = Field(None, description="ray: the cluster's address (default: RAY_ADDRESS, or a local Ray)")
     cpus_per_task: float = Field(1.0, gt=0, description="ray: CPUs a task reserves")
     gpus: Literal["auto"] | Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] = Field(

@@ -57,10 +57,12 @@ class RunnerLock:
 
 
 class EventTail:
-    """New complete lines of a task's events.jsonl since the last read."""
+    """New complete lines of a task's events.jsonl since the last read: from its current end, or, for
+    an adopted attempt, from the start with only the events newer than `after_ts`."""
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset = path, path.stat().st_size if path.exists() else 0
+    def __init__(self, path: Path, after_ts: float | None = None) -> None:
+        self.after_ts = after_ts
+        self.path, self.offset = path, 0 if after_ts is not None else (path.stat().st_size if path.exists() else 0)
         self.last_error: str | None = None
 
     def read(self) -> list[dict]:
@@ -77,6 +79,8 @@ class EventTail:
             try:
                 e = json.loads(line)
             except ValueError:
+                continue
+            if self.after_ts is not None and (e.get("ts") or 0) <= self.after_ts:
                 continue
             if e.get("kind") == "error":
                 self.last_error = e.get("message")
@@ -113,17 +117,46 @@ class Scheduler:
         self.failures: dict[str, int] = {}
         self.running: dict[str, Running] = {}
         self.started_workers = 0
+        self.adopted: dict[int, Handle] = {}
 
     # ---- setup -----------------------------------------------------------------------------
 
     def _recover(self) -> None:
-        """Attempts a dead runner left marked running: stop any worker still alive, record them."""
-        for a in self.store.stale_attempts():
+        """Attempts a dead runner left marked running: adopt those the executor still has (containers),
+        stop any other worker still alive and record it as interrupted."""
+        stale = self.store.stale_attempts()
+        self.adopted = self.executor.adopt(stale) if stale else {}
+        orphans = {a["id"] for a in stale if a["executor"] == "docker" and a["id"] not in self.adopted}
+        if orphans and self.executor.name != "docker":  # a docker run's containers, found by a run on another executor
+            from runner.executors.docker import stop_orphans
+
+            stop_orphans(self.results, orphans, self.grace_s)
+        for a in stale:
+            if a["id"] in self.adopted:
+                continue
             pid = a["pid"]
             if pid and pid_alive(pid) and a["node"] == os.uname().nodename:
                 stop_group(pid, self.grace_s, lambda p=pid: not pid_alive(p))
             self.store.end_attempt(a["id"], "interrupted", None, "the runner stopped while this attempt ran")
             self.store.set_status(a["task_id"], "done" if is_done(self.results, a["task_id"]) else "interrupted")
+        self.store.commit()
+
+    def _take_over(self, run_id: int) -> None:
+        """Adopted attempts of this plan's tasks are watched as if this runner had started them; those
+        of tasks the manifest no longer has are stopped."""
+        by_id = self.plan.by_id()
+        for aid, handle in self.adopted.items():
+            t = by_id.get(handle.task_id)
+            if t is None or handle.task_id in self.running:
+                self.executor.cancel(handle, self.grace_s)
+                self.store.end_attempt(aid, "interrupted", self.executor.poll(handle), "not in the current plan: stopped")
+                continue
+            after = self.store.last_point_ts(aid)
+            tail = EventTail(self.results / "tasks" / t.id / "events.jsonl", after_ts=after if after is not None else handle.started)
+            self.running[t.id] = Running(t, handle, aid, tail)
+            self.status[t.id] = "running"
+            self.store.adopt_attempt(aid, run_id)
+            self.store.set_status(t.id, "running")
         self.store.commit()
 
     def _initial_status(self, run_id: int) -> None:
@@ -147,11 +180,13 @@ class Scheduler:
         previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
         run_id = -1
         try:
+            self.executor.bind(self.results, self.plan.name)
             self._recover()
             run_id = self.store.begin_run(self.plan.name, manifest_yaml, manifest_path, os.getpid(), self.executor.name)
             write_task_files(self.plan, self.results)
             self.store.add_tasks(run_id, self.plan.tasks, {t.id for t in self.plan.tasks if is_done(self.results, t.id)})
             self._initial_status(run_id)
+            self._take_over(run_id)
             self._show(True)
             try:
                 self._loop(run_id)
@@ -159,6 +194,10 @@ class Scheduler:
                 self._stop_all("interrupted")
                 self.store.end_run(run_id, "interrupted", 130)
                 return self._outcome(run_id, 130, t0)
+            except UserError:  # the executor cannot start anything (no daemon, no image, no GPU runtime)
+                self._stop_all("interrupted", "stopped: the executor failed")
+                self.store.end_run(run_id, "failed", 2)
+                raise
             code = 0 if all(s == "done" for s in self.status.values()) else 1
             self.store.end_run(run_id, "done" if code == 0 else "failed", code)
             return self._outcome(run_id, code, t0)
@@ -204,9 +243,17 @@ class Scheduler:
             slot = free.pop(0)
             task_json = self.results / "tasks" / t.id / "task.json"
             tail = EventTail(task_json.parent / "events.jsonl")
-            handle = self.executor.submit(t.id, task_json, self.results, slot)
             number = len(self.store.attempts(t.id)) + 1
-            attempt = self.store.start_attempt(t.id, run_id, number, self.executor.name, slot.name, handle.pid, handle.node)
+            attempt = self.store.start_attempt(t.id, run_id, number, self.executor.name, slot.name, None, os.uname().nodename)
+            self.store.commit()  # the attempt exists before its container does: a restarted runner can adopt it
+            try:
+                handle = self.executor.submit(t.id, task_json, self.results, slot, attempt_id=attempt, number=number)
+            except UserError as e:
+                self.store.end_attempt(attempt, "failed", None, str(e))
+                self.store.set_status(t.id, "failed", str(e))
+                self.status[t.id] = "failed"
+                raise
+            self.store.set_attempt_process(attempt, handle.pid, handle.node)
             self.running[t.id] = Running(t, handle, attempt, tail)
             self.status[t.id] = "running"
             self.started_workers += 1
@@ -217,13 +264,15 @@ class Scheduler:
         changed = False
         for tid, r in list(self.running.items()):
             code = self.executor.poll(r.handle)
+            reason = None
             if code is None and self.timeout_s and time.time() - r.handle.started > self.timeout_s:
                 self.executor.cancel(r.handle, self.grace_s)
                 code = self.executor.poll(r.handle)
-                r.tail.last_error = f"wall-clock limit of {self.timeout_s:g} s reached (executor.timeout_s)"
+                reason = f"wall-clock limit of {self.timeout_s:g} s reached (executor.timeout_s)"
             if code is None:
                 continue
             self.store.add_points(tid, r.attempt_id, r.tail.read())
+            r.tail.last_error = reason or r.tail.last_error  # the limit, not the worker's "stopped by SIGTERM"
             self.store.set_attempt_node(r.attempt_id, r.handle.node)  # a Ray task learns its node as it runs
             del self.running[tid]
             changed = True
@@ -292,11 +341,11 @@ class Scheduler:
                     changed = True
         return changed
 
-    def _stop_all(self, status: str) -> None:
+    def _stop_all(self, status: str, why: str = "stopped by Ctrl-C") -> None:
         for tid, r in list(self.running.items()):
             self.executor.cancel(r.handle, self.grace_s)
             self.store.add_points(tid, r.attempt_id, r.tail.read())
-            self.store.end_attempt(r.attempt_id, status, self.executor.poll(r.handle), "stopped by Ctrl-C")
+            self.store.end_attempt(r.attempt_id, status, self.executor.poll(r.handle), why)
             self.store.set_status(tid, "done" if is_done(self.results, tid) else status)
             self.status[tid] = "done" if is_done(self.results, tid) else status
         self.running.clear()

@@ -136,6 +136,16 @@ class Store:
         self.db.execute("UPDATE attempts SET ended=?, status=?, exit_code=?, error=? WHERE id=?",
                         (time.time(), status, exit_code, error, attempt_id))
 
+    def set_attempt_process(self, attempt_id: int, pid: int | None, node: str) -> None:
+        self.db.execute("UPDATE attempts SET pid=?, node=? WHERE id=?", (pid, node, attempt_id))
+
+    def adopt_attempt(self, attempt_id: int, run_id: int) -> None:
+        """An attempt a killed runner started, watched on by this run."""
+        self.db.execute("UPDATE attempts SET run_id=? WHERE id=?", (run_id, attempt_id))
+
+    def last_point_ts(self, attempt_id: int) -> float | None:
+        return self.db.execute("SELECT MAX(ts) FROM metric_points WHERE attempt_id=?", (attempt_id,)).fetchone()[0]
+
     def set_attempt_node(self, attempt_id: int, node: str) -> None:
         self.db.execute("UPDATE attempts SET node=? WHERE id=?", (node, attempt_id))
 

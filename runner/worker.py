@@ -190,6 +190,15 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def relocate_data(data, data_root: str):  # noqa: ANN001, ANN201
+    """The data spec with its folder replaced: `root` for folder sources, the file's folder for npz."""
+    if hasattr(data, "root"):
+        return data.model_copy(update={"root": data_root})
+    if hasattr(data, "path"):
+        return data.model_copy(update={"path": str(Path(data_root) / Path(data.path).name)})
+    return data
+
+
 def main(task_json: str, results: str | None = None, data_root: str | None = None) -> int:
     from runner.atomic import atomic_write_json
 
@@ -201,8 +210,8 @@ def main(task_json: str, results: str | None = None, data_root: str | None = Non
     try:
         _die_with_parent()
         task = load_task(path)
-        if data_root is not None and hasattr(task.data, "root"):  # the same task, its data mounted elsewhere
-            task = task.model_copy(update={"data": task.data.model_copy(update={"root": data_root})})
+        if data_root is not None:  # the same task, its data mounted elsewhere (a container's /data/<name>)
+            task = task.model_copy(update={"data": relocate_data(task.data, data_root)})
         log.task = task.id
         log.emit("log", message=f"worker pid {os.getpid()} on {os.uname().nodename}, engine {ENGINE_VERSION}")
         result = run_task(task, task_dir, results_dir, log)
@@ -230,6 +239,8 @@ def main(task_json: str, results: str | None = None, data_root: str | None = Non
         from runner.errors import UserError
 
         kind = "cuda_oom" if oom else ("data" if isinstance(e, UserError) else "exception")
+        if oom:
+            text = f"CUDA out of memory: lower pretrain/finetune batch_size or image_size, or use a larger GPU ({text})"
         log.emit("error", message=text, error_type=kind)
         traceback.print_exc()
         return 1

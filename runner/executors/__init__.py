@@ -7,7 +7,7 @@ from runner.executors.base import Executor, Handle, Slot, make_slots
 
 def make_executor(kind: str, spec, max_parallel: int | None = None) -> tuple[Executor, list[Slot]]:  # noqa: ANN001
     """The executor of a kind and the slots it offers: one per GPU (or CPU slots) on this machine for
-    `local`, the cluster's GPUs or CPUs for `ray`. `spec` is the manifest's ExecutorSpec."""
+    `local` and `docker`, the cluster's GPUs or CPUs for `ray`. `spec` is the manifest's ExecutorSpec."""
     limit = max_parallel or spec.max_parallel
     if kind == "local":
         from runner.data.cache import cpu_count
@@ -16,6 +16,13 @@ def make_executor(kind: str, spec, max_parallel: int | None = None) -> tuple[Exe
         slots = make_slots(spec.gpus, limit)
         cpu_slots = sum(1 for s in slots if s.gpu is None)
         return LocalExecutor(cpu_threads=max(1, cpu_count() // cpu_slots) if cpu_slots else None), slots
+    if kind == "docker":
+        from runner.data.cache import cpu_count
+        from runner.executors.docker import DockerExecutor
+
+        slots = make_slots(spec.gpus, limit)
+        cpu_slots = sum(1 for s in slots if s.gpu is None)
+        return DockerExecutor(spec.docker, cpu_threads=max(1, cpu_count() // cpu_slots) if cpu_slots else None), slots
     if kind == "ray":
         from runner.executors.ray import RayExecutor
 

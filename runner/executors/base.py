@@ -32,8 +32,18 @@ class Handle:
 class Executor(ABC):
     name: str = "base"
 
+    def bind(self, results: Path, run_name: str) -> None:
+        """Called once before the first submit: the results dir and run this executor works for."""
+
+    def adopt(self, attempts: list) -> dict[int, Handle]:  # noqa: ANN001 - rows of the store's attempts table
+        """Attempts a killed runner left marked running whose work still exists (a container): their
+        handles by attempt id, for the scheduler to watch instead of starting them again. A handle
+        whose work ended while no runner watched reports its exit code at the first poll."""
+        return {}
+
     @abstractmethod
-    def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot) -> Handle: ...
+    def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot, attempt_id: int = 0, number: int = 1) -> Handle:
+        """Start one attempt (`number` counts the task's attempts; `attempt_id` is its row in runner.db)."""
 
     @abstractmethod
     def poll(self, handle: Handle) -> int | None:

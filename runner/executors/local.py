@@ -22,7 +22,7 @@ class LocalExecutor(Executor):
         # (oversubscribed OpenMP threads spin against each other and run several times slower)
         self.cpu_threads = cpu_threads
 
-    def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot) -> Handle:
+    def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot, attempt_id: int = 0, number: int = 1) -> Handle:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = "" if slot.gpu is None else str(slot.gpu)
         if slot.gpu is None and self.cpu_threads:

@@ -118,7 +118,7 @@ class RayExecutor(Executor):
             slots = [Slot(f"ray-cpu{i}") for i in range(max(1, int(res.get("CPU", 1) // self.cpus_per_task)))]
         return slots[:max_parallel] if max_parallel else slots
 
-    def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot) -> Handle:
+    def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot, attempt_id: int = 0, number: int = 1) -> Handle:
         spec_text = task_json.read_text()
         spec = json.loads(spec_text)
         encoder = (results / spec["encoder"]).read_bytes() if spec.get("encoder") else None
