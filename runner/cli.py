@@ -62,7 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(to_markdown(rep))
     counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items()))
-    print(f"{counts}; {outcome.started_workers} workers started in {outcome.seconds:.1f} s")
+    adopted = f", {outcome.adopted} adopted from a previous runner" if outcome.adopted else ""
+    print(f"{counts}; {outcome.started_workers} workers started{adopted} in {outcome.seconds:.1f} s")
     if outcome.exit_code == 1:
         print("some tasks failed: `byol-runner status` shows why; `run --retry-failed` tries them again", file=sys.stderr)
     if outcome.exit_code == 130:
@@ -156,6 +157,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import os
+
+    from runner.console import print_doctor
+    from runner.doctor import as_dicts, run_checks
+
+    image = args.image
+    if image is None and args.manifest is not None:
+        from runner.manifest import load_manifest
+
+        image = load_manifest(args.manifest).executor.docker.image
+    image = image or os.environ.get("BYOL_RUNNER_IMAGE") or "byol-runner:latest"
+    checks = as_dicts(run_checks(image, gpu=not args.no_gpu))
+    if args.json:
+        print(json.dumps({"image": image, "checks": checks}, indent=2))
+    else:
+        print_doctor(checks)
+    return 1 if any(c["status"] == "fail" for c in checks) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="byol-runner", description="BYOL vs supervised training on medical images.")
     p.add_argument("--version", action="version", version=f"byol-runner {__version__}")
@@ -224,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--channels", type=int, default=3, choices=(1, 3))
     b.add_argument("--parts", default="byol,supervised,augment", help="comma-separated subset of byol,supervised,augment")
     b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("doctor", help="check the Docker daemon, the image, the GPU runtime, Ray and PyTorch; says how to fix each")
+    d.add_argument("manifest", type=Path, nargs="?", help="take the image from this manifest's executor.docker.image")
+    d.add_argument("--image", help="the task image to check (default: BYOL_RUNNER_IMAGE, or byol-runner:latest)")
+    d.add_argument("--no-gpu", action="store_true", help="skip the GPU-runtime container")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor)
 
     w = sub.add_parser("worker", help="internal: train one task from its task.json (what a container or Ray task runs)")
     w.add_argument("task_json")

@@ -199,3 +199,15 @@ def print_status(st: dict) -> None:
                   "" if task["epoch"] is None else str(task["epoch"]), "" if task["step"] is None else str(task["step"]),
                   "" if task["loss"] is None else f"{task['loss']:.4f}", str(task["attempts"]), (task["error"] or "")[:80])
     out.print(t)
+
+
+def print_doctor(checks: list[dict]) -> None:
+    """One line per check, its fix on the next line when it is not ok."""
+    from rich.markup import escape
+
+    marks = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]", "skip": "[dim]skip[/]"}
+    width = max(len(c["name"]) for c in checks)
+    for c in checks:
+        out.print(f"{marks[c['status']]}  {c['name']:<{width}}  {escape(c['detail'])}", soft_wrap=True)
+        if c["fix"] and c["status"] in ("warn", "fail"):
+            out.print(f"      {'':<{width}}  [bold]fix:[/] {escape(c['fix'])}", soft_wrap=True)

@@ -104,6 +104,7 @@ class RunOutcome:
     started_workers: int
     seconds: float
     status: dict[str, str] = field(default_factory=dict)
+    adopted: int = 0  # attempts a killed runner started that this run watched to their end
 
 
 class Scheduler:
@@ -118,6 +119,7 @@ class Scheduler:
         self.running: dict[str, Running] = {}
         self.started_workers = 0
         self.adopted: dict[int, Handle] = {}
+        self.taken_over = 0
 
     # ---- setup -----------------------------------------------------------------------------
 
@@ -156,6 +158,7 @@ class Scheduler:
             self.running[t.id] = Running(t, handle, aid, tail)
             self.status[t.id] = "running"
             self.store.adopt_attempt(aid, run_id)
+            self.taken_over += 1
             self.store.set_status(t.id, "running")
         self.store.commit()
 
@@ -209,7 +212,7 @@ class Scheduler:
         counts: dict[str, int] = {}
         for s in self.status.values():
             counts[s] = counts.get(s, 0) + 1
-        return RunOutcome(run_id, code, counts, self.started_workers, time.time() - t0, dict(self.status))
+        return RunOutcome(run_id, code, counts, self.started_workers, time.time() - t0, dict(self.status), self.taken_over)
 
     def _loop(self, run_id: int) -> None:
         by_id = self.plan.by_id()

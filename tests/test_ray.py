@@ -53,7 +53,8 @@ def cluster(tmp_path_factory):
 
 def manifest(tmp_path: Path, address: str, pre_epochs: int = 3) -> Path:
     text = TINY.format(pre_epochs=pre_epochs, ft_steps=10).replace(
-        "executor: {max_parallel: 2, retries: 1}", f'executor: {{kind: ray, address: "{address}", retries: 1}}')
+        "executor: {max_parallel: 2, retries: 1}", f'executor: {{kind: ray, address: "{address}", retries: 1}}').replace(
+        "methods: [byol-finetune, byol-linear, supervised, random-linear]", "methods: [byol-finetune, supervised]")
     p = tmp_path / "ray.yaml"
     p.write_text(text)
     return p
@@ -70,7 +71,7 @@ def test_a_matrix_runs_on_both_nodes_and_equals_the_local_executor(cluster, tmp_
     with sqlite3.connect(tmp_path / "ray" / "runner.db") as db:
         nodes = [n for (n,) in db.execute("SELECT node FROM attempts WHERE status='done'")]
         executors = {e for (e,) in db.execute("SELECT executor FROM attempts")}
-    assert len(nodes) == 9 and len(set(nodes)) == 2, nodes  # placed on both nodes, recorded per attempt
+    assert len(nodes) == 5 and len(set(nodes)) == 2, nodes  # placed on both nodes, recorded per attempt
     assert executors == {"ray"}
     # two at a time, one thread each: what a 1-CPU Ray task gets (the thread count changes the floats)
     local = run_cli("run", str(m), "--results", str(tmp_path / "local"), "--executor", "local", "--max-parallel", "2", timeout=600)

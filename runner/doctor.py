@@ -1,0 +1,117 @@
+"""`byol-runner doctor`: is this machine ready to run tasks? Each check says ok, warn or fail, what it
+saw, and, when not ok, what to do. Exit 0 when nothing failed.
+
+Checks: the docker SDK, the daemon, the task image, the GPU runtime (a throwaway container running
+`nvidia-smi -L` with a GPU request; a warning only on a host with no NVIDIA GPU), Ray, and PyTorch
+on this machine (for the local executor)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+
+from runner.errors import UserError
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail | skip
+    detail: str
+    fix: str = ""
+
+
+def run_checks(image: str, gpu: bool = True) -> list[Check]:
+    from runner.executors.base import visible_gpus
+
+    checks: list[Check] = []
+    host_gpus = visible_gpus()
+    checks.append(Check("GPUs on this host", "ok" if host_gpus else "warn",
+                        f"{len(host_gpus)} visible (nvidia-smi -L)" if host_gpus else "none: tasks run on the CPU",
+                        "" if host_gpus else "install the NVIDIA driver if this machine has a GPU"))
+    client = None
+    if importlib.util.find_spec("docker") is None:
+        checks.append(Check("docker SDK", "fail", "not installed", "pip install docker"))
+    else:
+        from runner.executors.docker import DAEMON_FIX, connect
+
+        try:
+            client = connect(timeout=15)
+            v = client.version()
+            checks.append(Check("Docker daemon", "ok", f"Engine {v.get('Version')}, API {v.get('ApiVersion')}"))
+        except UserError as e:
+            checks.append(Check("Docker daemon", "fail", str(e).split(": start")[0], DAEMON_FIX))
+    if client is not None:
+        checks.append(_image_check(client, image))
+        checks.append(_gpu_runtime_check(client, image, host_gpus, gpu))
+    else:
+        checks.append(Check("image", "skip", f"{image}: no daemon to ask"))
+        checks.append(Check("GPU runtime", "skip", "no daemon to ask"))
+    checks.append(_ray_check())
+    checks.append(_torch_check())
+    return checks
+
+
+def _image_check(client, image: str) -> Check:  # noqa: ANN001
+    import docker
+
+    from runner.executors.docker import image_missing_message
+
+    try:
+        img = client.images.get(image)
+    except docker.errors.ImageNotFound:
+        return Check("image", "fail", f"{image}: not found", image_missing_message(image).split(": ", 1)[1])
+    size = img.attrs.get("Size", 0) / 2**30
+    return Check("image", "ok", f"{image} ({img.short_id}, {size:.1f} GiB)")
+
+
+def _gpu_runtime_check(client, image: str, host_gpus: list[int], gpu: bool) -> Check:  # noqa: ANN001
+    import docker
+    from docker.types import DeviceRequest
+
+    from runner.executors.docker import GPU_FIX, is_gpu_runtime_error
+
+    if not gpu:
+        return Check("GPU runtime", "skip", "not checked (--no-gpu)")
+    severity = "fail" if host_gpus else "warn"
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        return Check("GPU runtime", "skip", f"needs the image {image} to test with")
+    try:
+        out = client.containers.run(
+            image, ["nvidia-smi", "-L"], remove=True, network_mode="none", entrypoint=[],
+            device_requests=[DeviceRequest(count=-1, capabilities=[["gpu"]])],
+            environment={"NVIDIA_DRIVER_CAPABILITIES": "compute,utility"},
+        )
+    except docker.errors.APIError as e:
+        if is_gpu_runtime_error(e):
+            what = "missing: Docker cannot give containers a GPU" + ("" if host_gpus else " (this host has no GPU either)")
+            return Check("GPU runtime", severity, what, GPU_FIX)
+        return Check("GPU runtime", severity, f"a GPU container failed: {e.explanation or e}", GPU_FIX)
+    except docker.errors.ContainerError as e:
+        return Check("GPU runtime", severity, f"nvidia-smi in a container exited {e.exit_status}", GPU_FIX)
+    lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith("GPU ")]
+    return Check("GPU runtime", "ok", f"{len(lines)} GPU(s) in a container: " + "; ".join(lines)[:200])
+
+
+def _ray_check() -> Check:
+    if importlib.util.find_spec("ray") is None:
+        return Check("Ray", "warn", "not installed (only the ray executor needs it)", 'pip install "ray[default]"')
+    from importlib.metadata import version
+
+    return Check("Ray", "ok", f"ray {version('ray')} installed")
+
+
+def _torch_check() -> Check:
+    try:
+        import torch
+    except ImportError:
+        return Check("PyTorch", "fail", "not installed (the local executor's workers need it)", "pip install torch torchvision")
+    cuda = torch.cuda.is_available()
+    detail = f"torch {torch.__version__}, " + (f"CUDA on {torch.cuda.device_count()} GPU(s)" if cuda else "CPU only")
+    return Check("PyTorch", "ok", detail)
+
+
+def as_dicts(checks: list[Check]) -> list[dict]:
+    return [asdict(c) for c in checks]

@@ -1,0 +1,272 @@
+"""The docker executor against a real Docker engine: containers run the project's own virtualenv,
+bind-mounted read-only into the CI image (a debootstrapped Debian, docker/build-ci-image.sh).
+
+Skipped, with the reason shown, where no engine answers (`.ci/run` installs and starts one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, real_data, run_cli
+from tests.test_runner import tiny
+
+CI_IMAGE = os.environ.get("BYOL_RUNNER_TEST_IMAGE", "byol-runner-ci:bookworm")
+LABEL = "io.github.byol-runner"
+
+
+@pytest.fixture(scope="session")
+def client():
+    docker = pytest.importorskip("docker")
+    try:
+        c = docker.from_env(timeout=30)
+        c.ping()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no Docker engine answers ({str(e).splitlines()[0][:120]}): .ci/run installs and starts one")
+    try:
+        c.images.get(CI_IMAGE)
+    except docker.errors.ImageNotFound:
+        build = subprocess.run(["bash", str(REPO / "docker" / "build-ci-image.sh"), CI_IMAGE], capture_output=True, text=True)
+        if build.returncode != 0:
+            pytest.skip(f"the CI image {CI_IMAGE} is missing and could not be built: {build.stderr.strip()[-200:]}")
+    return c
+
+
+@pytest.fixture
+def denv(client) -> dict:  # noqa: ANN001
+    return {"BYOL_RUNNER_IMAGE": CI_IMAGE, "BYOL_RUNNER_HOST_VENV": "1"}
+
+
+def ours(client, results: Path) -> list:  # noqa: ANN001
+    return client.containers.list(all=True, filters={"label": f"{LABEL}.results={results.resolve()}"})
+
+
+def attempts(results: Path) -> list[tuple]:
+    with sqlite3.connect(results / "runner.db") as db:
+        return db.execute("SELECT a.task_id, t.kind, a.number, a.status, a.exit_code, a.error FROM attempts a "
+                          "JOIN tasks t ON t.id=a.task_id ORDER BY a.id").fetchall()
+
+
+def results_of(results: Path) -> dict[str, dict]:
+    """metrics.json of every task, without its timing."""
+    out = {}
+    for m in sorted((results / "tasks").glob("*/metrics.json")):
+        d = json.loads(m.read_text())
+        d.pop("seconds", None)
+        out[m.parent.name] = d
+    return out
+
+
+def _wait(what: str, cond, timeout: float = 120.0):  # noqa: ANN001, ANN202
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _started(c) -> float:  # noqa: ANN001
+    """A container's start time, in seconds since the epoch (the engine gives nanoseconds in ISO 8601)."""
+    from datetime import datetime
+
+    text = c.attrs["State"]["StartedAt"].rstrip("Z")
+    whole, _, frac = text.partition(".")
+    return datetime.fromisoformat(whole + "+00:00").timestamp() + float("0." + (frac or "0"))
+
+
+def _running_pretrain(client, results: Path, number: int, checkpoint: bool = False):  # noqa: ANN001, ANN202
+    """The running container of the pretraining's attempt `number`, once it has logged progress (and
+    written a checkpoint)."""
+    for c in ours(client, results):
+        folder = results / "tasks" / c.labels[f"{LABEL}.task"]
+        if c.status != "running" or c.labels[f"{LABEL}.attempt"] != str(number):
+            continue
+        if json.loads((folder / "task.json").read_text())["kind"] != "pretrain":
+            continue
+        events = (folder / "events.jsonl").read_text().splitlines() if (folder / "events.jsonl").exists() else []
+        if checkpoint and not (folder / "checkpoint.pt").exists():
+            continue
+        if any(e["kind"] == "progress" and e["ts"] > _started(c) for e in map(json.loads, events)):
+            return c
+    return None
+
+
+def _local_worker(task_dir: Path, results: Path, encoder: Path | None = None) -> dict:
+    """Run one task's worker as the local executor does (a process on this machine, one thread as in a
+    2-slot CPU run), on a copy of its task.json; returns its metrics without the timing."""
+    dest = results / "tasks" / task_dir.name
+    dest.mkdir(parents=True)
+    shutil.copy(task_dir / "task.json", dest / "task.json")
+    if encoder is not None:
+        (results / "tasks" / encoder.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(encoder, results / "tasks" / encoder.parent.name / "encoder.pt")
+    r = run_cli("worker", str(dest / "task.json"), env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((dest / "metrics.json").read_text())
+    m.pop("seconds")
+    return m
+
+
+def test_a_matrix_runs_in_containers_survives_docker_kill_and_a_killed_runner_and_equals_local(client, denv, tmp_path):
+    """The tiny matrix with --executor docker. `docker kill` of the pretraining's container: that attempt
+    fails as killed and is retried from its checkpoint; then the runner is SIGKILLed while the retry
+    runs: the container survives, the next `run` adopts it, no task runs twice, no container is left,
+    and the numbers equal those of the same tasks run as local processes."""
+    results = tmp_path / "results"
+    manifest = tiny(tmp_path, pre_epochs=12, ft_steps=5)
+    runner = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(manifest), "--executor", "docker",
+                               "--results", str(results)], cwd=REPO, env={**os.environ, **denv},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        first = _wait("the pretraining's first checkpoint", lambda: _running_pretrain(client, results, 1, checkpoint=True))
+        first.kill()
+        second = _wait("the pretraining's second container", lambda: _running_pretrain(client, results, 2))
+        assert runner.poll() is None
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=30)
+        second.reload()
+        assert second.status == "running"  # the container outlives its runner
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    again = run_cli("run", str(manifest), "--executor", "docker", "--results", str(results), env=denv)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "adopted from a previous runner" in again.stdout and "5 done" in again.stdout
+    rows = attempts(results)
+    pre = [r for r in rows if r[1] == "pretrain"]
+    assert [(r[2], r[3], r[4]) for r in pre] == [(1, "failed", 137), (2, "done", 0)]
+    assert "killed (SIGKILL, exit 137) from outside byol-runner" in pre[0][5]
+    others = [r for r in rows if r[1] != "pretrain"]
+    assert len(others) == 4 and all(r[2] == 1 and r[3] == "done" for r in others)  # every other task ran once
+    assert ours(client, results) == []
+    pre_dir = results / "tasks" / pre[0][0]
+    events = [json.loads(line) for line in (pre_dir / "events.jsonl").read_text().splitlines()]
+    assert any("resumed from checkpoint at step" in (e.get("message") or "") for e in events)
+    with sqlite3.connect(results / "runner.db") as db:
+        assert {e for (e,) in db.execute("SELECT executor FROM attempts")} == {"docker"}
+        # the adopted attempt's progress after the runner's death reached the store
+        last = db.execute("SELECT MAX(step) FROM metric_points WHERE task_id=?", (pre[0][0],)).fetchone()[0]
+    assert last == max(e["step"] for e in events if e["kind"] == "progress")
+    # written through the /results mount as the invoking user: the image cache, the task files
+    assert any((results / "cache").iterdir())
+    assert all(p.stat().st_uid == os.getuid() for p in (results / "tasks").rglob("*"))
+
+    # the same task ids as local processes give the same numbers
+    local = tmp_path / "local"
+    in_docker = results_of(results)
+    kinds = {tid: m["kind"] for tid, m in in_docker.items()}
+    sup = next(t for t, k in kinds.items() if k == "supervised")
+    ft = next(t for t, k in kinds.items() if k == "finetune")
+    assert _local_worker(results / "tasks" / sup, local) == in_docker[sup]
+    assert _local_worker(results / "tasks" / ft, local, encoder=pre_dir / "encoder.pt") == in_docker[ft]
+
+
+def test_a_container_over_its_memory_limit_is_reported_as_killed_for_memory(client, denv, tmp_path):
+    manifest = tiny(tmp_path)
+    text = manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]")
+    text = text.replace("fractions: [0.25, 1.0]", "fractions: [1.0]")
+    manifest.write_text(text.replace("executor: {max_parallel: 2, retries: 1}",
+                                     "executor: {retries: 0, docker: {memory: 150m}}"))
+    r = run_cli("run", str(manifest), "--executor", "docker", "--results", str(tmp_path / "results"), env=denv)
+    assert r.returncode == 1
+    [(tid, kind, number, status, code, error)] = attempts(tmp_path / "results")
+    assert (kind, status, code) == ("supervised", "failed", 137)
+    assert error.startswith("killed for memory: the container went over its memory limit of 150m")
+    assert ours(client, tmp_path / "results") == []
+
+
+def test_the_container_spec_for_a_two_gpu_host_is_accepted_by_the_engine(client, tmp_path):
+    """Without a GPU here, the spec of each slot's container is created (not started) and read back."""
+    from runner.executors.base import Slot
+    from runner.executors.docker import DockerExecutor, container_spec
+    from runner.manifest import DockerSpec
+
+    head_ct = real_data("head_ct")
+    spec = DockerSpec(image=CI_IMAGE, memory="2g", env={"EXTRA": "1"})
+    task = {"dataset": "hemorrhage", "data": {"source": "csv", "root": str(head_ct)}}
+    results = tmp_path / "results"
+    (results / "tasks" / "t1").mkdir(parents=True)
+    made = []
+    try:
+        for gpu in (0, 1):
+            tid = f"t{gpu}"
+            kw = container_spec(spec, task, tid, results, Slot(f"gpu{gpu}", gpu), "study", attempt_id=7 + gpu, number=1)
+            kw.pop("detach")
+            kw["name"] += f"-{os.getpid()}"
+            c = client.containers.create(**kw)
+            made.append(c)
+            a = client.api.inspect_container(c.id)
+            host = a["HostConfig"]
+            assert host["DeviceRequests"] == [{"Driver": "", "Count": 0, "DeviceIDs": [str(gpu)], "Capabilities": [["gpu"]],
+                                               "Options": {}}]
+            assert host["ShmSize"] == 8 * 2**30 and host["Memory"] == 2 * 2**30 and host["MemorySwap"] == 2 * 2**30
+            assert host["NetworkMode"] == "none" and host["Init"] is True
+            mounts = {m["Target"]: (m["Source"], m.get("ReadOnly", False)) for m in host["Mounts"]}
+            assert mounts["/results"] == (str(results.resolve()), False)
+            assert mounts["/data/hemorrhage"] == (str(head_ct.resolve()), True)
+            cfg = a["Config"]
+            assert cfg["User"] == f"{os.getuid()}:{os.getgid()}"
+            assert cfg["Labels"][f"{LABEL}.task"] == tid and cfg["Labels"][f"{LABEL}.attempt-id"] == str(7 + gpu)
+            assert cfg["Labels"][f"{LABEL}.results"] == str(results.resolve())
+            assert cfg["Cmd"] == ["worker", f"/results/tasks/{tid}/task.json", "--results", "/results", "--data-root", "/data/hemorrhage"]
+            assert "EXTRA=1" in cfg["Env"] and "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in cfg["Env"]
+    finally:
+        for c in made:
+            c.remove(force=True)
+
+    # started for real on this GPU-less engine: the GPU runtime is missing, and the message says what to do
+    from runner.errors import UserError
+
+    (results / "tasks" / "t1" / "task.json").write_text(json.dumps(task))
+    ex = DockerExecutor(spec)
+    ex.bind(results, "study")
+    with pytest.raises(UserError, match="NVIDIA Container Toolkit"):
+        ex.submit("t1", results / "tasks" / "t1" / "task.json", results, Slot("gpu1", 1), attempt_id=9)
+    assert ours(client, results) == []
+
+
+def test_doctor_and_run_say_what_is_missing(client, denv, tmp_path):
+    ok = run_cli("doctor", "--image", CI_IMAGE, "--json")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    checks = {c["name"]: c for c in json.loads(ok.stdout)["checks"]}
+    assert checks["Docker daemon"]["status"] == "ok" and checks["image"]["status"] == "ok"
+    assert checks["GPU runtime"]["status"] in ("ok", "warn")  # warn: no GPU on this host
+    if checks["GPU runtime"]["status"] == "warn":
+        assert "NVIDIA Container Toolkit" in checks["GPU runtime"]["fix"]
+
+    missing = run_cli("doctor", "--image", "byol-runner-test:no-such-tag")
+    assert missing.returncode == 1 and "docker build -t byol-runner-test:no-such-tag ." in missing.stdout
+
+    manifest = tiny(tmp_path)
+    no_image = run_cli("run", str(manifest), "--executor", "docker", "--results", str(tmp_path / "r"),
+                       env={"BYOL_RUNNER_IMAGE": "byol-runner-test:no-such-tag"})
+    assert no_image.returncode == 2 and "docker image 'byol-runner-test:no-such-tag' not found" in no_image.stderr
+
+    no_daemon = run_cli("run", str(manifest), "--executor", "docker", "--results", str(tmp_path / "r"),
+                        env={**denv, "DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
+    assert no_daemon.returncode == 2 and "cannot reach the Docker daemon" in no_daemon.stderr
+    assert "Traceback" not in no_daemon.stderr + no_image.stderr
+
+
+def test_compose_file_runs_the_ci_job_headless_and_reserves_gpus_for_the_runner():
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    runner, ci = compose["services"]["runner"], compose["services"]["ci"]
+    devices = runner["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"] and runner["shm_size"]
+    assert any(v.endswith(":/results") or ":/results:" in v for v in runner["volumes"])
+    assert "experiments/ci.yaml" in " ".join(ci["command"]) and "deploy" not in ci
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=" in dockerfile and "FROM ${BASE_IMAGE}" in dockerfile
+    assert "USER " in dockerfile and 'ENTRYPOINT ["/usr/local/bin/byol-runner-entrypoint"]' in dockerfile
