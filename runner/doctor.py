@@ -78,19 +78,34 @@ def _gpu_runtime_check(client, image: str, host_gpus: list[int], gpu: bool) -> C
         client.images.get(image)
     except docker.errors.ImageNotFound:
         return Check("GPU runtime", "skip", f"needs the image {image} to test with")
+    from runner.executors.docker import LABEL
+
+    container = None
     try:
-        out = client.containers.run(
-            image, ["nvidia-smi", "-L"], remove=True, network_mode="none", entrypoint=[],
+        container = client.containers.create(
+            image, ["nvidia-smi", "-L"], network_mode="none", entrypoint=[], labels={f"{LABEL}.doctor": "1"},
             device_requests=[DeviceRequest(count=-1, capabilities=[["gpu"]])],
             environment={"NVIDIA_DRIVER_CAPABILITIES": "compute,utility"},
         )
+        container.start()
+        code = container.wait(timeout=120).get("StatusCode", 1)
+        out = container.logs()
     except docker.errors.APIError as e:
         if is_gpu_runtime_error(e):
             what = "missing: Docker cannot give containers a GPU" + ("" if host_gpus else " (this host has no GPU either)")
             return Check("GPU runtime", severity, what, GPU_FIX)
         return Check("GPU runtime", severity, f"a GPU container failed: {e.explanation or e}", GPU_FIX)
-    except docker.errors.ContainerError as e:
-        return Check("GPU runtime", severity, f"nvidia-smi in a container exited {e.exit_status}", GPU_FIX)
+    except Exception as e:  # noqa: BLE001 - a wait that timed out, a daemon that went away
+        return Check("GPU runtime", severity, f"a GPU container did not finish: {e}", GPU_FIX)
+    finally:
+        if container is not None:
+            try:
+                container.remove(force=True)
+            except Exception:  # noqa: BLE001, S110 - already gone
+                pass
+    if code != 0:
+        return Check("GPU runtime", severity, f"nvidia-smi in a container exited {code}: {out.decode(errors='replace')[-200:]}",
+                     GPU_FIX)
     lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith("GPU ")]
     return Check("GPU runtime", "ok", f"{len(lines)} GPU(s) in a container: " + "; ".join(lines)[:200])
 

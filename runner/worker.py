@@ -72,12 +72,24 @@ class EventLog:
         self.f.close()
 
 
-def load_task(path: Path) -> TaskSpec:
+def load_task(path: Path, data_root: str | None = None) -> TaskSpec:
+    """The task spec; with `data_root`, its data set's folder (or npz file's folder) is that path, as
+    where a container mounts it: the spec is checked against the data set where it is, not where the
+    runner saw it."""
     try:
-        return TaskSpec.model_validate_json(path.read_bytes())
+        raw = json.loads(path.read_bytes())
+        if data_root is not None and isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+            data = raw["data"]
+            if "root" in data:
+                data["root"] = data_root
+            elif "path" in data:
+                data["path"] = str(Path(data_root) / Path(str(data["path"])).name)
+        return TaskSpec.model_validate(raw)
     except FileNotFoundError:
         raise StartError(f"{path}: no such task file") from None
-    except ValidationError as e:
+    except ValueError as e:
+        if not isinstance(e, ValidationError):  # not JSON at all
+            raise StartError(f"{path}: not a valid task spec: not JSON ({e})") from None
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise StartError(f"{path}: not a valid task spec: {where}: {first['msg']} ({e.error_count()} errors)") from None
@@ -190,15 +202,6 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def relocate_data(data, data_root: str):  # noqa: ANN001, ANN201
-    """The data spec with its folder replaced: `root` for folder sources, the file's folder for npz."""
-    if hasattr(data, "root"):
-        return data.model_copy(update={"root": data_root})
-    if hasattr(data, "path"):
-        return data.model_copy(update={"path": str(Path(data_root) / Path(data.path).name)})
-    return data
-
-
 def main(task_json: str, results: str | None = None, data_root: str | None = None) -> int:
     from runner.atomic import atomic_write_json
 
@@ -209,9 +212,7 @@ def main(task_json: str, results: str | None = None, data_root: str | None = Non
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _die_with_parent()
-        task = load_task(path)
-        if data_root is not None:  # the same task, its data mounted elsewhere (a container's /data/<name>)
-            task = task.model_copy(update={"data": relocate_data(task.data, data_root)})
+        task = load_task(path, data_root)  # data_root: the same task, its data mounted elsewhere (/data/<name>)
         log.task = task.id
         log.emit("log", message=f"worker pid {os.getpid()} on {os.uname().nodename}, engine {ENGINE_VERSION}")
         result = run_task(task, task_dir, results_dir, log)

@@ -173,6 +173,41 @@ def test_a_matrix_runs_in_containers_survives_docker_kill_and_a_killed_runner_an
     assert _local_worker(results / "tasks" / ft, local, encoder=pre_dir / "encoder.pt") == in_docker[ft]
 
 
+def test_a_task_on_real_images_reads_its_data_set_mounted_read_only(client, denv, tmp_path):
+    """Head CT (Kaggle layout: a labels CSV and PNGs) mounted at /data/hemorrhage; the task.json still
+    names the host's folder, which does not exist inside the container."""
+    head_ct = real_data("head_ct")
+    manifest = tmp_path / "ct.yaml"
+    manifest.write_text(f"""\
+name: ct
+datasets:
+  hemorrhage:
+    source: csv
+    root: {head_ct}
+    image_column: id
+    label_column: hemorrhage
+    image_pattern: '{{}}.png'
+    classes: {{normal: ['0'], hemorrhage: ['1']}}
+    positive: hemorrhage
+    image_size: 32
+    split: {{strategy: stratified, val: 0.2, test: 0.2}}
+methods: [supervised]
+labels: {{fractions: [1.0]}}
+model: {{arch: resnet18}}
+finetune: {{epochs: 1, min_steps: 4, batch_size: 16}}
+run: {{device: cpu}}
+executor: {{retries: 0}}
+""")
+    results = tmp_path / "results"
+    r = run_cli("run", str(manifest), "--executor", "docker", "--results", str(results), env=denv)
+    assert r.returncode == 0, r.stdout + r.stderr + "".join(p.read_text() for p in results.glob("tasks/*/worker.log"))
+    [(tid, kind, number, status, code, error)] = attempts(results)
+    m = json.loads((results / "tasks" / tid / "metrics.json").read_text())
+    assert m["dataset"] == "hemorrhage" and m["class_names"] == ["normal", "hemorrhage"]
+    assert m["n_labeled"] > 100 and 0.0 <= m["test"]["accuracy"] <= 1.0
+    assert ours(client, results) == []
+
+
 def test_a_container_over_its_memory_limit_is_reported_as_killed_for_memory(client, denv, tmp_path):
     manifest = tiny(tmp_path)
     text = manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]")
@@ -246,6 +281,7 @@ def test_doctor_and_run_say_what_is_missing(client, denv, tmp_path):
     if checks["GPU runtime"]["status"] == "warn":
         assert "NVIDIA Container Toolkit" in checks["GPU runtime"]["fix"]
 
+    assert client.containers.list(all=True, filters={"label": f"{LABEL}.doctor"}) == []  # its throwaway is gone
     missing = run_cli("doctor", "--image", "byol-runner-test:no-such-tag")
     assert missing.returncode == 1 and "docker build -t byol-runner-test:no-such-tag ." in missing.stdout
 
@@ -270,3 +306,24 @@ def test_compose_file_runs_the_ci_job_headless_and_reserves_gpus_for_the_runner(
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=" in dockerfile and "FROM ${BASE_IMAGE}" in dockerfile
     assert "USER " in dockerfile and 'ENTRYPOINT ["/usr/local/bin/byol-runner-entrypoint"]' in dockerfile
+
+
+@pytest.mark.parametrize("docker_yaml,expected", [
+    ("{memory: lots}", r"executor\.docker\.memory: 'lots' is not a size"),
+    ("{mounts: ['data:/data']}", r"executor\.docker\.mounts: 'data:/data': a mount is '/host/path:/container/path'"),
+    ("{user: bob}", r"executor\.docker\.user: 'bob': give a numeric uid"),
+    ("{imag: x}", r"executor\.docker\.imag: unknown key \(did you mean 'image'\?\)"),
+])
+def test_bad_docker_settings_name_their_place(tmp_path, docker_yaml, expected):
+    """No engine needed: the manifest is checked before anything runs."""
+    import re
+
+    from runner.errors import ManifestError
+    from runner.manifest import load_manifest
+
+    p = tmp_path / "m.yaml"
+    p.write_text(f"name: t\ndatasets:\n  s: {{source: synthetic}}\nexecutor:\n  kind: docker\n  docker: {docker_yaml}\n")
+    with pytest.raises(ManifestError) as e:
+        load_manifest(p)
+    assert re.search(expected, str(e.value)), str(e.value)
+    assert str(e.value).startswith(f"{p}:6: ")
