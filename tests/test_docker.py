@@ -43,12 +43,26 @@ def client():
 
 
 @pytest.fixture
-def denv(client) -> dict:  # noqa: ANN001
-    return {"BYOL_RUNNER_IMAGE": CI_IMAGE, "BYOL_RUNNER_HOST_VENV": "1"}
+def denv(client, tmp_path) -> dict:  # noqa: ANN001
+    """The environment that runs tasks in the CI image; afterwards no container of the test is left,
+    even when it failed halfway."""
+    yield {"BYOL_RUNNER_IMAGE": CI_IMAGE, "BYOL_RUNNER_HOST_VENV": "1"}
+    for c in client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL}.results"}):
+        if c.labels.get(f"{LABEL}.results", "").startswith(str(tmp_path.resolve())):
+            c.remove(force=True)
 
 
 def ours(client, results: Path) -> list:  # noqa: ANN001
-    return client.containers.list(all=True, filters={"label": f"{LABEL}.results={results.resolve()}"})
+    """The containers of a results dir (inspected; one removed while being listed is left out)."""
+    docker = pytest.importorskip("docker")
+    out = []
+    for c in client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL}.results={results.resolve()}"}):
+        try:
+            c.reload()
+        except docker.errors.NotFound:
+            continue
+        out.append(c)
+    return out
 
 
 def attempts(results: Path) -> list[tuple]:
@@ -120,12 +134,13 @@ def _local_worker(task_dir: Path, results: Path, encoder: Path | None = None) ->
 
 
 def test_a_matrix_runs_in_containers_survives_docker_kill_and_a_killed_runner_and_equals_local(client, denv, tmp_path):
-    """The tiny matrix with --executor docker. `docker kill` of the pretraining's container: that attempt
+    """The tiny matrix (Model 1 fine-tuned and linear, Model 2) with --executor docker. `docker kill` of the pretraining's container: that attempt
     fails as killed and is retried from its checkpoint; then the runner is SIGKILLed while the retry
     runs: the container survives, the next `run` adopts it, no task runs twice, no container is left,
     and the numbers equal those of the same tasks run as local processes."""
     results = tmp_path / "results"
     manifest = tiny(tmp_path, pre_epochs=12, ft_steps=5)
+    manifest.write_text(manifest.read_text().replace("[byol-finetune, supervised]", "[byol-finetune, byol-linear, supervised]"))
     runner = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(manifest), "--executor", "docker",
                                "--results", str(results)], cwd=REPO, env={**os.environ, **denv},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -143,13 +158,13 @@ def test_a_matrix_runs_in_containers_survives_docker_kill_and_a_killed_runner_an
             runner.kill()
     again = run_cli("run", str(manifest), "--executor", "docker", "--results", str(results), env=denv)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "adopted from a previous runner" in again.stdout and "5 done" in again.stdout
+    assert "adopted from a previous runner" in again.stdout and "7 done" in again.stdout
     rows = attempts(results)
     pre = [r for r in rows if r[1] == "pretrain"]
     assert [(r[2], r[3], r[4]) for r in pre] == [(1, "failed", 137), (2, "done", 0)]
     assert "killed (SIGKILL, exit 137) from outside byol-runner" in pre[0][5]
     others = [r for r in rows if r[1] != "pretrain"]
-    assert len(others) == 4 and all(r[2] == 1 and r[3] == "done" for r in others)  # every other task ran once
+    assert len(others) == 6 and all(r[2] == 1 and r[3] == "done" for r in others)  # every other task ran once
     assert ours(client, results) == []
     pre_dir = results / "tasks" / pre[0][0]
     events = [json.loads(line) for line in (pre_dir / "events.jsonl").read_text().splitlines()]
@@ -169,8 +184,10 @@ def test_a_matrix_runs_in_containers_survives_docker_kill_and_a_killed_runner_an
     kinds = {tid: m["kind"] for tid, m in in_docker.items()}
     sup = next(t for t, k in kinds.items() if k == "supervised")
     ft = next(t for t, k in kinds.items() if k == "finetune")
+    lin = next(t for t, k in kinds.items() if k == "linear")
     assert _local_worker(results / "tasks" / sup, local) == in_docker[sup]
     assert _local_worker(results / "tasks" / ft, local, encoder=pre_dir / "encoder.pt") == in_docker[ft]
+    assert _local_worker(results / "tasks" / lin, local, encoder=pre_dir / "encoder.pt") == in_docker[lin]
 
 
 def test_a_task_on_real_images_reads_its_data_set_mounted_read_only(client, denv, tmp_path):
@@ -206,6 +223,42 @@ executor: {{retries: 0}}
     assert m["dataset"] == "hemorrhage" and m["class_names"] == ["normal", "hemorrhage"]
     assert m["n_labeled"] > 100 and 0.0 <= m["test"]["accuracy"] <= 1.0
     assert ours(client, results) == []
+
+
+def _pretrain_only(tmp_path: Path, executor: str) -> Path:
+    """BYOL pretraining long enough to be stopped, and the fine-tune that waits for it."""
+    manifest = tiny(tmp_path, pre_epochs=200)
+    text = manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [byol-finetune]")
+    manifest.write_text(text.replace("fractions: [0.25, 1.0]", "fractions: [1.0]").replace(
+        "executor: {max_parallel: 2, retries: 1}", executor))
+    return manifest
+
+
+def test_the_wall_clock_limit_and_ctrl_c_stop_the_container(client, denv, tmp_path):
+    limited = _pretrain_only(tmp_path, "executor: {retries: 0, timeout_s: 6, docker: {stop_grace_s: 5}}")
+    r = run_cli("run", str(limited), "--executor", "docker", "--results", str(tmp_path / "limited"), env=denv)
+    assert r.returncode == 1
+    rows = attempts(tmp_path / "limited")
+    assert [(k, s) for _, k, _, s, _, _ in rows] == [("pretrain", "failed")]
+    assert rows[0][5] == "wall-clock limit of 6 s reached (executor.timeout_s)"
+    assert ours(client, tmp_path / "limited") == []
+
+    results = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(_pretrain_only(tmp_path, "executor: {}")),
+                             "--executor", "docker", "--results", str(results)], cwd=REPO, env={**os.environ, **denv},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        running = _wait("the pretraining's container", lambda: _running_pretrain(client, results, 1))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert [(k, s) for _, k, _, s, _, _ in attempts(results)] == [("pretrain", "interrupted")]
+    assert ours(client, results) == [] and running.id not in {c.id for c in client.containers.list(all=True)}
+    events = (results / "tasks" / attempts(results)[0][0] / "events.jsonl").read_text()
+    assert "stopped by SIGTERM" in events  # the worker got SIGTERM through the container's init
 
 
 def test_a_container_over_its_memory_limit_is_reported_as_killed_for_memory(client, denv, tmp_path):

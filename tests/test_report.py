@@ -22,7 +22,7 @@ def finished(tmp_path_factory) -> Path:
     """A finished two-seed run of the tiny synthetic matrix."""
     tmp = tmp_path_factory.mktemp("report")
     manifest = tmp / "tiny.yaml"
-    manifest.write_text(TINY.format(pre_epochs=3, ft_steps=10).replace("seeds: [0]", "seeds: [0, 1]"))
+    manifest.write_text(TINY.format(pre_epochs=2, ft_steps=5).replace("seeds: [0]", "seeds: [0, 1]"))
     results = tmp / "results"
     r = run_cli("run", str(manifest), "--results", str(results), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -97,7 +97,8 @@ def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tmp_path
 
 def test_a_failing_task_is_retried_then_failed_and_the_rest_finishes(tmp_path):
     results = tmp_path / "results"
-    r = run_cli("run", str(tiny(tmp_path)), "--results", str(results), env={"BYOL_RUNNER_FAIL_KIND": "supervised"})
+    tiny(tmp_path, pre_epochs=2, ft_steps=5)
+    r = run_cli("run", str(tmp_path / "tiny.yaml"), "--results", str(results), env={"BYOL_RUNNER_FAIL_KIND": "supervised"})
     assert r.returncode == 1, r.stdout + r.stderr
     att = attempts(results)
     sup = [a for a in att if a[1] == "supervised"]
@@ -109,8 +110,8 @@ def test_a_failing_task_is_retried_then_failed_and_the_rest_finishes(tmp_path):
     table = (results / "tiny" / "results.md").read_text()
     assert "—" in table  # Model 2 missing, marked, not a crash
     # a plain rerun leaves them failed; --retry-failed runs them again (now without the fault)
-    assert run_cli("run", str(tiny(tmp_path)), "--results", str(results)).returncode == 1
-    fixed = run_cli("run", str(tiny(tmp_path)), "--results", str(results), "--retry-failed")
+    assert run_cli("run", str(tmp_path / "tiny.yaml"), "--results", str(results)).returncode == 1
+    fixed = run_cli("run", str(tmp_path / "tiny.yaml"), "--results", str(results), "--retry-failed")
     assert fixed.returncode == 0, fixed.stderr
     assert "—" not in (results / "tiny" / "results.md").read_text()
 

@@ -19,7 +19,7 @@ from tests.test_runner import TINY
 def tiny(tmp_path: Path) -> Path:
     """The runner tests' tiny matrix with Model 1 and Model 2 only: 5 tasks."""
     p = tmp_path / "tiny.yaml"
-    p.write_text(TINY.format(pre_epochs=3, ft_steps=10).replace(
+    p.write_text(TINY.format(pre_epochs=2, ft_steps=5).replace(
         "methods: [byol-finetune, byol-linear, supervised, random-linear]", "methods: [byol-finetune, supervised]"))
     return p
 
