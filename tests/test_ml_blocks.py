@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -176,6 +178,34 @@ def test_metrics_on_hand_made_predictions():
     assert prior_loss(np.array([0, 1, 1, 1]), labels, 2) == pytest.approx(-(4 * np.log(0.25) + 4 * np.log(0.75)) / 8)
     three = classification_metrics(np.eye(3)[[0, 1, 2, 2]] * 0.9 + 0.1 / 3, np.array([0, 1, 2, 1]))
     assert three["auroc"] is not None and "sensitivity" not in three and three["accuracy"] == 0.75
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 4), st.integers(0, 2**31 - 1), st.integers(3, 40), st.booleans())
+def test_metrics_equal_sklearns_on_random_predictions(k, seed, n, ties):
+    """The numpy metrics against scikit-learn's (the reference), ties in the scores included."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    if ties:
+        logits = np.round(logits)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = classification_metrics(probs, labels, positive=1 if k == 2 else None)
+    pred = probs.argmax(1)
+    assert m["confusion_matrix"] == confusion_matrix(labels, pred, labels=list(range(k))).tolist()
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred))
+    present = np.unique(labels)
+    if len(present) < 2:
+        assert m["auroc"] is None
+    elif k == 2:
+        assert m["auroc"] == pytest.approx(roc_auc_score(labels == 1, probs[:, 1]))
+    else:
+        ref = np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present])
+        assert m["auroc"] == pytest.approx(ref)
+        if len(present) == k:
+            assert m["auroc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr"))
 
 
 def test_checkpoints_are_atomic_and_load_without_pickle(tmp_path):
