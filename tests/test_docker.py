@@ -48,7 +48,7 @@ def denv(client, tmp_path) -> dict:  # noqa: ANN001
     even when it failed halfway."""
     yield {"BYOL_RUNNER_IMAGE": CI_IMAGE, "BYOL_RUNNER_HOST_VENV": "1"}
     for c in client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL}.results"}):
-        if c.labels.get(f"{LABEL}.results", "").startswith(str(tmp_path.resolve())):
+        if (c.attrs.get("Labels") or {}).get(f"{LABEL}.results", "").startswith(str(tmp_path.resolve())):
             c.remove(force=True)
 
 
@@ -266,13 +266,15 @@ def test_a_container_over_its_memory_limit_is_reported_as_killed_for_memory(clie
     text = manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]")
     text = text.replace("fractions: [0.25, 1.0]", "fractions: [1.0]")
     manifest.write_text(text.replace("executor: {max_parallel: 2, retries: 1}",
-                                     "executor: {retries: 0, docker: {memory: 150m}}"))
+                                     "executor: {retries: 0, docker: {memory: 150m, keep_containers: true}}"))
     r = run_cli("run", str(manifest), "--executor", "docker", "--results", str(tmp_path / "results"), env=denv)
     assert r.returncode == 1
     [(tid, kind, number, status, code, error)] = attempts(tmp_path / "results")
     assert (kind, status, code) == ("supervised", "failed", 137)
     assert error.startswith("killed for memory: the container went over its memory limit of 150m")
-    assert ours(client, tmp_path / "results") == []
+    # keep_containers: the ended container is left for inspection, and the engine says why it ended
+    [kept] = ours(client, tmp_path / "results")
+    assert kept.attrs["State"]["OOMKilled"] is True and kept.labels[f"{LABEL}.task"] == tid
 
 
 def test_the_container_spec_for_a_two_gpu_host_is_accepted_by_the_engine(client, tmp_path):

@@ -180,6 +180,7 @@ def test_metrics_on_hand_made_predictions():
     assert three["auroc"] is not None and "sensitivity" not in three and three["accuracy"] == 0.75
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 @settings(max_examples=60, deadline=None)
 @given(st.integers(2, 4), st.integers(0, 2**31 - 1), st.integers(3, 40), st.booleans())
 def test_metrics_equal_sklearns_on_random_predictions(k, seed, n, ties):
