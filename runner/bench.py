@@ -79,18 +79,18 @@ def run_bench(
         "compile": compile, "channels_last": True, "steps": steps, "warmup": warmup, "torch": torch.__version__,
     }
     if "augment" in parts:
-        result["augment_only"] = _rate(lambda: (augment(next_batch(), aug1, size, g), augment(next_batch(), aug2, size, g)),
+        result["augment_only"] = _rate(lambda: (augment(next_batch(), aug1, size, g, compiled=compile), augment(next_batch(), aug2, size, g, compiled=compile)),
                                        steps, warmup, batch, dev)
     if "byol" in parts:
         model = ctx.place(BYOL(Backbone(arch, channels)))
         opt = lars_for(model.trainable_modules(), lr=0.1, weight_decay=1.5e-6)
         forward = ctx.maybe_compile(model)
-        fixed = (ctx.prepare_input(augment(next_batch(), aug1, size, g)), ctx.prepare_input(augment(next_batch(), aug2, size, g)))
+        fixed = (ctx.prepare_input(augment(next_batch(), aug1, size, g, compiled=compile)), ctx.prepare_input(augment(next_batch(), aug2, size, g, compiled=compile)))
 
         def byol_step(views=None) -> None:
             if views is None:
                 x = next_batch()
-                views = (ctx.prepare_input(augment(x, aug1, size, g)), ctx.prepare_input(augment(x, aug2, size, g)))
+                views = (ctx.prepare_input(augment(x, aug1, size, g, compiled=compile)), ctx.prepare_input(augment(x, aug2, size, g, compiled=compile)))
             with ctx.amp:
                 loss, _ = forward(*views)
             opt.zero_grad(set_to_none=True)
@@ -108,11 +108,11 @@ def run_bench(
         opt = torch.optim.AdamW(clf.parameters(), lr=1e-3, fused=fused, foreach=None if fused else True)
         forward = ctx.maybe_compile(clf)
         labels = torch.randint(0, 2, (batch,), device=dev)
-        fixed_x = ctx.prepare_input(augment(next_batch(), ft_aug, size, g))
+        fixed_x = ctx.prepare_input(augment(next_batch(), ft_aug, size, g, compiled=compile))
 
         def sup_step(x=None) -> None:
             if x is None:
-                x = ctx.prepare_input(augment(next_batch(), ft_aug, size, g))
+                x = ctx.prepare_input(augment(next_batch(), ft_aug, size, g, compiled=compile))
             with ctx.amp:
                 loss = F.cross_entropy(forward(x).float(), labels)
             opt.zero_grad(set_to_none=True)

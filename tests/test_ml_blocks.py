@@ -4,12 +4,13 @@ augmentations, metrics, checkpoints."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from torch import nn
 
 from runner.ml.augment import PRESETS, affine_params, augment, eval_view, preset_for
@@ -254,3 +255,18 @@ def test_the_second_view_blurs_exactly_its_share_of_the_batch():
     assert int(changed) == 4
     c = augment(x, replace(plain, blur_p=1.0), 48, g)
     assert int(((a - c).abs().flatten(1).max(1).values > 1e-4).sum()) == 40
+
+
+def test_compiled_augmentation_makes_the_same_views_as_eager():
+    """run.compile also compiles the augmentation's pixel work; the random draws stay eager, so the
+    compiled views equal the eager ones up to float rounding (inductor fuses the passes)."""
+    from runner.ml import augment as A
+
+    images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
+    for view in A.PRESETS["byol"]:  # view 2: blur on a random subset, solarize
+        eager = A.augment(images, view, 32, torch.Generator().manual_seed(3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to eager would warn: it must not happen here
+            compiled = A.augment(images, view, 32, torch.Generator().manual_seed(3), compiled=True)
+        assert compiled.shape == eager.shape == (8, 3, 32, 32)
+        assert torch.allclose(compiled, eager, atol=1e-4), (compiled - eager).abs().max()

@@ -1,9 +1,12 @@
 """Augmentations made on the device, for a whole batch at once, each sample drawing its own parameters.
 
 Input: a uint8 batch (B, C, H, W) already on the device. Geometry (random resized crop, flips,
-rotation) is one affine matrix per sample and one `grid_sample` call for the batch; colour is a few
-per-sample broadcast ops; Gaussian blur is one grouped separable convolution over the samples that
-draw it. No Python loop runs per sample, and no CPU decoding runs in the training loop.
+rotation) is one affine matrix per sample and one `grid_sample` call for the batch; saturation, hue
+and grayscale are each one per-sample 3x3 colour matrix (a batched matrix product, one pass over the
+pixels), brightness and contrast one fused multiply-add each; Gaussian blur is one grouped separable
+convolution over the samples that draw it. No Python loop runs per sample, and no CPU decoding runs
+in the training loop. The random draws (`draw`) are kept apart from the pixel work (`apply`), so
+that `run.compile` can compile the latter into a few fused kernels.
 
 Colour jitter applies brightness, contrast, saturation and hue in that fixed order (torchvision's
 ColorJitter shuffles the order; the fixed order keeps the batch vectorized). Hue is a rotation of
@@ -14,6 +17,7 @@ never touch hue or saturation.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -103,10 +107,29 @@ def affine_params(aug: ViewAug, n: int, g: torch.Generator, device: torch.device
     return theta
 
 
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
+    """Luma (n, 1, h, w): one pass over the image (a batched matrix product), not five."""
     if x.shape[1] == 1:
         return x
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    n, _, h, w = x.shape
+    return torch.matmul(x.new_tensor(GRAY_WEIGHTS).view(1, 3), x.reshape(n, 3, h * w)).view(n, 1, h, w)
+
+
+def _per_sample_matrix(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Each sample's colours through its own 3x3 matrix: one batched matrix product."""
+    n, c, h, w = x.shape
+    return torch.matmul(m, x.reshape(n, c, h * w)).view(n, c, h, w)
+
+
+def _towards_gray(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """f * x + (1 - f) * gray(x) per sample, as the matrix f I + (1 - f) 1 w^T (f=1: unchanged, f=0: gray)."""
+    eye = torch.eye(3, device=x.device, dtype=x.dtype)
+    to_gray = x.new_tensor(GRAY_WEIGHTS).view(1, 3).expand(3, 3)
+    f = f.to(x.dtype).view(-1, 1, 1)
+    return _per_sample_matrix(x, f * eye + (1 - f) * to_gray)
 
 
 def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
@@ -116,36 +139,67 @@ def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     c, s = torch.cos(angle), torch.sin(angle)
     one, zero = torch.ones_like(c), torch.zeros_like(c)
     rot = torch.stack([torch.stack([one, zero, zero], -1), torch.stack([zero, c, -s], -1), torch.stack([zero, s, c], -1)], 1)
-    m = to_rgb @ rot @ to_yiq  # (n, 3, 3)
-    return torch.einsum("nij,njhw->nihw", m, x)
+    return _per_sample_matrix(x, to_rgb @ rot.to(x.dtype) @ to_yiq)
 
 
-def colour(x: torch.Tensor, aug: ViewAug, g: torch.Generator) -> torch.Tensor:
-    """Per-sample brightness, contrast, saturation, hue, gamma, grayscale. x in [0, 1]."""
-    n, dev = x.shape[0], x.device
-    on = _bernoulli(aug.jitter_p, n, g, dev).view(n, 1, 1, 1)
+def draw(aug: ViewAug, n: int, channels: int, size: int, g: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every random number of one view of a batch, drawn in a fixed order: the parameters `apply`
+    turns into pixels. Splitting the two keeps `apply` free of generators, so it can be compiled."""
+    p = {"theta": affine_params(aug, n, g, device)}
+    on = _bernoulli(aug.jitter_p, n, g, device)
 
     def factor(strength: float) -> torch.Tensor:
-        f = _uniform(max(0.0, 1 - strength), 1 + strength, n, g, dev).view(n, 1, 1, 1)
+        f = _uniform(max(0.0, 1 - strength), 1 + strength, n, g, device)
         return torch.where(on, f, torch.ones_like(f))
 
     if aug.brightness:
-        x = (x * factor(aug.brightness)).clamp_(0, 1)
+        p["brightness"] = factor(aug.brightness)
     if aug.contrast:
-        mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-        x = ((x - mean) * factor(aug.contrast) + mean).clamp_(0, 1)
-    if x.shape[1] == 3 and aug.saturation:
-        gray = _gray(x)
-        x = ((x - gray) * factor(aug.saturation) + gray).clamp_(0, 1)
-    if x.shape[1] == 3 and aug.hue:
-        angle = _uniform(-aug.hue, aug.hue, n, g, dev) * 2 * math.pi * on.view(n)
-        x = _hue_rotate(x, angle).clamp_(0, 1)
+        p["contrast"] = factor(aug.contrast)
+    if channels == 3 and aug.saturation:
+        p["saturation"] = factor(aug.saturation)
+    if channels == 3 and aug.hue:
+        p["hue"] = _uniform(-aug.hue, aug.hue, n, g, device) * 2 * math.pi * on
     if aug.gamma:
-        gamma = torch.exp(_uniform(-aug.gamma, aug.gamma, n, g, dev)).view(n, 1, 1, 1)
-        x = x.clamp(min=1e-6) ** torch.where(on, gamma, torch.ones_like(gamma))
-    if x.shape[1] == 3 and aug.grayscale_p:
-        to_gray = _bernoulli(aug.grayscale_p, n, g, dev).view(n, 1, 1, 1)
-        x = torch.where(to_gray, _gray(x).expand_as(x), x)
+        gamma = torch.exp(_uniform(-aug.gamma, aug.gamma, n, g, device))
+        p["gamma"] = torch.where(on, gamma, torch.ones_like(gamma))
+    if channels == 3 and aug.grayscale_p:
+        p["gray"] = _bernoulli(aug.grayscale_p, n, g, device)
+    if aug.blur_p > 0:
+        # Exactly round(p * n) samples, chosen at random, are blurred: the count is known without
+        # asking the device, so nothing stalls, and a view that blurs 10% of its samples pays for
+        # 10%. (Per-sample Bernoulli(p) would give that count only on average.)
+        k = n if aug.blur_p >= 1 else int(round(aug.blur_p * n))
+        if k > 0:
+            p["blur_sigma"] = (_uniform(*aug.blur_sigma, k, g, device) * (size / 224)).clamp(min=1e-3)
+            if k < n:
+                p["blur_idx"] = torch.randperm(n, generator=g, device=device)[:k]
+    if aug.solarize_p > 0:
+        p["solarize"] = _bernoulli(aug.solarize_p, n, g, device)
+    return p
+
+
+def colour(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample brightness, contrast, saturation, hue, gamma, grayscale (x in [0, 1])."""
+    n = x.shape[0]
+
+    def per_sample(t: torch.Tensor) -> torch.Tensor:
+        return t.view(n, 1, 1, 1)
+
+    if "brightness" in p:
+        x = (x * per_sample(p["brightness"])).clamp_(0, 1)
+    if "contrast" in p:  # f * x + (1 - f) * mean luma, in one pass after one reduction
+        f = per_sample(p["contrast"])
+        mean = _gray(x.mean(dim=(2, 3), keepdim=True))
+        x = torch.addcmul((1 - f) * mean, x, f).clamp_(0, 1)
+    if "saturation" in p:
+        x = _towards_gray(x, p["saturation"]).clamp_(0, 1)
+    if "hue" in p:
+        x = _hue_rotate(x, p["hue"]).clamp_(0, 1)
+    if "gamma" in p:
+        x = x.clamp(min=1e-6) ** per_sample(p["gamma"])
+    if "gray" in p:  # the chosen samples become gray (all three channels the luma), the rest unchanged
+        x = _towards_gray(x, (~p["gray"]).to(x.dtype))
     return x
 
 
@@ -170,31 +224,46 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - x.new_tensor(mean).view(1, -1, 1, 1)) / x.new_tensor(std).view(1, -1, 1, 1)
 
 
-def augment(images: torch.Tensor, aug: ViewAug, size: int, g: torch.Generator) -> torch.Tensor:
-    """One augmented, normalized float view (B, C, size, size) of a uint8 batch on the device."""
-    n, dev = images.shape[0], images.device
+def apply(images: torch.Tensor, p: dict[str, torch.Tensor], aug: ViewAug, size: int) -> torch.Tensor:
+    """The view that parameters `p` (from `draw`) make of a uint8 batch: normalized floats (B, C, size, size)."""
+    n = images.shape[0]
     x = images.float().div_(255)
-    theta = affine_params(aug, n, g, dev)
-    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    grid = F.affine_grid(p["theta"], [n, x.shape[1], size, size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    x = colour(x, aug, g)
-    if aug.blur_p > 0:
-        # Exactly round(p * n) samples, chosen at random, are blurred: the count is known without
-        # asking the device, so nothing stalls, and a view that blurs 10% of its samples pays for
-        # 10%. (Per-sample Bernoulli(p) would give that count only on average.)
-        k = n if aug.blur_p >= 1 else int(round(aug.blur_p * n))
-        if k > 0:
-            scale = size / 224
-            sigma = (_uniform(*aug.blur_sigma, k, g, dev) * scale).clamp(min=1e-3)
-            if k == n:
-                x = gaussian_blur(x, sigma, aug.blur_sigma[1] * scale)
-            else:
-                idx = torch.randperm(n, generator=g, device=dev)[:k]
-                x = x.index_copy(0, idx, gaussian_blur(x.index_select(0, idx), sigma, aug.blur_sigma[1] * scale))
-    if aug.solarize_p > 0:
-        sol = _bernoulli(aug.solarize_p, n, g, dev).view(n, 1, 1, 1)
-        x = torch.where(sol & (x >= 0.5), 1 - x, x)
+    x = colour(x, p)
+    if "blur_sigma" in p:
+        max_sigma = aug.blur_sigma[1] * size / 224
+        if "blur_idx" in p:
+            idx = p["blur_idx"]
+            x = x.index_copy(0, idx, gaussian_blur(x.index_select(0, idx), p["blur_sigma"], max_sigma))
+        else:
+            x = gaussian_blur(x, p["blur_sigma"], max_sigma)
+    if "solarize" in p:
+        x = torch.where(p["solarize"].view(n, 1, 1, 1) & (x >= 0.5), 1 - x, x)
     return normalize(x)
+
+
+_compiled_apply = None
+
+
+def augment(images: torch.Tensor, aug: ViewAug, size: int, g: torch.Generator, compiled: bool = False) -> torch.Tensor:
+    """One augmented, normalized float view (B, C, size, size) of a uint8 batch on the device.
+
+    compiled: run `apply` through torch.compile, which fuses the dozen elementwise passes (uint8 to
+    float, the sampling, the colour ops, solarize, normalize) into a few kernels; the random draws
+    stay eager, so the views are the same numbers up to float rounding."""
+    global _compiled_apply
+    p = draw(aug, images.shape[0], images.shape[1], size, g, images.device)
+    if not compiled:
+        return apply(images, p, aug, size)
+    if _compiled_apply is None:
+        _compiled_apply = torch.compile(apply, dynamic=False)
+    try:
+        return _compiled_apply(images, p, aug, size)
+    except Exception as e:  # noqa: BLE001 - a backend that cannot compile it: the eager path gives the same view
+        warnings.warn(f"compiled augmentation failed, running it eagerly: {type(e).__name__}: {e}", stacklevel=2)
+        _compiled_apply = apply
+        return apply(images, p, aug, size)
 
 
 def eval_view(images: torch.Tensor, size: int) -> torch.Tensor:

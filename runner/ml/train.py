@@ -163,8 +163,8 @@ def pretrain_byol(pixels: np.ndarray, spec: PretrainSpec, arch: str, size: int, 
     while step < total:
         epoch = step // steps_per_epoch
         x = take(images, stream.batch_at(step), ctx.device)
-        v1 = ctx.prepare_input(augment(x, aug1, size, dev_gen))
-        v2 = ctx.prepare_input(augment(x, aug2, size, dev_gen))
+        v1 = ctx.prepare_input(augment(x, aug1, size, dev_gen, compiled=ctx.run.compile))
+        v2 = ctx.prepare_input(augment(x, aug2, size, dev_gen, compiled=ctx.run.compile))
         lr = warmup_cosine(step, total, warmup, peak_lr)
         set_lr(opt, lr)
         with ctx.amp:
@@ -295,7 +295,7 @@ def train_classifier(
     for step in range(start, total):
         model.train()
         idx = stream.batch_at(step)
-        x = ctx.prepare_input(augment(take(images, idx, ctx.device), aug, size, dev_gen))
+        x = ctx.prepare_input(augment(take(images, idx, ctx.device), aug, size, dev_gen, compiled=ctx.run.compile))
         set_lr(opt, warmup_cosine(step, total, warmup, spec.lr))
         with ctx.amp:
             loss = F.cross_entropy(forward(x).float(), labels[idx], label_smoothing=spec.label_smoothing)
