@@ -190,6 +190,29 @@ def test_a_matrix_runs_in_containers_survives_docker_kill_and_a_killed_runner_an
     assert _local_worker(results / "tasks" / lin, local, encoder=pre_dir / "encoder.pt") == in_docker[lin]
 
 
+def test_containers_that_ended_while_no_runner_watched_are_recorded_not_rerun(client, denv, tmp_path):
+    results = tmp_path / "results"
+    manifest = tiny(tmp_path, pre_epochs=4, ft_steps=5)
+    runner = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(manifest), "--executor", "docker",
+                               "--results", str(results)], cwd=REPO, env={**os.environ, **denv},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait("the first containers", lambda: ours(client, results))
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=30)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    started = ours(client, results)
+    assert all(c.wait(timeout=120)["StatusCode"] == 0 for c in started)  # they finish with no runner
+    again = run_cli("run", str(manifest), "--executor", "docker", "--results", str(results), env=denv)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{5 - len(started)} workers started, {len(started)} adopted from a previous runner" in again.stdout
+    rows = attempts(results)
+    assert len(rows) == 5 and all(r[2] == 1 and r[3] == "done" for r in rows)
+    assert ours(client, results) == []
+
+
 def test_a_task_on_real_images_reads_its_data_set_mounted_read_only(client, denv, tmp_path):
     """Head CT (Kaggle layout: a labels CSV and PNGs) mounted at /data/hemorrhage; the task.json still
     names the host's folder, which does not exist inside the container."""
