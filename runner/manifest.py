@@ -90,6 +90,8 @@ class DockerSpec(StrictModel):
 
     image: str = Field("byol-runner:latest", description="the image with byol-runner installed (see Dockerfile); "
                        "BYOL_RUNNER_IMAGE overrides it")
+    pull: Literal["missing", "always", "never"] = Field(
+        "missing", description="pull the image from its registry: when it is not on this machine, before every run, or never")
     shm_size: Size = Field("8g", description="/dev/shm of a task container (Docker's 64m is too small for PyTorch)")
     memory: Size | None = Field(None, description="memory limit of a task container, e.g. 32g (default: none); "
                                 "a container over it is reported as killed for memory")

@@ -367,6 +367,8 @@ def test_doctor_and_run_say_what_is_missing(client, denv, tmp_path):
     no_image = run_cli("run", str(manifest), "--executor", "docker", "--results", str(tmp_path / "r"),
                        env={"BYOL_RUNNER_IMAGE": "byol-runner-test:no-such-tag"})
     assert no_image.returncode == 2 and "docker image 'byol-runner-test:no-such-tag' not found" in no_image.stderr
+    assert "pulling docker image byol-runner-test:no-such-tag" in no_image.stderr  # pull: missing tried first
+    assert "(pulling it failed: " in no_image.stderr  # no registry is reachable here
 
     no_daemon = run_cli("run", str(manifest), "--executor", "docker", "--results", str(tmp_path / "r"),
                         env={**denv, "DOCKER_HOST": f"unix://{tmp_path}/no.sock"})

@@ -167,14 +167,34 @@ class DockerExecutor(Executor):
         self.cpu_threads = cpu_threads
         self.client = connect()
         self.image = os.environ.get("BYOL_RUNNER_IMAGE") or spec.image
-        try:
-            self.client.images.get(self.image)
-        except self.docker.errors.ImageNotFound:
-            raise UserError(image_missing_message(self.image)) from None
-        except self.docker.errors.DockerException as e:
-            raise UserError(f"cannot inspect docker image {self.image!r} ({_first_line(e)}): {DAEMON_FIX}") from None
+        self._ensure_image()
         self.results: Path | None = None
         self.run_name = "run"
+
+    def _ensure_image(self) -> None:
+        """The image is on this machine, pulled first if `pull` says so; else a UserError saying how."""
+        errors = self.docker.errors
+        present = True
+        try:
+            self.client.images.get(self.image)
+        except errors.ImageNotFound:
+            present = False
+        except errors.DockerException as e:
+            raise UserError(f"cannot inspect docker image {self.image!r} ({_first_line(e)}): {DAEMON_FIX}") from None
+        if self.spec.pull == "always" or (self.spec.pull == "missing" and not present):
+            print(f"pulling docker image {self.image} ...", file=sys.stderr, flush=True)
+            try:
+                self.client.images.pull(self.image)
+                print(f"pulled {self.image}", file=sys.stderr, flush=True)
+                return
+            except errors.DockerException as e:
+                if present:  # pull: always, registry unreachable: the local copy will do, say so
+                    print(f"warning: could not pull {self.image} ({_first_line(e)}); using the local image",
+                          file=sys.stderr, flush=True)
+                    return
+                raise UserError(f"{image_missing_message(self.image)} (pulling it failed: {_first_line(e)})") from None
+        if not present:
+            raise UserError(image_missing_message(self.image))
 
     def bind(self, results: Path, run_name: str) -> None:
         self.results, self.run_name = results.resolve(), run_name
