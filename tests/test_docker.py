@@ -284,6 +284,23 @@ def test_the_wall_clock_limit_and_ctrl_c_stop_the_container(client, denv, tmp_pa
     assert "stopped by SIGTERM" in events  # the worker got SIGTERM through the container's init
 
 
+def test_a_failing_worker_s_error_and_output_come_back_from_its_container(client, denv, tmp_path):
+    manifest = tiny(tmp_path)
+    text = manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]")
+    manifest.write_text(text.replace("fractions: [0.25, 1.0]", "fractions: [1.0]").replace(
+        "executor: {max_parallel: 2, retries: 1}", "executor: {retries: 0}"))
+    results = tmp_path / "results"
+    r = run_cli("run", str(manifest), "--executor", "docker", "--results", str(results),
+                env={**denv, "BYOL_RUNNER_FAIL_KIND": "supervised"})
+    assert r.returncode == 1
+    [(tid, kind, number, status, code, error)] = attempts(results)
+    assert (status, code) == ("failed", 1)
+    assert error == "RuntimeError: injected failure for kind supervised (BYOL_RUNNER_FAIL_KIND)"  # the worker's own
+    log = (results / "tasks" / tid / "worker.log").read_text()  # the container's output, streamed
+    assert "Traceback (most recent call last)" in log and log.rstrip().endswith(error)
+    assert ours(client, results) == []
+
+
 def test_a_container_over_its_memory_limit_is_reported_as_killed_for_memory(client, denv, tmp_path):
     manifest = tiny(tmp_path)
     text = manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]")
