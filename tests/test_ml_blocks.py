@@ -263,7 +263,7 @@ def test_compiled_augmentation_makes_the_same_views_as_eager():
     from runner.ml import augment as A
 
     images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
-    for view in A.PRESETS["byol"]:  # view 2: blur on a random subset, solarize
+    for view in A.PRESETS["byol"][1:]:  # view 2: every colour op, blur on a random subset, solarize
         eager = A.augment(images, view, 32, torch.Generator().manual_seed(3))
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a fallback to eager would warn: it must not happen here

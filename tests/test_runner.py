@@ -52,7 +52,7 @@ def attempts(results: Path) -> list[tuple]:
 
 def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tmp_path):
     results = tmp_path / "results"
-    manifest = tiny(tmp_path)
+    manifest = tiny(tmp_path, pre_epochs=2, ft_steps=5)
     r = run_cli("run", str(manifest), "--results", str(results))
     assert r.returncode == 0, r.stdout + r.stderr
     table = (results / "tiny" / "results.md").read_text()
@@ -77,7 +77,7 @@ def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tmp_path
     assert (results / "tiny" / "results.md").read_text() == table
 
     # change one finetune setting: only the tasks that use it (finetune, supervised) run again
-    manifest.write_text(manifest.read_text().replace("min_steps: 10", "min_steps: 12"))
+    manifest.write_text(manifest.read_text().replace("min_steps: 5", "min_steps: 6"))
     plan = run_cli("plan", str(manifest), "--results", str(results), "--json")
     view = json.loads(plan.stdout)
     pending = {t["kind"] for t in view["tasks"] if t["state"] == "pending"}
@@ -134,7 +134,7 @@ def _wait_for_checkpoint(results: Path, timeout: float = 120) -> Path:
 
 
 def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tmp_path):
-    manifest = tiny(tmp_path, pre_epochs=8)
+    manifest = tiny(tmp_path, pre_epochs=8, ft_steps=5)
     reference = tmp_path / "reference"
     assert run_cli("run", str(manifest), "--results", str(reference)).returncode == 0
 
