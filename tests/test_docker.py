@@ -139,7 +139,7 @@ def test_a_matrix_runs_in_containers_survives_docker_kill_and_a_killed_runner_an
     runs: the container survives, the next `run` adopts it, no task runs twice, no container is left,
     and the numbers equal those of the same tasks run as local processes."""
     results = tmp_path / "results"
-    manifest = tiny(tmp_path, pre_epochs=12, ft_steps=5)
+    manifest = tiny(tmp_path, pre_epochs=16, ft_steps=5)
     manifest.write_text(manifest.read_text().replace("[byol-finetune, supervised]", "[byol-finetune, byol-linear, supervised]"))
     runner = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(manifest), "--executor", "docker",
                                "--results", str(results)], cwd=REPO, env={**os.environ, **denv},
