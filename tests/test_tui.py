@@ -152,3 +152,23 @@ def test_cancel_and_retry_go_through_the_scheduler_and_quitting_asks_first(tmp_p
 
     asyncio.run(scenario())
     assert app.proc.wait(timeout=60) == 130  # the run was stopped as asked, and says so
+
+
+def test_a_run_that_cannot_start_says_why_on_screen(tmp_path, monkeypatch):
+    """The run the TUI starts exits 2 (here: no Docker daemon at DOCKER_HOST): the screen says why
+    instead of waiting for tasks that never come."""
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    manifest = tiny(tmp_path)
+    manifest.write_text(manifest.read_text().replace("executor: {max_parallel: 2, retries: 1}", "executor: {kind: docker}"))
+    app = RunnerApp(tmp_path / "results", manifest, poll_s=0.2)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(130, 40)) as pilot:
+            await wait_for(pilot, lambda: app.run_error is not None, timeout=60)
+            await pilot.pause(0.3)
+            summary = str(app.query_one("#summary").render())
+            assert "the run could not start: cannot reach the Docker daemon" in summary
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+    assert app.proc.returncode == 2

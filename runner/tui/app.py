@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -91,6 +92,7 @@ class RunnerApp(App):
         self.results, self.manifest, self.run_name, self.poll_s = Path(results), manifest, run_name, poll_s
         self.start_run = start_run and manifest is not None
         self.proc: subprocess.Popen | None = None
+        self.run_error: str | None = None  # why the run this app started could not go on
         self.snapshot = Snapshot(None)
         self.rows: dict[str, tuple] = {}
         self.filter: str | None = None
@@ -148,9 +150,27 @@ class RunnerApp(App):
                            if t.kind == sel.kind and t.dataset == sel.dataset and t.id != sel.id}
         self.call_from_thread(self.apply, snap, series, overlay)
 
+    def launched_run_error(self) -> str | None:
+        """The error a run this app started exited with (no daemon, no image, a bad manifest: exit 2 or
+        a crash), from its last `error:` lines in tui-run.log; None while it runs or if it ended normally
+        (0 done, 1 some tasks failed, 130 stopped)."""
+        code = self.proc.poll() if self.proc is not None else None
+        if code in (None, 0, 1, 130):
+            return None
+        log = self.results / "tui-run.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+        return errors[-1] if errors else f"the run exited with code {code}: see {log}"
+
     def apply(self, snap: Snapshot, series: dict, overlay: dict) -> None:
         self.snapshot = snap
+        if self.run_error is None:
+            self.run_error = self.launched_run_error()
+            if self.run_error is not None:
+                self.notify(self.run_error, title="the run stopped", severity="error", timeout=30)
         if snap.run is None:
+            if self.run_error is not None:
+                self.query_one("#summary", Static).update(Text(f"the run could not start: {self.run_error}", style="bold red"))
             return
         c = snap.counts
         state = "running" if snap.scheduler_alive else snap.run["status"]
