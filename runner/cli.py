@@ -158,17 +158,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    import os
-
     from runner.console import print_doctor
     from runner.doctor import as_dicts, run_checks
 
-    image = args.image
-    if image is None and args.manifest is not None:
-        from runner.manifest import load_manifest
+    from runner.executors.docker import task_image
+    from runner.manifest import DockerSpec, load_manifest
 
-        image = load_manifest(args.manifest).executor.docker.image
-    image = image or os.environ.get("BYOL_RUNNER_IMAGE") or "byol-runner:latest"
+    # as `run` would: the manifest's image unless BYOL_RUNNER_IMAGE overrides it; --image over both
+    spec = load_manifest(args.manifest).executor.docker if args.manifest is not None else DockerSpec()
+    image = args.image or task_image(spec)
     checks = as_dicts(run_checks(image, gpu=not args.no_gpu))
     if args.json:
         print(json.dumps({"image": image, "checks": checks}, indent=2))
@@ -248,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="check the Docker daemon, the image, the GPU runtime, Ray and PyTorch; says how to fix each")
     d.add_argument("manifest", type=Path, nargs="?", help="take the image from this manifest's executor.docker.image")
-    d.add_argument("--image", help="the task image to check (default: BYOL_RUNNER_IMAGE, or byol-runner:latest)")
+    d.add_argument("--image", help="the task image to check (default: BYOL_RUNNER_IMAGE, else the manifest's, else byol-runner:latest)")
     d.add_argument("--no-gpu", action="store_true", help="skip the GPU-runtime container")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)

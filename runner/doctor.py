@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import asdict, dataclass
 
-from runner.errors import UserError
 
 
 @dataclass
@@ -33,17 +32,18 @@ def run_checks(image: str, gpu: bool = True) -> list[Check]:
     if importlib.util.find_spec("docker") is None:
         checks.append(Check("docker SDK", "fail", "not installed", "pip install docker"))
     else:
-        from runner.executors.docker import DAEMON_FIX, connect
+        from runner.executors.docker import DAEMON_FIX, DaemonUnreachable, connect
 
         try:
             client = connect(timeout=15)
             v = client.version()
             checks.append(Check("Docker daemon", "ok", f"Engine {v.get('Version')}, API {v.get('ApiVersion')}"))
-        except UserError as e:
-            checks.append(Check("Docker daemon", "fail", str(e).split(": start")[0], DAEMON_FIX))
+        except DaemonUnreachable as e:
+            checks.append(Check("Docker daemon", "fail", e.reason, DAEMON_FIX))
     if client is not None:
-        checks.append(_image_check(client, image))
-        checks.append(_gpu_runtime_check(client, image, host_gpus, gpu))
+        image_check = _image_check(client, image)
+        checks.append(image_check)
+        checks.append(_gpu_runtime_check(client, image, image_check.status == "ok", host_gpus, gpu))
     else:
         checks.append(Check("image", "skip", f"{image}: no daemon to ask"))
         checks.append(Check("GPU runtime", "skip", "no daemon to ask"))
@@ -55,17 +55,17 @@ def run_checks(image: str, gpu: bool = True) -> list[Check]:
 def _image_check(client, image: str) -> Check:  # noqa: ANN001
     import docker
 
-    from runner.executors.docker import image_missing_message
+    from runner.executors.docker import image_fix
 
     try:
         img = client.images.get(image)
     except docker.errors.ImageNotFound:
-        return Check("image", "fail", f"{image}: not found", image_missing_message(image).split(": ", 1)[1])
+        return Check("image", "fail", f"{image}: not found", image_fix(image))
     size = img.attrs.get("Size", 0) / 2**30
     return Check("image", "ok", f"{image} ({img.short_id}, {size:.1f} GiB)")
 
 
-def _gpu_runtime_check(client, image: str, host_gpus: list[int], gpu: bool) -> Check:  # noqa: ANN001
+def _gpu_runtime_check(client, image: str, have_image: bool, host_gpus: list[int], gpu: bool) -> Check:  # noqa: ANN001
     import docker
     from docker.types import DeviceRequest
 
@@ -74,9 +74,7 @@ def _gpu_runtime_check(client, image: str, host_gpus: list[int], gpu: bool) -> C
     if not gpu:
         return Check("GPU runtime", "skip", "not checked (--no-gpu)")
     severity = "fail" if host_gpus else "warn"
-    try:
-        client.images.get(image)
-    except docker.errors.ImageNotFound:
+    if not have_image:
         return Check("GPU runtime", "skip", f"needs the image {image} to test with")
     from runner.executors.docker import LABEL
 

@@ -3,9 +3,11 @@ handle until it has an exit code, and `cancel`s it on Ctrl-C or a timeout."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,14 @@ class Executor(ABC):
     @abstractmethod
     def cancel(self, handle: Handle, grace_s: float = 10.0) -> None:
         """Stop the task: SIGTERM (it saves nothing more than its last checkpoint), then SIGKILL."""
+
+
+def append_error_event(folder: Path, task_id: str, message: str, error_type: str | None) -> None:
+    """An `error` event written for a worker by its executor (what the worker could not say itself: its
+    container was killed, its Ray node was lost): the scheduler records it as the attempt's error."""
+    with open(folder / "events.jsonl", "a") as f:
+        f.write(json.dumps({"ts": time.time(), "task": task_id, "kind": "error", "epoch": None, "step": None,
+                            "message": message, "error_type": error_type}) + "\n")
 
 
 def visible_gpus() -> list[int]:

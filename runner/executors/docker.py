@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from runner.errors import UserError
-from runner.executors.base import Executor, Handle, Slot
+from runner.executors.base import Executor, Handle, Slot, append_error_event
 
 LABEL = "io.github.byol-runner"
 L_RESULTS, L_RUN, L_TASK, L_ATTEMPT, L_ATTEMPT_ID, L_SLOT = (
@@ -55,20 +55,37 @@ def _docker():
     return docker
 
 
+class DaemonUnreachable(UserError):
+    """The Docker daemon does not answer; `reason` is what the SDK said, the message adds the fix."""
+
+    def __init__(self, e: BaseException) -> None:
+        self.reason = f"cannot reach the Docker daemon ({_first_line(e)})"
+        super().__init__(f"{self.reason}: {DAEMON_FIX}")
+
+
 def connect(timeout: float = 30.0):  # noqa: ANN201
-    """A docker client that has answered a ping, or a UserError saying how to get one."""
+    """A docker client that has answered a ping, or DaemonUnreachable saying how to get one."""
     docker = _docker()
     try:
         client = docker.from_env(timeout=timeout)
         client.ping()
     except Exception as e:  # noqa: BLE001 - DockerException, requests' ConnectionError, a socket's PermissionError
-        raise UserError(f"cannot reach the Docker daemon ({_first_line(e)}): {DAEMON_FIX}") from None
+        raise DaemonUnreachable(e) from None
     return client
 
 
+def image_fix(image: str) -> str:
+    return (f"build it with `docker build -t {image} .` in the byol-runner checkout (see README, 'Running in "
+            "containers'), or set executor.docker.image / BYOL_RUNNER_IMAGE")
+
+
 def image_missing_message(image: str) -> str:
-    return (f"docker image {image!r} not found: build it with `docker build -t {image} .` in the byol-runner checkout "
-            "(see README, 'Running in containers'), or set executor.docker.image / BYOL_RUNNER_IMAGE")
+    return f"docker image {image!r} not found: {image_fix(image)}"
+
+
+def task_image(spec) -> str:  # noqa: ANN001 - the manifest's DockerSpec
+    """The image tasks run in: BYOL_RUNNER_IMAGE, else the manifest's."""
+    return os.environ.get("BYOL_RUNNER_IMAGE") or spec.image
 
 
 def _first_line(e: BaseException) -> str:
@@ -107,7 +124,7 @@ def container_spec(spec, task: dict, task_id: str, results: Path, slot: Slot, ru
 
     from runner.data.sources import expand_path
 
-    image = os.environ.get("BYOL_RUNNER_IMAGE") or spec.image
+    image = task_image(spec)
     host_venv = spec.host_venv or os.environ.get("BYOL_RUNNER_HOST_VENV") == "1"
     prefix, binds = host_venv_setup() if host_venv else ([], [])
     results = results.resolve()
@@ -166,7 +183,7 @@ class DockerExecutor(Executor):
         self.spec = spec
         self.cpu_threads = cpu_threads
         self.client = connect()
-        self.image = os.environ.get("BYOL_RUNNER_IMAGE") or spec.image
+        self.image = task_image(spec)
         self._ensure_image()
         self.results: Path | None = None
         self.run_name = "run"
@@ -225,10 +242,8 @@ class DockerExecutor(Executor):
             if is_gpu_runtime_error(e):
                 raise UserError(f"Docker cannot give containers a GPU ({_first_line(e)}): {GPU_FIX}") from None
             raise UserError(f"docker could not start the container for task {task_id}: {e.explanation or e}") from None
-        except errors.DockerException as e:
-            raise UserError(f"cannot reach the Docker daemon ({_first_line(e)}): {DAEMON_FIX}") from None
-        except OSError as e:  # requests' ConnectionError is an OSError
-            raise UserError(f"cannot reach the Docker daemon ({_first_line(e)}): {DAEMON_FIX}") from None
+        except (errors.DockerException, OSError) as e:  # requests' ConnectionError is an OSError
+            raise DaemonUnreachable(e) from None
         handle = Handle(task_id, slot, time.time(), pid=None, node=socket.gethostname(),
                         state={"id": container.id, "name": kw["name"], "folder": task_json.parent, "cancelled": False,
                                "unreachable_since": None})
@@ -303,9 +318,7 @@ class DockerExecutor(Executor):
 
     def _ended(self, handle: Handle, code: int, message: str | None, kind: str | None) -> int:
         if message is not None:
-            with open(handle.state["folder"] / "events.jsonl", "a") as f:
-                f.write(json.dumps({"ts": time.time(), "task": handle.task_id, "kind": "error", "epoch": None, "step": None,
-                                    "message": message, "error_type": kind}) + "\n")
+            append_error_event(handle.state["folder"], handle.task_id, message, kind)
         if not self.spec.keep_containers:
             try:
                 self.client.api.remove_container(handle.state["id"], force=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from runner.atomic import atomic_write_text
 from runner.errors import UserError
-from runner.executors.base import Executor, Handle, Slot
+from runner.executors.base import Executor, Handle, Slot, append_error_event
 
 
 def _ray():
@@ -146,9 +146,7 @@ class RayExecutor(Executor):
         except Exception as e:  # noqa: BLE001 - node lost, worker crashed, cancelled: a failed attempt
             self._drain(handle)
             reason = f"Ray: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            with open(folder / "events.jsonl", "a") as f:
-                f.write(json.dumps({"ts": time.time(), "task": handle.task_id, "kind": "error", "epoch": None, "step": None,
-                                    "message": reason, "error_type": "ray"}) + "\n")
+            append_error_event(folder, handle.task_id, reason, "ray")
             return 1
         self._drain(handle)
         handle.node = out["node"]
