@@ -49,12 +49,12 @@ def run_bench(
     channels: int = 3,
     parts: tuple[str, ...] = ("byol", "supervised", "augment"),
 ) -> dict:
-    from runner.ml.augment import augment, preset_for
+    from runner.ml.augment import preset_for
     from runner.ml.byol import BYOL, tau_at
     from runner.ml.config import RunSpec
     from runner.ml.models import Backbone, Classifier
     from runner.ml.optim import lars_for
-    from runner.ml.train import Context, IndexStream, take
+    from runner.ml.train import Context, IndexStream, byol_step, take
     from runner.worker import resolve_device
 
     dev = resolve_device(device)
@@ -79,27 +79,22 @@ def run_bench(
         "compile": compile, "channels_last": True, "steps": steps, "warmup": warmup, "torch": torch.__version__,
     }
     if "augment" in parts:
-        result["augment_only"] = _rate(lambda: (augment(next_batch(), aug1, size, g, compiled=compile), augment(next_batch(), aug2, size, g, compiled=compile)),
+        result["augment_only"] = _rate(lambda: (ctx.view(next_batch(), aug1, size, g), ctx.view(next_batch(), aug2, size, g)),
                                        steps, warmup, batch, dev)
     if "byol" in parts:
         model = ctx.place(BYOL(Backbone(arch, channels)))
         opt = lars_for(model.trainable_modules(), lr=0.1, weight_decay=1.5e-6)
         forward = ctx.maybe_compile(model)
-        fixed = (ctx.prepare_input(augment(next_batch(), aug1, size, g, compiled=compile)), ctx.prepare_input(augment(next_batch(), aug2, size, g, compiled=compile)))
+        fixed = (ctx.view(next_batch(), aug1, size, g), ctx.view(next_batch(), aug2, size, g))
 
-        def byol_step(views=None) -> None:
+        def step(views=None) -> None:
             if views is None:
                 x = next_batch()
-                views = (ctx.prepare_input(augment(x, aug1, size, g, compiled=compile)), ctx.prepare_input(augment(x, aug2, size, g, compiled=compile)))
-            with ctx.amp:
-                loss, _ = forward(*views)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            model.update_target(tau_at(1, 100, 0.99))
+                views = (ctx.view(x, aug1, size, g), ctx.view(x, aug2, size, g))
+            byol_step(model, forward, opt, ctx, views, 0.1, tau_at(1, 100, 0.99))
 
-        result["byol_compute"] = _rate(lambda: byol_step(fixed), steps, warmup, batch, dev)
-        result["byol_end_to_end"] = _rate(byol_step, steps, warmup, batch, dev)
+        result["byol_compute"] = _rate(lambda: step(fixed), steps, warmup, batch, dev)
+        result["byol_end_to_end"] = _rate(step, steps, warmup, batch, dev)
         result["byol_augment_share"] = 1 - result["byol_end_to_end"] / result["byol_compute"]
         del model, opt, forward, fixed
     if "supervised" in parts:
@@ -108,11 +103,11 @@ def run_bench(
         opt = torch.optim.AdamW(clf.parameters(), lr=1e-3, fused=fused, foreach=None if fused else True)
         forward = ctx.maybe_compile(clf)
         labels = torch.randint(0, 2, (batch,), device=dev)
-        fixed_x = ctx.prepare_input(augment(next_batch(), ft_aug, size, g, compiled=compile))
+        fixed_x = ctx.view(next_batch(), ft_aug, size, g)
 
         def sup_step(x=None) -> None:
             if x is None:
-                x = ctx.prepare_input(augment(next_batch(), ft_aug, size, g, compiled=compile))
+                x = ctx.view(next_batch(), ft_aug, size, g)
             with ctx.amp:
                 loss = F.cross_entropy(forward(x).float(), labels)
             opt.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError
 from runner.data.sources import DatasetSpec, StrictModel
 from runner.ml.config import TrainSettings
 
-ENGINE_VERSION = 2  # bump when a code change alters results: it is part of every task id
+ENGINE_VERSION = 3  # bump when a code change alters results: it is part of every task id
 KINDS = ("pretrain", "finetune", "linear", "supervised", "supervised-imagenet", "random-linear", "noop")
 # `noop` writes its metrics at once and imports no torch: the runner's own overhead is measured with it.
 # BYOL_RUNNER_FAIL_KIND=<kind> makes every task of that kind fail (fault injection for the runner's tests).

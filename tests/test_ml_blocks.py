@@ -264,10 +264,70 @@ def test_compiled_augmentation_makes_the_same_views_as_eager():
     from runner.ml import augment as A
 
     images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
-    for view in A.PRESETS["byol"][1:]:  # view 2: every colour op, blur on a random subset, solarize
-        eager = A.augment(images, view, 32, torch.Generator().manual_seed(3))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a fallback to eager would warn: it must not happen here
-            compiled = A.augment(images, view, 32, torch.Generator().manual_seed(3), compiled=True)
-        assert compiled.shape == eager.shape == (8, 3, 32, 32)
-        assert torch.allclose(compiled, eager, atol=1e-4), (compiled - eager).abs().max()
+    # view 2: every colour op, blur on a random subset, solarize; the views written channels_last, as
+    # the networks read them (under compilation the colour matrices and the blur are pointwise sums)
+    view = A.PRESETS["byol"][1]
+    eager = A.augment(images, view, 32, torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to eager would warn: it must not happen here
+        compiled = A.augment(images, view, 32, torch.Generator().manual_seed(3), compiled=True, channels_last=True)
+    assert compiled.shape == eager.shape == (8, 3, 32, 32)
+    assert compiled.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(compiled, eager, atol=1e-4), (compiled - eager).abs().max()
+    # the blur alone, every sample with its own sigma, reflected borders: shifted sums == convolution
+    x, sigma = torch.rand(4, 3, 20, 20), torch.tensor([0.3, 0.8, 1.5, 2.0])
+    eager = A.gaussian_blur(x, sigma, 2.0)
+    compiled = torch.compile(A.gaussian_blur, dynamic=False)(x, sigma, 2.0)
+    assert torch.allclose(compiled, eager, atol=1e-5) and not torch.allclose(eager, x, atol=1e-2)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Records every call that makes the host wait for the device on CUDA: a value read back (item,
+    float, bool, cpu, ...), a tensor made from host values (a blocking copy), a linalg call that
+    checks for errors, a boolean-mask index or nonzero (its size lives on the device)."""
+
+    WAITS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero", "argwhere",
+             "tensor", "as_tensor", "new_tensor", "linalg_inv", "inv", "linalg_solve", "masked_select", "unique"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in self.WAITS or (name == "__getitem__" and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:] if not isinstance(a, tuple))):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_pretraining_step_never_waits_for_the_device():
+    """The host must queue step k+1 while the device runs step k: one read-back or blocking copy per
+    step (a constant made from a list, a linalg error check) idles a GPU for the host's launch time.
+    The data path (batch indices, gather, both views) and the step (forward, backward, LARS, EMA) are
+    run under a recorder of every call that would wait on CUDA."""
+    from runner.ml.config import RunSpec
+    from runner.ml.train import Context, IndexStream, byol_step, take
+
+    probe = _HostReads()
+    with probe:
+        float(torch.ones(2).sum())
+        torch.ones(2).new_tensor([1.0])
+    assert probe.calls == ["__float__", "new_tensor"]  # the recorder does see waits
+
+    dev = torch.device("cpu")
+    ctx = Context(device=dev, run=RunSpec(), task_dir=None, seed=0, emit=lambda *a, **k: None)
+    images = torch.randint(0, 256, (24, 3, 40, 40), dtype=torch.uint8)
+    stream, g = IndexStream(24, 8, 0, dev), torch.Generator().manual_seed(0)
+    model = ctx.place(small_byol(3))
+    opt = lars_for(model.trainable_modules(), lr=0.1, weight_decay=1e-6)
+    aug1, aug2 = PRESETS["byol"]
+    for k in range(3):  # the first step makes the cached constants and the optimizer state
+        recorder = _HostReads() if k else None
+        with recorder or warnings.catch_warnings():
+            x = take(images, stream.batch_at(k), dev)
+            views = (ctx.view(x, aug1, 32, g), ctx.view(x, aug2, 32, g))
+            loss, z1 = byol_step(model, model, opt, ctx, views, 0.1, 0.99)
+        if recorder:
+            assert recorder.calls == [], recorder.calls
+    assert views[0].is_contiguous(memory_format=torch.channels_last) and torch.isfinite(loss)

@@ -6,7 +6,12 @@ and grayscale are each one per-sample 3x3 colour matrix (a batched matrix produc
 pixels), brightness and contrast one fused multiply-add each; Gaussian blur is one grouped separable
 convolution over the samples that draw it. No Python loop runs per sample, and no CPU decoding runs
 in the training loop. The random draws (`draw`) are kept apart from the pixel work (`apply`), so
-that `run.compile` can compile the latter into a few fused kernels.
+that `run.compile` can compile the latter into a few fused kernels: under compilation the colour
+matrices and the blur are written as pointwise sums (a batched matrix product or a convolution would
+be a library call that nothing fuses with), and the view is written once, in the layout and dtype
+the network reads. Nothing in the hot path waits for the device: constants are made once per device
+(a tensor made from host values is a blocking copy on CUDA), and the blur's kernel size comes from
+the preset, not from the drawn sigmas.
 
 Colour jitter applies brightness, contrast, saturation and hue in that fixed order (torchvision's
 ColorJitter shuffles the order; the fixed order keeps the batch vectorized). Hue is a rotation of
@@ -108,38 +113,60 @@ def affine_params(aug: ViewAug, n: int, g: torch.Generator, device: torch.device
 
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
+# RGB -> YIQ (NTSC) and its inverse, computed once in float64 (no linalg call, which would wait for
+# the device to report singular matrices, in the hot path)
+TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+FROM_YIQ = tuple(tuple(row) for row in torch.linalg.inv(torch.tensor(TO_YIQ, dtype=torch.float64)).tolist())
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _const(values: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A small constant tensor on `like`'s device and dtype, made once: on CUDA, a tensor made from host
+    values is a blocking copy, which would stall the queue of work on every call. Under compilation
+    it is a graph constant."""
+    if torch.compiler.is_compiling():
+        return like.new_tensor(values)
+    key = (values, like.device, like.dtype)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = like.new_tensor(values)
+    return t
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    """Luma (n, 1, h, w): one pass over the image (a batched matrix product), not five."""
+    """Luma (n, 1, h, w): one pass over the image, not five."""
     if x.shape[1] == 1:
         return x
+    if torch.compiler.is_compiling():
+        return x[:, 0:1] * GRAY_WEIGHTS[0] + x[:, 1:2] * GRAY_WEIGHTS[1] + x[:, 2:3] * GRAY_WEIGHTS[2]
     n, _, h, w = x.shape
-    return torch.matmul(x.new_tensor(GRAY_WEIGHTS).view(1, 3), x.reshape(n, 3, h * w)).view(n, 1, h, w)
+    return torch.matmul(_const(GRAY_WEIGHTS, x).view(1, 3), x.reshape(n, 3, h * w)).view(n, 1, h, w)
 
 
 def _per_sample_matrix(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Each sample's colours through its own 3x3 matrix: one batched matrix product."""
+    """Each sample's colours through its own 3x3 matrix. Eager: one batched matrix product (one pass).
+    Compiled: the same as a pointwise sum, which inductor fuses with the passes around it."""
     n, c, h, w = x.shape
+    if torch.compiler.is_compiling():
+        return sum(m[:, :, j].view(n, c, 1, 1) * x[:, j : j + 1] for j in range(c))
     return torch.matmul(m, x.reshape(n, c, h * w)).view(n, c, h, w)
 
 
 def _towards_gray(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """f * x + (1 - f) * gray(x) per sample, as the matrix f I + (1 - f) 1 w^T (f=1: unchanged, f=0: gray)."""
     eye = torch.eye(3, device=x.device, dtype=x.dtype)
-    to_gray = x.new_tensor(GRAY_WEIGHTS).view(1, 3).expand(3, 3)
+    to_gray = _const(GRAY_WEIGHTS, x).view(1, 3).expand(3, 3)
     f = f.to(x.dtype).view(-1, 1, 1)
     return _per_sample_matrix(x, f * eye + (1 - f) * to_gray)
 
 
 def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rotate the chroma (I, Q) plane of YIQ by a per-sample angle (radians)."""
-    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    to_rgb = torch.linalg.inv(to_yiq)
     c, s = torch.cos(angle), torch.sin(angle)
     one, zero = torch.ones_like(c), torch.zeros_like(c)
     rot = torch.stack([torch.stack([one, zero, zero], -1), torch.stack([zero, c, -s], -1), torch.stack([zero, s, c], -1)], 1)
-    return _per_sample_matrix(x, to_rgb @ rot.to(x.dtype) @ to_yiq)
+    return _per_sample_matrix(x, _const(FROM_YIQ, x) @ rot.to(x.dtype) @ _const(TO_YIQ, x))
 
 
 def draw(aug: ViewAug, n: int, channels: int, size: int, g: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -204,7 +231,9 @@ def colour(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
-    """Blur each sample with its own sigma (pixels): one grouped separable convolution.
+    """Blur each sample with its own sigma (pixels), separably, with reflected borders. Eager: one
+    grouped convolution per axis. Compiled: a sum of shifted copies per axis, which inductor turns
+    into one kernel per axis, fused with the passes around it.
 
     The kernel radius comes from the largest sigma the preset can draw (a Python number), so
     nothing waits for the device."""
@@ -212,7 +241,14 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
     radius = max(1, min(int(math.ceil(3 * max_sigma)), (min(h, w) - 1) // 2))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-(t.view(1, -1) ** 2) / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
-    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c, 2r+1)
+    k = k / k.sum(dim=1, keepdim=True)  # (n, 2r+1)
+    if torch.compiler.is_compiling():
+        taps = [k[:, i].view(n, 1, 1, 1) for i in range(2 * radius + 1)]
+        y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+        y = sum(tap * y[..., i : i + w] for i, tap in enumerate(taps))
+        y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+        return sum(tap * y[..., i : i + h, :] for i, tap in enumerate(taps))
+    k = k.repeat_interleave(c, dim=0)  # (n*c, 2r+1)
     y = x.reshape(1, n * c, h, w)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(n * c, 1, 1, -1), groups=n * c)
     y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(n * c, 1, -1, 1), groups=n * c)
@@ -221,11 +257,21 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     mean, std = (GRAY_MEAN, GRAY_STD) if x.shape[1] == 1 else (RGB_MEAN, RGB_STD)
-    return (x - x.new_tensor(mean).view(1, -1, 1, 1)) / x.new_tensor(std).view(1, -1, 1, 1)
+    return (x - _const(mean, x).view(1, -1, 1, 1)) / _const(std, x).view(1, -1, 1, 1)
 
 
-def apply(images: torch.Tensor, p: dict[str, torch.Tensor], aug: ViewAug, size: int) -> torch.Tensor:
-    """The view that parameters `p` (from `draw`) make of a uint8 batch: normalized floats (B, C, size, size)."""
+def to_format(x: torch.Tensor, channels_last: bool, dtype: torch.dtype | None) -> torch.Tensor:
+    """The layout and dtype the network reads (a no-op when x has them already)."""
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def apply(images: torch.Tensor, p: dict[str, torch.Tensor], aug: ViewAug, size: int,
+          channels_last: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The view that parameters `p` (from `draw`) make of a uint8 batch: normalized floats (B, C, size,
+    size), in channels_last layout and `dtype` when asked (compiled, the last fused kernel writes them
+    so; eager, one more pass)."""
     n = images.shape[0]
     x = images.float().div_(255)
     grid = F.affine_grid(p["theta"], [n, x.shape[1], size, size], align_corners=False)
@@ -240,35 +286,37 @@ def apply(images: torch.Tensor, p: dict[str, torch.Tensor], aug: ViewAug, size: 
             x = gaussian_blur(x, p["blur_sigma"], max_sigma)
     if "solarize" in p:
         x = torch.where(p["solarize"].view(n, 1, 1, 1) & (x >= 0.5), 1 - x, x)
-    return normalize(x)
+    return to_format(normalize(x), channels_last, dtype)
 
 
 _compiled_apply = None
 
 
-def augment(images: torch.Tensor, aug: ViewAug, size: int, g: torch.Generator, compiled: bool = False) -> torch.Tensor:
+def augment(images: torch.Tensor, aug: ViewAug, size: int, g: torch.Generator, compiled: bool = False,
+            channels_last: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     """One augmented, normalized float view (B, C, size, size) of a uint8 batch on the device.
 
     compiled: run `apply` through torch.compile, which fuses the dozen elementwise passes (uint8 to
-    float, the sampling, the colour ops, solarize, normalize) into a few kernels; the random draws
-    stay eager, so the views are the same numbers up to float rounding."""
+    float, the sampling, the colour ops, the blur, solarize, normalize, the output layout) into a few
+    kernels; the random draws stay eager, so the views are the same numbers up to float rounding.
+    channels_last, dtype: the layout and dtype to write the view in (the network's input format)."""
     global _compiled_apply
     p = draw(aug, images.shape[0], images.shape[1], size, g, images.device)
     if not compiled:
-        return apply(images, p, aug, size)
+        return apply(images, p, aug, size, channels_last, dtype)
     if _compiled_apply is None:
         _compiled_apply = torch.compile(apply, dynamic=False)
     try:
-        return _compiled_apply(images, p, aug, size)
+        return _compiled_apply(images, p, aug, size, channels_last, dtype)
     except Exception as e:  # noqa: BLE001 - a backend that cannot compile it: the eager path gives the same view
         warnings.warn(f"compiled augmentation failed, running it eagerly: {type(e).__name__}: {e}", stacklevel=2)
         _compiled_apply = apply
-        return apply(images, p, aug, size)
+        return apply(images, p, aug, size, channels_last, dtype)
 
 
-def eval_view(images: torch.Tensor, size: int) -> torch.Tensor:
+def eval_view(images: torch.Tensor, size: int, channels_last: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The deterministic view for evaluation and feature extraction: the whole image, resized."""
     x = images.float().div_(255)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return normalize(x)
+    return to_format(normalize(x), channels_last, dtype)

@@ -41,12 +41,21 @@ class Context:
     emit: Emit
 
     @property
+    def bf16(self) -> bool:
+        return self.run.precision == "bf16" or (self.run.precision == "auto" and self.device.type == "cuda")
+
+    @property
     def amp(self):
-        bf16 = self.run.precision == "bf16" or (self.run.precision == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.run.channels_last else x
+
+    def view(self, x: torch.Tensor, aug, size: int, gen: torch.Generator) -> torch.Tensor:
+        """An augmented view of a uint8 batch, written directly in the network's input format
+        (channels_last; bf16 under bf16 autocast, which would cast it there anyway)."""
+        return augment(x, aug, size, gen, compiled=self.run.compile, channels_last=self.run.channels_last,
+                       dtype=torch.bfloat16 if self.bf16 else None)
 
     def place(self, module: nn.Module) -> nn.Module:
         module = module.to(self.device)
@@ -87,7 +96,10 @@ class IndexStream:
             if len(self._perms) > 4:
                 self._perms.pop(min(self._perms))
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=g).to(self.device)
+            perm = torch.randperm(self.n, generator=g)
+            if self.device.type == "cuda":  # a copy from pinned memory does not wait for the device
+                perm = perm.pin_memory().to(self.device, non_blocking=True)
+            self._perms[epoch] = perm
         return self._perms[epoch]
 
     def batch_at(self, k: int) -> torch.Tensor:
@@ -133,6 +145,21 @@ def resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dev_gen: to
 # ---- BYOL pretraining ------------------------------------------------------------------------
 
 
+def byol_step(model: BYOL, forward, opt: torch.optim.Optimizer, ctx: Context, views: tuple[torch.Tensor, torch.Tensor],
+              lr: float, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One BYOL optimizer step on two views: (loss, target projection of view 1), both left on the
+    device. Nothing here reads a value back from the device, so the host queues the next step's work
+    while the device runs this one (a test holds it to that)."""
+    set_lr(opt, lr)
+    with ctx.amp:
+        loss, z1 = forward(*views)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    model.update_target(tau)
+    return loss.detach(), z1
+
+
 def pretrain_byol(pixels: np.ndarray, spec: PretrainSpec, arch: str, size: int, ctx: Context) -> dict:
     """Pretrain on all of `pixels` (N, C, S, S uint8, no labels); writes encoder.pt; resumes from
     checkpoint.pt when one is there."""
@@ -163,20 +190,12 @@ def pretrain_byol(pixels: np.ndarray, spec: PretrainSpec, arch: str, size: int, 
     while step < total:
         epoch = step // steps_per_epoch
         x = take(images, stream.batch_at(step), ctx.device)
-        v1 = ctx.prepare_input(augment(x, aug1, size, dev_gen, compiled=ctx.run.compile))
-        v2 = ctx.prepare_input(augment(x, aug2, size, dev_gen, compiled=ctx.run.compile))
-        lr = warmup_cosine(step, total, warmup, peak_lr)
-        set_lr(opt, lr)
-        with ctx.amp:
-            loss, z1 = forward(v1, v2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tau = tau_at(step, total, spec.tau_base)
-        model.update_target(tau)
+        views = (ctx.view(x, aug1, size, dev_gen), ctx.view(x, aug2, size, dev_gen))
+        lr, tau = warmup_cosine(step, total, warmup, peak_lr), tau_at(step, total, spec.tau_base)
+        loss, z1 = byol_step(model, forward, opt, ctx, views, lr, tau)
         step += 1
-        run_loss += loss.detach()
-        epoch_loss += loss.detach()
+        run_loss += loss
+        epoch_loss += loss
         run_count += 1
         epoch_count += 1
         if progress.due(step == total):
@@ -295,7 +314,7 @@ def train_classifier(
     for step in range(start, total):
         model.train()
         idx = stream.batch_at(step)
-        x = ctx.prepare_input(augment(take(images, idx, ctx.device), aug, size, dev_gen, compiled=ctx.run.compile))
+        x = ctx.view(take(images, idx, ctx.device), aug, size, dev_gen)
         set_lr(opt, warmup_cosine(step, total, warmup, spec.lr))
         with ctx.amp:
             loss = F.cross_entropy(forward(x).float(), labels[idx], label_smoothing=spec.label_smoothing)
