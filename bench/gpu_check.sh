@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh smoke   # environment, eager bench, a 1-epoch study: about a minute
 #   bash bench/gpu_check.sh full    # the chest X-ray study at real scale, then the compiled bench
 #   bash bench/gpu_check.sh speed   # only the speed goals: eager bench, then compiled (networks and
-#                                   # augmentation; compiling takes minutes), no data needed
+#                                   # augmentation; compiling takes minutes), then the compiled
+#                                   # augmentation's kernels (bench/augment_kernels.py); no data needed
 # Expects the chest X-ray images under data/chest_xray and, where pydantic is missing, wheels in .whl/.
 set -uo pipefail
 mode=${1:-smoke}
@@ -20,6 +21,8 @@ if [ "$mode" = speed ]; then
   python3 -m runner.cli bench --arch resnet50 --size 224 --batch 256 --steps 30 --warmup 10 | tee "$OUT/bench_eager_r50_224.json"
   timeout 420 python3 -m runner.cli bench --arch resnet50 --size 224 --batch 256 --steps 30 --warmup 10 --compile \
     | tee "$OUT/bench_compiled_r50_224.json"
+  # the compiled augmentation alone: kernels, library calls, image-sized buffers, eager vs compiled ms
+  timeout 120 python3 bench/augment_kernels.py --size 224 --batch 256 | tee "$OUT/augment_kernels_224.json"
 elif [ "$mode" = smoke ]; then
   python3 -m runner.cli bench --arch resnet50 --size 224 --batch 256 --steps 30 --warmup 10 | tee "$OUT/bench_eager_r50_224.json"
   python3 bench/study.py --root data/chest_xray --out /tmp/smoke --size 64 --arch resnet18 --epochs 1 --finetune-epochs 1 --fractions 0.1 \
