@@ -21,8 +21,9 @@ from runner.ml import augment as A
 
 
 def _count(code: str, image_numel: int) -> dict:
-    """Kernel launches, library calls, and buffers of at least half an image batch: each of those is
-    one write and one read of the batch, the cost that dominates a memory-bound pipeline."""
+    """Kernel launches, library calls, and the buffers of at least half an image batch that the
+    generated code allocates (each one write and one read of the batch, the cost that dominates a
+    memory-bound pipeline; the outputs of library calls are not among them)."""
     body = code[code.find("def call(") :] if "def call(" in code else code
     launches = re.findall(r"^\s+((?:cpp|triton)_\w+)(?:\.run)?\(", body, re.M)
     externs = re.findall(r"extern_kernels\.(\w+)\(|torch\.ops\.aten\.(\w+)\.default\(", body)
