@@ -2,11 +2,15 @@
 and BYOL linear probe (Model 1), and the random-init linear probe (the control).
 
     python bench/study.py --root ../shared/data/chest_xray --out /tmp/study [--size 128] [--epochs 80]
+    python bench/study.py --manifest experiments/matrix.yaml --dataset hemorrhage --out /tmp/ct
 
 Defaults are the chest X-ray protocol of the training-engine issue: Kermany images pooled and split
-70/15/15 by patient id, ResNet50 at 128 px, 80 BYOL epochs, one seed, 1% / 10% / 100% labels. Each
-arm is a real task run by the worker (task.json in, metrics.json out). Prints a markdown table of
-test accuracy / AUROC / loss and a JSON line with everything, and writes both under --out.
+70/15/15 by patient id, ResNet50 at 128 px, 80 BYOL epochs, one seed, 1% / 10% / 100% labels. With
+--manifest and --dataset, the data set (source, classes, split) is that manifest's, its root as the
+manifest resolves it (BYOL_DATA). Each arm is a real task run by the worker (task.json in,
+metrics.json out). Prints a markdown table of test accuracy / AUROC / loss, with the loss of
+predicting the labeled set's class frequencies (the prior) beside it, and a JSON line with
+everything, and writes both under --out.
 """
 
 from __future__ import annotations
@@ -30,6 +34,16 @@ def chest_data(root: str, size: int) -> dict:
     }
 
 
+def manifest_data(manifest: str, dataset: str, size: int) -> dict:
+    from runner.manifest import load_manifest
+    from runner.plan import _data_spec
+
+    datasets = load_manifest(manifest).datasets
+    if dataset not in datasets:
+        raise SystemExit(f"{manifest} has no data set {dataset!r}; it has {', '.join(datasets)}")
+    return {**_data_spec(datasets[dataset]), "image_size": size}
+
+
 def write_task(results: Path, spec: dict) -> Path:
     d = results / "tasks" / spec["id"]
     d.mkdir(parents=True, exist_ok=True)
@@ -51,7 +65,9 @@ def run(spec_path: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", required=True)
+    ap.add_argument("--root", help="the chest X-ray folder (Kermany layout)")
+    ap.add_argument("--manifest", help="take the data set from this manifest instead (with --dataset)")
+    ap.add_argument("--dataset", help="the data set's name in --manifest")
     ap.add_argument("--out", required=True, help="results dir of the study (tasks, cache, table)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--arch", default="resnet50")
@@ -64,6 +80,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--head-dims", default="4096,256", help="projector/predictor hidden and output widths")
     args = ap.parse_args()
+    if bool(args.manifest) == bool(args.root) or bool(args.manifest) != bool(args.dataset):
+        ap.error("give --root (chest X-ray), or --manifest with --dataset")
     results = Path(args.out).resolve()
     hidden, out_dim = map(int, args.head_dims.split(","))
     settings = {
@@ -72,7 +90,11 @@ def main() -> None:
         "pretrain": {"epochs": args.epochs, "batch_size": args.batch, "proj_hidden": hidden, "pred_hidden": hidden, "proj_dim": out_dim},
         "finetune": {"epochs": args.finetune_epochs},
     }
-    base = {"dataset": "chest_xray", "data": chest_data(str(Path(args.root).resolve()), args.size), "seed": args.seed, "settings": settings}
+    if args.manifest:
+        name, data = args.dataset, manifest_data(args.manifest, args.dataset, args.size)
+    else:
+        name, data = "chest_xray", chest_data(str(Path(args.root).resolve()), args.size)
+    base = {"dataset": name, "data": data, "seed": args.seed, "settings": settings}
     t0 = time.perf_counter()
     pre = run(write_task(results, {**base, "id": "pretrain", "kind": "pretrain"}))
     events = [json.loads(x) for x in (results / "tasks" / "pretrain" / "events.jsonl").read_text().splitlines()]
@@ -88,16 +110,18 @@ def main() -> None:
             t = m["test"]
             table[(frac, arm)] = t
             rows.append({"fraction": frac, "arm": arm, "n_labeled": m["n_labeled"], "accuracy": t["accuracy"], "auroc": t["auroc"],
-                         "loss": t["loss"], "loss_uncalibrated": t["loss_uncalibrated"], "balanced_accuracy": t["balanced_accuracy"],
+                         "loss": t["loss"], "prior_loss": m.get("prior_loss"), "loss_uncalibrated": t["loss_uncalibrated"], "balanced_accuracy": t["balanced_accuracy"],
                          "selection": m["selection"], "seconds": m["seconds"]})
-    lines = ["| labels | " + " | ".join(ARMS) + " |", "|---|" + "---|" * len(ARMS)]
+    lines = ["| labels | " + " | ".join(ARMS) + " | prior loss |", "|---|" + "---|" * (len(ARMS) + 1)]
     for frac in map(float, args.fractions.split(",")):
-        n = next(r["n_labeled"] for r in rows if r["fraction"] == frac)
+        row = next(r for r in rows if r["fraction"] == frac)
         cells = [f"{table[(frac, a)]['accuracy']:.3f} / {table[(frac, a)]['auroc']:.3f} / {table[(frac, a)]['loss']:.3f}" for a in ARMS]
-        lines.append(f"| {frac * 100:g}% ({n}) | " + " | ".join(cells) + " |")
-    md = "test accuracy / AUROC / loss (calibrated on val)\n\n" + "\n".join(lines)
+        prior = f"{row['prior_loss']:.3f}" if row.get("prior_loss") is not None else "-"
+        lines.append(f"| {frac * 100:g}% ({row['n_labeled']}) | " + " | ".join(cells) + f" | {prior} |")
+    md = (f"{name}: test accuracy / AUROC / loss (calibrated on val); prior loss: the test loss of predicting the "
+          "labeled set's class frequencies\n\n" + "\n".join(lines))
     summary = {
-        "study": "chest_xray", "arch": args.arch, "image_size": args.size, "byol_epochs": args.epochs, "batch": args.batch,
+        "study": name, "arch": args.arch, "image_size": args.size, "byol_epochs": args.epochs, "batch": args.batch,
         "seed": args.seed, "pretrain_seconds": pre.get("seconds"), "pretrain_img_per_s_median": sorted(rates)[len(rates) // 2] if rates else None,
         "byol_loss_first_epoch": epochs[0]["loss"] if epochs else None, "byol_loss_last_epoch": epochs[-1]["loss"] if epochs else None,
         "proj_std_last": epochs[-1].get("proj_std") if epochs else None, "total_seconds": round(time.perf_counter() - t0, 1), "rows": rows,
