@@ -76,8 +76,11 @@ def to_device_images(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def take(images: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows `idx` of `images` (or labels) on `device`. Host-resident (pinned) images are gathered on
+    the host and copied without waiting for the device; give them host indices (an IndexStream on
+    the images' device), since reading device indices back would wait."""
     if images.device.type == device.type:
-        return images.index_select(0, idx.to(device))
+        return images.index_select(0, idx.to(images.device))
     return images.index_select(0, idx.cpu()).pin_memory().to(device, non_blocking=True)
 
 
@@ -173,7 +176,7 @@ def pretrain_byol(pixels: np.ndarray, spec: PretrainSpec, arch: str, size: int, 
     opt = lars_for(model.trainable_modules(), lr=peak_lr, weight_decay=spec.weight_decay)
     aug1, aug2 = preset_for(spec.augment, channels, "pretrain")
     images = to_device_images(pixels, ctx.device)
-    stream = IndexStream(n, bs, ctx.seed, ctx.device)
+    stream = IndexStream(n, bs, ctx.seed, images.device)  # indices where the images are: no read-back
     dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed)
     ckpt_path = ctx.task_dir / "checkpoint.pt"
     state = resume(ckpt_path, model, opt, dev_gen, ctx, steps_per_epoch, total)
@@ -287,10 +290,10 @@ def train_classifier(
     opt = torch.optim.AdamW(groups, lr=spec.lr, fused=fused, foreach=None if fused else True)
     aug, _ = preset_for(spec.augment, train[0].shape[1], "finetune")
     images = to_device_images(train[0], ctx.device)
-    labels = torch.from_numpy(train[1]).to(ctx.device)
+    labels = torch.from_numpy(train[1]).to(images.device)
     val_images = to_device_images(val[0], ctx.device)
     val_labels = torch.from_numpy(val[1])
-    stream = IndexStream(n, bs, ctx.seed, ctx.device)
+    stream = IndexStream(n, bs, ctx.seed, images.device)
     dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed + 17)
     forward = ctx.maybe_compile(model)
     progress = Progress(ctx, bs)
@@ -314,10 +317,10 @@ def train_classifier(
     for step in range(start, total):
         model.train()
         idx = stream.batch_at(step)
-        x = ctx.view(take(images, idx, ctx.device), aug, size, dev_gen)
+        x, y = ctx.view(take(images, idx, ctx.device), aug, size, dev_gen), take(labels, idx, ctx.device)
         set_lr(opt, warmup_cosine(step, total, warmup, spec.lr))
         with ctx.amp:
-            loss = F.cross_entropy(forward(x).float(), labels[idx], label_smoothing=spec.label_smoothing)
+            loss = F.cross_entropy(forward(x).float(), y, label_smoothing=spec.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
