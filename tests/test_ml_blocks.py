@@ -331,3 +331,26 @@ def test_a_pretraining_step_never_waits_for_the_device():
         if recorder:
             assert recorder.calls == [], recorder.calls
     assert views[0].is_contiguous(memory_format=torch.channels_last) and torch.isfinite(loss)
+
+
+def test_background_checkpoints_are_snapshots_written_in_order(tmp_path):
+    """Training goes on while a checkpoint is written: what lands on disk is the state at save(),
+    not a mix with later in-place updates; the last save wins; a failed write is raised."""
+    from runner.ml.checkpoint import CheckpointWriter, host_copy
+
+    w = torch.zeros(1 << 20)
+    state = {"model": {"w": w}, "opt": [{"m": w * 0}], "step": 1}
+    snap = host_copy(state)
+    assert snap["model"]["w"].data_ptr() != w.data_ptr() and snap["step"] == 1 and isinstance(snap["opt"], list)
+    path = tmp_path / "checkpoint.pt"
+    with CheckpointWriter() as ckpt:
+        ckpt.save({"w": w, "step": 1}, path)
+        w.add_(1)  # the next optimizer step, at once
+        ckpt.save({"w": w, "step": 2}, path)
+        w.add_(1)
+    got = safe_load(path)
+    assert got["step"] == 2 and torch.equal(got["w"], torch.ones(1 << 20))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+    with pytest.raises(FileNotFoundError):
+        with CheckpointWriter() as ckpt:
+            ckpt.save({"w": w}, tmp_path / "no-such-dir" / "checkpoint.pt")

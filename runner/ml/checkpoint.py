@@ -1,12 +1,15 @@
 """Checkpoints written atomically (temporary file, fsync, rename) and read with weights_only=True.
 
 A crash at any moment leaves the previous checkpoint or the new one, never half of one. Only
-tensors, numbers, strings, lists and dicts go in: nothing is unpickled from disk.
+tensors, numbers, strings, lists and dicts go in: nothing is unpickled from disk. Training loops
+write theirs through `CheckpointWriter`: the state is copied to the host at once (a consistent
+snapshot) and written to disk by a background thread while training goes on.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +44,58 @@ def set_rng_state(state: dict, device_gen: torch.Generator) -> None:
     device_gen.set_state(state["device"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def host_copy(obj: Any) -> Any:
+    """The same structure with every tensor copied to host memory: a snapshot that later in-place
+    updates of the live tensors (optimizer steps, EMA) do not reach."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Checkpoints written in the background, one at a time.
+
+    `save` snapshots the state to the host (the only part the training loop waits for) and hands
+    the write (serialize, fsync, rename) to a thread; the next `save`, and leaving the `with`
+    block, wait for the previous write first, so checkpoints land in order and none is being
+    written when the task's files are finalized. A failed write is raised by the next `save` or
+    at the end of the block."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict, path: str | Path) -> None:
+        self.wait()
+        snapshot = host_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path)), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, state: dict, path: Path) -> None:
+        try:
+            atomic_save(state, path)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread at its next wait
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc_type is None:
+            self.wait()
+        elif self._thread is not None:  # leaving on an error: let the write finish (atomic), keep the first error
+            self._thread.join()

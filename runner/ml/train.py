@@ -22,7 +22,7 @@ from torch import nn
 
 from runner.ml.augment import augment, eval_view, preset_for
 from runner.ml.byol import BYOL, projection_std, tau_at
-from runner.ml.checkpoint import atomic_save, rng_state, safe_load, set_rng_state
+from runner.ml.checkpoint import CheckpointWriter, atomic_save, rng_state, safe_load, set_rng_state
 from runner.ml.config import FinetuneSpec, PretrainSpec, ProbeSpec, RunSpec
 from runner.ml.models import Backbone, Classifier
 from runner.ml.optim import lars_for, scaled_lr, set_lr, split_decay_groups, warmup_cosine
@@ -190,32 +190,30 @@ def pretrain_byol(pixels: np.ndarray, spec: PretrainSpec, arch: str, size: int, 
     epoch_loss = torch.zeros((), device=ctx.device)
     epoch_count = 0
     model.train()
-    while step < total:
-        epoch = step // steps_per_epoch
-        x = take(images, stream.batch_at(step), ctx.device)
-        views = (ctx.view(x, aug1, size, dev_gen), ctx.view(x, aug2, size, dev_gen))
-        lr, tau = warmup_cosine(step, total, warmup, peak_lr), tau_at(step, total, spec.tau_base)
-        loss, z1 = byol_step(model, forward, opt, ctx, views, lr, tau)
-        step += 1
-        run_loss += loss
-        epoch_loss += loss
-        run_count += 1
-        epoch_count += 1
-        if progress.due(step == total):
-            std = float(projection_std(z1))
-            progress.emit(step, epoch, loss=round(float(run_loss) / run_count, 5), lr=lr, tau=tau, proj_std=round(std, 5))
-            run_loss.zero_()
-            run_count = 0
-        if step % steps_per_epoch == 0 or step == total:
-            ctx.emit("metric", epoch=epoch, step=step, loss=float(epoch_loss) / epoch_count, proj_std=float(projection_std(z1)))
-            epoch_loss.zero_()
-            epoch_count = 0
-        if step % ctx.run.checkpoint_every_steps == 0 or step == total:
-            atomic_save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                 "rng": rng_state(dev_gen)},
-                ckpt_path,
-            )
+    with CheckpointWriter() as ckpt:  # written in the background; the block waits for the last one
+        while step < total:
+            epoch = step // steps_per_epoch
+            x = take(images, stream.batch_at(step), ctx.device)
+            views = (ctx.view(x, aug1, size, dev_gen), ctx.view(x, aug2, size, dev_gen))
+            lr, tau = warmup_cosine(step, total, warmup, peak_lr), tau_at(step, total, spec.tau_base)
+            loss, z1 = byol_step(model, forward, opt, ctx, views, lr, tau)
+            step += 1
+            run_loss += loss
+            epoch_loss += loss
+            run_count += 1
+            epoch_count += 1
+            if progress.due(step == total):
+                std = float(projection_std(z1))
+                progress.emit(step, epoch, loss=round(float(run_loss) / run_count, 5), lr=lr, tau=tau, proj_std=round(std, 5))
+                run_loss.zero_()
+                run_count = 0
+            if step % steps_per_epoch == 0 or step == total:
+                ctx.emit("metric", epoch=epoch, step=step, loss=float(epoch_loss) / epoch_count, proj_std=float(projection_std(z1)))
+                epoch_loss.zero_()
+                epoch_count = 0
+            if step % ctx.run.checkpoint_every_steps == 0 or step == total:
+                ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(dev_gen)},
+                          ckpt_path)
     encoder = model.online_encoder
     atomic_save({"arch": arch, "in_channels": channels, "state_dict": encoder.state_dict()}, ctx.task_dir / "encoder.pt")
     return {"steps": total, "batch_size": bs, "images": n, "final_proj_std": float(projection_std(z1)) if z1 is not None else None}
@@ -314,35 +312,36 @@ def train_classifier(
                 "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     last_saved = start
     run_loss, run_count = torch.zeros((), device=ctx.device), 0
-    for step in range(start, total):
-        model.train()
-        idx = stream.batch_at(step)
-        x, y = ctx.view(take(images, idx, ctx.device), aug, size, dev_gen), take(labels, idx, ctx.device)
-        set_lr(opt, warmup_cosine(step, total, warmup, spec.lr))
-        with ctx.amp:
-            loss = F.cross_entropy(forward(x).float(), y, label_smoothing=spec.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        run_loss += loss.detach()
-        run_count += 1
-        done = step + 1
-        epoch = step // steps_per_epoch
-        if done % eval_every == 0 or done == total:
-            val_loss, val_acc = validate()
-            train_loss = float(run_loss) / max(run_count, 1)
-            run_loss.zero_()
-            run_count = 0
-            ctx.emit("metric", epoch=epoch, step=done, loss=train_loss, val_loss=val_loss, val_acc=val_acc)
-            if val_loss < best["val_loss"]:
-                best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": done,
-                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            if done - last_saved >= ctx.run.checkpoint_every_steps and done < total:  # at a validation, so `best` is current
-                atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done, "best": best,
-                             "rng": rng_state(dev_gen)}, ckpt_path)
-                last_saved = done
-        elif progress.due(False):
-            progress.emit(done, epoch, loss=round(float(run_loss) / max(run_count, 1), 5), lr=opt.param_groups[-1]["lr"])
+    with CheckpointWriter() as ckpt:
+        for step in range(start, total):
+            model.train()
+            idx = stream.batch_at(step)
+            x, y = ctx.view(take(images, idx, ctx.device), aug, size, dev_gen), take(labels, idx, ctx.device)
+            set_lr(opt, warmup_cosine(step, total, warmup, spec.lr))
+            with ctx.amp:
+                loss = F.cross_entropy(forward(x).float(), y, label_smoothing=spec.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            run_loss += loss.detach()
+            run_count += 1
+            done = step + 1
+            epoch = step // steps_per_epoch
+            if done % eval_every == 0 or done == total:
+                val_loss, val_acc = validate()
+                train_loss = float(run_loss) / max(run_count, 1)
+                run_loss.zero_()
+                run_count = 0
+                ctx.emit("metric", epoch=epoch, step=done, loss=train_loss, val_loss=val_loss, val_acc=val_acc)
+                if val_loss < best["val_loss"]:
+                    best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": done,
+                            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                if done - last_saved >= ctx.run.checkpoint_every_steps and done < total:  # at a validation, so `best` is current
+                    ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done, "best": best,
+                               "rng": rng_state(dev_gen)}, ckpt_path)
+                    last_saved = done
+            elif progress.due(False):
+                progress.emit(done, epoch, loss=round(float(run_loss) / max(run_count, 1), 5), lr=opt.param_groups[-1]["lr"])
     model.load_state_dict(best["state"])
     return model, {"selected_step": best["step"], "val_loss": best["val_loss"], "val_accuracy": best["val_accuracy"],
                    "steps": total, "batch_size": bs, "backbone_lr_scale": bb_scale}
