@@ -271,7 +271,7 @@ def extended_markdown(report: dict) -> str:
             _ci(e.get(m)) for m in ("accuracy", "auroc", "balanced_accuracy", "sensitivity", "specificity", "loss")) + " |")
     text = "\n".join(lines) + "\n\nPooled over seeds; [95% bootstrap interval over test images].\n"
     if report.get("differences"):
-        d_lines = [f"\n| Dataset | Labels | Seeds | Δ accuracy | Δ AUROC | Δ balanced accuracy | Δ loss |", "|---|---|---|---|---|---|---|"]
+        d_lines = ["\n| Dataset | Labels | Seeds | Δ accuracy | Δ AUROC | Δ balanced accuracy | Δ loss |", "|---|---|---|---|---|---|---|"]
         for d in report["differences"]:
             d_lines.append(f"| {d['dataset']} | {d['labels']} | {d['seeds']} | " + " | ".join(
                 _ci(d.get(m)) for m in ("accuracy", "auroc", "balanced_accuracy", "loss")) + " |")

@@ -314,9 +314,9 @@ def augment(images: torch.Tensor, aug: ViewAug, size: int, g: torch.Generator, c
         return apply(images, p, aug, size, channels_last, dtype)
 
 
-def eval_view(images: torch.Tensor, size: int, channels_last: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+def eval_view(images: torch.Tensor, size: int, channels_last: bool = False) -> torch.Tensor:
     """The deterministic view for evaluation and feature extraction: the whole image, resized."""
     x = images.float().div_(255)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return to_format(normalize(x), channels_last, dtype)
+    return to_format(normalize(x), channels_last, None)

@@ -48,8 +48,9 @@ class Context:
     def amp(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.run.channels_last else x
+    def eval_input(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """The deterministic evaluation view of a uint8 batch, in the network's layout."""
+        return eval_view(x, size, channels_last=self.run.channels_last)
 
     def view(self, x: torch.Tensor, aug, size: int, gen: torch.Generator) -> torch.Tensor:
         """An augmented view of a uint8 batch, written directly in the network's input format
@@ -236,7 +237,7 @@ def predict(model: nn.Module, images: torch.Tensor, size: int, ctx: Context, bat
     out = []
     for start in range(0, images.shape[0], batch):
         idx = torch.arange(start, min(start + batch, images.shape[0]))
-        x = ctx.prepare_input(eval_view(take(images, idx, ctx.device), size))
+        x = ctx.eval_input(take(images, idx, ctx.device), size)
         with ctx.amp:
             out.append(model(x).float().softmax(dim=1).cpu())
     return torch.cat(out)
@@ -359,7 +360,7 @@ def extract_features(backbone: Backbone, pixels: np.ndarray, size: int, ctx: Con
     for start in range(0, pixels.shape[0], batch):
         idx = torch.arange(start, min(start + batch, pixels.shape[0]))
         with ctx.amp:
-            feats.append(backbone(ctx.prepare_input(eval_view(take(images, idx, ctx.device), size))).float().cpu())
+            feats.append(backbone(ctx.eval_input(take(images, idx, ctx.device), size)).float().cpu())
     return torch.cat(feats).numpy()
 
 
