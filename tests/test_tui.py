@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from runner.tui.app import RunnerApp
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 from tests.test_runner import TINY
 
 
