@@ -36,12 +36,12 @@ def chest_data(root: str, size: int) -> dict:
 
 def manifest_data(manifest: str, dataset: str, size: int) -> dict:
     from runner.manifest import load_manifest
-    from runner.plan import _data_spec
+    from runner.plan import data_spec
 
     datasets = load_manifest(manifest).datasets
     if dataset not in datasets:
         raise SystemExit(f"{manifest} has no data set {dataset!r}; it has {', '.join(datasets)}")
-    return {**_data_spec(datasets[dataset]), "image_size": size}
+    return {**data_spec(datasets[dataset]), "image_size": size}
 
 
 def write_task(results: Path, spec: dict) -> Path:

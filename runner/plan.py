@@ -74,7 +74,7 @@ def task_id(identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _data_spec(spec) -> dict:
+def data_spec(spec) -> dict:
     data = spec.model_dump(mode="json")
     if isinstance(spec, RootedSource):
         data["root"] = str(spec.root_path)  # absolute: the worker may start anywhere
@@ -107,7 +107,7 @@ def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progres
     for name, spec in manifest.datasets.items():
         ds = prepare(name, spec, results / "cache", progress)
         fingerprint = ds.fingerprint
-        data = _data_spec(spec)
+        data = data_spec(spec)
         for seed in manifest.seeds:
             for b in budgets:
                 ds.labeled(b, seed)  # a budget too small for a class fails now, naming both

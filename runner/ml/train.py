@@ -236,8 +236,7 @@ def predict(model: nn.Module, images: torch.Tensor, size: int, ctx: Context, bat
     model.eval()
     out = []
     for start in range(0, images.shape[0], batch):
-        idx = torch.arange(start, min(start + batch, images.shape[0]))
-        x = ctx.eval_input(take(images, idx, ctx.device), size)
+        x = ctx.eval_input(images[start : start + batch].to(ctx.device, non_blocking=True), size)
         with ctx.amp:
             out.append(model(x).float().softmax(dim=1).cpu())
     return torch.cat(out)
@@ -358,9 +357,9 @@ def extract_features(backbone: Backbone, pixels: np.ndarray, size: int, ctx: Con
     images = to_device_images(pixels, ctx.device)
     feats = []
     for start in range(0, pixels.shape[0], batch):
-        idx = torch.arange(start, min(start + batch, pixels.shape[0]))
         with ctx.amp:
-            feats.append(backbone(ctx.eval_input(take(images, idx, ctx.device), size)).float().cpu())
+            x = ctx.eval_input(images[start : start + batch].to(ctx.device, non_blocking=True), size)
+            feats.append(backbone(x).float().cpu())
     return torch.cat(feats).numpy()
 
 
