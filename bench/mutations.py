@@ -1,0 +1,277 @@
+"""A mutation check of the science's wiring: hand-written plausible mistakes, applied one at a time to a
+copy of the project, each followed by the fast test files that cover its module. A mutation is
+*caught* when those tests fail, *survives* when they pass.
+
+    python bench/mutations.py                 # all of them (about 20-30 minutes on 2 cores)
+    python bench/mutations.py --only byol     # those whose name or file contains "byol"
+    python bench/mutations.py --list          # the mutations, nothing run
+    python bench/mutations.py --json out.json # also the per-mutation results
+
+It prints one line per mutation and ends with the score and the survivors; exit 0 when every
+mutation is caught, 1 otherwise. Each mutation is a list of (exact text, replacement) pairs on one
+file; a text that is not found exactly once is a bug in this list (exit 2), so an edit of the source
+that moves a line makes the list fail loudly instead of testing nothing.
+
+The first seventeen are the ones the wiring issue found no test for; the rest are the same kind of
+one-line mistake in the same modules (ml/byol.py, ml/optim.py, ml/augment.py, the pretraining and
+selection parts of ml/train.py, ml/metrics.py, stats.py, data/splits.py, the task-id hash in
+plan.py, and the worker's use of the splits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# the fast test files that cover each module (in-process; no real data set decoded, no subprocess run)
+COVERING = {
+    "runner/ml/byol.py": ["tests/test_wiring.py", "tests/test_ml_blocks.py"],
+    "runner/ml/optim.py": ["tests/test_wiring.py", "tests/test_ml_blocks.py"],
+    "runner/ml/augment.py": ["tests/test_wiring.py", "tests/test_ml_blocks.py"],
+    "runner/ml/train.py": ["tests/test_wiring.py", "tests/test_ml_blocks.py"],
+    "runner/ml/metrics.py": ["tests/test_wiring.py", "tests/test_ml_blocks.py"],
+    "runner/stats.py": ["tests/test_wiring.py", "tests/test_ml_blocks.py"],
+    "runner/data/splits.py": ["tests/test_splits.py", "tests/test_wiring.py"],
+    "runner/plan.py": ["tests/test_wiring.py"],
+    "runner/worker.py": ["tests/test_wiring.py"],
+}
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    edits: tuple[tuple[str, str], ...]
+
+
+def m(name: str, path: str, *edits: tuple[str, str]) -> Mutation:
+    return Mutation(name, "runner/" + path, edits)
+
+
+MUTATIONS = [
+    # ---- the seventeen of the wiring issue -------------------------------------------------------
+    m("byol: each prediction meets its own view's target", "ml/byol.py",
+      ("return byol_loss(p1, z2) + byol_loss(p2, z1), z1", "return byol_loss(p1, z1) + byol_loss(p2, z2), z1")),
+    m("train: both views from the same generator state", "ml/train.py",
+      ("views = (ctx.view(x, aug1, size, dev_gen), ctx.view(x, aug2, size, dev_gen))",
+       "views = (ctx.view(x, aug1, size, torch.Generator(ctx.device).manual_seed(step)), "
+       "ctx.view(x, aug2, size, torch.Generator(ctx.device).manual_seed(step)))")),
+    m("train: the view-1 preset for both views", "ml/train.py",
+      ("ctx.view(x, aug2, size, dev_gen))", "ctx.view(x, aug1, size, dev_gen))")),
+    m("train: pretraining ignores the batch-size scaling of the rate", "ml/train.py",
+      ("peak_lr = scaled_lr(spec.base_lr, bs)", "peak_lr = spec.base_lr")),
+    m("train: pretraining warm-up dropped", "ml/train.py",
+      ("warmup = min(int(round(spec.warmup_epochs * steps_per_epoch)), total // 2)", "warmup = 0")),
+    m("augment: solarize on every sample", "ml/augment.py",
+      ('p["solarize"] = _bernoulli(aug.solarize_p, n, g, device)', 'p["solarize"] = _bernoulli(1.0, n, g, device)')),
+    m("metrics: sensitivity and specificity swapped", "ml/metrics.py",
+      ('out["sensitivity"] = tp / (tp + fn) if tp + fn else None', 'out["sensitivity"] = tn / (tn + fp) if tn + fp else None'),
+      ('out["specificity"] = tn / (tn + fp) if tn + fp else None', 'out["specificity"] = tp / (tp + fn) if tp + fn else None')),
+    m("stats: pooled sensitivity and specificity swapped", "stats.py",
+      ('out["sensitivity"] = w @ hit[0] / (s * (w @ is_pos))', 'out["sensitivity"] = w @ hit[1] / (s * (w @ (1 - is_pos)))'),
+      ('out["specificity"] = w @ hit[1] / (s * (w @ (1 - is_pos)))', 'out["specificity"] = w @ hit[0] / (s * (w @ is_pos))')),
+    m("stats: balanced accuracy computed as accuracy", "stats.py",
+      ('out["balanced_accuracy"] = np.nanmean(np.stack(recalls), axis=0)', 'out["balanced_accuracy"] = w @ correct / total')),
+    m("worker: fine-tune selection on the test split", "worker.py",
+      ("backbone, pretrained, (ds.pixels(labeled), ds.labels[labeled]), (ds.pixels(val), ds.labels[val]),",
+       "backbone, pretrained, (ds.pixels(labeled), ds.labels[labeled]), (ds.pixels(test), ds.labels[test]),")),
+    m("worker: temperature fitted on the test split", "worker.py",
+      ("temperature = fit_temperature(val_probs, ds.labels[val])", "temperature = fit_temperature(probs, ds.labels[test])")),
+    m("train: no model selection (the last evaluation kept)", "ml/train.py",
+      ('if val_loss < best["val_loss"]:', "if True:")),
+    m("plan: dependency ids left out of the task hash", "plan.py",
+      ('"deps": [d.id for d in deps],\n', '"deps": [],\n')),
+    m("plan: probe settings left out of the linear task's hash", "plan.py",
+      ('"linear": ("model", "probe"),', '"linear": ("model",),')),
+    m("byol: tau linear instead of cosine", "ml/byol.py",
+      ("return 1 - (1 - tau_base) * (math.cos(math.pi * k / max(total_steps, 1)) + 1) / 2",
+       "return tau_base + (1 - tau_base) * k / max(total_steps, 1)")),
+    m("optim: LARS weight decay with the wrong sign", "ml/optim.py",
+      ('alpha=group["weight_decay"])', 'alpha=-group["weight_decay"])')),
+    m("byol: target BatchNorm statistics not copied", "ml/byol.py",
+      ("torch._foreach_copy_(dst, src)", "pass")),
+    # ---- more of the same kind ---------------------------------------------------------------------
+    m("byol: loss 2 + 2 cos", "ml/byol.py",
+      ("return 2 - 2 * F.cosine_similarity(", "return 2 + 2 * F.cosine_similarity(")),
+    m("byol: EMA weight on the wrong side", "ml/byol.py",
+      ("torch._foreach_lerp_(target, online, 1.0 - tau)", "torch._foreach_lerp_(target, online, tau)")),
+    m("byol: collapse monitor over the wrong axis", "ml/byol.py",
+      ("return F.normalize(z.float(), dim=-1).std(dim=0).mean()", "return F.normalize(z.float(), dim=-1).std(dim=1).mean()")),
+    m("byol: heads without BatchNorm", "ml/byol.py",
+      ("nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)", "nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True)")),
+    m("optim: trust ratio inverted", "ml/optim.py",
+      ('group["eta"] * w_norm / g_norm', 'group["eta"] * g_norm / w_norm')),
+    m("optim: biases and norms decayed and adapted", "ml/optim.py",
+      ("(excluded if p.ndim <= 1 else regular).append(p)", "(excluded if p.ndim < 1 else regular).append(p)")),
+    m("optim: momentum ignored", "ml/optim.py",
+      ('torch._foreach_mul_(bufs, group["momentum"])', "torch._foreach_mul_(bufs, 0.0)")),
+    m("optim: batch scaling inverted", "ml/optim.py",
+      ("return base_lr * batch_size / 256", "return base_lr * 256 / batch_size")),
+    m("optim: warm-up starts at zero", "ml/optim.py",
+      ("return peak * (step + 1) / warmup_steps", "return peak * step / warmup_steps")),
+    m("optim: linear decay instead of cosine", "ml/optim.py",
+      ("return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))", "return final + (peak - final) * (1 - min(t, 1.0))")),
+    m("optim: the backbone's rate scale ignored", "ml/optim.py",
+      ('group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr')),
+    m("train: the target update skipped", "ml/train.py",
+      ("model.update_target(tau)", "model.update_target(1.0)")),
+    m("train: tau over twice the steps", "ml/train.py",
+      ("tau_at(step, total, spec.tau_base)", "tau_at(step, 2 * total, spec.tau_base)")),
+    m("train: the second view of other images", "ml/train.py",
+      ("ctx.view(x, aug2, size, dev_gen))", "ctx.view(x.flip(0), aug2, size, dev_gen))")),
+    m("train: the EMA target saved as the encoder", "ml/train.py",
+      ("encoder = model.online_encoder", "encoder = model.target_encoder")),
+    m("train: the selected weights not restored", "ml/train.py",
+      ('model.load_state_dict(best["state"])\n', "pass\n")),
+    m("train: probe strength chosen on train loss", "ml/train.py",
+      ('probs = _full_proba(clf, xva, num_classes)\n        loss = float(-np.log(np.clip(probs[np.arange(len(labels["val"])), labels["val"]], 1e-12, 1)).mean())',
+       'probs = _full_proba(clf, xtr, num_classes)\n        loss = float(-np.log(np.clip(probs[np.arange(len(labels["train"])), labels["train"]], 1e-12, 1)).mean())')),
+    m("worker: probe strength chosen on the test split", "worker.py",
+      ('(("train", labeled), ("val", val), ("test", test))', '(("train", labeled), ("val", test), ("test", test))'),
+      ('labels = {"train": ds.labels[labeled], "val": ds.labels[val]}', 'labels = {"train": ds.labels[labeled], "val": ds.labels[test]}')),
+    m("worker: the label budget ignored", "worker.py",
+      ("labeled = ds.labeled(budget, task.seed)", 'labeled = ds.splits["train"]')),
+    m("worker: pretraining on train and test", "worker.py",
+      ('T.pretrain_byol(ds.pixels(train_idx),', 'T.pretrain_byol(ds.pixels(np.concatenate([train_idx, ds.splits["test"]])),')),
+    m("augment: grayscale probability inverted", "ml/augment.py",
+      ('p["gray"] = _bernoulli(aug.grayscale_p, n, g, device)', 'p["gray"] = _bernoulli(1 - aug.grayscale_p, n, g, device)')),
+    m("augment: no horizontal flips", "ml/augment.py",
+      ("fx = torch.where(_bernoulli(aug.hflip, n, g, device), -1.0, 1.0)", "fx = torch.ones(n, device=device)")),
+    m("augment: colour jitter always on", "ml/augment.py",
+      ("on = _bernoulli(aug.jitter_p, n, g, device)", "on = _bernoulli(1.0, n, g, device)")),
+    m("augment: every sample blurred", "ml/augment.py",
+      ("k = n if aug.blur_p >= 1 else int(round(aug.blur_p * n))", "k = n")),
+    m("augment: solarize the unchosen samples", "ml/augment.py",
+      ('torch.where(p["solarize"].view(n, 1, 1, 1) & (x >= 0.5), 1 - x, x)', 'torch.where(p["solarize"].view(n, 1, 1, 1) | (x >= 0.5), 1 - x, x)')),
+    m("augment: no normalization", "ml/augment.py",
+      ("return (x - _const(mean, x).view(1, -1, 1, 1)) / _const(std, x).view(1, -1, 1, 1)", "return x")),
+    m("augment: crop area fixed at its lower bound", "ml/augment.py",
+      ("area = _uniform(*aug.crop_scale, n, g, device)", "area = _uniform(aug.crop_scale[0], aug.crop_scale[0], n, g, device)")),
+    m("metrics: balanced accuracy as accuracy", "ml/metrics.py",
+      ("return float((np.diag(cm)[present] / support[present]).mean())", "return float(np.diag(cm).sum() / cm.sum())")),
+    m("metrics: loss summed, not averaged", "ml/metrics.py",
+      ('"loss": float(-np.log(p_true).mean()),', '"loss": float(-np.log(p_true).sum()),')),
+    m("metrics: confusion matrix transposed", "ml/metrics.py",
+      ("np.add.at(cm, (labels, pred), 1)", "np.add.at(cm, (pred, labels), 1)")),
+    m("metrics: the positive class ignored for AUROC", "ml/metrics.py",
+      ("pos = 1 if positive is None else positive\n        out[\"auroc\"]", "pos = 1\n        out[\"auroc\"]")),
+    m("metrics: no temperature fitted", "ml/metrics.py",
+      ("return float(np.exp((lo + hi) / 2))", "return 1.0")),
+    m("metrics: uniform prior", "ml/metrics.py",
+      ("prior = np.bincount(train_labels, minlength=num_classes) / len(train_labels)", "prior = np.full(num_classes, 1.0 / num_classes)")),
+    m("stats: AUROC ties count fully", "stats.py",
+      ("return (gp * (below + 0.5 * gn)).sum(1)", "return (gp * (below + gn)).sum(1)")),
+    m("stats: the two models on different draws", "stats.py",
+      ("r1, r2 = _weighted(p1, y1, draws, positive), _weighted(p2, y2, draws, positive)",
+       "r1, r2 = _weighted(p1, y1, draws, positive), _weighted(p2, y2, _draws(n, b, seed + 1), positive)")),
+    m("stats: a 90% interval", "stats.py",
+      ("lo, hi = np.percentile(v, [2.5, 97.5])", "lo, hi = np.percentile(v, [5, 95])")),
+    m("stats: pooled loss divided by the images, not the pairs", "stats.py",
+      ('"loss": w @ (-np.log(p_true)).sum(0) / total}', '"loss": w @ (-np.log(p_true)).sum(0) / w.sum(1)}')),
+    m("splits: a budget's count rounded down", "data/splits.py",
+      ("return math.floor(self.fraction * n_in_class + 0.5)", "return math.floor(self.fraction * n_in_class)")),
+    m("splits: budgets of one seed not nested", "data/splits.py",
+      ('of_class.sort(key=lambda i: rank(seed, "labels", keys[i]))', 'of_class.sort(key=lambda i: rank(seed + k, "labels", keys[i]))')),
+    m("splits: a class with no labeled example allowed", "data/splits.py",
+      ("if k < 1:", "if k < 0:")),
+    m("splits: groups ignored", "data/splits.py",
+      ("members[g].append(i)", "members[f\"{g}#{i}\"].append(i)")),
+    m("splits: class shares ignored", "data/splits.py",
+      ("score = (need * counts).sum(axis=1)", "score = need.sum(axis=1)")),
+    m("splits: the split seed ignored", "data/splits.py",
+      ('rank(seed, "split", g)', 'rank(0, "split", g)')),
+    m("plan: the seed left out of the task hash", "plan.py",
+      ('"kind": kind, "data": fingerprint, "seed": seed, "engine": ENGINE_VERSION,', '"kind": kind, "data": fingerprint, "engine": ENGINE_VERSION,')),
+    m("plan: the engine version left out of the task hash", "plan.py",
+      ('"seed": seed, "engine": ENGINE_VERSION,', '"seed": seed,')),
+    m("plan: the budget left out of the task hash", "plan.py",
+      ('"budget": None if budget is None else {"fraction": budget.fraction, "per_class": budget.per_class},\n                    "settings"',
+       '"budget": None,\n                    "settings"')),
+    m("plan: fine-tune settings left out of the supervised hash", "plan.py",
+      ('"supervised": ("model", "finetune"),', '"supervised": ("model",),')),
+]
+
+
+def apply(root: Path, mutation: Mutation) -> None:
+    path = root / mutation.path
+    text = path.read_text()
+    for old, new in mutation.edits:
+        count = text.count(old)
+        if count != 1:
+            raise SystemExit(f"mutation {mutation.name!r}: {old!r} occurs {count} times in {mutation.path} (expected once)")
+        text = text.replace(old, new)
+    path.write_text(text)
+
+
+def run_tests(root: Path, files: list[str], timeout: float) -> tuple[str, float, str]:
+    """('caught' | 'survived' | 'timeout', seconds, the first failing test)."""
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *files]
+    t = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - t, ""
+    seconds = time.perf_counter() - t
+    if r.returncode == 0:
+        return "survived", seconds, ""
+    failed = next((line.split(" ")[1] for line in r.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))), "")
+    return "caught", seconds, failed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="run the mutations whose name or file contains this text")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per mutation's test run")
+    args = ap.parse_args()
+    chosen = [x for x in MUTATIONS if not args.only or args.only in x.name or args.only in x.path]
+    if args.list:
+        for i, x in enumerate(chosen, 1):
+            print(f"{i:3d}. {x.path}: {x.name}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="byol-mutations-") as tmp:
+        root = Path(tmp)
+        for part in ("runner", "tests", "pyproject.toml"):
+            src = REPO / part
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / part)
+        for x in chosen:  # every mutation's text is there before any test runs
+            apply(root, x)
+            shutil.copy2(REPO / x.path, root / x.path)
+        baseline, secs, failed = run_tests(root, sorted({f for fs in COVERING.values() for f in fs}), args.timeout)
+        if baseline != "survived":
+            print(f"the unmutated tests do not pass ({baseline}: {failed}); fix that first", file=sys.stderr)
+            return 2
+        print(f"unmutated: the covering tests pass ({secs:.0f} s)", flush=True)
+        results = []
+        for i, x in enumerate(chosen, 1):
+            apply(root, x)
+            try:
+                outcome, secs, failed = run_tests(root, COVERING[x.path], args.timeout)
+            finally:
+                shutil.copy2(REPO / x.path, root / x.path)
+            results.append({"name": x.name, "path": x.path, "outcome": outcome, "seconds": round(secs, 1), "failed_test": failed})
+            print(f"{i:3d}/{len(chosen)} {outcome:8s} {secs:5.0f} s  {x.path}: {x.name}" + (f"  [{failed}]" if failed else ""), flush=True)
+    caught = sum(r["outcome"] == "caught" for r in results)
+    print(f"\nmutation score: {caught}/{len(results)} caught ({100 * caught / max(len(results), 1):.1f}%)")
+    survivors = [r for r in results if r["outcome"] != "caught"]
+    for r in survivors:
+        print(f"  {r['outcome']}: {r['path']}: {r['name']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"score": [caught, len(results)], "results": results}, indent=1))
+    return 0 if not survivors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,520 @@
+"""The science's wiring, not its blocks: how the pretraining loop pairs views, schedules its rates and
+draws its augmentations; which labels each task's choices may read; which settings each task id
+depends on; and the metrics on cases where every confusion is possible.
+
+Each test here was written against a plausible one-line mistake that the block tests let through
+(`bench/mutations.py` applies them one at a time and reruns these files). All of it runs in this
+process on tiny synthetic or random images: resnet18, 16-32 px, a few optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn import metrics as skm
+
+from runner.ml import train as T
+from runner.ml.augment import PRESETS, augment, draw
+from runner.ml.byol import BYOL, byol_loss, tau_at
+from runner.ml.config import FinetuneSpec, PretrainSpec, RunSpec
+from runner.ml.metrics import classification_metrics
+from runner.ml.models import Backbone
+from runner.ml.optim import LARS
+from runner.stats import bootstrap_metrics, paired_difference
+
+
+def small_byol(channels: int = 1) -> BYOL:
+    return BYOL(Backbone("resnet18", channels), proj_hidden=64, proj_dim=16, pred_hidden=64)
+
+
+def recording_context(tmp_path: Path, seed: int = 0) -> tuple[T.Context, list[dict]]:
+    events: list[dict] = []
+
+    def emit(kind: str, **values) -> None:
+        events.append({"kind": kind, **values})
+
+    run = RunSpec(device="cpu", progress_every_s=1e-9, checkpoint_every_steps=10_000)  # a progress event every step
+    return T.Context(device=torch.device("cpu"), run=run, task_dir=tmp_path, seed=seed, emit=emit), events
+
+
+# ---- BYOL: which prediction meets which target ---------------------------------------------------
+
+
+def test_the_loss_pairs_each_views_prediction_with_the_other_views_target():
+    torch.manual_seed(0)
+    model = small_byol()  # train mode: BatchNorm normalizes by the batch, the same batch gives the same output
+    with torch.no_grad():  # a target unlike the online network, as after some training
+        for p in model.target_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    v1, v2 = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)
+
+    def online(v: torch.Tensor) -> torch.Tensor:
+        return model.predictor(model.online_projector(model.online_encoder(v)))
+
+    def target(v: torch.Tensor) -> torch.Tensor:
+        return model.target_projector(model.target_encoder(v))
+
+    loss, z1 = model(v1, v2)
+    crossed = byol_loss(online(v1), target(v2)) + byol_loss(online(v2), target(v1))
+    same_view = byol_loss(online(v1), target(v1)) + byol_loss(online(v2), target(v2))
+    assert torch.isclose(loss, crossed, atol=1e-6)
+    assert not torch.isclose(loss, same_view, atol=1e-3)
+    assert torch.allclose(z1, target(v1), atol=1e-6)  # the collapse monitor reads view 1's target projection
+
+
+def test_the_targets_batchnorm_statistics_follow_the_online_network():
+    model = small_byol()
+    online_bns = [m for m in [*model.online_encoder.modules(), *model.online_projector.modules()] if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert online_bns
+    with torch.no_grad():
+        for i, bn in enumerate(online_bns):
+            bn.running_mean.add_(1.0 + i)
+            bn.running_var.mul_(2.0)
+    model.update_target(0.99)  # parameters move by 1%, statistics are copied whole
+    src = [*model.online_encoder.buffers(), *model.online_projector.buffers()]
+    dst = [*model.target_encoder.buffers(), *model.target_projector.buffers()]
+    assert len(src) == len(dst)
+    for s, d in zip(src, dst):
+        assert torch.equal(s, d)
+
+
+def test_tau_follows_the_cosine_between_its_checkpoints():
+    base, total = 0.99, 1000
+    for k in (0, 100, 250, 500, 750, 900, 1000):
+        assert tau_at(k, total, base) == pytest.approx(1 - (1 - base) * (math.cos(math.pi * k / total) + 1) / 2, abs=1e-12)
+
+
+def test_lars_decays_the_weights_towards_zero_and_adapts_the_decayed_step():
+    eta, wd, lr = 0.001, 0.1, 1.0
+    w = torch.nn.Parameter(torch.full((4, 4), 2.0))  # ||w|| = 8
+    b = torch.nn.Parameter(torch.ones(4))
+    opt = LARS([{"params": [w]}, {"params": [b], "exclude": True, "weight_decay": 0.0}], lr=lr, momentum=0.0, weight_decay=wd, eta=eta)
+    w.grad = torch.full((4, 4), 0.5)
+    b.grad = torch.full((4,), 0.5)
+    opt.step()
+    g = 0.5 + wd * 2.0  # the decay is added to the gradient: 0.7, ||g|| = 2.8
+    trust = eta * 8.0 / (g * 4)
+    assert torch.allclose(w, torch.full((4, 4), 2.0 - lr * trust * g))
+    assert torch.allclose(b, torch.full((4,), 0.5))  # excluded: no decay, no trust ratio
+    # no gradient at all: decay alone shrinks the weights
+    w.grad = torch.zeros(4, 4)
+    before = float(w.detach().norm())
+    opt.step()
+    assert float(w.detach().norm()) < before
+
+
+def test_lars_momentum_carries_the_previous_step():
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = LARS([{"params": [w], "exclude": True, "weight_decay": 0.0}], lr=0.5, momentum=0.9, weight_decay=0.0)
+    for g in (1.0, 2.0):
+        w.grad = torch.full((3,), g)
+        opt.step()
+    # buffer: 1, then 0.9 * 1 + 2 = 2.9; weights: -0.5 * 1 - 0.5 * 2.9
+    assert torch.allclose(w.detach(), torch.full((3,), -0.5 * 1.0 - 0.5 * 2.9))
+
+
+def test_a_pretrained_backbone_trains_at_its_scaled_rate():
+    from runner.ml.optim import set_lr
+
+    p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "lr_scale": 0.1}, {"params": [q]}], lr=1.0)
+    set_lr(opt, 0.02)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.002), pytest.approx(0.02)]
+
+
+# ---- the pretraining loop, run for 16 steps with its views and events recorded ---------------------
+
+N_IMAGES, BATCH, EPOCHS, WARMUP_EPOCHS, BASE_LR, TAU_BASE = 32, 8, 4, 1.0, 0.2, 0.99
+
+
+@pytest.fixture(scope="module")
+def pretraining(tmp_path_factory) -> dict:
+    """pretrain_byol on 32 random 1-channel images, batch 8 (4 steps an epoch, 16 in all, warm-up 4),
+    with every call of the augmentation recorded: the preset, the generator state it started from,
+    the batch and the view."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    ctx, events = recording_context(tmp, seed=3)
+    calls: list[dict] = []
+    taus: list[float] = []
+    models: list[BYOL] = []
+    real, real_update = T.augment, BYOL.update_target
+
+    def update_spy(self, tau):
+        taus.append(tau)
+        if not models:
+            models.append(self)
+        return real_update(self, tau)
+
+    def spy(images, aug, size, g, **kw):
+        calls.append({"aug": aug, "state": g.get_state().clone(), "images": images.clone(), "size": size})
+        return real(images, aug, size, g, **kw)
+
+    spec = PretrainSpec(epochs=EPOCHS, batch_size=BATCH, base_lr=BASE_LR, warmup_epochs=WARMUP_EPOCHS, tau_base=TAU_BASE,
+                        proj_hidden=32, proj_dim=16, pred_hidden=32)
+    pixels = np.random.default_rng(0).integers(0, 256, (N_IMAGES, 1, 16, 16), dtype=np.uint8)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(T, "augment", spy)
+    mp.setattr(BYOL, "update_target", update_spy)
+    try:
+        summary = T.pretrain_byol(pixels, spec, "resnet18", 16, ctx)
+    finally:
+        mp.undo()
+    encoder = torch.load(tmp / "encoder.pt", weights_only=True)
+    return {"summary": summary, "events": events, "calls": calls, "spec": spec, "taus": taus, "model": models[0],
+            "encoder": encoder}
+
+
+def expected_lr(k: int, total: int, warmup: int, peak: float) -> float:
+    """The recipe written out: linear warm-up to the peak over `warmup` steps, then a cosine to 0."""
+    if k < warmup:
+        return peak * (k + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup)))
+
+
+def test_pretraining_rates_follow_the_recipe_at_every_point(pretraining):
+    total = EPOCHS * (N_IMAGES // BATCH)
+    warmup = int(WARMUP_EPOCHS * (N_IMAGES // BATCH))
+    peak = BASE_LR * BATCH / 256  # the linear scaling rule: the base rate is for a batch of 256
+    assert pretraining["summary"]["steps"] == total == 16
+    progress = {e["step"]: e for e in pretraining["events"] if e["kind"] == "progress"}
+    assert sorted(progress) == list(range(1, total + 1))  # one event after every step
+    for k in (0, 1, warmup - 1, warmup, total // 4, total // 2, 3 * total // 4, total - 1):
+        e = progress[k + 1]  # the event after step k carries that step's rates
+        assert e["lr"] == pytest.approx(expected_lr(k, total, warmup, peak), rel=1e-9), k
+        assert e["tau"] == pytest.approx(1 - (1 - TAU_BASE) * (math.cos(math.pi * k / total) + 1) / 2, rel=1e-12), k
+    assert progress[1]["lr"] == pytest.approx(peak / warmup)  # warm-up starts low
+    # the target moves by the rate of its step, once a step
+    taus = pretraining["taus"]
+    assert len(taus) == total
+    assert all(t == pytest.approx(tau_at(k, total, TAU_BASE), rel=1e-12) for k, t in enumerate(taus))
+
+
+def test_the_saved_encoder_is_the_online_network(pretraining):
+    model, saved = pretraining["model"], pretraining["encoder"]["state_dict"]
+    online, target = model.online_encoder.state_dict(), model.target_encoder.state_dict()
+    weights = [k for k in online if k.endswith("weight")]
+    assert all(torch.equal(saved[k], online[k]) for k in online)
+    assert any(not torch.equal(saved[k], target[k]) for k in weights)  # the EMA target differs after 16 steps
+
+
+def test_every_step_makes_two_different_views_of_the_same_batch_with_the_two_presets(pretraining):
+    calls = pretraining["calls"]
+    assert len(calls) == 2 * pretraining["summary"]["steps"]
+    view1, view2 = PRESETS["xray"]  # `augment: auto` on 1-channel images
+    assert view1 != view2  # the recipe is asymmetric (blur 1.0 / 0.1, solarize 0.0 / 0.2)
+    for a, b in zip(calls[0::2], calls[1::2]):
+        assert (a["aug"], b["aug"]) == (view1, view2)
+        assert torch.equal(a["images"], b["images"])  # two views of ONE batch
+        thetas = []
+        for c in (a, b):
+            g = torch.Generator().manual_seed(0)
+            g.set_state(c["state"])
+            thetas.append(draw(c["aug"], BATCH, 1, c["size"], g, torch.device("cpu"))["theta"])
+        differs = (thetas[0] - thetas[1]).abs().flatten(1).amax(1) > 1e-6
+        assert bool(differs.all()), "a sample got the same crop and flip in both views"
+
+
+# ---- the augmentation's per-op rates --------------------------------------------------------------
+
+N_RATE = 2000
+
+
+def _neutral(aug):
+    """`aug` with every random op off and the crop the whole image."""
+    return replace(aug, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0, vflip=0.0, rotate_deg=0.0, jitter_p=0.0,
+                   grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+
+
+def _changed_share(image: np.ndarray, aug, seed: int) -> float:
+    """Share of N_RATE copies of `image` that `aug` changes, against the neutral view of the same copies."""
+    batch = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(image, (N_RATE, *image.shape))))
+    size = image.shape[-1]
+    ref = augment(batch, _neutral(aug), size, torch.Generator().manual_seed(seed))
+    out = augment(batch, aug, size, torch.Generator().manual_seed(seed))
+    return float(((out - ref).abs().flatten(1).amax(1) > 1e-3).double().mean())
+
+
+def _images() -> dict[str, np.ndarray]:
+    s = 8
+    half = np.zeros((3, s, s), np.uint8)
+    half[:, :, : s // 2] = 220  # left half bright: a flip shows
+    checker = ((np.indices((s, s)).sum(0) % 2) * 200 + 20).astype(np.uint8)[None].repeat(3, 0)  # a blur shows
+    flat = np.full((3, s, s), 128, np.uint8)  # mid gray: a brightness change shows
+    red = np.stack([np.full((s, s), v, np.uint8) for v in (200, 40, 90)])  # a grayscale shows
+    bright = np.full((3, s, s), 204, np.uint8)  # 0.8: solarizing makes it 0.2
+    return {"hflip": half, "blur": checker, "jitter": flat, "grayscale": red, "solarize": bright}
+
+
+@pytest.mark.parametrize("preset", ["byol", "xray"])
+@pytest.mark.parametrize("view", [0, 1])
+def test_each_random_op_fires_at_its_probability(preset, view):
+    aug = PRESETS[preset][view]
+    images = _images()
+    channels = 3 if preset == "byol" else 1
+    rates = {
+        "hflip": (replace(_neutral(aug), hflip=aug.hflip), aug.hflip),
+        "jitter": (replace(_neutral(aug), jitter_p=aug.jitter_p, contrast=0.0, saturation=0.0, hue=0.0, gamma=0.0), aug.jitter_p),
+        "solarize": (replace(_neutral(aug), solarize_p=aug.solarize_p), aug.solarize_p),
+        # sigmas of 1-2 output pixels, so every blurred sample shows (the preset's smallest are invisible at 8 px)
+        "blur": (replace(_neutral(aug), blur_p=aug.blur_p, blur_sigma=(224 / 8, 2 * 224 / 8)), aug.blur_p),
+    }
+    if channels == 3:
+        rates["grayscale"] = (replace(_neutral(aug), grayscale_p=aug.grayscale_p), aug.grayscale_p)
+    for i, (op, (isolated, p)) in enumerate(rates.items()):
+        image = images[op][:channels]
+        share = _changed_share(image, isolated, seed=100 + i)
+        if op == "blur":  # exactly round(p * batch) samples are blurred
+            assert share == round(p * N_RATE) / N_RATE, (op, share, p)
+            continue
+        tol = 4 * math.sqrt(max(p * (1 - p), 1e-12) / N_RATE)
+        assert abs(share - p) <= tol + 1e-9, (preset, view, op, share, p)
+
+
+# ---- metrics where every confusion is possible ------------------------------------------------------
+
+# 10 test images, 6 positive; predictions make sensitivity 4/6, specificity 3/4, accuracy 7/10 and
+# balanced accuracy 17/24: no two of them equal, so a swap or a shortcut shows.
+LABELS = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+P_POS = np.array([0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2, 0.35, 0.1, 0.55])
+
+
+def _probs(p_pos: np.ndarray) -> np.ndarray:
+    return np.stack([1 - p_pos, p_pos], 1)
+
+
+def _sk(labels: np.ndarray, p_pos: np.ndarray, pos: int = 1) -> dict:
+    pred = (p_pos >= 0.5).astype(int)  # the argmax of the two columns
+    return {
+        "accuracy": skm.accuracy_score(labels, pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(labels, pred),
+        "sensitivity": skm.recall_score(labels, pred, pos_label=pos),
+        "specificity": skm.recall_score(labels, pred, pos_label=1 - pos),
+        "auroc": skm.roc_auc_score(labels == pos, _probs(p_pos)[:, pos]),
+        "loss": skm.log_loss(labels, _probs(p_pos), labels=[0, 1]),
+    }
+
+
+@pytest.mark.parametrize("positive", [1, 0])
+def test_task_metrics_tell_sensitivity_specificity_and_balanced_accuracy_apart(positive):
+    got = classification_metrics(_probs(P_POS), LABELS, positive)
+    want = _sk(LABELS, P_POS, positive)
+    assert len({round(want[m], 6) for m in ("accuracy", "balanced_accuracy", "sensitivity", "specificity")}) == 4
+    for m, v in want.items():
+        assert got[m] == pytest.approx(v), m
+
+
+def test_report_metrics_pool_seeds_and_keep_each_metric_apart():
+    rng = np.random.default_rng(1)
+    seeds = [P_POS, np.clip(P_POS + rng.normal(0, 0.2, len(P_POS)), 0.01, 0.99)]
+    pooled_labels, pooled_p = np.tile(LABELS, 2), np.concatenate(seeds)
+    want = _sk(pooled_labels, pooled_p)
+    assert len({round(want[m], 6) for m in ("accuracy", "balanced_accuracy", "sensitivity", "specificity")}) == 4
+    got = bootstrap_metrics([(_probs(p), LABELS) for p in seeds], positive=1, b=50)
+    for m in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "loss"):
+        assert got[m]["value"] == pytest.approx(want[m]), m
+    one = bootstrap_metrics([(_probs(P_POS), LABELS)], positive=1, b=50)
+    for m, v in _sk(LABELS, P_POS).items():
+        assert one[m]["value"] == pytest.approx(v), m
+    # the paired difference is the difference of the pooled values, metric by metric
+    diff = paired_difference([(_probs(P_POS), LABELS)], [(_probs(seeds[1]), LABELS)], positive=1, b=50)
+    other = _sk(LABELS, seeds[1])
+    for m in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auroc", "loss"):
+        assert diff[m]["value"] == pytest.approx(one[m]["value"] - other[m]), m
+
+
+# ---- classifier selection: the lowest validation loss, and those weights kept ----------------------
+
+
+def test_the_kept_classifier_is_the_logged_evaluation_with_the_lowest_validation_loss(tmp_path):
+    """Train images are dark (class 0) or bright (class 1); the validation labels are the other way
+    round, so every step of learning makes validation worse and the best evaluation is the first."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 16)
+    x = np.where(y[:, None, None, None] == 1, 200, 40) + rng.integers(-20, 20, (32, 1, 16, 16))
+    x = x.clip(0, 255).astype(np.uint8)
+    ctx, events = recording_context(tmp_path)
+    torch.manual_seed(0)
+    spec = FinetuneSpec(epochs=1, min_steps=12, batch_size=16, lr=3e-3, eval_every_steps=3)
+    model, sel = T.train_classifier(Backbone("resnet18", 1), False, (x, y), (x, 1 - y), 2, spec, 16, ctx)
+    logged = [(e["step"], e["val_loss"]) for e in events if e["kind"] == "metric"]
+    assert [s for s, _ in logged] == [0, 3, 6, 9, 12]
+    best_step, best_loss = min(logged, key=lambda sl: sl[1])
+    assert logged[-1][1] > best_loss + 0.01  # the last evaluation is not the best one here
+    assert sel["selected_step"] == best_step and sel["val_loss"] == pytest.approx(best_loss)
+    probs = T.predict(model, torch.from_numpy(x), 16, ctx)
+    assert T.ce_from_probs(probs, torch.from_numpy(1 - y)) == pytest.approx(best_loss, abs=1e-5)  # those weights
+
+
+# ---- no choice of any task reads the test split -----------------------------------------------------
+
+SYNTHETIC = {"source": "synthetic", "num_classes": 2, "per_class": 24, "size": 16, "image_size": 16,
+             "classes": {"normal": ["class0"], "finding": ["class1"]}, "positive": "finding",
+             "split": {"strategy": "stratified", "val": 0.25, "test": 0.25}}
+TINY_SETTINGS = {
+    "model": {"arch": "resnet18"},
+    "run": {"device": "cpu", "progress_every_s": 60, "checkpoint_every_steps": 10_000},
+    "pretrain": {"epochs": 2, "batch_size": 8, "proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16, "warmup_epochs": 0.5},
+    "finetune": {"epochs": 1, "min_steps": 9, "batch_size": 8, "eval_every_steps": 3},
+    "probe": {"c_grid": [0.001, 0.1, 10.0], "max_iter": 200},
+}
+
+
+def _fake_imagenet_weights(home: Path, arch: str = "resnet18", loadable: bool = True) -> None:
+    """A weights file where torchvision looks for it (a file in its cache is not re-checked): with
+    the right keys when `loadable`, else empty (the plan only checks that it is there)."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    path = home / "hub" / "checkpoints" / Path(url).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not loadable:
+        path.touch()
+        return
+    torch.manual_seed(1)
+    torch.save(getattr(torchvision.models, arch)().state_dict(), path)
+
+
+def _run(results: Path, kind: str, scrambled: bool, monkeypatch, encoder: str | None = None) -> tuple[dict, Path]:
+    """run_task in this process; with `scrambled`, the test split's images are noise and its labels flipped."""
+    from runner.data import dataset as D
+    from runner.worker import EventLog, TaskSpec, run_task
+
+    real = D.prepare
+
+    def prepare(*args, **kwargs):
+        ds = real(*args, **kwargs)
+        if not scrambled:
+            return ds
+        test = ds.splits["test"]
+        labels = ds.labels.copy()
+        labels[test] = 1 - labels[test]
+        noise = np.random.default_rng(7).integers(0, 256, (len(ds.keys), *ds.table.images.shape[1:]), dtype=np.uint8)
+
+        class Scrambled(D.PreparedDataset):
+            def pixels(self, idx):
+                idx = np.asarray(idx)
+                out = super().pixels(idx)
+                in_test = np.isin(idx, test)
+                out[in_test] = noise[idx[in_test]]
+                return out
+
+        return Scrambled(**({f.name: getattr(ds, f.name) for f in fields(ds)} | {"labels": labels}))
+
+    monkeypatch.setattr(D, "prepare", prepare)
+    tid = f"{kind}-{'scrambled' if scrambled else 'clean'}"
+    task_dir = results / "tasks" / tid
+    task_dir.mkdir(parents=True, exist_ok=True)
+    spec = TaskSpec.model_validate({"id": tid, "kind": kind, "dataset": "syn", "data": SYNTHETIC, "seed": 1,
+                                    "budget": None if kind == "pretrain" else {"fraction": 0.5},
+                                    "settings": TINY_SETTINGS, "encoder": encoder})
+    log = EventLog(task_dir / "events.jsonl", tid)
+    try:
+        return run_task(spec, task_dir, results, log), task_dir
+    finally:
+        log.close()
+        monkeypatch.setattr(D, "prepare", real)
+
+
+@pytest.fixture(scope="module")
+def scramble_results(tmp_path_factory) -> Path:
+    results = tmp_path_factory.mktemp("scramble")
+    _fake_imagenet_weights(results / "torch_home")
+    return results
+
+
+def test_pretraining_never_sees_the_test_split(scramble_results, monkeypatch):
+    _, clean = _run(scramble_results, "pretrain", False, monkeypatch)
+    _, scrambled = _run(scramble_results, "pretrain", True, monkeypatch)
+    a = torch.load(clean / "encoder.pt", weights_only=True)["state_dict"]
+    b = torch.load(scrambled / "encoder.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["finetune", "linear", "supervised", "supervised-imagenet", "random-linear"])
+def test_no_choice_of_a_classifier_task_reads_the_test_split(scramble_results, monkeypatch, kind):
+    """Selection step, probe strength and temperature are the same whatever the test split holds;
+    only the test metrics move."""
+    monkeypatch.setenv("TORCH_HOME", str(scramble_results / "torch_home"))
+    encoder = None
+    if kind in ("finetune", "linear"):
+        pre = scramble_results / "tasks" / "pretrain-clean" / "encoder.pt"
+        if not pre.is_file():
+            _run(scramble_results, "pretrain", False, monkeypatch)
+        encoder = "tasks/pretrain-clean/encoder.pt"
+    clean, _ = _run(scramble_results, kind, False, monkeypatch, encoder)
+    scrambled, _ = _run(scramble_results, kind, True, monkeypatch, encoder)
+    assert clean["selection"] == scrambled["selection"]
+    assert clean["temperature"] == scrambled["temperature"]
+    assert clean["n_labeled"] == scrambled["n_labeled"] == 12  # half of each class's 12 train images
+    assert clean["test"]["n"] == scrambled["test"]["n"]
+    assert clean["test"]["loss_uncalibrated"] != scrambled["test"]["loss_uncalibrated"]  # the scramble took effect
+
+
+# ---- task ids: each settings section and each upstream task moves exactly its dependants --------------
+
+PLAN_BASE = {
+    "name": "wiring",
+    "datasets": {"syn": SYNTHETIC},
+    "methods": ["byol-finetune", "byol-linear", "supervised", "supervised-imagenet", "random-linear"],
+    "labels": {"fractions": [0.5]},
+    "seeds": [0],
+    **{k: v for k, v in TINY_SETTINGS.items()},
+}
+ALL = {"byol-pretrain", "byol-finetune", "byol-linear", "supervised", "supervised-imagenet", "random-linear"}
+# a change to one part of the manifest -> the arms whose task ids must change (and no other)
+AFFECTED = {
+    "model": (("model", "image_size"), 24, ALL),
+    "pretrain": (("pretrain", "tau_base"), 0.98, {"byol-pretrain", "byol-finetune", "byol-linear"}),
+    "finetune": (("finetune", "lr"), 2e-3, {"byol-finetune", "supervised", "supervised-imagenet"}),
+    "probe": (("probe", "max_iter"), 300, {"byol-linear", "random-linear"}),
+    "run": (("run", "progress_every_s"), 5.0, set()),
+    "labels": (("labels", "fractions"), [0.4], ALL - {"byol-pretrain"}),
+    "seeds": (("seeds",), [1], ALL),
+    "data": (("datasets", "syn", "per_class"), 25, ALL),
+}
+
+
+def _plan_ids(manifest: dict, results: Path) -> dict[str, str]:
+    from runner.manifest import parse_manifest
+    from runner.plan import make_plan
+
+    plan = make_plan(parse_manifest(yaml.safe_dump(manifest)), results)
+    ids = {t.method: t.id for t in plan.tasks}
+    assert len(ids) == len(plan.tasks)
+    return ids
+
+
+def test_a_new_engine_version_changes_every_id(tmp_path, monkeypatch):
+    import runner.plan
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    _fake_imagenet_weights(tmp_path / "torch_home", loadable=False)
+    base = _plan_ids(PLAN_BASE, tmp_path)
+    monkeypatch.setattr(runner.plan, "ENGINE_VERSION", runner.plan.ENGINE_VERSION + 1)
+    new = _plan_ids(PLAN_BASE, tmp_path)
+    assert all(new[m] != base[m] for m in ALL)
+
+
+@pytest.mark.parametrize("part", sorted(AFFECTED))
+def test_each_setting_changes_exactly_the_ids_that_depend_on_it(part, tmp_path, monkeypatch):
+    import copy
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    _fake_imagenet_weights(tmp_path / "torch_home", loadable=False)
+    path, value, affected = AFFECTED[part]
+    base = _plan_ids(PLAN_BASE, tmp_path)
+    assert set(base) == ALL
+    changed = copy.deepcopy(PLAN_BASE)
+    node = changed
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    new = _plan_ids(changed, tmp_path)
+    moved = {m for m in ALL if new[m] != base[m]}
+    assert moved == affected, part
