@@ -84,6 +84,15 @@ def test_the_targets_batchnorm_statistics_follow_the_online_network():
         assert torch.equal(s, d)
 
 
+def test_the_collapse_monitor_measures_spread_across_the_batch():
+    from runner.ml.byol import projection_std
+
+    one_point = torch.randn(1, 64).repeat(256, 1)  # every image mapped to ONE (uneven) vector: collapsed
+    assert projection_std(one_point) < 1e-6
+    spread = torch.randn(256, 64)
+    assert projection_std(spread) == pytest.approx(1 / math.sqrt(64), rel=0.1)
+
+
 def test_tau_follows_the_cosine_between_its_checkpoints():
     base, total = 0.99, 1000
     for k in (0, 100, 250, 500, 750, 900, 1000):
@@ -276,6 +285,27 @@ def test_each_random_op_fires_at_its_probability(preset, view):
         assert abs(share - p) <= tol + 1e-9, (preset, view, op, share, p)
 
 
+def test_crops_cover_the_presets_area_and_aspect_ranges():
+    from runner.ml.augment import affine_params
+
+    aug = replace(PRESETS["byol"][0], rotate_deg=0.0)
+    theta = affine_params(aug, 20_000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    w, h = theta[:, 0, 0].abs(), theta[:, 1, 1].abs()  # no rotation: the diagonal is the crop's size
+    area, ratio = (w * h).numpy(), (w / h).numpy()
+    assert area.min() >= 0.08 - 1e-6 and area.max() <= 1.0 + 1e-6
+    assert np.quantile(area, 0.1) < 0.25 and np.quantile(area, 0.9) > 0.75  # spread over the range, not one size
+    assert ratio.min() >= 3 / 4 - 1e-6 and ratio.max() <= 4 / 3 + 1e-6
+    assert np.quantile(ratio, 0.1) < 0.85 and np.quantile(ratio, 0.9) > 1.15
+
+
+def test_a_fraction_of_a_class_is_the_nearest_count():
+    from runner.data.splits import LabelBudget
+
+    ten = LabelBudget(fraction=0.1)
+    assert [ten.count(n) for n in (24, 25, 35, 938)] == [2, 3, 4, 94]  # 2.4, 2.5, 3.5, 93.8 rounded half up
+    assert LabelBudget(fraction=0.01).count(938) == 9 and LabelBudget(per_class=5).count(938) == 5
+
+
 # ---- metrics where every confusion is possible ------------------------------------------------------
 
 # 10 test images, 6 positive; predictions make sensitivity 4/6, specificity 3/4, accuracy 7/10 and
@@ -349,6 +379,30 @@ def test_the_kept_classifier_is_the_logged_evaluation_with_the_lowest_validation
     assert sel["selected_step"] == best_step and sel["val_loss"] == pytest.approx(best_loss)
     probs = T.predict(model, torch.from_numpy(x), 16, ctx)
     assert T.ce_from_probs(probs, torch.from_numpy(1 - y)) == pytest.approx(best_loss, abs=1e-5)  # those weights
+
+
+def test_the_probe_strength_is_the_grid_point_with_the_lowest_validation_loss():
+    """Separable train features, validation labels that are coin flips: the train loss always prefers
+    the weakest regularization, the validation loss the strongest."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from runner.ml.config import ProbeSpec
+
+    rng = np.random.default_rng(0)
+    ytr = np.repeat([0, 1], 20)
+    xtr = rng.normal(0, 1, (40, 4)) + 3 * ytr[:, None]
+    xva, yva = rng.normal(1.5, 2, (40, 4)), rng.integers(0, 2, 40)
+    spec = ProbeSpec(c_grid=[1e-4, 1e-2, 1.0, 100.0], max_iter=500)
+    _, sel = T.linear_probe({"train": xtr, "val": xva}, {"train": ytr, "val": yva}, spec, 2)
+    scaler = StandardScaler().fit(xtr)
+    val_loss = {}
+    for c in spec.c_grid:
+        clf = LogisticRegression(C=c, max_iter=500).fit(scaler.transform(xtr), ytr)
+        val_loss[c] = skm.log_loss(yva, clf.predict_proba(scaler.transform(xva)), labels=[0, 1])
+    best = min(val_loss, key=val_loss.get)
+    assert best != max(spec.c_grid)  # the case tells validation from training selection
+    assert sel["C"] == best and sel["val_loss"] == pytest.approx(val_loss[best], rel=1e-6)
 
 
 # ---- no choice of any task reads the test split -----------------------------------------------------
