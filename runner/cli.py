@@ -53,7 +53,7 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from runner.commands import execute_plan, load_plan
     from runner.console import RunDisplay, progress_reporter
-    from runner.report import to_markdown
+    from runner.report import to_markdown, verdict_lines
 
     with progress_reporter("data") as progress:
         manifest, results, plan = load_plan(args.manifest, args.results, progress)
@@ -61,6 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 display_factory=RunDisplay, retry_ids=tuple(args.retry or ()))
     print()
     print(to_markdown(rep))
+    for line in verdict_lines(rep):
+        print(line)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items()))
     adopted = f", {outcome.adopted} adopted from a previous runner" if outcome.adopted else ""
     print(f"{counts}; {outcome.started_workers} workers started{adopted} in {outcome.seconds:.1f} s")

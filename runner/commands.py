@@ -46,6 +46,11 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
     run_dir.mkdir(parents=True, exist_ok=True)
     text = Path(manifest_path).read_text()
     (run_dir / "manifest.yaml").write_text(text)
+    import json
+
+    from runner.atomic import atomic_write_text
+
+    atomic_write_text(run_dir / "data.json", json.dumps(plan.data, indent=1), fsync=False)  # every image accounted for
     sched = Scheduler(plan, results, ex, slots, store, retries=manifest.executor.retries, retry_failed=retry_failed,
                       timeout_s=manifest.executor.timeout_s, retry_ids=retry_ids)
     try:
@@ -89,7 +94,8 @@ def status(results_cli: str | None, run_name: str | None = None) -> dict:
     from runner.executors.base import pid_alive
     from runner.store import open_latest_run
 
-    with open_latest_run(results_dir(results_cli), run_name) as (store, run):
+    results = results_dir(results_cli)
+    with open_latest_run(results, run_name) as (store, run):
         tasks = store.run_tasks(run["id"])
     # a run marked running whose runner is gone was killed: say so
     state = "stopped" if run["status"] == "running" and not pid_alive(run["pid"]) else run["status"]
@@ -98,8 +104,22 @@ def status(results_cli: str | None, run_name: str | None = None) -> dict:
                 "pid": run["pid"], "executor": run["executor"]},
         "tasks": [{"id": t.id, "kind": t.kind, "dataset": t.dataset, "method": t.method, "seed": t.seed, "budget": t.budget,
                    "status": t.status, "epoch": t.epoch, "step": t.step, "loss": t.loss, "img_per_s": t.img_per_s,
-                   "attempts": t.attempts, "error": t.error} for t in tasks],
+                   "attempts": t.attempts, "error": t.error, "degenerate": _degenerate(results, t)} for t in tasks],
     }
+
+
+def _degenerate(results: Path, t) -> list[str]:  # noqa: ANN001 - a TaskRow
+    """Why a finished classifier is no result (empty when it is one, or is not a finished classifier)."""
+    import json
+
+    from runner.report import degenerate_reasons
+
+    if t.status != "done" or t.budget is None:
+        return []
+    try:
+        return degenerate_reasons(json.loads((results / "tasks" / t.id / "metrics.json").read_text()))
+    except (OSError, ValueError):
+        return []
 
 
 def request(results: Path, action: str, task: str) -> Path:

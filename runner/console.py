@@ -68,6 +68,13 @@ def print_audit(report: dict) -> None:
         )
         if d["dropped_by_reason"]:
             out.print("dropped: " + ", ".join(f"{n} ({r})" for r, n in d["dropped_by_reason"].items()))
+        for s in d["skipped"][:5]:
+            out.print(f"  skipped {escape(s['key'])}: {escape(s['detail'])}", soft_wrap=True)
+        if len(d["skipped"]) > 5:
+            out.print(f"  ... and {len(d['skipped']) - 5} more skipped (--json lists them all)")
+        if d["kept_in_test"]:
+            out.print("kept in the published test split: " + ", ".join(f"{len(k)} ({r})" for r, k in d["kept_in_test"].items()))
+        out.print(f"{d['used']} of {d['found']} images used")
         if d["not_selected"]:
             out.print("not selected: " + ", ".join(f"{c} ({n})" for c, n in d["not_selected"].items()))
         for g in [g for g in d["duplicate_groups"] if g["conflicting"]][:5]:
@@ -195,10 +202,15 @@ def print_status(st: dict) -> None:
         t.add_column(col)
     for task in st["tasks"]:
         c = colours.get(task["status"], "white")
-        t.add_row(task["id"], task["dataset"], task["method"], task["budget"] or "", str(task["seed"]), f"[{c}]{task['status']}[/]",
+        flag = " [yellow]† degenerate[/]" if task.get("degenerate") else ""
+        t.add_row(task["id"], task["dataset"], task["method"], task["budget"] or "", str(task["seed"]), f"[{c}]{task['status']}[/]{flag}",
                   "" if task["epoch"] is None else str(task["epoch"]), "" if task["step"] is None else str(task["step"]),
                   "" if task["loss"] is None else f"{task['loss']:.4f}", str(task["attempts"]), (task["error"] or "")[:80])
     out.print(t)
+    for task in st["tasks"]:
+        if task.get("degenerate"):
+            out.print(f"† {task['id']} ({task['method']} {task['budget']} seed {task['seed']}): " + "; ".join(task["degenerate"]),
+                      soft_wrap=True)
 
 
 def print_doctor(checks: list[dict]) -> None:

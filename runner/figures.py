@@ -107,5 +107,5 @@ def label_efficiency(out: Path, dataset: str, budgets: list[str], series: dict[s
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{dataset}: label efficiency (bootstrap 95% intervals over test images)", fontsize=10)
+    fig.suptitle(f"{dataset}: label efficiency (95% bootstrap intervals over seeds and test groups)", fontsize=10)
     return _save(fig, out / f"label_efficiency_{slug(dataset)}.png")

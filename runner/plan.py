@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.atomic import atomic_write_text
 from runner.data.cache import Progress, no_progress
-from runner.data.dataset import prepare
+from runner.data.dataset import accounting, prepare
 from runner.data.sources import RootedSource
 from runner.errors import DataError
 from runner.manifest import Manifest
@@ -64,6 +64,7 @@ class PlannedTask:
 class Plan:
     name: str
     tasks: list[PlannedTask]  # dependencies before dependents
+    data: dict[str, dict] = field(default_factory=dict)  # per data set: every image accounted for (data.json)
 
     def by_id(self) -> dict[str, PlannedTask]:
         return {t.id: t for t in self.tasks}
@@ -104,8 +105,10 @@ def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progres
     settings = {k: getattr(manifest, k).model_dump(mode="json") for k in ("model", "pretrain", "finetune", "probe", "run")}
     budgets = manifest.labels.budgets()
     tasks: list[PlannedTask] = []
+    accounts: dict[str, dict] = {}
     for name, spec in manifest.datasets.items():
         ds = prepare(name, spec, results / "cache", progress)
+        accounts[name] = accounting(ds)
         fingerprint = ds.fingerprint
         data = data_spec(spec)
         for seed in manifest.seeds:
@@ -134,7 +137,7 @@ def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progres
                 for method in manifest.methods:
                     kind = METHOD_KIND[method]
                     tasks.append(make(kind, method, b, (pre,) if kind in ("finetune", "linear") else ()))
-    return Plan(manifest.name, tasks)
+    return Plan(manifest.name, tasks, accounts)
 
 
 def write_task_files(plan: Plan, results: Path) -> None:

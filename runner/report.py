@@ -2,8 +2,12 @@
 
 The README table: one row per dataset and label budget, Model 1 (BYOL + ResNet) and Model 2
 (supervised ResNet) test accuracy and loss, mean ± std over seeds. A cell with fewer seeds than
-planned says how many it has; one with none is "—". Written as results/<run>/results.md, .csv and
-.json; `byol-runner report` rebuilds them at any time, also while a run is going on.
+planned says how many it has; one with none is "—"; a degenerate one (an untrained model kept,
+constant predictions, a loss no better than the class prior) carries † and a footnote. Beside it:
+every arm with intervals over seeds and test groups, and Model 1 − Model 2 with a verdict on the
+primary metric, Holm-adjusted over the run's comparisons (`runner.stats`). Written as
+results/<run>/results.md, .csv and .json; `byol-runner report` rebuilds them at any time, also while
+a run is going on.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from runner import stats
 from runner.atomic import atomic_write_text
 from runner.store import TaskRow, open_latest_run
 
+PRIMARY = "auroc"  # the metric a verdict is decided on
+MARK = "†"  # a degenerate cell
+PRIOR_MARGIN = 0.01  # a test loss within 1% of the class prior's is no better than it
 MODEL1 = ("byol-finetune", "byol-linear")  # the first present is Model 1
 MODEL2 = ("supervised", "supervised-imagenet")
 ARM_NAMES = {
@@ -35,12 +42,15 @@ ARM_NAMES = {
 }
 
 
-def _load_metrics(results: Path, tid: str) -> dict | None:
-    path = results / "tasks" / tid / "metrics.json"
+def _load_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def _load_metrics(results: Path, tid: str) -> dict | None:
+    return _load_json(results / "tasks" / tid / "metrics.json")
 
 
 def _budget_order(name: str) -> tuple:
@@ -65,11 +75,29 @@ def _fmt(s: dict) -> str:
     return text + (f" ({s['n']}/{s['planned']} seeds)" if s["n"] < s["planned"] else "")
 
 
+def degenerate_reasons(m: dict) -> list[str]:
+    """What makes a finished classifier no result at all, each with what to change."""
+    reasons = []
+    if (m.get("selection") or {}).get("selected_step") == 0:
+        reasons.append("selected step 0: validation loss never went below the untrained model's (the model kept is the "
+                       "untrained one); train longer, lower the learning rate or give more labels")
+    probs = (m.get("predictions") or {}).get("test_probs")
+    if probs and float(np.ptp(np.asarray(probs, dtype=np.float64), axis=0).max()) < 1e-6:
+        reasons.append("constant test predictions: every image gets the same probabilities, so AUROC is 0.5 by construction")
+    loss, prior = m.get("test", {}).get("loss"), m.get("prior_loss")
+    if loss is not None and prior is not None and loss >= (1 - PRIOR_MARGIN) * prior:
+        reasons.append(f"test loss {loss:.3f} is no better than predicting the class prior ({prior:.3f}, within "
+                       f"{PRIOR_MARGIN:.0%}): nothing useful was learned")
+    return reasons
+
+
 def collect(results: Path, tasks: list[TaskRow]) -> dict:
-    """Per (dataset, budget, method): the test metrics of each seed's task, and its predictions."""
+    """Per (dataset, budget, method): the test metrics of each seed's task, its predictions, and the
+    reasons a seed's classifier is degenerate."""
     cells: dict = defaultdict(lambda: defaultdict(list))
     planned: dict = defaultdict(int)
     preds: dict = defaultdict(list)
+    flags: dict = defaultdict(dict)
     for t in tasks:
         if t.kind in ("pretrain", "noop") or t.budget is None:
             continue
@@ -80,12 +108,15 @@ def collect(results: Path, tasks: list[TaskRow]) -> dict:
                 preds[(t.dataset, t.budget, t.method)].append(
                     {"seed": t.seed, "task": t.id, "probs": m["predictions"]["test_probs"], "labels": m["predictions"]["test_labels"],
                      "positive": m.get("positive"), "class_names": m.get("class_names"),
-                     "confusion": m["test"]["confusion_matrix"]})
+                     "groups": m["predictions"].get("test_groups"), "confusion": m["test"]["confusion_matrix"]})
+            reasons = degenerate_reasons(m)
+            if reasons:
+                flags[(t.dataset, t.budget, t.method)][t.seed] = reasons
             cells[(t.dataset, t.budget, t.method)]["accuracy"].append(m["test"]["accuracy"])
             cells[(t.dataset, t.budget, t.method)]["loss"].append(m["test"]["loss"])
             cells[(t.dataset, t.budget, t.method)]["auroc"].append(m["test"].get("auroc"))
             cells[(t.dataset, t.budget, t.method)]["balanced_accuracy"].append(m["test"].get("balanced_accuracy"))
-    return {"cells": cells, "planned": planned, "preds": preds}
+    return {"cells": cells, "planned": planned, "preds": preds, "flags": flags}
 
 
 def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNet50", figures: bool = True,
@@ -113,11 +144,19 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
         "model2": ARM_NAMES[m2].format(arch=arch) if m2 else None,
     }
     done = sum(1 for t in tasks if t.status == "done")
+    degenerate = [{"dataset": d, "labels": b_, "method": m, "seeds": sorted(by_seed),
+                   "reasons": list(dict.fromkeys(r for rs in by_seed.values() for r in rs))}
+                  for (d, b_, m), by_seed in sorted(data["flags"].items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2]))]
     report = {"run": run_name, "legend": legend, "rows": rows, "arms": arms, "tasks_done": done, "tasks": len(tasks),
-              "model1_method": m1, "model2_method": m2}
+              "model1_method": m1, "model2_method": m2, "primary": PRIMARY, "degenerate": degenerate,
+              "data": _load_json(results / run_name / "data.json") or {}}
     add_uncertainty(report, data["preds"], m1, m2, bootstrap)
     report["figures"] = make_figures(results, report, tasks, data["preds"]) if figures else []
     return report
+
+
+def _flagged(report: dict) -> set[tuple[str, str, str]]:
+    return {(f["dataset"], f["labels"], f["method"]) for f in report.get("degenerate", [])}
 
 
 def to_markdown(report: dict) -> str:
@@ -125,8 +164,13 @@ def to_markdown(report: dict) -> str:
         "| Dataset | Model 1 accuracy | Model 1 loss | Model 2 accuracy | Model 2 loss |",
         "|---|---|---|---|---|",
     ]
+    flagged = _flagged(report)
     for r in report["rows"]:
-        cells = [_fmt(r[k]) if r[k] else "—" for k in ("model1_accuracy", "model1_loss", "model2_accuracy", "model2_loss")]
+        cells = []
+        for k in ("model1_accuracy", "model1_loss", "model2_accuracy", "model2_loss"):
+            method = report[f"{k.split('_')[0]}_method"]
+            mark = MARK if (r["dataset"], r["labels"], method) in flagged else ""
+            cells.append((_fmt(r[k]) if r[k] else "—") + mark)
         lines.append(f"| {r['dataset']} ({r['labels']} labels) | " + " | ".join(cells) + " |")
     lg = report["legend"]
     lines += [
@@ -136,17 +180,47 @@ def to_markdown(report: dict) -> str:
     ]
     if report["tasks_done"] < report["tasks"]:
         lines.append(f"Partial: {report['tasks_done']} of {report['tasks']} tasks done; '—' marks what is missing.")
+    lines += [f"Data: {accounting_line(name, acc)}." for name, acc in report.get("data", {}).items()]
+    lines += degenerate_notes(report)
     return "\n".join(lines) + "\n"
+
+
+def verdict_lines(report: dict) -> list[str]:
+    """Model 1 vs Model 2 per dataset and budget, in words (what `run` prints under the table)."""
+    return [f"{d['dataset']} {d['labels']}: {d['verdict']} (Δ {d['primary']} {_ci(d.get(d['primary']))}, "
+            f"{d['seeds']} seed{'s' if d['seeds'] != 1 else ''}, p (Holm) {'—' if d['p_adjusted'] is None else format(d['p_adjusted'], '.3f')})"
+            for d in report.get("differences", []) if "verdict" in d]
+
+
+def accounting_line(name: str, acc: dict) -> str:
+    """One line for a person: `syn: 240 of 240 images used` and what happened to the rest."""
+    text = f"{name}: {acc['used']} of {acc['found']} images used"
+    if acc["not_used"]:
+        text += "; not used: " + ", ".join(f"{n} {r}" for r, n in acc["not_used"].items())
+    if acc["test_kept"]:
+        text += "; kept in the published test split: " + ", ".join(f"{n} {r}" for r, n in acc["test_kept"].items())
+    return text
+
+
+def degenerate_notes(report: dict) -> list[str]:
+    """One footnote line per degenerate cell: what happened, in which seeds, what to change."""
+    out = []
+    for f in report.get("degenerate", []):
+        seeds = ", ".join(map(str, f["seeds"]))
+        out.append(f"{MARK} {f['dataset']} {f['labels']} {f['method']} (seed {seeds}): " + "; ".join(f["reasons"]) + ".")
+    return out
 
 
 def to_csv(report: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["dataset", "labels", "method", "n_seeds", "accuracy_mean", "accuracy_std", "loss_mean", "loss_std",
-                "auroc_mean", "balanced_accuracy_mean"])
+                "auroc_mean", "balanced_accuracy_mean", "degenerate"])
+    flagged = _flagged(report)
     for a in report["arms"]:
         w.writerow([a["dataset"], a["labels"], a["method"], a["accuracy"]["n"], a["accuracy"]["mean"], a["accuracy"]["std"],
-                    a["loss"]["mean"], a["loss"]["std"], a["auroc"]["mean"], a["balanced_accuracy"]["mean"]])
+                    a["loss"]["mean"], a["loss"]["std"], a["auroc"]["mean"], a["balanced_accuracy"]["mean"],
+                    int((a["dataset"], a["labels"], a["method"]) in flagged)])
     return buf.getvalue()
 
 
@@ -184,13 +258,23 @@ def _pairs(entries: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(np.asarray(e["probs"]), np.asarray(e["labels"])) for e in sorted(entries, key=lambda e: e["seed"])]
 
 
+def _units(entries: list[dict]) -> tuple[list | None, str]:
+    """The test split's resampling units: its groups (patients) when the worker recorded them, else images."""
+    groups = entries[0].get("groups")
+    if groups is not None and len(set(groups)) < len(groups):
+        return groups, f"{len(set(groups))} groups"
+    return None, f"{len(entries[0]['labels'])} images"
+
+
 def add_uncertainty(report: dict, preds: dict, m1: str | None, m2: str | None, b: int) -> None:
-    """Every arm's pooled metrics with bootstrap 95% intervals over test images (all seeds pooled),
-    and Model 1 − Model 2 on the same images (paired bootstrap, seeds both models have)."""
+    """Every arm's metrics (mean over seeds of each seed's) with bootstrap 95% intervals over seeds and
+    test groups, and Model 1 − Model 2 on the same draws (seeds paired), with a verdict on the primary
+    metric, Holm-adjusted over the run's comparisons."""
     report["extended"], report["differences"] = [], []
     for (ds, budget, method), entries in sorted(preds.items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2])):
-        res = stats.bootstrap_metrics(_pairs(entries), entries[0]["positive"], b=b)
-        report["extended"].append({"dataset": ds, "labels": budget, "method": method, "seeds": len(entries), **res})
+        groups, units = _units(entries)
+        res = stats.bootstrap_metrics(_pairs(entries), entries[0]["positive"], b=b, groups=groups)
+        report["extended"].append({"dataset": ds, "labels": budget, "method": method, "seeds": len(entries), "units": units, **res})
     if not (m1 and m2):
         return
     for ds, budget in sorted({(d, b_) for (d, b_, _) in preds}, key=lambda k: (k[0], _budget_order(k[1]))):
@@ -199,8 +283,16 @@ def add_uncertainty(report: dict, preds: dict, m1: str | None, m2: str | None, b
         if not seeds:
             continue
         pick = lambda es: [e for e in es if e["seed"] in seeds]  # noqa: E731
-        diff = stats.paired_difference(_pairs(pick(a)), _pairs(pick(c)), a[0]["positive"], b=b)
-        report["differences"].append({"dataset": ds, "labels": budget, "seeds": len(seeds), **diff})
+        groups, units = _units(a)
+        diff = stats.paired_difference(_pairs(pick(a)), _pairs(pick(c)), a[0]["positive"], b=b, groups=groups)
+        report["differences"].append({"dataset": ds, "labels": budget, "seeds": len(seeds), "units": units, **diff})
+    flagged = _flagged(report)
+    adjusted = stats.holm([d[PRIMARY]["p"] for d in report["differences"]])
+    comparisons = sum(p is not None for p in adjusted)
+    for d, p in zip(report["differences"], adjusted):
+        bad = (d["dataset"], d["labels"], m1) in flagged or (d["dataset"], d["labels"], m2) in flagged
+        d.update(primary=PRIMARY, p_adjusted=p, comparisons=comparisons,
+                 verdict=stats.verdict(d[PRIMARY], p, d["seeds"], PRIMARY, bad))
 
 
 def _events(results: Path, tid: str) -> list[dict]:
@@ -264,19 +356,32 @@ def _ci(r: dict | None, digits: int = 3) -> str:
 def extended_markdown(report: dict) -> str:
     if not report.get("extended"):
         return ""
-    lines = ["| Dataset | Labels | Method | Seeds | Accuracy | AUROC | Balanced accuracy | Sensitivity | Specificity | Loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    flagged = _flagged(report)
+    lines = ["| Dataset | Labels | Method | Seeds | Units | Accuracy | AUROC | Balanced accuracy | Sensitivity | Specificity | Loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in report["extended"]:
-        lines.append(f"| {e['dataset']} | {e['labels']} | {e['method']} | {e['seeds']} | " + " | ".join(
+        mark = MARK if (e["dataset"], e["labels"], e["method"]) in flagged else ""
+        lines.append(f"| {e['dataset']} | {e['labels']} | {e['method']}{mark} | {e['seeds']} | {e.get('units', '')} | " + " | ".join(
             _ci(e.get(m)) for m in ("accuracy", "auroc", "balanced_accuracy", "sensitivity", "specificity", "loss")) + " |")
-    text = "\n".join(lines) + "\n\nPooled over seeds; [95% bootstrap interval over test images].\n"
+    text = "\n".join(lines) + (
+        "\n\nMean over seeds of each seed's metric (AUROC per seed, never over pooled seeds); [95% bootstrap interval "
+        "resampling seeds and test images at once: the test split's groups (patients) where the data set has them, "
+        "Owen's pigeonhole bootstrap].\n")
+    if any(e["seeds"] < 2 for e in report["extended"]):
+        text += ("Rows with one seed: their interval covers the test sample only; training and label-draw variation "
+                 "are not covered, and no difference is decided on one seed.\n")
     if report.get("differences"):
-        d_lines = ["\n| Dataset | Labels | Seeds | Δ accuracy | Δ AUROC | Δ balanced accuracy | Δ loss |", "|---|---|---|---|---|---|---|"]
+        d_lines = ["\n| Dataset | Labels | Seeds | Δ accuracy | Δ AUROC | Δ balanced accuracy | Δ loss | p (Holm) | Verdict |",
+                   "|---|---|---|---|---|---|---|---|---|"]
         for d in report["differences"]:
+            p = "—" if d.get("p_adjusted") is None else f"{d['p_adjusted']:.3f}"
             d_lines.append(f"| {d['dataset']} | {d['labels']} | {d['seeds']} | " + " | ".join(
-                _ci(d.get(m)) for m in ("accuracy", "auroc", "balanced_accuracy", "loss")) + " |")
-        text += "\n".join(d_lines) + (f"\n\nΔ = Model 1 ({report['model1_method']}) − Model 2 ({report['model2_method']}), "
-                                       "paired bootstrap on the same test images; an interval that excludes 0 is a difference.\n")
+                _ci(d.get(m)) for m in ("accuracy", "auroc", "balanced_accuracy", "loss")) + f" | {p} | {d.get('verdict', '')} |")
+        n = report["differences"][0].get("comparisons", 0)
+        text += "\n".join(d_lines) + (
+            f"\n\nΔ = Model 1 ({report['model1_method']}) − Model 2 ({report['model2_method']}), on the same draws of seeds "
+            f"(paired by seed) and test images. Verdict on {report.get('primary', PRIMARY)}: its two-sided bootstrap p-value, "
+            f"Holm-adjusted over the {n} comparison(s) of this run, below {stats.ALPHA}; one seed never decides.\n")
     return text
 
 

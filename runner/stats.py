@@ -1,12 +1,26 @@
-"""Pooled test metrics with bootstrap 95% intervals, and the paired Model 1 − Model 2 difference.
+"""Test metrics across seeds with bootstrap 95% intervals, the paired Model 1 − Model 2 difference, and
+the run's verdicts adjusted for the number of comparisons.
 
-Each seed scores the same test images (the split seed is fixed; the seeds vary the labeled subset
-and the training), so the unit of resampling is a test image: a bootstrap replicate draws N images
-with replacement and pools every seed's prediction for each drawn image (a cluster bootstrap;
-Efron & Tibshirani 1993). The paired difference draws the same images for both models, so the
-variation shared by the two (hard images) cancels out of the interval. Intervals are percentile
-intervals of B replicates; a replicate where a metric is undefined (one class drawn, for AUROC)
-is left out of that metric's interval.
+Every seed of an arm scores the same test images (the split seed is fixed; the seeds vary the
+labeled subset and the training). So a result varies along two crossed axes: the seed (which labels
+were drawn, how training went) and the test sample (which patients happened to be in test). The
+point estimate of a metric is the mean over seeds of that seed's metric: rank metrics (AUROC) are
+computed per seed and never over pooled seeds, whose scores need not share a scale.
+
+The interval resamples both axes at once, the "pigeonhole" bootstrap of a crossed design (Owen 2007,
+"The pigeonhole bootstrap", Ann. Appl. Stat. 1(2):386-411): a replicate draws S seeds with
+replacement and, independently, the test split's G groups (patients where the data set names them,
+images otherwise; a cluster bootstrap, Field & Welsh 2007) with replacement, and takes the mean over
+the drawn seeds of each seed's metric on the drawn groups. With one seed only the test-sample axis
+is resampled, and training and label-draw variation are in no interval: the report says so and
+decides no difference on one seed.
+
+The paired difference uses the same draws for both models (seeds paired by seed: the same label
+draw), so what the two share cancels. Its two-sided bootstrap p-value, twice the smaller share of
+replicates on either side of 0, is adjusted over the run's comparisons with Holm's step-down method
+(Holm 1979, "A simple sequentially rejective multiple test procedure", Scand. J. Statist. 6:65-70).
+Intervals are percentile intervals of B replicates; a replicate where a metric is undefined (one
+class drawn, for AUROC) is left out of that metric's interval.
 """
 
 from __future__ import annotations
@@ -14,6 +28,8 @@ from __future__ import annotations
 import numpy as np
 
 METRICS = ("accuracy", "loss", "auroc", "balanced_accuracy", "sensitivity", "specificity")
+LOWER_IS_BETTER = {"loss"}
+ALPHA = 0.05
 
 
 def stack(per_seed: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -21,7 +37,7 @@ def stack(per_seed: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np
     labels = np.asarray(per_seed[0][1])
     for _, y in per_seed[1:]:
         if len(y) != len(labels) or not np.array_equal(np.asarray(y), labels):
-            raise ValueError("the seeds' test splits differ: they cannot be pooled image by image")
+            raise ValueError("the seeds' test splits differ: they cannot be paired image by image")
     return np.stack([np.asarray(p, dtype=np.float64) for p, _ in per_seed]), labels
 
 
@@ -40,33 +56,66 @@ def auroc_weighted(scores: np.ndarray, is_pos: np.ndarray, w: np.ndarray) -> np.
         return (gp * (below + 0.5 * gn)).sum(1) / (gp.sum(1) * gn.sum(1))
 
 
-def _weighted(probs: np.ndarray, labels: np.ndarray, w: np.ndarray, positive: int | None) -> dict[str, np.ndarray]:
-    """Metrics of (S, N, K) predictions under B weightings of the images (w: (B, N) counts)."""
-    s, n, k = probs.shape
-    pred = probs.argmax(-1)  # (S, N)
-    correct = (pred == labels[None]).sum(0).astype(np.float64)  # per image, summed over seeds
-    p_true = np.clip(np.take_along_axis(probs, np.broadcast_to(labels[None, :, None], (s, n, 1)), -1)[..., 0], 1e-12, 1)
-    total = w.sum(1) * s
+def seed_metrics(probs: np.ndarray, labels: np.ndarray, w: np.ndarray, positive: int | None) -> dict[str, np.ndarray]:
+    """Metrics of ONE seed's (N, K) predictions under B weightings of its images (w: (B, N) counts)."""
+    n, k = probs.shape
+    pred = probs.argmax(-1)
+    correct = (pred == labels).astype(np.float64)
+    p_true = np.clip(probs[np.arange(n), labels], 1e-12, 1)
+    total = w.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = {"accuracy": w @ correct / total, "loss": w @ (-np.log(p_true)).sum(0) / total}
-        recalls = [w @ (correct * (labels == c)) / (s * (w @ (labels == c).astype(np.float64))) for c in range(k)]
+        out = {"accuracy": w @ correct / total, "loss": w @ -np.log(p_true) / total}
+        recalls = [w @ (correct * (labels == c)) / (w @ (labels == c).astype(np.float64)) for c in range(k)]
         out["balanced_accuracy"] = np.nanmean(np.stack(recalls), axis=0)
-        ws = np.tile(w, (1, s))  # (B, S*N): pooled (seed, image) pairs share their image's weight
-        ys = np.tile(labels, s)
         if k == 2:
             pos = 1 if positive is None else positive
-            out["auroc"] = auroc_weighted(probs[..., pos].reshape(-1), ys == pos, ws)
-            is_pos = (labels == pos).astype(np.float64)
-            hit = ((pred == pos).sum(0) * is_pos, (pred != pos).sum(0) * (1 - is_pos))
-            out["sensitivity"] = w @ hit[0] / (s * (w @ is_pos))
-            out["specificity"] = w @ hit[1] / (s * (w @ (1 - is_pos)))
+            out["auroc"] = auroc_weighted(probs[:, pos], labels == pos, w)
+            out["sensitivity"], out["specificity"] = recalls[pos], recalls[1 - pos]
         else:  # one-vs-rest, macro average over the classes (as sklearn's multi_class="ovr")
-            out["auroc"] = np.mean([auroc_weighted(probs[..., c].reshape(-1), ys == c, ws) for c in range(k)], axis=0)
+            out["auroc"] = np.mean([auroc_weighted(probs[:, c], labels == c, w) for c in range(k)], axis=0)
     return out
 
 
-def _draws(n: int, b: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)
+def _group_index(groups: list | np.ndarray | None, n: int) -> np.ndarray:
+    """Each image's group number 0..G-1; every image its own group when there are none."""
+    if groups is None:
+        return np.arange(n)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group ids for {n} test images")
+    return np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1]
+
+
+class Draws:
+    """B bootstrap replicates of a crossed design: seed counts (B, S) and image weights (B, N), the
+    latter from group counts. Replicate 0 of `with_point()` is the point estimate (all ones)."""
+
+    def __init__(self, n_seeds: int, groups: np.ndarray, b: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        g = int(groups.max()) + 1 if len(groups) else 0
+        self.group_counts = rng.multinomial(g, np.full(g, 1.0 / g), size=b).astype(np.float64) if b else np.zeros((0, g))
+        self.images = self.group_counts[:, groups]
+        if n_seeds > 1 and b:
+            self.seeds = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=b).astype(np.float64)
+        else:
+            self.seeds = np.ones((b, n_seeds))
+
+    def with_point(self) -> tuple[np.ndarray, np.ndarray]:
+        """(seed weights, image weights) with the all-ones point estimate as row 0."""
+        s, n = self.seeds.shape[1], self.images.shape[1]
+        return np.vstack([np.ones((1, s)), self.seeds]), np.vstack([np.ones((1, n)), self.images])
+
+
+def _per_seed(probs: np.ndarray, labels: np.ndarray, w: np.ndarray, positive: int | None) -> dict[str, np.ndarray]:
+    """{metric: (S, B+1)}: each seed's metric under each weighting of the images."""
+    per = [seed_metrics(p, labels, w, positive) for p in probs]
+    return {m: np.stack([d[m] for d in per]) for m in per[0]}
+
+
+def _over_seeds(values: np.ndarray, seed_w: np.ndarray) -> np.ndarray:
+    """(B+1,) the seed-weighted mean of (S, B+1) per-seed values; NaN where a drawn seed has none."""
+    drawn = seed_w.T > 0  # an undrawn seed's NaN must not spoil the mean
+    with np.errstate(invalid="ignore"):
+        return np.where(drawn, seed_w.T * values, 0.0).sum(0) / seed_w.sum(1)
 
 
 def _interval(values: np.ndarray) -> tuple[float, float] | None:
@@ -77,27 +126,73 @@ def _interval(values: np.ndarray) -> tuple[float, float] | None:
     return float(lo), float(hi)
 
 
-def bootstrap_metrics(per_seed: list[tuple[np.ndarray, np.ndarray]], positive: int | None, b: int = 1000, seed: int = 0) -> dict:
-    """{metric: {"value": pooled point estimate, "ci": (lo, hi) or None}}."""
+def bootstrap_metrics(per_seed: list[tuple[np.ndarray, np.ndarray]], positive: int | None, b: int = 1000, seed: int = 0,
+                      groups: list | np.ndarray | None = None) -> dict:
+    """{metric: {"value": mean over seeds of the seed's metric, "ci": (lo, hi) or None,
+    "per_seed": [each seed's value]}}, resampling seeds and test groups (see the module's doc)."""
     probs, labels = stack(per_seed)
-    n = len(labels)
-    point = _weighted(probs, labels, np.ones((1, n)), positive)
-    reps = _weighted(probs, labels, _draws(n, b, seed), positive)
-    return {m: {"value": _num(point[m][0]), "ci": _interval(reps[m])} for m in point}
+    draws = Draws(len(probs), _group_index(groups, len(labels)), b, seed)
+    seed_w, image_w = draws.with_point()
+    per = _per_seed(probs, labels, image_w, positive)
+    out = {}
+    for m, values in per.items():
+        est = _over_seeds(values, seed_w)
+        out[m] = {"value": _num(est[0]), "ci": _interval(est[1:]), "per_seed": [_num(v) for v in values[:, 0]]}
+    return out
 
 
 def paired_difference(model1: list[tuple[np.ndarray, np.ndarray]], model2: list[tuple[np.ndarray, np.ndarray]],
-                      positive: int | None, b: int = 1000, seed: int = 0) -> dict:
-    """{metric: {"value": Model 1 − Model 2 pooled, "ci": interval of the difference on the same draws}}."""
+                      positive: int | None, b: int = 1000, seed: int = 0, groups: list | np.ndarray | None = None) -> dict:
+    """{metric: {"value": Model 1 − Model 2, "ci", "p": two-sided bootstrap p-value}}; the i-th seed of
+    one model is paired with the i-th of the other, and both use the same draws of seeds and groups."""
     p1, y1 = stack(model1)
     p2, y2 = stack(model2)
-    if not np.array_equal(y1, y2):
-        raise ValueError("the two models were not scored on the same test images")
-    n = len(y1)
-    ones, draws = np.ones((1, n)), _draws(n, b, seed)
-    a, c = _weighted(p1, y1, ones, positive), _weighted(p2, y2, ones, positive)
-    r1, r2 = _weighted(p1, y1, draws, positive), _weighted(p2, y2, draws, positive)
-    return {m: {"value": _num(a[m][0] - c[m][0]), "ci": _interval(r1[m] - r2[m])} for m in a}
+    if not np.array_equal(y1, y2) or len(p1) != len(p2):
+        raise ValueError("the two models were not scored on the same seeds and test images")
+    draws = Draws(len(p1), _group_index(groups, len(y1)), b, seed)
+    seed_w, image_w = draws.with_point()
+    a, c = _per_seed(p1, y1, image_w, positive), _per_seed(p2, y2, image_w, positive)
+    out = {}
+    for m in a:
+        d = _over_seeds(a[m] - c[m], seed_w)
+        out[m] = {"value": _num(d[0]), "ci": _interval(d[1:]), "p": _p_value(d[1:])}
+    return out
+
+
+def _p_value(reps: np.ndarray) -> float | None:
+    """Two-sided: twice the smaller share of replicates at or beyond 0 on either side (at most 1)."""
+    v = reps[np.isfinite(reps)]
+    if len(v) < 10:
+        return None
+    return float(min(1.0, 2 * min((v <= 0).mean(), (v >= 0).mean())))
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (None stays None and does not count as a comparison)."""
+    idx = [i for i, p in enumerate(p_values) if p is not None]
+    m = len(idx)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        out[i] = running
+    return out
+
+
+def verdict(diff: dict | None, adjusted_p: float | None, seeds: int, metric: str, degenerate: bool) -> str:
+    """One line a reader can act on, for Model 1 − Model 2 on the primary metric."""
+    if diff is None or diff.get("value") is None:
+        return "not decided: no paired result"
+    if degenerate:
+        return "not decided: a degenerate cell (see its footnote)"
+    if seeds < 2:
+        return "not decided: one seed (training and label-draw variation not covered)"
+    if adjusted_p is None:
+        return "not decided: too few bootstrap replicates"
+    if adjusted_p >= ALPHA:
+        return "no detectable difference"
+    better = diff["value"] < 0 if metric in LOWER_IS_BETTER else diff["value"] > 0
+    return "Model 1 better" if better else "Model 2 better"
 
 
 def _num(x: float) -> float | None:

@@ -181,9 +181,17 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
         "n_labeled": int(len(labeled)),
         "class_names": ds.class_names,
         "positive": positive,
-        "predictions": {"test_probs": np.round(probs, 6).tolist(), "test_labels": test_labels.tolist()},
+        "predictions": {"test_probs": np.round(probs, 6).tolist(), "test_labels": test_labels.tolist(),
+                        **_test_groups(ds, test)},
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _test_groups(ds, test: np.ndarray) -> dict:  # noqa: ANN001 - a PreparedDataset
+    """The test images' groups (patients), the units the report's intervals resample, when the data
+    set has groups; nothing when every image is its own."""
+    groups = [ds.groups[i] for i in test]
+    return {"test_groups": groups} if any(g != ds.keys[i] for g, i in zip(groups, test)) else {}
 
 
 def _on_sigterm(signum, frame):  # noqa: ANN001

@@ -150,7 +150,13 @@ def test_skin_melanoma_vs_the_rest_merges_classes(cache_dir):
     ds = prepare("melanoma", skin_spec(classes={"melanoma": ["melanoma"], "other": "*"}), cache_dir)
     counts = ds.counts()
     total = {c: sum(counts[s][c] for s in counts) for c in ds.class_names}
-    assert total == {"melanoma": 375, "other": 2045 - 375}
+    # PROVENANCE's 2,045 drop every conflicting copy; the published Test folder stays whole, so the 18
+    # Test copies (15 actinic keratosis, 3 seborrheic keratosis) of Train images under another label
+    # stay in test (reported), and only their Train copies go
+    assert total == {"melanoma": 375, "other": 2045 - 375 + 18}
+    assert sum(len(v) for v in ds.audit.kept_in_test.values()) == 18
+    assert ds.audit.kept_in_test == {"label conflict": sorted(ds.audit.kept_in_test["label conflict"])}
+    assert all(k.startswith("Test/") for k in ds.audit.kept_in_test["label conflict"])
     assert ds.class_names == ["melanoma", "other"]
 
 

@@ -171,7 +171,9 @@ def test_audit_json_on_the_real_skin_set_reports_defects_and_exits_1(write_manif
     d = report["datasets"]["melanoma"]
     assert report["clean"] is False
     assert d["n_label_conflicts"] == 155 and d["n_split_leaks"] > 0
-    assert d["dropped_by_reason"] == {"duplicate": 4, "label conflict": 310}
+    # 155 conflict groups: every Train copy dropped; the 18 copies in the published Test folder stay (reported)
+    assert d["dropped_by_reason"] == {"duplicate": 4, "label conflict": 310 - 18}
+    assert len(d["kept_in_test"]["label conflict"]) == 18
     assert set(d["counts"]) == {"train", "val", "test"}
     assert sum(d["counts"]["test"].values()) == 32 - 0  # Test/melanoma and Test/nevus: 16 + 16
     assert d["labeled"]["0"]["2/class"] == 4 and d["labeled"]["1"]["100%"] == sum(d["counts"]["train"].values())

@@ -82,6 +82,10 @@ def test_finished_run_has_every_table_row_and_figure(finished):
             assert im.size[0] > 300 and im.size[1] > 200
     md = (finished / "tiny" / "results.md").read_text()
     assert md.count("| syn (") == 2 and "Δ accuracy" in md
+    # every image accounted for, and a verdict per budget on the primary metric
+    assert rep["data"]["syn"]["found"] == rep["data"]["syn"]["used"] > 0 and "Data: syn: " in md
+    assert all(d["verdict"] and d["primary"] == "auroc" and d["comparisons"] == 2 for d in rep["differences"])
+    assert "| Verdict |" in md and "Holm" in md
     page = (finished / "tiny" / "results.html").read_text()
     assert page.count("data:image/png;base64,") == len(figs) and "<table>" in page
 

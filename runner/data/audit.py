@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from runner.data.sources import Item
+from runner.data.sources import Item, Skipped
 
 _SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2, None: 3}  # which copy of a duplicate to keep
 
@@ -39,7 +39,7 @@ class DuplicateGroup:
 @dataclass
 class Dropped:
     key: str
-    reason: Literal["unreadable", "label conflict", "duplicate", "class not selected"]
+    reason: Literal["unreadable", "label conflict", "duplicate", "class not selected", "missing file", "unknown extension"]
     detail: str
 
 
@@ -50,7 +50,8 @@ class SourceAudit:
     n_items: int
     unreadable: dict[str, str]  # key -> reason
     duplicates: list[DuplicateGroup]
-    dropped: list[Dropped] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)  # what the scan skipped, then what filtering removed
+    kept_in_test: dict[str, list[str]] = field(default_factory=dict)  # published test images kept though duplicated or conflicting
 
     @property
     def conflicts(self) -> list[DuplicateGroup]:
@@ -69,6 +70,7 @@ class SourceAudit:
             "n_label_conflicts": len(self.conflicts),
             "n_split_leaks": len(self.leaks),
             "dropped": [asdict(d) for d in self.dropped],
+            "kept_in_test": self.kept_in_test,
         }
 
 
@@ -98,27 +100,41 @@ def audit_and_filter(
     records: list[dict],
     on_conflict: Literal["drop", "keep"] = "drop",
     dedupe: bool = True,
+    skipped: list[Skipped] = (),
+    published_test: bool = False,
 ) -> tuple[list[int], SourceAudit]:
-    """Indices of the items to keep, and the audit that says what was found and dropped.
+    """Indices of the items to keep, and the audit that says what was found, skipped and dropped.
 
     Unreadable images are always dropped (whether that is fatal is the caller's call). With
     `on_conflict: drop` every copy of a conflicting image goes. With `dedupe`, one copy of each
     remaining duplicate group stays: the one in test, else val, else train (so a Train/Test leak
     keeps the test set whole), then the first key.
+
+    `published_test` (a given split): the test split stays exactly as published, so results compare
+    with the literature. A duplicate or conflicting image is removed from train and val only; its test
+    copies all stay, and are listed in `kept_in_test` (reported, never silently removed).
     """
     unreadable = {items[i].key: r["error"] for i, r in enumerate(records) if r["error"]}
     audit = SourceAudit(n_items=len(items), unreadable=unreadable, duplicates=find_duplicates(items, records))
     drop: dict[str, Dropped] = {k: Dropped(k, "unreadable", v) for k, v in unreadable.items()}
+    kept_in_test: dict[str, list[str]] = {"duplicate": [], "label conflict": []}
     for g in audit.duplicates:
+        in_test = [j for j, s in enumerate(g.splits) if s == "test" and g.keys[j] not in unreadable] if published_test else []
         if g.conflicting and on_conflict == "drop":
             detail = "same image as " + ", ".join(f"{k} ({lab})" for k, lab in zip(g.keys, g.labels))
-            for k in g.keys:
-                drop[k] = Dropped(k, "label conflict", detail)
+            for j, k in enumerate(g.keys):
+                if j not in in_test:
+                    drop[k] = Dropped(k, "label conflict", detail)
+            kept_in_test["label conflict"] += [g.keys[j] for j in in_test]
         elif dedupe:
             order = sorted(range(len(g.keys)), key=lambda j: (_SPLIT_PRIORITY.get(g.splits[j], 3), g.keys[j]))
             kept = g.keys[order[0]]
             for j in order[1:]:
-                drop[g.keys[j]] = Dropped(g.keys[j], "duplicate", f"same image as {kept} (kept)")
-    audit.dropped = sorted(drop.values(), key=lambda d: d.key)
+                if j not in in_test:
+                    drop[g.keys[j]] = Dropped(g.keys[j], "duplicate", f"same image as {kept} (kept)")
+            if len(in_test) > 1:
+                kept_in_test["duplicate"] += [g.keys[j] for j in in_test]
+    audit.kept_in_test = {reason: sorted(keys) for reason, keys in kept_in_test.items() if keys}
+    audit.dropped = sorted([*(Dropped(s.key, s.reason, s.detail) for s in skipped), *drop.values()], key=lambda d: d.key)
     keep = [i for i, it in enumerate(items) if it.key not in drop]
     return keep, audit

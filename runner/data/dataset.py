@@ -13,7 +13,7 @@ import numpy as np
 
 from runner.data.audit import SourceAudit, audit_and_filter
 from runner.data.cache import ImageTable, Progress, no_progress, load_images
-from runner.data.sources import REST, DatasetBase, Item, scan
+from runner.data.sources import REST, DatasetBase, Item, scan_with_skips
 from runner.data.splits import SPLITS, LabelBudget, group_leaks, grouped_stratified_split, labeled_subset
 from runner.errors import DataError
 
@@ -101,7 +101,7 @@ def prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress = 
 
 
 def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress) -> PreparedDataset:
-    items = scan(spec)
+    items, skipped = scan_with_skips(spec)
     table = load_images(spec, items, cache_dir, progress)
     errors = table.errors
     if errors and spec.on_bad_image == "fail":
@@ -109,7 +109,8 @@ def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress) 
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise DataError(f"{_where(spec, key)}: {reason}{more}; set on_bad_image: skip to leave such files out")
     warnings = [f"skipped unreadable image {_where(spec, k)}: {v}" for k, v in errors.items()]
-    keep, audit = audit_and_filter(items, table.records, spec.on_conflict, spec.dedupe)
+    keep, audit = audit_and_filter(items, table.records, spec.on_conflict, spec.dedupe, skipped,
+                                   published_test=spec.split.strategy == "given")
 
     to_class = map_classes(spec, [it.label for it in items])
     class_names = _class_order(spec, to_class)
@@ -189,6 +190,20 @@ def _split(spec: DatasetBase, kept: list[Item], keys: list[str], labels: np.ndar
     return by_origin
 
 
+def accounting(ds: PreparedDataset) -> dict:
+    """Every image of the source accounted for: found, used, and dropped or skipped by reason; the
+    published test images kept although duplicated or conflicting. What `run` and the report show."""
+    dropped = Counter(d.reason for d in ds.audit.dropped)
+    if ds.not_selected:
+        dropped["class not selected"] += sum(ds.not_selected.values())
+    return {
+        "found": ds.audit.n_items + sum(n for r, n in dropped.items() if r in ("missing file", "unknown extension")),
+        "used": len(ds.keys),
+        "not_used": dict(sorted(dropped.items())),
+        "test_kept": {reason: len(keys) for reason, keys in ds.audit.kept_in_test.items()},
+    }
+
+
 def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[int]) -> dict:
     """What `byol-runner data audit` shows for one data set (also its --json form)."""
     a = ds.audit
@@ -202,6 +217,11 @@ def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[in
     same_label = len(a.duplicates) - len(a.conflicts)
     if same_label:
         defects.append(f"{same_label} groups of exact duplicates with one label")
+    skipped = Counter(d.reason for d in a.dropped if d.reason in ("missing file", "unknown extension"))
+    if skipped["missing file"]:
+        defects.append(f"{skipped['missing file']} label rows skipped: image file missing")
+    if skipped["unknown extension"]:
+        defects.append(f"{skipped['unknown extension']} files skipped: not an image extension")
     if ds.group_leaks:
         defects.append(f"{len(ds.group_leaks)} groups (patients) in two splits")
     labeled = {
@@ -209,6 +229,7 @@ def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[in
     }
     dropped_by_reason = Counter(d.reason for d in a.dropped)
     return {
+        **accounting(ds),
         "source": ds.spec.source,
         "classes": ds.class_names,
         "positive": ds.spec.positive,
@@ -219,6 +240,8 @@ def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[in
         "labeled": labeled,
         "not_selected": ds.not_selected,
         "dropped_by_reason": dict(sorted(dropped_by_reason.items())),
+        "skipped": [{"key": d.key, "reason": d.reason, "detail": d.detail} for d in a.dropped
+                    if d.reason in ("missing file", "unknown extension")],
         "group_leaks": ds.group_leaks,
         "warnings": ds.warnings,
         "defects": defects,

@@ -220,12 +220,28 @@ class Item:
     group: str | None = None
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A file or row the scan passed over, and why: it is counted in the audit and the report."""
+
+    key: str
+    reason: Literal["missing file", "unknown extension"]
+    detail: str
+
+
 def scan(spec: DatasetBase) -> list[Item]:
     """The source's items, sorted by key, labels as written by the source (before class mapping)."""
+    return scan_with_skips(spec)[0]
+
+
+def scan_with_skips(spec: DatasetBase) -> tuple[list[Item], list[Skipped]]:
+    """The source's items (as `scan`) and what the scan passed over: CSV rows whose image is missing
+    (with `on_missing: skip`) and files in class folders whose extension is not an image's."""
+    skipped: list[Skipped] = []
     if isinstance(spec, ImageFolderSource):
-        items = _scan_imagefolder(spec)
+        items = _scan_imagefolder(spec, skipped)
     elif isinstance(spec, CsvSource):
-        items = _scan_csv(spec)
+        items = _scan_csv(spec, skipped)
     elif isinstance(spec, NpzSource):
         items = _scan_npz(spec)
     elif isinstance(spec, SyntheticSource):
@@ -241,7 +257,7 @@ def scan(spec: DatasetBase) -> list[Item]:
     if pattern and not (isinstance(spec, CsvSource) and spec.group_column):
         rx = re.compile(pattern)
         items = [Item(it.key, it.label, it.origin_split, group_of(rx, it.key)) for it in items]
-    return items
+    return items, sorted(skipped, key=lambda s: s.key)
 
 
 def group_of(rx: re.Pattern[str], key: str) -> str:
@@ -252,9 +268,10 @@ def group_of(rx: re.Pattern[str], key: str) -> str:
     return next((g for g in m.groups() if g is not None), m.group(0))
 
 
-def _list_images(root: Path, folder: Path) -> list[str]:
+def _list_images(root: Path, folder: Path, skipped: list[Skipped]) -> list[str]:
     """Image files under folder, recursively, as sorted keys relative to root (os.scandir and plain
-    strings: a scan of 100k files is a stat-free directory walk)."""
+    strings: a scan of 100k files is a stat-free directory walk). Other files, not hidden ones, go to
+    `skipped`."""
     prefix = len(str(root)) + 1
     found: list[str] = []
     stack = [str(folder)]
@@ -265,32 +282,36 @@ def _list_images(root: Path, folder: Path) -> list[str]:
                     stack.append(entry.path)
                 elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                     found.append(entry.path[prefix:].replace(os.sep, "/"))
+                elif entry.is_file() and not entry.name.startswith("."):
+                    ext = os.path.splitext(entry.name)[1] or "(none)"
+                    skipped.append(Skipped(entry.path[prefix:].replace(os.sep, "/"), "unknown extension",
+                                           f"extension {ext} is not one of {', '.join(IMAGE_EXTENSIONS)}"))
     return sorted(found)
 
 
-def _scan_class_folders(root: Path, base: Path, origin: str | None) -> list[Item]:
+def _scan_class_folders(root: Path, base: Path, origin: str | None, skipped: list[Skipped]) -> list[Item]:
     class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{base}: no class folders (expected {base}/<class>/<image files>)")
     items: list[Item] = []
     for cdir in class_dirs:
-        keys = _list_images(root, cdir)
+        keys = _list_images(root, cdir, skipped)
         if not keys:
             raise DataError(f"{cdir}: empty class folder (no {', '.join(IMAGE_EXTENSIONS)} files)")
         items += [Item(k, cdir.name, origin) for k in keys]
     return items
 
 
-def _scan_imagefolder(spec: ImageFolderSource) -> list[Item]:
+def _scan_imagefolder(spec: ImageFolderSource, skipped: list[Skipped]) -> list[Item]:
     root = spec.root_path
     if not spec.split_dirs:
-        return _scan_class_folders(root, root, None)
+        return _scan_class_folders(root, root, None, skipped)
     items: list[Item] = []
     for split, name in spec.split_dirs.items():
         base = root / name
         if not base.is_dir():
             raise DataError(f"{root}: split folder {name!r} (for {split}) does not exist")
-        items += _scan_class_folders(root, base, split)
+        items += _scan_class_folders(root, base, split, skipped)
     return items
 
 
@@ -320,7 +341,7 @@ def _image_name(pattern: str | None, value: str) -> str:
             raise DataError(f"image_pattern {pattern!r} cannot format the value {value!r}") from None
 
 
-def _scan_csv(spec: CsvSource) -> list[Item]:
+def _scan_csv(spec: CsvSource, skipped: list[Skipped]) -> list[Item]:
     root = spec.root_path
     csv_path = root / spec.labels_csv
     df = _read_csv(csv_path)
@@ -336,6 +357,7 @@ def _scan_csv(spec: CsvSource) -> list[Item]:
         path = image_dir / name
         if not path.is_file():
             missing_rows.append(f"line {row_no}: {path}")
+            skipped.append(Skipped(f"{spec.labels_csv}:{row_no}", "missing file", f"line {row_no} names {path}, which does not exist"))
             continue
         label = row[spec.label_column].strip()
         if label == "":

@@ -1,0 +1,105 @@
+"""Every image accounted for: what a scan skips, what filtering drops, and a published test split that
+stays as published. Small image folders and label files made here at run time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from runner.data.dataset import accounting, prepare
+from runner.manifest import parse_manifest
+from tests.conftest import run_cli
+
+
+def _png(path: Path, value: int, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed * 1000 + value)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8) // 2 + value // 2).save(path)
+
+
+def _csv_study(root: Path) -> Path:
+    for i in range(24):
+        _png(root / f"{i:03d}.png", 40 + 160 * (i % 2), seed=i)
+    rows = ["id,label"] + [f"{i:03d},{i % 2}" for i in range(24)] + ["999,1", "998,0"]  # two rows with no image
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _manifest(tmp_path: Path, dataset: str) -> Path:
+    path = tmp_path / "m.yaml"
+    path.write_text(f"name: acc\ndatasets:\n  d:\n{dataset}\nmethods: [supervised]\nlabels: {{fractions: [1.0]}}\n")
+    return path
+
+
+def test_audit_lists_skipped_rows_and_unknown_files_and_exits_1(tmp_path):
+    root = _csv_study(tmp_path / "ct")
+    manifest = _manifest(tmp_path, f"""    source: csv
+    root: {root}
+    image_column: id
+    label_column: label
+    image_pattern: '{{}}.png'
+    on_missing: skip
+    image_size: 16
+    split: {{strategy: stratified, val: 0.25, test: 0.25}}""")
+    r = run_cli("data", "audit", str(manifest), "--json", "--results", str(tmp_path / "r"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    d = json.loads(r.stdout)["datasets"]["d"]
+    assert [s["key"] for s in d["skipped"]] == ["labels.csv:26", "labels.csv:27"]
+    assert all(s["reason"] == "missing file" and "999.png" in json.dumps(d["skipped"]) for s in d["skipped"])
+    assert d["not_used"] == {"missing file": 2} and d["found"] == 26 and d["used"] == 24
+    assert any("2 label rows skipped" in x for x in d["defects"])
+    text = run_cli("data", "audit", str(manifest), "--results", str(tmp_path / "r"))
+    assert text.returncode == 1 and "label rows skipped" in text.stdout
+
+
+def test_files_that_are_not_images_are_counted_not_silently_passed_over(tmp_path):
+    root = tmp_path / "folders"
+    for c in ("a", "b"):
+        for i in range(12):
+            _png(root / c / f"{i}.png", 40 if c == "a" else 200, seed=i)
+    (root / "a" / "scan.dcm").write_bytes(b"DICM")
+    (root / "b" / "notes.txt").write_text("x")
+    (root / "b" / ".DS_Store").write_bytes(b"")  # hidden: not a data file, not counted
+    spec = parse_manifest(f"name: x\ndatasets:\n  d: {{source: imagefolder, root: {root}, image_size: 16}}\n").datasets["d"]
+    ds = prepare("d", spec, tmp_path / "cache")
+    acc = accounting(ds)
+    assert acc["not_used"] == {"unknown extension": 2} and acc["found"] == 26 and acc["used"] == 24
+    assert {d.key for d in ds.audit.dropped} == {"a/scan.dcm", "b/notes.txt"}
+
+
+def test_a_given_test_split_stays_as_published(tmp_path):
+    """Test holds 10 images: two byte-identical copies of one image, one copy of a train image, one
+    copy of a train image under the other label. All 10 stay; train loses its copies."""
+    root = tmp_path / "given"
+    for c, v in (("neg", 40), ("pos", 200)):
+        for i in range(12):
+            _png(root / "train" / c / f"tr{i}.png", v, seed=i)
+        for i in range(5):
+            _png(root / "test" / c / f"te{i}.png", v, seed=100 + i)
+    (root / "test" / "neg" / "te_copy.png").write_bytes((root / "test" / "neg" / "te0.png").read_bytes())  # within test
+    (root / "test" / "pos" / "te_leak.png").write_bytes((root / "train" / "pos" / "tr3.png").read_bytes())  # train/test leak
+    (root / "test" / "neg" / "te_conflict.png").write_bytes((root / "train" / "pos" / "tr4.png").read_bytes())  # two labels
+    spec = parse_manifest(f"""name: x
+datasets:
+  d:
+    source: imagefolder
+    root: {root}
+    split_dirs: {{train: train, test: test}}
+    image_size: 16
+    split: {{strategy: given, val: 0.25}}
+""").datasets["d"]
+    ds = prepare("d", spec, tmp_path / "cache")
+    assert sum(ds.counts()["test"].values()) == 13  # 10 + the three copies: nothing removed from test
+    test_keys = {ds.keys[i] for i in ds.splits["test"]}
+    assert {"test/neg/te_copy.png", "test/neg/te0.png", "test/pos/te_leak.png", "test/neg/te_conflict.png"} <= test_keys
+    train_keys = {ds.keys[i] for i in np.r_[ds.splits["train"], ds.splits["val"]]}
+    assert "train/pos/tr3.png" not in train_keys and "train/pos/tr4.png" not in train_keys
+    assert ds.audit.kept_in_test == {"duplicate": ["test/neg/te0.png", "test/neg/te_copy.png"],
+                                     "label conflict": ["test/neg/te_conflict.png"]}
+    acc = accounting(ds)
+    assert acc["not_used"] == {"duplicate": 1, "label conflict": 1}
+    assert acc["test_kept"] == {"duplicate": 2, "label conflict": 1}
+    assert acc["used"] == acc["found"] - sum(acc["not_used"].values())

@@ -1,0 +1,251 @@
+"""Honest uncertainty on hand-made cases with known answers: per-seed rank metrics, intervals that
+resample patients and seeds, verdicts adjusted for the number of comparisons, degenerate cells
+flagged. The report is built from metrics.json files written here, as workers write them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runner import report as R
+from runner.stats import bootstrap_metrics, holm, paired_difference, verdict
+from runner.store import TaskRow
+
+
+def two_class(p_pos: np.ndarray) -> np.ndarray:
+    return np.stack([1 - p_pos, p_pos], 1)
+
+
+def test_perfect_rankers_with_shifted_scores_have_auroc_one():
+    """Three seeds each rank every positive above every negative, on different score scales: pooled
+    over seeds their AUROC would be about 0.67; per seed it is 1."""
+    labels = np.r_[np.zeros(20, int), np.ones(20, int)]
+    base = np.r_[np.linspace(0.0, 0.1, 20), np.linspace(0.15, 0.25, 20)]
+    seeds = [(two_class(base + 0.3 * s), labels) for s in range(3)]
+    r = bootstrap_metrics(seeds, positive=1, b=200)
+    assert r["auroc"]["value"] == pytest.approx(1.0)
+    assert r["auroc"]["per_seed"] == [pytest.approx(1.0)] * 3
+    assert r["auroc"]["ci"] == (pytest.approx(1.0), pytest.approx(1.0))
+
+
+def _patient_bootstrap_accuracy_width(correct: np.ndarray, patients: np.ndarray, b: int, seed: int) -> float:
+    """The textbook cluster bootstrap, written out: draw patients with replacement, pool their images."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(patients)
+    by_patient = [correct[patients == p] for p in ids]
+    reps = []
+    for _ in range(b):
+        drawn = rng.integers(0, len(ids), len(ids))
+        reps.append(np.concatenate([by_patient[i] for i in drawn]).mean())
+    lo, hi = np.percentile(reps, [2.5, 97.5])
+    return hi - lo
+
+
+def test_intervals_resample_patients_when_the_data_set_has_them():
+    """80 test patients of 5 images each, a patient's images mostly right or mostly wrong together."""
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f"p{i:02d}" for i in range(80)], 5)
+    labels = np.repeat(rng.integers(0, 2, 80), 5)
+    patient_ok = np.repeat(rng.random(80) < 0.7, 5)
+    right = np.where(rng.random(400) < 0.95, patient_ok, ~patient_ok)
+    p_true = np.where(right, 0.8, 0.2)
+    p_pos = np.where(labels == 1, p_true, 1 - p_true)
+    per_seed = [(two_class(p_pos), labels)]
+    grouped = bootstrap_metrics(per_seed, positive=1, b=2000, groups=patients)
+    images = bootstrap_metrics(per_seed, positive=1, b=2000)
+    width = grouped["accuracy"]["ci"][1] - grouped["accuracy"]["ci"][0]
+    reference = _patient_bootstrap_accuracy_width(right.astype(float), patients, b=2000, seed=1)
+    assert width == pytest.approx(reference, rel=0.10)
+    image_width = images["accuracy"]["ci"][1] - images["accuracy"]["ci"][0]
+    assert image_width < 0.7 * width  # resampling images would claim far more certainty
+
+
+def test_seed_to_seed_variation_widens_the_interval():
+    """Two seeds, one at 60% and one at 90% accuracy on 1,000 images: the test sample alone would
+    give an interval of about ±0.02 around 0.75; the seeds' disagreement must show in it."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 1000)
+
+    def seed_with(acc: float) -> tuple[np.ndarray, np.ndarray]:
+        right = rng.random(1000) < acc
+        p_pos = np.where(right == (labels == 1), 0.7, 0.3)
+        return two_class(p_pos), labels
+
+    r = bootstrap_metrics([seed_with(0.6), seed_with(0.9)], positive=1, b=1000)
+    lo, hi = r["accuracy"]["ci"]
+    assert lo < 0.65 and hi > 0.85
+    one = bootstrap_metrics([seed_with(0.75)], positive=1, b=1000)
+    assert one["accuracy"]["ci"][1] - one["accuracy"]["ci"][0] < 0.1
+
+
+def test_holm_adjusts_step_down():
+    assert holm([0.01, 0.04, 0.03, 0.005]) == [pytest.approx(0.03), pytest.approx(0.06), pytest.approx(0.06), pytest.approx(0.02)]
+    assert holm([0.5, None, 0.01]) == [pytest.approx(0.5), None, pytest.approx(0.02)]
+
+
+def test_a_lucky_single_seed_is_never_called_a_difference():
+    labels = np.r_[np.zeros(200, int), np.ones(200, int)]
+    good, bad = two_class(np.where(labels == 1, 0.9, 0.1)), two_class(0.5 + np.random.default_rng(0).uniform(-0.01, 0.01, 400))
+    d = paired_difference([(good, labels)], [(bad, labels)], positive=1, b=500)
+    assert d["auroc"]["value"] > 0.4 and d["auroc"]["p"] < 0.01  # on the test sample alone it looks decisive
+    assert verdict(d["auroc"], d["auroc"]["p"], seeds=1, metric="auroc", degenerate=False).startswith("not decided: one seed")
+    three = paired_difference([(good, labels)] * 3, [(bad, labels)] * 3, positive=1, b=500)
+    assert verdict(three["auroc"], three["auroc"]["p"], seeds=3, metric="auroc", degenerate=False) == "Model 1 better"
+    assert verdict(three["loss"], three["loss"]["p"], seeds=3, metric="loss", degenerate=False) == "Model 1 better"
+    assert verdict(three["auroc"], 0.2, seeds=3, metric="auroc", degenerate=False) == "no detectable difference"
+    assert verdict(three["auroc"], 0.001, seeds=3, metric="auroc", degenerate=True).startswith("not decided: a degenerate cell")
+
+
+# ---- the report of a run, from metrics.json files ---------------------------------------------------
+
+
+def _task(results: Path, tid: str, method: str, kind: str, seed: int, probs: np.ndarray, labels: np.ndarray,
+          selected_step: int = 12, prior_loss: float = 0.69, groups: list[str] | None = None) -> TaskRow:
+    from runner.ml.metrics import classification_metrics
+
+    d = results / "tasks" / tid
+    d.mkdir(parents=True)
+    selection = {"C": 1.0} if kind in ("linear", "random-linear") else {"selected_step": selected_step, "steps": 40}
+    preds = {"test_probs": probs.tolist(), "test_labels": labels.tolist()}
+    if groups is not None:
+        preds["test_groups"] = groups
+    (d / "metrics.json").write_text(json.dumps({
+        "task": tid, "kind": kind, "dataset": "ds", "seed": seed, "test": classification_metrics(probs, labels, 1),
+        "selection": selection, "prior_loss": prior_loss, "n_labeled": 10, "class_names": ["neg", "pos"], "positive": 1,
+        "predictions": preds}))
+    return TaskRow(tid, kind, "ds", method, seed, "10%", [], "done", None, None, None, None, None)
+
+
+def _run(results: Path, model2_probs, seeds=(0, 1, 2), **model2) -> dict:
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    tasks = []
+    for s in seeds:
+        p1 = np.clip(np.where(labels == 1, 0.75, 0.25) + rng.normal(0, 0.15, 60), 0.01, 0.99)
+        tasks.append(_task(results, f"ft{s}", "byol-finetune", "finetune", s, two_class(p1), labels))
+        tasks.append(_task(results, f"su{s}", "supervised", "supervised", s, model2_probs(labels), labels, **model2))
+    return R.build(results, "t", tasks, "ResNet18", figures=False, bootstrap=300)
+
+
+def test_a_constant_prediction_cell_is_flagged_and_never_a_win(tmp_path):
+    prior = np.mean([0, 1])
+    rep = _run(tmp_path, lambda labels: two_class(np.full(len(labels), prior)), selected_step=0, prior_loss=0.6931)
+    flags = {(f["dataset"], f["labels"], f["method"]): f["reasons"] for f in rep["degenerate"]}
+    reasons = flags[("ds", "10%", "supervised")]
+    assert any("step 0" in r for r in reasons) and any("constant" in r for r in reasons)
+    assert any("prior" in r for r in reasons)
+    assert ("ds", "10%", "byol-finetune") not in flags
+    diff = rep["differences"][0]
+    assert diff["verdict"].startswith("not decided: a degenerate cell")
+    md = R.to_markdown(rep) + R.extended_markdown(rep)
+    row = next(line for line in md.splitlines() if line.startswith("| ds (10% labels)"))
+    assert "†" in row  # the README-format row carries the mark
+    assert "constant" in md and "step 0" in md  # and the footnote says what happened
+    saved = json.loads(json.dumps(rep))
+    assert saved["degenerate"][0]["method"] == "supervised"
+
+
+def test_the_report_decides_on_the_primary_metric_with_holm_and_names_it(tmp_path):
+    rep = _run(tmp_path, lambda labels: two_class(np.full(len(labels), 0.5) + np.linspace(-0.2, 0.2, len(labels))))
+    diff = rep["differences"][0]
+    assert diff["primary"] == "auroc" and diff["comparisons"] == 1
+    assert diff["p_adjusted"] == pytest.approx(diff["auroc"]["p"])
+    assert diff["verdict"] in ("Model 1 better", "Model 2 better", "no detectable difference")
+    md = R.extended_markdown(rep)
+    assert "Holm" in md and "| Verdict" in md and diff["verdict"] in md
+    assert "seeds and test images" in md
+
+
+def test_one_seed_reports_say_what_the_interval_leaves_out(tmp_path):
+    rep = _run(tmp_path, lambda labels: two_class(np.where(labels == 1, 0.65, 0.35)), seeds=(0,))
+    assert rep["differences"][0]["verdict"].startswith("not decided: one seed")
+    md = R.extended_markdown(rep)
+    assert "one seed" in md and "not covered" in md
+
+
+def test_groups_in_the_predictions_are_the_resampled_units(tmp_path):
+    groups = [f"patient{i // 6}" for i in range(60)]
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    tasks = [_task(tmp_path, f"su{s}", "supervised", "supervised", s,
+                   two_class(np.clip(np.where(labels == 1, 0.7, 0.3) + rng.normal(0, 0.2, 60), 0.01, 0.99)), labels,
+                   groups=groups) for s in (0, 1)]
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=100)
+    assert rep["extended"][0]["units"] == "10 groups"
+    assert "10 groups" in R.extended_markdown(rep)
+
+
+def test_the_worker_records_test_groups_only_when_the_data_set_has_them():
+    from types import SimpleNamespace
+
+    from runner.worker import _test_groups
+
+    keys = ["a/1.png", "a/2.png", "b/1.png", "c/1.png"]
+    grouped = SimpleNamespace(keys=keys, groups=["a", "a", "b", "c"])
+    assert _test_groups(grouped, np.array([1, 2, 3])) == {"test_groups": ["a", "b", "c"]}
+    ungrouped = SimpleNamespace(keys=keys, groups=list(keys))  # every image its own group
+    assert _test_groups(ungrouped, np.array([0, 3])) == {}
+
+
+def test_intervals_are_95_percent_intervals():
+    """Accuracy 0.9 on 400 independent images: the binomial standard error is 0.015, so a 95% interval
+    is about 0.059 wide (a 90% one would be about 0.049)."""
+    labels = np.r_[np.zeros(200, int), np.ones(200, int)]
+    right = np.r_[np.ones(180, bool), np.zeros(20, bool), np.ones(180, bool), np.zeros(20, bool)]
+    p_pos = np.where(right == (labels == 1), 0.8, 0.2)
+    r = bootstrap_metrics([(two_class(p_pos), labels)], positive=1, b=4000)
+    lo, hi = r["accuracy"]["ci"]
+    assert 0.054 < hi - lo < 0.064
+
+
+def test_the_difference_uses_the_same_draws_for_both_models():
+    """Two models that disagree on 6 of 400 images: paired on the same draws the difference is known
+    to within about ±0.01; drawn apart, each model's own ±0.03 would swamp it."""
+    labels = np.r_[np.zeros(200, int), np.ones(200, int)]
+    rng = np.random.default_rng(5)
+    right = rng.random(400) < 0.8
+    other = right.copy()
+    other[:6] = ~other[:6]
+    to_probs = lambda r: two_class(np.where(r == (labels == 1), 0.8, 0.2))  # noqa: E731
+    d = paired_difference([(to_probs(right), labels)], [(to_probs(other), labels)], positive=1, b=2000)
+    lo, hi = d["accuracy"]["ci"]
+    assert hi - lo < 0.03
+
+
+def test_the_tuis_results_screen_marks_a_degenerate_cell(tmp_path):
+    import asyncio
+
+    from textual.widgets import Markdown
+
+    from runner.plan import PlannedTask
+    from runner.store import Store
+    from runner.tui.app import RunnerApp
+
+    results = tmp_path / "results"
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    _task(results, "fin0000000000001", "byol-finetune", "finetune", 0, two_class(np.where(labels == 1, 0.8, 0.2)), labels)
+    _task(results, "sup0000000000001", "supervised", "supervised", 0, two_class(np.full(60, 0.5)), labels, selected_step=0)
+    store = Store(results / "runner.db")
+    run = store.begin_run("t", "name: t\nmodel: {arch: resnet18}\n", "/nonexistent/t.yaml", 0, "local")
+    store.add_tasks(run, [PlannedTask("fin0000000000001", "finetune", "ds", "byol-finetune", 0, "10%", [], {}),
+                          PlannedTask("sup0000000000001", "supervised", "ds", "supervised", 0, "10%", [], {})], set())
+    for tid in ("fin0000000000001", "sup0000000000001"):
+        store.set_status(tid, "done", None)
+    store.commit()
+    store.end_run(run, "done", 0)
+    store.close()
+    app = RunnerApp(results, poll_s=3600)
+
+    async def results_screen() -> str:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("3")
+            await pilot.pause(0.5)
+            return app.query_one("#table", Markdown).source
+
+    text = asyncio.run(results_screen())
+    row = next(line for line in text.splitlines() if line.startswith("| ds (10% labels)"))
+    assert row.count("†") == 2  # Model 2's accuracy and loss
+    assert "† ds 10% supervised (seed 0): selected step 0" in text and "constant test predictions" in text
