@@ -60,7 +60,7 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
                 outcome = sched.run(text, str(Path(manifest_path).resolve()))
         else:
             outcome = sched.run(text, str(Path(manifest_path).resolve()))
-        rep = R.build(results, manifest.name, store.run_tasks(outcome.run_id), R.arch_of(text))
+        rep = R.build(results, manifest.name, store.run_tasks(outcome.run_id), R.arch_of(text), primary=manifest.report.primary)
         R.write(results, rep)
     finally:
         store.close()

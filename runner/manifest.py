@@ -141,6 +141,13 @@ class ExecutorSpec(StrictModel):
     timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one attempt, enforced by the runner")
 
 
+class ReportSpec(StrictModel):
+    """How the results are judged (no task depends on it: changing it reruns nothing)."""
+
+    primary: Literal["auroc", "accuracy", "balanced_accuracy", "loss"] = Field(
+        "auroc", description="the metric a verdict (Model 1 better / Model 2 better / no detectable difference) is decided on")
+
+
 class Manifest(StrictModel):
     name: SafeName = Field(description="the run's name: its folder under the results dir")
     datasets: dict[SafeName, DatasetSpec] = Field(min_length=1)
@@ -157,6 +164,7 @@ class Manifest(StrictModel):
     probe: ProbeSpec = ProbeSpec()
     run: RunSpec = RunSpec()
     executor: ExecutorSpec = ExecutorSpec()
+    report: ReportSpec = ReportSpec()
     results: str | None = Field(None, description="results dir (default: results/, or --results)")
 
     @field_validator("methods")

@@ -120,7 +120,7 @@ def collect(results: Path, tasks: list[TaskRow]) -> dict:
 
 
 def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNet50", figures: bool = True,
-          bootstrap: int = 1000) -> dict:
+          bootstrap: int = 1000, primary: str = PRIMARY) -> dict:
     """The report of a run's tasks: the README table, every arm with bootstrap intervals, the paired
     Model 1 − Model 2 differences, and (figures=True) the figures under results/<run>/figures/."""
     data = collect(results, tasks)
@@ -148,7 +148,7 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
                    "reasons": list(dict.fromkeys(r for rs in by_seed.values() for r in rs))}
                   for (d, b_, m), by_seed in sorted(data["flags"].items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2]))]
     report = {"run": run_name, "legend": legend, "rows": rows, "arms": arms, "tasks_done": done, "tasks": len(tasks),
-              "model1_method": m1, "model2_method": m2, "primary": PRIMARY, "degenerate": degenerate,
+              "model1_method": m1, "model2_method": m2, "primary": primary, "degenerate": degenerate,
               "data": _load_json(results / run_name / "data.json") or {}}
     add_uncertainty(report, data["preds"], m1, m2, bootstrap)
     report["figures"] = make_figures(results, report, tasks, data["preds"]) if figures else []
@@ -237,7 +237,19 @@ def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000
     """The report of the latest run (of that name), read from runner.db and the task folders."""
     with open_latest_run(results, run_name) as (store, run):
         tasks = store.run_tasks(run["id"])
-    return build(results, run["name"], tasks, arch_of(run["manifest"]), bootstrap=bootstrap)
+    return build(results, run["name"], tasks, arch_of(run["manifest"]), bootstrap=bootstrap, primary=primary_of(run["manifest"]))
+
+
+@functools.lru_cache(maxsize=16)
+def primary_of(manifest_yaml: str) -> str:
+    """The manifest's `report.primary` (AUROC when it names none or cannot be read)."""
+    import yaml
+
+    try:
+        primary = ((yaml.safe_load(manifest_yaml) or {}).get("report") or {}).get("primary", PRIMARY)
+    except (yaml.YAMLError, AttributeError):
+        primary = PRIMARY
+    return primary if primary in stats.METRICS else PRIMARY
 
 
 @functools.lru_cache(maxsize=16)  # the TUI asks on every refresh
@@ -287,12 +299,13 @@ def add_uncertainty(report: dict, preds: dict, m1: str | None, m2: str | None, b
         diff = stats.paired_difference(_pairs(pick(a)), _pairs(pick(c)), a[0]["positive"], b=b, groups=groups)
         report["differences"].append({"dataset": ds, "labels": budget, "seeds": len(seeds), "units": units, **diff})
     flagged = _flagged(report)
-    adjusted = stats.holm([d[PRIMARY]["p"] for d in report["differences"]])
+    primary = report["primary"]
+    adjusted = stats.holm([d[primary]["p"] for d in report["differences"]])
     comparisons = sum(p is not None for p in adjusted)
     for d, p in zip(report["differences"], adjusted):
         bad = (d["dataset"], d["labels"], m1) in flagged or (d["dataset"], d["labels"], m2) in flagged
-        d.update(primary=PRIMARY, p_adjusted=p, comparisons=comparisons,
-                 verdict=stats.verdict(d[PRIMARY], p, d["seeds"], PRIMARY, bad))
+        d.update(primary=primary, p_adjusted=p, comparisons=comparisons,
+                 verdict=stats.verdict(d[primary], p, d["seeds"], primary, bad))
 
 
 def _events(results: Path, tid: str) -> list[dict]:

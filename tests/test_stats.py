@@ -249,3 +249,18 @@ def test_the_tuis_results_screen_marks_a_degenerate_cell(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| ds (10% labels)"))
     assert row.count("†") == 2  # Model 2's accuracy and loss
     assert "† ds 10% supervised (seed 0): selected step 0" in text and "constant test predictions" in text
+
+
+def test_the_manifest_names_the_primary_metric(tmp_path):
+    from runner.manifest import parse_manifest
+
+    m = parse_manifest("name: x\ndatasets:\n  d: {source: synthetic}\nreport: {primary: loss}\n")
+    assert m.report.primary == "loss" and R.primary_of("name: x\nreport: {primary: loss}\n") == "loss"
+    assert R.primary_of("name: x\n") == "auroc"
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    tasks = [_task(tmp_path, f"{m_}{s}", m_, k, s, two_class(np.where(labels == 1, p, 1 - p)), labels)
+             for s in (0, 1) for m_, k, p in (("byol-finetune", "finetune", 0.8), ("supervised", "supervised", 0.6))]
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=200, primary="loss")
+    d = rep["differences"][0]
+    assert d["primary"] == "loss" and d["p_adjusted"] == d["loss"]["p"]
+    assert "Verdict on loss" in R.extended_markdown(rep)
