@@ -264,3 +264,16 @@ def test_the_manifest_names_the_primary_metric(tmp_path):
     d = rep["differences"][0]
     assert d["primary"] == "loss" and d["p_adjusted"] == d["loss"]["p"]
     assert "Verdict on loss" in R.extended_markdown(rep)
+
+
+def test_perfect_rankers_read_auroc_one_in_every_output(tmp_path):
+    labels = np.r_[np.zeros(20, int), np.ones(20, int)]
+    base = np.r_[np.linspace(0.0, 0.1, 20), np.linspace(0.15, 0.25, 20)]
+    tasks = [_task(tmp_path, f"su{s}", "supervised", "supervised", s, two_class(base + 0.3 * s), labels, prior_loss=5.0)
+             for s in range(3)]
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=100)
+    assert rep["arms"][0]["auroc"]["mean"] == pytest.approx(1.0)
+    assert rep["extended"][0]["auroc"]["value"] == pytest.approx(1.0)
+    csv_row = R.to_csv(rep).splitlines()[1].split(",")
+    assert float(csv_row[8]) == pytest.approx(1.0)  # auroc_mean
+    assert "| 1.000 [1.000, 1.000] |" in R.extended_markdown(rep)
