@@ -125,6 +125,11 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
     Model 1 − Model 2 differences, and (figures=True) the figures under results/<run>/figures/."""
     data = collect(results, tasks)
     cells, planned = data["cells"], data["planned"]
+    pretrain_steps = {}
+    for t in tasks:
+        steps = ((_load_metrics(results, t.id) or {}).get("pretrain") or {}).get("steps") if t.kind == "pretrain" else None
+        if steps:
+            pretrain_steps[t.dataset] = steps
     methods = {m for (_, _, m) in planned}
     m1 = next((m for m in MODEL1 if m in methods), None)
     m2 = next((m for m in MODEL2 if m in methods), None)
@@ -149,7 +154,7 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
                   for (d, b_, m), by_seed in sorted(data["flags"].items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2]))]
     report = {"run": run_name, "legend": legend, "rows": rows, "arms": arms, "tasks_done": done, "tasks": len(tasks),
               "model1_method": m1, "model2_method": m2, "primary": primary, "degenerate": degenerate,
-              "data": _load_json(results / run_name / "data.json") or {}}
+              "data": _load_json(results / run_name / "data.json") or {}, "pretrain_steps": pretrain_steps}
     add_uncertainty(report, data["preds"], m1, m2, bootstrap)
     report["figures"] = make_figures(results, report, tasks, data["preds"]) if figures else []
     return report
@@ -181,6 +186,7 @@ def to_markdown(report: dict) -> str:
     if report["tasks_done"] < report["tasks"]:
         lines.append(f"Partial: {report['tasks_done']} of {report['tasks']} tasks done; '—' marks what is missing.")
     lines += [f"Data: {accounting_line(name, acc)}." for name, acc in report.get("data", {}).items()]
+    lines += learned_lines(report)
     lines += degenerate_notes(report)
     return "\n".join(lines) + "\n"
 
@@ -188,7 +194,7 @@ def to_markdown(report: dict) -> str:
 def verdict_lines(report: dict) -> list[str]:
     """Model 1 vs Model 2 per dataset and budget, in words (what `run` prints under the table)."""
     return [f"{d['dataset']} {d['labels']}: {d['verdict']} (Δ {d['primary']} {_ci(d.get(d['primary']))}, "
-            f"{d['seeds']} seed{'s' if d['seeds'] != 1 else ''}, p (Holm) {'—' if d['p_adjusted'] is None else format(d['p_adjusted'], '.3f')})"
+            f"{d['seeds']} seed{'s' if d['seeds'] != 1 else ''}, p (Holm) {_p(d['p_adjusted'])})"
             for d in report.get("differences", []) if "verdict" in d]
 
 
@@ -280,32 +286,65 @@ def _units(entries: list[dict]) -> tuple[list | None, str]:
 
 def add_uncertainty(report: dict, preds: dict, m1: str | None, m2: str | None, b: int) -> None:
     """Every arm's metrics (mean over seeds of each seed's) with bootstrap 95% intervals over seeds and
-    test groups, and Model 1 − Model 2 on the same draws (seeds paired), with a verdict on the primary
-    metric, Holm-adjusted over the run's comparisons."""
-    report["extended"], report["differences"] = [], []
+    test groups; Model 1 − Model 2 on the same draws (seeds paired), with a verdict on the primary
+    metric, Holm-adjusted over the run's comparisons; and, as a family of its own, whether BYOL's
+    linear probe beats the random-init control ("did pretraining learn?")."""
+    report["extended"] = []
     for (ds, budget, method), entries in sorted(preds.items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2])):
         groups, units = _units(entries)
         res = stats.bootstrap_metrics(_pairs(entries), entries[0]["positive"], b=b, groups=groups)
         report["extended"].append({"dataset": ds, "labels": budget, "method": method, "seeds": len(entries), "units": units, **res})
-    if not (m1 and m2):
-        return
+    report["differences"] = compare(report, preds, m1, m2, b) if m1 and m2 else []
+    report["pretraining_learned"] = compare(report, preds, "byol-linear", "random-linear", b)
+
+
+def compare(report: dict, preds: dict, a_method: str, b_method: str, b: int) -> list[dict]:
+    """`a_method` − `b_method` per dataset and budget on the seeds both have, paired, with verdicts on
+    the primary metric Holm-adjusted over this family of comparisons."""
+    out = []
     for ds, budget in sorted({(d, b_) for (d, b_, _) in preds}, key=lambda k: (k[0], _budget_order(k[1]))):
-        a, c = preds.get((ds, budget, m1), []), preds.get((ds, budget, m2), [])
+        a, c = preds.get((ds, budget, a_method), []), preds.get((ds, budget, b_method), [])
         seeds = sorted({e["seed"] for e in a} & {e["seed"] for e in c})
         if not seeds:
             continue
         pick = lambda es: [e for e in es if e["seed"] in seeds]  # noqa: E731
         groups, units = _units(a)
         diff = stats.paired_difference(_pairs(pick(a)), _pairs(pick(c)), a[0]["positive"], b=b, groups=groups)
-        report["differences"].append({"dataset": ds, "labels": budget, "seeds": len(seeds), "units": units, **diff})
+        out.append({"dataset": ds, "labels": budget, "seeds": len(seeds), "units": units, **diff})
     flagged = _flagged(report)
     primary = report["primary"]
-    adjusted = stats.holm([d[primary]["p"] for d in report["differences"]])
+    adjusted = stats.holm([d[primary]["p"] for d in out])
     comparisons = sum(p is not None for p in adjusted)
-    for d, p in zip(report["differences"], adjusted):
-        bad = (d["dataset"], d["labels"], m1) in flagged or (d["dataset"], d["labels"], m2) in flagged
+    for d, p in zip(out, adjusted):
+        bad = (d["dataset"], d["labels"], a_method) in flagged or (d["dataset"], d["labels"], b_method) in flagged
         d.update(primary=primary, p_adjusted=p, comparisons=comparisons,
                  verdict=stats.verdict(d[primary], p, d["seeds"], primary, bad))
+    return out
+
+
+LEARNED = {
+    "Model 1 better": "yes: BYOL's linear probe beats the random-init control",
+    "no detectable difference": "no detectable gain: BYOL's frozen features are no better than an untrained network's",
+    "Model 2 better": "no: an untrained network's features beat BYOL's",
+}
+
+
+def learned_lines(report: dict) -> list[str]:
+    """"Did pretraining learn?" per dataset and budget, with a pointer at the schedule when it did not."""
+    out = []
+    for d in report.get("pretraining_learned", []):
+        text = LEARNED.get(d["verdict"], d["verdict"])
+        if d["verdict"] in ("no detectable difference", "Model 2 better"):
+            steps = report.get("pretrain_steps", {}).get(d["dataset"])
+            ran = f"pretraining ran {steps} optimizer steps; " if steps else ""
+            text += f" ({ran}BYOL is usually trained for far longer: raise pretrain.epochs before reading Model 1 as BYOL's)"
+        out.append(f"Did pretraining learn? {d['dataset']} {d['labels']}: {text} "
+                   f"(Δ {d['primary']} {_ci(d.get(d['primary']))}, p (Holm) {_p(d['p_adjusted'])}).")
+    return out
+
+
+def _p(p: float | None) -> str:
+    return "—" if p is None else f"{p:.3f}"
 
 
 def _events(results: Path, tid: str) -> list[dict]:
@@ -387,7 +426,7 @@ def extended_markdown(report: dict) -> str:
         d_lines = ["\n| Dataset | Labels | Seeds | Δ accuracy | Δ AUROC | Δ balanced accuracy | Δ loss | p (Holm) | Verdict |",
                    "|---|---|---|---|---|---|---|---|---|"]
         for d in report["differences"]:
-            p = "—" if d.get("p_adjusted") is None else f"{d['p_adjusted']:.3f}"
+            p = _p(d.get("p_adjusted"))
             d_lines.append(f"| {d['dataset']} | {d['labels']} | {d['seeds']} | " + " | ".join(
                 _ci(d.get(m)) for m in ("accuracy", "auroc", "balanced_accuracy", "loss")) + f" | {p} | {d.get('verdict', '')} |")
         n = report["differences"][0].get("comparisons", 0)
@@ -408,14 +447,18 @@ def rewrite_readme(readme: Path, report: dict, results: Path) -> bool:
     from runner.errors import UserError
 
     text = readme.read_text()
-    if text.count(MARK_START) != 1 or text.count(MARK_END) != 1 or text.index(MARK_START) > text.index(MARK_END):
-        raise UserError(f"{readme}: needs exactly one pair of marker lines, {MARK_START} then {MARK_END}, where the results go")
+    lines = text.splitlines(keepends=True)
+    # a marker counts only on a line of its own: a README that quotes the markers in its prose or a
+    # table (this project's own does) must not have its text spliced there
+    starts = [i for i, line in enumerate(lines) if line.strip() == MARK_START]
+    ends = [i for i, line in enumerate(lines) if line.strip() == MARK_END]
+    if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
+        raise UserError(f"{readme}: needs exactly one pair of marker lines, {MARK_START} then {MARK_END}, each on a "
+                        f"line of its own, where the results go (found {len(starts)} and {len(ends)})")
     run_dir = os.path.relpath(results / report["run"], readme.parent)
     figs = "".join(f"- [{Path(f).stem}]({run_dir}/{f})\n" for f in report.get("figures", []))
     body = to_markdown(report) + "\n" + extended_markdown(report) + ("\nFigures:\n\n" + figs if figs else "")
-    head, rest = text.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
-    new = f"{head}{MARK_START}\n{body}{MARK_END}{tail}"
+    new = "".join(lines[: starts[0] + 1]) + body + "".join(lines[ends[0]:])
     if new != text:
         atomic_write_text(readme, new)
     return new != text

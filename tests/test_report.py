@@ -109,6 +109,23 @@ def test_readme_rewrite_touches_only_the_marked_section_and_is_idempotent(finish
     assert r3.returncode == 2 and "marker lines" in r3.stderr
 
 
+def test_markers_quoted_inline_are_not_markers(finished, tmp_path):
+    quoting = ("| `report --readme` | rewrites what stands between `<!-- byol-runner results start -->` and "
+               "`<!-- byol-runner results end -->` | 0 |\n\nNo results yet.\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(quoting)
+    r = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    assert r.returncode == 2 and "line of its own" in r.stderr
+    assert readme.read_text() == quoting  # nothing spliced into the table row
+    both = quoting + "\n<!-- byol-runner results start -->\nold\n<!-- byol-runner results end -->\nAfter.\n"
+    readme.write_text(both)
+    r = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    assert r.returncode == 0, r.stderr
+    text = readme.read_text()
+    assert text.startswith(quoting) and text.endswith("<!-- byol-runner results end -->\nAfter.\n")
+    assert "old\n" not in text and "| Dataset | Model 1 accuracy |" in text
+
+
 def test_partial_run_reports_what_is_finished_and_marks_the_rest(finished, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(finished, partial)

@@ -277,3 +277,29 @@ def test_perfect_rankers_read_auroc_one_in_every_output(tmp_path):
     csv_row = R.to_csv(rep).splitlines()[1].split(",")
     assert float(csv_row[8]) == pytest.approx(1.0)  # auroc_mean
     assert "| 1.000 [1.000, 1.000] |" in R.extended_markdown(rep)
+
+
+def test_did_pretraining_learn_is_answered_each_way(tmp_path):
+    labels = np.r_[np.zeros(40, int), np.ones(40, int)]
+    rng = np.random.default_rng(4)
+
+    def probe(strength: float) -> np.ndarray:
+        return two_class(np.clip(0.5 + strength * (labels - 0.5) + rng.normal(0, 0.1, 80), 0.01, 0.99))
+
+    def run(folder: Path, byol: float, control: float) -> dict:
+        tasks = []
+        for s in (0, 1, 2):
+            tasks.append(_task(folder, f"lin{s}", "byol-linear", "linear", s, probe(byol), labels, prior_loss=5.0))
+            tasks.append(_task(folder, f"ctl{s}", "random-linear", "random-linear", s, probe(control), labels, prior_loss=5.0))
+        pre = folder / "tasks" / "pre"
+        pre.mkdir()
+        (pre / "metrics.json").write_text(json.dumps({"pretrain": {"steps": 120}}))
+        tasks.append(TaskRow("pre", "pretrain", "ds", "byol-pretrain", 0, None, [], "done", None, None, None, None, None))
+        return R.build(folder, "t", tasks, "ResNet18", figures=False, bootstrap=400)
+
+    learned = run(tmp_path / "a", byol=0.6, control=0.05)
+    assert learned["pretraining_learned"][0]["verdict"] == "Model 1 better"
+    assert "Did pretraining learn? ds 10%: yes" in R.to_markdown(learned)
+    not_learned = run(tmp_path / "b", byol=0.3, control=0.3)
+    line = next(x for x in R.to_markdown(not_learned).splitlines() if x.startswith("Did pretraining learn?"))
+    assert "no detectable gain" in line and "120 optimizer steps" in line and "pretrain.epochs" in line
