@@ -45,6 +45,14 @@ class LabelsSpec(StrictModel):
         default_factory=list, description="labeled examples per class, e.g. [2, 10, 50]; with or instead of fractions"
     )
 
+    validation: Literal["budget", "full"] = Field(
+        "budget", description="budget: the validation labels a task uses for any choice (selection step, probe strength, "
+        "temperature) are drawn at the budget's rate and counted in it; full: the whole validation split at every budget "
+        "(optimistic at low budgets; every table says so)")
+    min_validation_per_class: int = Field(
+        5, ge=1, description="fewer validation labels than this in some class: nothing is chosen; the task trains a fixed "
+        "schedule (last step, the probe's fixed_c, no temperature) and the report says so")
+
     @model_validator(mode="before")
     @classmethod
     def _default_budgets(cls, data: Any) -> Any:

@@ -118,7 +118,9 @@ def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progres
             def make(kind: str, method: str, budget=None, deps: tuple[PlannedTask, ...] = ()) -> PlannedTask:
                 identity = {
                     "kind": kind, "data": fingerprint, "seed": seed, "engine": ENGINE_VERSION,
-                    "budget": None if budget is None else {"fraction": budget.fraction, "per_class": budget.per_class},
+                    "budget": None if budget is None else {"fraction": budget.fraction, "per_class": budget.per_class,
+                                                           "validation": manifest.labels.validation,
+                                                           "min_validation_per_class": manifest.labels.min_validation_per_class},
                     "settings": {k: settings[k] for k in KIND_SETTINGS[kind]}, "deps": [d.id for d in deps],
                 }
                 tid = task_id(identity)

@@ -98,6 +98,8 @@ def collect(results: Path, tasks: list[TaskRow]) -> dict:
     planned: dict = defaultdict(int)
     preds: dict = defaultdict(list)
     flags: dict = defaultdict(dict)
+    validation: set[str] = set()
+    fixed: dict = defaultdict(list)
     for t in tasks:
         if t.kind in ("pretrain", "noop") or t.budget is None:
             continue
@@ -109,6 +111,9 @@ def collect(results: Path, tasks: list[TaskRow]) -> dict:
                     {"seed": t.seed, "task": t.id, "probs": m["predictions"]["test_probs"], "labels": m["predictions"]["test_labels"],
                      "positive": m.get("positive"), "class_names": m.get("class_names"),
                      "groups": m["predictions"].get("test_groups"), "confusion": m["test"]["confusion_matrix"]})
+            validation.add(m.get("validation", "full"))  # runs before budgeted validation chose on the whole split
+            if (m.get("selection") or {}).get("mode") == "fixed schedule":
+                fixed[(t.dataset, t.budget, t.method)].append(t.seed)
             reasons = degenerate_reasons(m)
             if reasons:
                 flags[(t.dataset, t.budget, t.method)][t.seed] = reasons
@@ -116,7 +121,9 @@ def collect(results: Path, tasks: list[TaskRow]) -> dict:
             cells[(t.dataset, t.budget, t.method)]["loss"].append(m["test"]["loss"])
             cells[(t.dataset, t.budget, t.method)]["auroc"].append(m["test"].get("auroc"))
             cells[(t.dataset, t.budget, t.method)]["balanced_accuracy"].append(m["test"].get("balanced_accuracy"))
-    return {"cells": cells, "planned": planned, "preds": preds, "flags": flags}
+    return {"cells": cells, "planned": planned, "preds": preds, "flags": flags, "validation": sorted(validation),
+            "fixed": [{"dataset": d, "labels": b, "method": m, "seeds": sorted(seeds)}
+                      for (d, b, m), seeds in sorted(fixed.items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2]))]}
 
 
 def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNet50", figures: bool = True,
@@ -154,7 +161,8 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
                   for (d, b_, m), by_seed in sorted(data["flags"].items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2]))]
     report = {"run": run_name, "legend": legend, "rows": rows, "arms": arms, "tasks_done": done, "tasks": len(tasks),
               "model1_method": m1, "model2_method": m2, "primary": primary, "degenerate": degenerate,
-              "data": _load_json(results / run_name / "data.json") or {}, "pretrain_steps": pretrain_steps}
+              "data": _load_json(results / run_name / "data.json") or {}, "pretrain_steps": pretrain_steps,
+              "validation": data["validation"], "fixed_schedule": data["fixed"]}
     add_uncertainty(report, data["preds"], m1, m2, bootstrap)
     report["figures"] = make_figures(results, report, tasks, data["preds"]) if figures else []
     return report
@@ -186,6 +194,7 @@ def to_markdown(report: dict) -> str:
     if report["tasks_done"] < report["tasks"]:
         lines.append(f"Partial: {report['tasks_done']} of {report['tasks']} tasks done; '—' marks what is missing.")
     lines += [f"Data: {accounting_line(name, acc)}." for name, acc in report.get("data", {}).items()]
+    lines += validation_lines(report)
     lines += learned_lines(report)
     lines += degenerate_notes(report)
     return "\n".join(lines) + "\n"
@@ -327,6 +336,22 @@ LEARNED = {
     "no detectable difference": "no detectable gain: BYOL's frozen features are no better than an untrained network's",
     "Model 2 better": "no: an untrained network's features beat BYOL's",
 }
+
+
+def validation_lines(report: dict) -> list[str]:
+    """What chose the selection steps, probe strengths and temperatures, in one or two lines."""
+    out = []
+    if "full" in report.get("validation", []):
+        out.append("Validation: the whole validation split chose steps, probe strengths and temperatures at every budget "
+                   "(labels.validation: full): its labels are not in the budget, so low-budget results are optimistic.")
+    elif report.get("validation"):
+        out.append("Validation: the labels used for any choice (selection step, probe strength, temperature) were drawn at "
+                   "each budget's rate and are counted in it.")
+    cells = [f"{f['dataset']} {f['labels']} {f['method']}" for f in report.get("fixed_schedule", [])]
+    if cells:
+        out.append("Fixed schedule (too few validation labels under the budget to choose anything: last step, the probe's "
+                   "fixed_c, no temperature): " + ", ".join(cells) + ".")
+    return out
 
 
 def learned_lines(report: dict) -> list[str]:

@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError
 from runner.data.sources import DatasetSpec, StrictModel
 from runner.ml.config import TrainSettings
 
-ENGINE_VERSION = 3  # bump when a code change alters results: it is part of every task id
+ENGINE_VERSION = 4  # bump when a code change alters results: it is part of every task id (4: RandomResizedCrop sampling)
 KINDS = ("pretrain", "finetune", "linear", "supervised", "supervised-imagenet", "random-linear", "noop")
 # `noop` writes its metrics at once and imports no torch: the runner's own overhead is measured with it.
 # BYOL_RUNNER_FAIL_KIND=<kind> makes every task of that kind fail (fault injection for the runner's tests).
@@ -35,6 +35,8 @@ KINDS = ("pretrain", "finetune", "linear", "supervised", "supervised-imagenet", 
 class BudgetSpec(StrictModel):
     fraction: float | None = Field(None, gt=0, le=1)
     per_class: int | None = Field(None, ge=1)
+    validation: Literal["budget", "full"] = "budget"  # the manifest's labels.validation
+    min_validation_per_class: int = Field(5, ge=1)
 
 
 class TaskSpec(StrictModel):
@@ -146,8 +148,16 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
         raise StartError(f"task {task.id} ({task.kind}) has no label budget")
     budget = LabelBudget(fraction=task.budget.fraction, per_class=task.budget.per_class)
     labeled = ds.labeled(budget, task.seed)
-    val, test = ds.splits["val"], ds.splits["test"]
+    # the validation labels this task may use for any choice: drawn at the budget's rate (or the
+    # whole split, labels.validation: full); too few in some class and nothing is chosen
+    val = ds.validation(budget, task.seed) if task.budget.validation == "budget" else ds.splits["val"]
+    test = ds.splits["test"]
     k = len(ds.class_names)
+    selecting = len(val) > 0 and int(np.bincount(ds.labels[val], minlength=k).min()) >= task.budget.min_validation_per_class
+    if not selecting:
+        log.emit("log", message=f"{len(val)} validation labels under the budget ({task.budget.min_validation_per_class} per class "
+                                "needed to choose anything): fixed schedule, no selection, no temperature")
+        val = val[:0]
     positive = ds.class_names.index(ds.spec.positive) if ds.spec.positive else (1 if k == 2 else None)
     if task.kind in ("finetune", "supervised", "supervised-imagenet"):
         pretrained = task.kind != "supervised"
@@ -156,29 +166,33 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
         else:  # ImageNet weights come from the torch hub cache; the plan checked they are there
             backbone = Backbone(arch, ds.channels, weights="DEFAULT" if pretrained else None)
         model, selection = T.train_classifier(
-            backbone, pretrained, (ds.pixels(labeled), ds.labels[labeled]), (ds.pixels(val), ds.labels[val]),
+            backbone, pretrained, (ds.pixels(labeled), ds.labels[labeled]), (ds.pixels(val), ds.labels[val]) if selecting else None,
             k, task.settings.finetune, size, ctx,
         )
-        val_probs = T.predict(model, T.to_device_images(ds.pixels(val), device), size, ctx).numpy()
+        val_probs = T.predict(model, T.to_device_images(ds.pixels(val), device), size, ctx).numpy() if selecting else None
         probs = T.predict(model, T.to_device_images(ds.pixels(test), device), size, ctx).numpy()
     else:  # linear probe on the pretrained encoder, or on a random-init one (the control)
         backbone = T.load_encoder(encoder_path, device) if task.kind == "linear" else Backbone(arch, ds.channels)
-        feats = {name: T.extract_features(backbone, ds.pixels(idx), size, ctx) for name, idx in (("train", labeled), ("val", val), ("test", test))}
+        feats = {name: T.extract_features(backbone, ds.pixels(idx), size, ctx)
+                 for name, idx in (("train", labeled), ("val", val), ("test", test)) if selecting or name != "val"}
         labels = {"train": ds.labels[labeled], "val": ds.labels[val]}
         proba, selection = T.linear_probe(feats, labels, task.settings.probe, k)
-        val_probs, probs = proba(feats["val"]), proba(feats["test"])
+        val_probs, probs = (proba(feats["val"]) if selecting else None), proba(feats["test"])
     test_labels = ds.labels[test]
     # every arm's probabilities get a temperature fitted on val: the loss compares calibrated
     # models, and no prediction changes (the raw loss is kept beside it)
-    temperature = fit_temperature(val_probs, ds.labels[val])
+    temperature = fit_temperature(val_probs, ds.labels[val]) if selecting else 1.0
     raw = classification_metrics(probs, test_labels, positive)
     probs = apply_temperature(probs, temperature)
     return {
         "test": classification_metrics(probs, test_labels, positive) | {"loss_uncalibrated": raw["loss"]},
-        "temperature": round(temperature, 4),
+        "temperature": round(temperature, 4) if selecting else None,
         "selection": selection,
         "prior_loss": prior_loss(ds.labels[labeled], test_labels, k),
-        "n_labeled": int(len(labeled)),
+        "n_labeled": int(len(labeled) + len(val)),  # every label the task touched: training + validation
+        "n_train_labels": int(len(labeled)),
+        "n_val_labels": int(len(val)),
+        "validation": task.budget.validation,
         "class_names": ds.class_names,
         "positive": positive,
         "predictions": {"test_probs": np.round(probs, 6).tolist(), "test_labels": test_labels.tolist(),

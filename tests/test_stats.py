@@ -303,3 +303,17 @@ def test_did_pretraining_learn_is_answered_each_way(tmp_path):
     not_learned = run(tmp_path / "b", byol=0.3, control=0.3)
     line = next(x for x in R.to_markdown(not_learned).splitlines() if x.startswith("Did pretraining learn?"))
     assert "no detectable gain" in line and "120 optimizer steps" in line and "pretrain.epochs" in line
+
+
+def test_the_report_says_what_chose_and_where_nothing_could(tmp_path):
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    t = _task(tmp_path, "su0", "supervised", "supervised", 0, two_class(np.where(labels == 1, 0.7, 0.3)), labels)
+    m = json.loads((tmp_path / "tasks" / "su0" / "metrics.json").read_text())
+    m |= {"validation": "budget", "selection": {"mode": "fixed schedule", "selected_step": 40, "steps": 40}}
+    (tmp_path / "tasks" / "su0" / "metrics.json").write_text(json.dumps(m))
+    md = R.to_markdown(R.build(tmp_path, "t", [t], "ResNet18", figures=False, bootstrap=0))
+    assert "drawn at each budget's rate" in md and "Fixed schedule" in md and "ds 10% supervised" in md
+    m["validation"] = "full"
+    (tmp_path / "tasks" / "su0" / "metrics.json").write_text(json.dumps(m))
+    md = R.to_markdown(R.build(tmp_path, "t", [t], "ResNet18", figures=False, bootstrap=0))
+    assert "optimistic" in md and "labels.validation: full" in md

@@ -296,6 +296,13 @@ def test_crops_cover_the_presets_area_and_aspect_ranges():
     assert np.quantile(area, 0.1) < 0.25 and np.quantile(area, 0.9) > 0.75  # spread over the range, not one size
     assert ratio.min() >= 3 / 4 - 1e-6 and ratio.max() <= 4 / 3 + 1e-6
     assert np.quantile(ratio, 0.1) < 0.85 and np.quantile(ratio, 0.9) > 1.15
+    # the areas torchvision's RandomResizedCrop gives on a square image (clamping would give 0.535)
+    import torchvision.transforms as TV
+
+    torch.manual_seed(0)
+    ref = [np.prod(TV.RandomResizedCrop.get_params(torch.zeros(1, 224, 224), [0.08, 1.0], [3 / 4, 4 / 3])[2:]) / 224**2
+           for _ in range(4000)]
+    assert float(area.mean()) == pytest.approx(float(np.mean(ref)), abs=0.015)
 
 
 def test_a_fraction_of_a_class_is_the_nearest_count():
@@ -304,6 +311,30 @@ def test_a_fraction_of_a_class_is_the_nearest_count():
     ten = LabelBudget(fraction=0.1)
     assert [ten.count(n) for n in (24, 25, 35, 938)] == [2, 3, 4, 94]  # 2.4, 2.5, 3.5, 93.8 rounded half up
     assert LabelBudget(fraction=0.01).count(938) == 9 and LabelBudget(per_class=5).count(938) == 5
+
+
+def test_validation_labels_are_drawn_at_the_budgets_rate_and_nest():
+    from runner.data.splits import LabelBudget, validation_subset
+
+    keys = [f"img{i:04d}" for i in range(1000)]
+    labels = np.r_[np.zeros(300, int), np.ones(700, int)]
+    val = np.arange(0, 1000, 5)  # 60 of class 0, 140 of class 1
+    train_counts = [240, 560]
+    names = ["a", "b"]
+    for seed in (0, 1):
+        subsets = {}
+        for b in (LabelBudget(fraction=0.01), LabelBudget(fraction=0.1), LabelBudget(per_class=56), LabelBudget(fraction=1.0)):
+            sub = validation_subset(val, keys, labels, names, b, train_counts, seed)
+            subsets[b.name] = set(sub.tolist())
+            per_class = np.bincount(labels[sub], minlength=2).tolist()
+            rate = b.fraction if b.fraction is not None else [56 / 240, 56 / 560]
+            rates = rate if isinstance(rate, list) else [rate, rate]
+            want = [max(1, min(n, int(np.floor(r * n + 0.5)))) for r, n in zip(rates, (60, 140))]
+            assert per_class == want, (b.name, per_class, want)  # the rate, rounded, with a floor of one a class
+        assert subsets["1%"] <= subsets["10%"] <= subsets["100%"]  # nested like the training subsets
+        assert subsets["100%"] == set(val.tolist())
+    other = validation_subset(val, keys, labels, names, LabelBudget(fraction=0.1), train_counts, 1)
+    assert set(other.tolist()) != set(validation_subset(val, keys, labels, names, LabelBudget(fraction=0.1), train_counts, 0).tolist())
 
 
 # ---- metrics where every confusion is possible ------------------------------------------------------
@@ -434,8 +465,14 @@ def _fake_imagenet_weights(home: Path, arch: str = "resnet18", loadable: bool = 
     torch.save(getattr(torchvision.models, arch)().state_dict(), path)
 
 
-def _run(results: Path, kind: str, scrambled: bool, monkeypatch, encoder: str | None = None) -> tuple[dict, Path]:
-    """run_task in this process; with `scrambled`, the test split's images are noise and its labels flipped."""
+BUDGET = {"fraction": 0.5, "min_validation_per_class": 2}  # 6 of 12 train and 3 of 6 validation images a class
+
+
+def _run(results: Path, kind: str, scrambled: str | None, monkeypatch, encoder: str | None = None,
+         budget: dict = BUDGET) -> tuple[dict, Path]:
+    """run_task in this process. `scrambled`: "test", the test split's images are noise and its labels
+    flipped; "outside budget", so are those of every train and validation image outside the task's
+    budget (for pretraining, only the labels: it may read every train image, no label)."""
     from runner.data import dataset as D
     from runner.worker import EventLog, TaskSpec, run_task
 
@@ -445,27 +482,44 @@ def _run(results: Path, kind: str, scrambled: bool, monkeypatch, encoder: str | 
         ds = real(*args, **kwargs)
         if not scrambled:
             return ds
-        test = ds.splits["test"]
+        if scrambled == "test":
+            test = ds.splits["test"]
+        else:
+            from runner.data.splits import LabelBudget
+
+            b = LabelBudget(fraction=budget.get("fraction"), per_class=budget.get("per_class"))
+            kept = {"labeled": ds.labeled(b, 1), "validation": ds.validation(b, 1)}
+            test = np.setdiff1d(np.r_[ds.splits["train"], ds.splits["val"]], np.r_[kept["labeled"], kept["validation"]])
         labels = ds.labels.copy()
         labels[test] = 1 - labels[test]
         noise = np.random.default_rng(7).integers(0, 256, (len(ds.keys), *ds.table.images.shape[1:]), dtype=np.uint8)
 
         class Scrambled(D.PreparedDataset):
+            # which images carry the budget's labels is drawn per class, from every image's class (the
+            # simulated labeling); what is checked here is that nothing else reads the others
+            if scrambled == "outside budget":
+                def labeled(self, b, seed):  # noqa: ANN001, ARG002
+                    return kept["labeled"]
+
+                def validation(self, b, seed):  # noqa: ANN001, ARG002
+                    return kept["validation"]
+
             def pixels(self, idx):
                 idx = np.asarray(idx)
                 out = super().pixels(idx)
-                in_test = np.isin(idx, test)
+                in_test = np.isin(idx, test) & (kind != "pretrain" or scrambled == "test")
                 out[in_test] = noise[idx[in_test]]
                 return out
 
         return Scrambled(**({f.name: getattr(ds, f.name) for f in fields(ds)} | {"labels": labels}))
 
     monkeypatch.setattr(D, "prepare", prepare)
-    tid = f"{kind}-{'scrambled' if scrambled else 'clean'}"
+    b_part = "none" if kind == "pretrain" else f"{budget.get('fraction')}-{budget.get('per_class')}"
+    tid = f"{kind}-{scrambled.replace(' ', '-') if scrambled else 'clean'}-{b_part}"
     task_dir = results / "tasks" / tid
     task_dir.mkdir(parents=True, exist_ok=True)
     spec = TaskSpec.model_validate({"id": tid, "kind": kind, "dataset": "syn", "data": SYNTHETIC, "seed": 1,
-                                    "budget": None if kind == "pretrain" else {"fraction": 0.5},
+                                    "budget": None if kind == "pretrain" else budget,
                                     "settings": TINY_SETTINGS, "encoder": encoder})
     log = EventLog(task_dir / "events.jsonl", tid)
     try:
@@ -482,9 +536,19 @@ def scramble_results(tmp_path_factory) -> Path:
     return results
 
 
-def test_pretraining_never_sees_the_test_split(scramble_results, monkeypatch):
-    _, clean = _run(scramble_results, "pretrain", False, monkeypatch)
-    _, scrambled = _run(scramble_results, "pretrain", True, monkeypatch)
+PRETRAINED = "tasks/pretrain-clean-none/encoder.pt"
+
+
+def _pretrained(results: Path, monkeypatch) -> str:
+    if not (results / PRETRAINED).is_file():
+        _run(results, "pretrain", None, monkeypatch)
+    return PRETRAINED
+
+
+@pytest.mark.parametrize("scramble", ["test", "outside budget"])
+def test_pretraining_reads_no_test_image_and_no_label(scramble_results, monkeypatch, scramble):
+    clean = scramble_results / Path(_pretrained(scramble_results, monkeypatch)).parent
+    _, scrambled = _run(scramble_results, "pretrain", scramble, monkeypatch)
     a = torch.load(clean / "encoder.pt", weights_only=True)["state_dict"]
     b = torch.load(scrambled / "encoder.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -495,19 +559,38 @@ def test_no_choice_of_a_classifier_task_reads_the_test_split(scramble_results, m
     """Selection step, probe strength and temperature are the same whatever the test split holds;
     only the test metrics move."""
     monkeypatch.setenv("TORCH_HOME", str(scramble_results / "torch_home"))
-    encoder = None
-    if kind in ("finetune", "linear"):
-        pre = scramble_results / "tasks" / "pretrain-clean" / "encoder.pt"
-        if not pre.is_file():
-            _run(scramble_results, "pretrain", False, monkeypatch)
-        encoder = "tasks/pretrain-clean/encoder.pt"
-    clean, _ = _run(scramble_results, kind, False, monkeypatch, encoder)
-    scrambled, _ = _run(scramble_results, kind, True, monkeypatch, encoder)
+    encoder = _pretrained(scramble_results, monkeypatch) if kind in ("finetune", "linear") else None
+    clean, _ = _run(scramble_results, kind, None, monkeypatch, encoder)
+    scrambled, _ = _run(scramble_results, kind, "test", monkeypatch, encoder)
+    assert clean["selection"]["mode"] == "validation"
     assert clean["selection"] == scrambled["selection"]
     assert clean["temperature"] == scrambled["temperature"]
-    assert clean["n_labeled"] == scrambled["n_labeled"] == 12  # half of each class's 12 train images
+    # half of each class's 12 train images and 3 of its 6 validation images: every label counted
+    assert clean["n_train_labels"] == 12 and clean["n_val_labels"] == 6 and clean["n_labeled"] == scrambled["n_labeled"] == 18
     assert clean["test"]["n"] == scrambled["test"]["n"]
     assert clean["test"]["loss_uncalibrated"] != scrambled["test"]["loss_uncalibrated"]  # the scramble took effect
+    # the labels and images outside the budget: nothing about the task changes, its test results included
+    outside, _ = _run(scramble_results, kind, "outside budget", monkeypatch, encoder)
+    assert outside["selection"] == clean["selection"] and outside["temperature"] == clean["temperature"]
+    assert outside["test"] == clean["test"] and outside["predictions"] == clean["predictions"]
+
+
+@pytest.mark.parametrize("kind", ["finetune", "linear"])
+def test_too_few_validation_labels_train_a_fixed_schedule(scramble_results, monkeypatch, kind):
+    """One label a class: 1/12 of 6 validation images rounds to 0, the floor keeps 1, under the 2 a
+    choice needs: no selection step, no probe strength chosen, no temperature, and only train labels used."""
+    encoder = _pretrained(scramble_results, monkeypatch)
+    m, task_dir = _run(scramble_results, kind, None, monkeypatch, encoder, budget={"per_class": 1, "min_validation_per_class": 2})
+    assert m["selection"]["mode"] == "fixed schedule" and m["temperature"] is None
+    assert m["n_train_labels"] == 2 and m["n_val_labels"] == 0 and m["n_labeled"] == 2
+    if kind == "finetune":
+        assert m["selection"]["selected_step"] == m["selection"]["steps"]
+        import json
+
+        metric = [json.loads(x) for x in (task_dir / "events.jsonl").read_text().splitlines() if '"kind": "metric"' in x]
+        assert metric and not any("val_loss" in e for e in metric)  # no validation label was read
+    else:
+        assert m["selection"]["C"] == 0.1
 
 
 # ---- task ids: each settings section and each upstream task moves exactly its dependants --------------
@@ -529,6 +612,8 @@ AFFECTED = {
     "probe": (("probe", "max_iter"), 300, {"byol-linear", "random-linear"}),
     "run": (("run", "progress_every_s"), 5.0, set()),
     "labels": (("labels", "fractions"), [0.4], ALL - {"byol-pretrain"}),
+    "validation": (("labels", "validation"), "full", ALL - {"byol-pretrain"}),
+    "min_validation": (("labels", "min_validation_per_class"), 3, ALL - {"byol-pretrain"}),
     "seeds": (("seeds",), [1], ALL),
     "data": (("datasets", "syn", "per_class"), 25, ALL),
 }

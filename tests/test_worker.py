@@ -95,7 +95,9 @@ def test_every_evaluation_arm_scores_the_test_split_once(pretrained, kind):
     assert t["n"] == 40 and 0 <= t["accuracy"] <= 1 and math.isfinite(t["loss"])
     assert {"auroc", "balanced_accuracy", "sensitivity", "specificity", "confusion_matrix"} <= set(t)
     assert sum(map(sum, t["confusion_matrix"])) == 40
-    assert m["n_labeled"] == 60 and m["class_names"] == ["normal", "hemorrhage"] and m["positive"] == 1
+    # 60 training labels and, for the choices, half of the 40 validation images: every label counted
+    assert m["n_train_labels"] == 60 and m["n_val_labels"] == 20 and m["n_labeled"] == 80
+    assert m["class_names"] == ["normal", "hemorrhage"] and m["positive"] == 1
     assert len(m["predictions"]["test_probs"]) == 40
     if kind in ("linear", "random-linear"):
         assert m["selection"]["C"] in [10.0**k for k in range(-4, 3)]
@@ -107,11 +109,12 @@ def test_every_evaluation_arm_scores_the_test_split_once(pretrained, kind):
 def test_two_labels_per_class_fine_tune_stays_near_the_prior_loss(pretrained):
     results = pretrained.parent.parent.parent
     for kind in ("finetune", "supervised"):
-        task = head_ct_task(results, f"few-{kind}", kind, budget={"per_class": 2}, encoder="tasks/pre/encoder.pt")
+        # the whole validation split chooses here (an explicit opt-out): this is about not diverging
+        task = head_ct_task(results, f"few-{kind}", kind, budget={"per_class": 2, "validation": "full"}, encoder="tasks/pre/encoder.pt")
         r = worker(task)
         assert r.returncode == 0, r.stderr
         m = json.loads((task.parent / "metrics.json").read_text())
-        assert m["n_labeled"] == 4
+        assert m["n_train_labels"] == 4 and m["n_labeled"] == 4 + 40 and m["validation"] == "full"
         assert math.isfinite(m["test"]["loss"]) and math.isfinite(m["test"]["loss_uncalibrated"])
         # val-selected step (step 0 predicts the prior) + temperature fitted on val
         assert m["test"]["loss"] < m["prior_loss"] * 1.15, (kind, m["test"]["loss"], m["prior_loss"])

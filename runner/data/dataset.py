@@ -14,7 +14,7 @@ import numpy as np
 from runner.data.audit import SourceAudit, audit_and_filter
 from runner.data.cache import ImageTable, Progress, no_progress, load_images
 from runner.data.sources import REST, DatasetBase, Item, scan_with_skips
-from runner.data.splits import SPLITS, LabelBudget, group_leaks, grouped_stratified_split, labeled_subset
+from runner.data.splits import SPLITS, LabelBudget, group_leaks, grouped_stratified_split, labeled_subset, validation_subset
 from runner.errors import DataError
 
 
@@ -65,6 +65,11 @@ class PreparedDataset:
             return labeled_subset(self.splits["train"], self.keys, self.labels, self.class_names, budget, seed)
         except DataError as e:
             raise DataError(f"datasets.{self.name}: {e}") from None
+
+    def validation(self, budget: LabelBudget, seed: int) -> np.ndarray:
+        """Indices of the validation items whose labels a task under this budget may use for its choices."""
+        train_counts = np.bincount(self.labels[self.splits["train"]], minlength=len(self.class_names))
+        return validation_subset(self.splits["val"], self.keys, self.labels, self.class_names, budget, train_counts, seed)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {

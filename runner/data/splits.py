@@ -123,3 +123,31 @@ def labeled_subset(
         of_class.sort(key=lambda i: rank(seed, "labels", keys[i]))
         chosen += of_class[:k]
     return np.array(sorted(chosen), dtype=np.int64)
+
+
+def validation_subset(
+    val: np.ndarray,
+    keys: Sequence[str],
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    budget: LabelBudget,
+    train_counts: Sequence[int],
+    seed: int,
+    floor: int = 1,
+) -> np.ndarray:
+    """The labeled validation items a task may use for its choices under a budget: each class's
+    validation items at the budget's rate (a fraction: that fraction; k per class: k over the
+    class's train count), at least `floor` of each class, in one seeded order per class, so the
+    subsets of one seed are nested across budgets like the training subsets (Oliver et al. 2018,
+    "Realistic Evaluation of Deep Semi-Supervised Learning Algorithms": a validation set larger than
+    the labeled set flatters low-label methods)."""
+    chosen: list[int] = []
+    for c in range(len(class_names)):
+        of_class = [int(i) for i in val if labels[i] == c]
+        if not of_class:
+            continue
+        rate = budget.fraction if budget.fraction is not None else min(1.0, (budget.per_class or 0) / max(train_counts[c], 1))
+        k = min(len(of_class), max(floor, math.floor(rate * len(of_class) + 0.5)))
+        of_class.sort(key=lambda i: rank(seed, "validation labels", keys[i]))
+        chosen += of_class[:k]
+    return np.array(sorted(chosen), dtype=np.int64)

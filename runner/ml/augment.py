@@ -93,13 +93,25 @@ def _bernoulli(p: float, n: int, g: torch.Generator, device: torch.device) -> to
     return torch.rand(n, generator=g, device=device) < p
 
 
+CROP_TRIES = 10  # as torchvision's RandomResizedCrop
+
+
 def affine_params(aug: ViewAug, n: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
-    """(n, 2, 3) matrices mapping output coordinates to input coordinates in [-1, 1]."""
-    area = _uniform(*aug.crop_scale, n, g, device)
-    log_r = _uniform(math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1]), n, g, device)
-    ratio = torch.exp(log_r)
-    w = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width as a fraction of the image width
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    """(n, 2, 3) matrices mapping output coordinates to input coordinates in [-1, 1].
+
+    The crop is sampled as torchvision's RandomResizedCrop samples it: up to CROP_TRIES draws of
+    (area, log aspect ratio), the first that fits inside the (square) image taken, else the whole
+    image. All tries are drawn at once, so no sample waits for another and nothing reads back from
+    the device. (Clamping an oversized crop instead would skew the areas towards the large end.)"""
+    area = _uniform(*aug.crop_scale, n * CROP_TRIES, g, device).view(n, CROP_TRIES)
+    log_r = _uniform(math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1]), n * CROP_TRIES, g, device)
+    ratio = torch.exp(log_r).view(n, CROP_TRIES)
+    w_try, h_try = torch.sqrt(area * ratio), torch.sqrt(area / ratio)  # fractions of the image's width and height
+    fits = (w_try <= 1) & (h_try <= 1)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first try that fits (0 when none does)
+    found = fits.any(dim=1)
+    w = torch.where(found, w_try.gather(1, first)[:, 0], torch.ones_like(found, dtype=w_try.dtype))
+    h = torch.where(found, h_try.gather(1, first)[:, 0], torch.ones_like(found, dtype=h_try.dtype))
     cx = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - w)
     cy = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - h)
     fx = torch.where(_bernoulli(aug.hflip, n, g, device), -1.0, 1.0)

@@ -70,6 +70,7 @@ class ProbeSpec(StrictModel):
     then L2-regularized logistic regression with its strength chosen on validation."""
 
     c_grid: list[float] = Field(default_factory=lambda: [10.0**k for k in range(-4, 3)], min_length=1)
+    fixed_c: float = Field(0.1, gt=0, description="the L2 strength when too few validation labels are left to choose one")
     max_iter: int = Field(2000, ge=10)
 
 

@@ -250,7 +250,7 @@ def train_classifier(
     backbone: Backbone,
     pretrained: bool,
     train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray] | None,
     num_classes: int,
     spec: FinetuneSpec,
     size: int,
@@ -260,7 +260,9 @@ def train_classifier(
 
     The head starts at zero weights with the log class prior as its bias, so step 0 predicts the
     labeled set's class frequencies; step 0 is a candidate of the validation selection, so a run
-    that only overfits a handful of labels ends no worse on val than the prior."""
+    that only overfits a handful of labels ends no worse on val than the prior. With `val` None (too
+    few validation labels under the budget to choose anything) it trains the fixed schedule and keeps
+    the last step."""
     classifier = Classifier(backbone, num_classes)
     prior = np.bincount(train[1], minlength=num_classes) + 1.0  # +1: no -inf for a class with no label
     with torch.no_grad():
@@ -289,8 +291,10 @@ def train_classifier(
     aug, _ = preset_for(spec.augment, train[0].shape[1], "finetune")
     images = to_device_images(train[0], ctx.device)
     labels = torch.from_numpy(train[1]).to(images.device)
-    val_images = to_device_images(val[0], ctx.device)
-    val_labels = torch.from_numpy(val[1])
+    selecting = val is not None
+    if selecting:
+        val_images = to_device_images(val[0], ctx.device)
+        val_labels = torch.from_numpy(val[1])
     stream = IndexStream(n, bs, ctx.seed, images.device)
     dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed + 17)
     forward = ctx.maybe_compile(model)
@@ -305,6 +309,8 @@ def train_classifier(
     start = int(state["step"]) if state else 0
     if state:
         best = state["best"]
+    elif not selecting:
+        best = None
     else:
         val_loss, val_acc = validate()
         ctx.emit("metric", epoch=0, step=0, val_loss=val_loss, val_acc=val_acc)
@@ -328,23 +334,29 @@ def train_classifier(
             done = step + 1
             epoch = step // steps_per_epoch
             if done % eval_every == 0 or done == total:
-                val_loss, val_acc = validate()
                 train_loss = float(run_loss) / max(run_count, 1)
                 run_loss.zero_()
                 run_count = 0
-                ctx.emit("metric", epoch=epoch, step=done, loss=train_loss, val_loss=val_loss, val_acc=val_acc)
-                if val_loss < best["val_loss"]:
-                    best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": done,
-                            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                if not selecting:
+                    ctx.emit("metric", epoch=epoch, step=done, loss=train_loss)
+                else:
+                    val_loss, val_acc = validate()
+                    ctx.emit("metric", epoch=epoch, step=done, loss=train_loss, val_loss=val_loss, val_acc=val_acc)
+                    if val_loss < best["val_loss"]:
+                        best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": done,
+                                "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
                 if done - last_saved >= ctx.run.checkpoint_every_steps and done < total:  # at a validation, so `best` is current
                     ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done, "best": best,
                                "rng": rng_state(dev_gen)}, ckpt_path)
                     last_saved = done
             elif progress.due(False):
                 progress.emit(done, epoch, loss=round(float(run_loss) / max(run_count, 1), 5), lr=opt.param_groups[-1]["lr"])
+    common = {"steps": total, "batch_size": bs, "backbone_lr_scale": bb_scale}
+    if not selecting:
+        return model, {"mode": "fixed schedule", "selected_step": total, "val_loss": None, "val_accuracy": None, **common}
     model.load_state_dict(best["state"])
-    return model, {"selected_step": best["step"], "val_loss": best["val_loss"], "val_accuracy": best["val_accuracy"],
-                   "steps": total, "batch_size": bs, "backbone_lr_scale": bb_scale}
+    return model, {"mode": "validation", "selected_step": best["step"], "val_loss": best["val_loss"],
+                   "val_accuracy": best["val_accuracy"], **common}
 
 
 # ---- linear probe ----------------------------------------------------------------------------
@@ -364,13 +376,19 @@ def extract_features(backbone: Backbone, pixels: np.ndarray, size: int, ctx: Con
 
 
 def linear_probe(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: ProbeSpec, num_classes: int):
-    """Logistic regression on standardized features; L2 strength (C) chosen by val loss.
+    """Logistic regression on standardized features; L2 strength (C) chosen by val loss, or
+    `spec.fixed_c` when there is no "val" (too few validation labels to choose).
     Returns (fitted predict_proba over all classes, selection info)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(feats["train"])
-    xtr, xva = scaler.transform(feats["train"]), scaler.transform(feats["val"])
+    xtr = scaler.transform(feats["train"])
+    if "val" not in feats:
+        fixed = LogisticRegression(C=spec.fixed_c, max_iter=spec.max_iter).fit(xtr, labels["train"])
+        return (lambda x: _full_proba(fixed, scaler.transform(x), num_classes)), {
+            "mode": "fixed schedule", "C": spec.fixed_c, "val_loss": None, "val_accuracy": None}
+    xva = scaler.transform(feats["val"])
     best = None
     for c in spec.c_grid:
         clf = LogisticRegression(C=c, max_iter=spec.max_iter).fit(xtr, labels["train"])
@@ -383,7 +401,7 @@ def linear_probe(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], sp
     def proba(x: np.ndarray) -> np.ndarray:
         return _full_proba(clf, scaler.transform(x), num_classes)
 
-    return proba, {"C": c, "val_loss": loss, "val_accuracy": acc}
+    return proba, {"mode": "validation", "C": c, "val_loss": loss, "val_accuracy": acc}
 
 
 def _full_proba(clf, x: np.ndarray, num_classes: int) -> np.ndarray:
