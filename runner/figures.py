@@ -78,7 +78,11 @@ def finetune_loss(out: Path, dataset: str, budget: str, curves: dict[str, dict[i
         ax.set_xlabel("step")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:  # a fixed schedule reads no validation label
+            ax.text(0.5, 0.5, "no validation labels under this budget:\nfixed schedule", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="0.4")
     fig.suptitle(f"{dataset}, {budget} labels: fine-tuning (Model 1) and supervised training (Model 2)", fontsize=10)
     return _save(fig, out / f"finetune_loss_{slug(dataset)}_{slug(budget)}.png")
 

@@ -189,7 +189,8 @@ def to_markdown(report: dict) -> str:
     lines += [
         "",
         f"Model 1 = {lg['model1'] or 'not in this run'}; Model 2 = {lg['model2'] or 'not in this run'}. "
-        "Test split; mean ± std over seeds; loss = cross-entropy after a temperature fitted on validation.",
+        "Test split; mean ± std over seeds; loss = cross-entropy, after a temperature fitted on the budget's "
+        "validation labels where there were enough to choose one.",
     ]
     if report["tasks_done"] < report["tasks"]:
         lines.append(f"Partial: {report['tasks_done']} of {report['tasks']} tasks done; '—' marks what is missing.")
