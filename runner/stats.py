@@ -142,29 +142,54 @@ def bootstrap_metrics(per_seed: list[tuple[np.ndarray, np.ndarray]], positive: i
 
 
 def paired_difference(model1: list[tuple[np.ndarray, np.ndarray]], model2: list[tuple[np.ndarray, np.ndarray]],
-                      positive: int | None, b: int = 1000, seed: int = 0, groups: list | np.ndarray | None = None) -> dict:
+                      positive: int | None, b: int = 1000, seed: int = 0, groups: list | np.ndarray | None = None,
+                      groups2: list | np.ndarray | None = None) -> dict:
     """{metric: {"value": Model 1 − Model 2, "ci", "p": two-sided bootstrap p-value}}; the i-th seed of
     one model is paired with the i-th of the other, and both use the same draws of seeds and groups."""
     p1, y1 = stack(model1)
     p2, y2 = stack(model2)
     if not np.array_equal(y1, y2) or len(p1) != len(p2):
         raise ValueError("the two models were not scored on the same seeds and test images")
+    if groups2 is not None and (groups is None or not np.array_equal(np.asarray(groups, dtype=str), np.asarray(groups2, dtype=str))):
+        raise ValueError("the two models' test groups differ: they cannot be paired")
     draws = Draws(len(p1), _group_index(groups, len(y1)), b, seed)
     seed_w, image_w = draws.with_point()
     a, c = _per_seed(p1, y1, image_w, positive), _per_seed(p2, y2, image_w, positive)
     out = {}
     for m in a:
         d = _over_seeds(a[m] - c[m], seed_w)
-        out[m] = {"value": _num(d[0]), "ci": _interval(d[1:]), "p": _p_value(d[1:])}
+        per_seed = [_num(x) for x in (a[m] - c[m])[:, 0]]
+        p_boot, p_seeds = _p_value(d[1:]), seed_t_test(per_seed)
+        # a difference must stand out from the test sample's variation (bootstrap) AND from the seeds'
+        # (t-test on the per-seed differences): the larger p is an intersection-union test of both
+        p = None if p_boot is None or p_seeds is None else max(p_boot, p_seeds)
+        out[m] = {"value": _num(d[0]), "ci": _interval(d[1:]), "per_seed": per_seed, "p_bootstrap": p_boot,
+                  "p_seeds": p_seeds, "p": p}
     return out
 
 
 def _p_value(reps: np.ndarray) -> float | None:
-    """Two-sided: twice the smaller share of replicates at or beyond 0 on either side (at most 1)."""
+    """Two-sided: twice the smaller share of replicates at or beyond 0 on either side, counted as
+    (1 + k) / (B + 1) so that it is never 0 (Davison & Hinkley 1997, ch. 4); at most 1."""
     v = reps[np.isfinite(reps)]
     if len(v) < 10:
         return None
-    return float(min(1.0, 2 * min((v <= 0).mean(), (v >= 0).mean())))
+    k = min(int((v <= 0).sum()), int((v >= 0).sum()))
+    return float(min(1.0, 2 * (1 + k) / (len(v) + 1)))
+
+
+def seed_t_test(per_seed: list[float | None]) -> float | None:
+    """Two-sided p of a one-sample t-test that the mean per-seed difference is 0: the seed-to-seed
+    variation alone, which a bootstrap over 2-5 seeds underestimates (its variance shrinks by (S-1)/S
+    and S seeds allow few distinct draws). None under two seeds."""
+    from scipy import stats as sps
+
+    d = np.asarray([x for x in per_seed if x is not None], dtype=np.float64)
+    if len(d) < 2:
+        return None
+    if np.all(d == d[0]):
+        return 0.0 if d[0] != 0 else 1.0
+    return float(sps.ttest_1samp(d, 0.0).pvalue)
 
 
 def holm(p_values: list[float | None]) -> list[float | None]:
@@ -179,20 +204,23 @@ def holm(p_values: list[float | None]) -> list[float | None]:
     return out
 
 
-def verdict(diff: dict | None, adjusted_p: float | None, seeds: int, metric: str, degenerate: bool) -> str:
-    """One line a reader can act on, for Model 1 − Model 2 on the primary metric."""
+def verdict(diff: dict | None, adjusted_p: float | None, seeds: int, metric: str, degenerate: tuple[bool, bool] = (False, False)) -> str:
+    """One line a reader can act on, for Model 1 − Model 2 on the primary metric. `degenerate`: whether
+    Model 1's and Model 2's cells are degenerate; a degenerate cell never wins, and a win over one is
+    marked."""
     if diff is None or diff.get("value") is None:
         return "not decided: no paired result"
-    if degenerate:
-        return "not decided: a degenerate cell (see its footnote)"
     if seeds < 2:
         return "not decided: one seed (training and label-draw variation not covered)"
     if adjusted_p is None:
         return "not decided: too few bootstrap replicates"
     if adjusted_p >= ALPHA:
-        return "no detectable difference"
+        return "no difference detected" + (" († a degenerate cell)" if any(degenerate) else "")
     better = diff["value"] < 0 if metric in LOWER_IS_BETTER else diff["value"] > 0
-    return "Model 1 better" if better else "Model 2 better"
+    winner, loser = (0, 1) if better else (1, 0)
+    if degenerate[winner]:
+        return "not decided: the better-looking cell is degenerate (see its footnote)"
+    return ("Model 1 better" if better else "Model 2 better") + (" (over a degenerate cell †)" if degenerate[loser] else "")
 
 
 def _num(x: float) -> float | None:

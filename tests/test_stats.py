@@ -90,13 +90,30 @@ def test_a_lucky_single_seed_is_never_called_a_difference():
     labels = np.r_[np.zeros(200, int), np.ones(200, int)]
     good, bad = two_class(np.where(labels == 1, 0.9, 0.1)), two_class(0.5 + np.random.default_rng(0).uniform(-0.01, 0.01, 400))
     d = paired_difference([(good, labels)], [(bad, labels)], positive=1, b=500)
-    assert d["auroc"]["value"] > 0.4 and d["auroc"]["p"] < 0.01  # on the test sample alone it looks decisive
-    assert verdict(d["auroc"], d["auroc"]["p"], seeds=1, metric="auroc", degenerate=False).startswith("not decided: one seed")
+    assert d["auroc"]["value"] > 0.4 and d["auroc"]["p_bootstrap"] < 0.01  # on the test sample alone it looks decisive
+    assert verdict(d["auroc"], d["auroc"]["p_bootstrap"], seeds=1, metric="auroc").startswith("not decided: one seed")
+    assert d["auroc"]["p"] is None  # no seed-level test on one seed
     three = paired_difference([(good, labels)] * 3, [(bad, labels)] * 3, positive=1, b=500)
-    assert verdict(three["auroc"], three["auroc"]["p"], seeds=3, metric="auroc", degenerate=False) == "Model 1 better"
-    assert verdict(three["loss"], three["loss"]["p"], seeds=3, metric="loss", degenerate=False) == "Model 1 better"
-    assert verdict(three["auroc"], 0.2, seeds=3, metric="auroc", degenerate=False) == "no detectable difference"
-    assert verdict(three["auroc"], 0.001, seeds=3, metric="auroc", degenerate=True).startswith("not decided: a degenerate cell")
+    assert verdict(three["auroc"], three["auroc"]["p"], seeds=3, metric="auroc") == "Model 1 better"
+    assert verdict(three["loss"], three["loss"]["p"], seeds=3, metric="loss") == "Model 1 better"
+    assert verdict(three["auroc"], 0.2, seeds=3, metric="auroc") == "no difference detected"
+    # a degenerate cell never wins; a win over one is marked
+    assert verdict(three["auroc"], 0.001, 3, "auroc", (True, False)).startswith("not decided: the better-looking cell is degenerate")
+    assert verdict(three["auroc"], 0.001, 3, "auroc", (False, True)) == "Model 1 better (over a degenerate cell †)"
+
+
+def test_consistent_test_sample_but_disagreeing_seeds_decide_nothing():
+    """Two seeds, Δ AUROC +0.01 and +0.03 on 2,000 images: the bootstrap alone would call it; the
+    per-seed differences (df = 1) do not."""
+    rng = np.random.default_rng(9)
+    labels = rng.integers(0, 2, 2000)
+    base = np.clip(0.5 + 0.25 * (labels - 0.5) + rng.normal(0, 0.15, 2000), 0.01, 0.99)
+    m2 = [(two_class(base), labels)] * 2
+    m1 = [(two_class(np.clip(base + (labels - 0.5) * shift, 0.01, 0.99)), labels) for shift in (0.012, 0.04)]
+    d = paired_difference(m1, m2, positive=1, b=1000)["auroc"]
+    assert all(x > 0 for x in d["per_seed"]) and d["p_bootstrap"] < 0.01
+    assert d["p_seeds"] > 0.05 and d["p"] == max(d["p_bootstrap"], d["p_seeds"])
+    assert verdict(d, d["p"], seeds=2, metric="auroc") == "no difference detected"
 
 
 # ---- the report of a run, from metrics.json files ---------------------------------------------------
@@ -136,10 +153,10 @@ def test_a_constant_prediction_cell_is_flagged_and_never_a_win(tmp_path):
     flags = {(f["dataset"], f["labels"], f["method"]): f["reasons"] for f in rep["degenerate"]}
     reasons = flags[("ds", "10%", "supervised")]
     assert any("step 0" in r for r in reasons) and any("constant" in r for r in reasons)
-    assert any("prior" in r for r in reasons)
+    assert any("class frequencies" in r for r in reasons)
     assert ("ds", "10%", "byol-finetune") not in flags
     diff = rep["differences"][0]
-    assert diff["verdict"].startswith("not decided: a degenerate cell")
+    assert diff["verdict"] in ("Model 1 better (over a degenerate cell †)", "no difference detected († a degenerate cell)")
     md = R.to_markdown(rep) + R.extended_markdown(rep)
     row = next(line for line in md.splitlines() if line.startswith("| ds (10% labels)"))
     assert "†" in row  # the README-format row carries the mark
@@ -153,7 +170,7 @@ def test_the_report_decides_on_the_primary_metric_with_holm_and_names_it(tmp_pat
     diff = rep["differences"][0]
     assert diff["primary"] == "auroc" and diff["comparisons"] == 1
     assert diff["p_adjusted"] == pytest.approx(diff["auroc"]["p"])
-    assert diff["verdict"] in ("Model 1 better", "Model 2 better", "no detectable difference")
+    assert diff["verdict"] in ("Model 1 better", "Model 2 better", "no difference detected")
     md = R.extended_markdown(rep)
     assert "Holm" in md and "| Verdict" in md and diff["verdict"] in md
     assert "seeds and test images" in md
@@ -301,8 +318,8 @@ def test_did_pretraining_learn_is_answered_each_way(tmp_path):
     assert learned["pretraining_learned"][0]["verdict"] == "Model 1 better"
     assert "Did pretraining learn? ds 10%: yes" in R.to_markdown(learned)
     not_learned = run(tmp_path / "b", byol=0.3, control=0.3)
-    line = next(x for x in R.to_markdown(not_learned).splitlines() if x.startswith("Did pretraining learn?"))
-    assert "no detectable gain" in line and "120 optimizer steps" in line and "pretrain.epochs" in line
+    line = next(x for x in R.to_markdown(not_learned).splitlines() if "Did pretraining learn?" in x)
+    assert "no gain detected" in line and "120 optimizer steps" in line and "pretrain.epochs" in line
 
 
 def test_the_report_says_what_chose_and_where_nothing_could(tmp_path):
