@@ -187,8 +187,8 @@ def seed_t_test(per_seed: list[float | None]) -> float | None:
     d = np.asarray([x for x in per_seed if x is not None], dtype=np.float64)
     if len(d) < 2:
         return None
-    if np.all(d == d[0]):
-        return 0.0 if d[0] != 0 else 1.0
+    if np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(d).max())):  # no spread: the t statistic is undefined
+        return 0.0 if abs(d[0]) > 1e-12 else 1.0
     return float(sps.ttest_1samp(d, 0.0).pvalue)
 
 
