@@ -467,8 +467,9 @@ def extended_markdown(report: dict) -> str:
             f"\n\nΔ = Model 1 ({report['model1_method']}) − Model 2 ({report['model2_method']}), on the same draws of seeds "
             f"(paired by seed) and test images. Verdict on {report.get('primary', PRIMARY)}: a difference must stand out from "
             "the test sample's variation (two-sided bootstrap p) and from the seeds' (t-test on the per-seed differences); "
-            f"the larger p, Holm-adjusted over this run's {n} Model 1 − Model 2 comparison(s) on that metric, below "
-            f"{stats.ALPHA}. One seed never decides. The other metrics' intervals are not adjusted for multiplicity.\n")
+            + (f"the larger p, Holm-adjusted over this run's {n} Model 1 − Model 2 comparison{'s' if n != 1 else ''} on that "
+               f"metric, below {stats.ALPHA}." if n else "with one seed no comparison is tested.")
+            + " One seed never decides. The other metrics' intervals are not adjusted for multiplicity.\n")
     return text
 
 
