@@ -94,6 +94,7 @@ def test_a_lucky_single_seed_is_never_called_a_difference():
     assert verdict(d["auroc"], d["auroc"]["p_bootstrap"], seeds=1, metric="auroc").startswith("not decided: one seed")
     assert d["auroc"]["p"] is None  # no seed-level test on one seed
     three = paired_difference([(good, labels)] * 3, [(bad, labels)] * 3, positive=1, b=500)
+    assert three["auroc"]["p_bootstrap"] == pytest.approx(2 / 501)  # no replicate at or below 0: (1 + 0) / (B + 1), twice
     assert verdict(three["auroc"], three["auroc"]["p"], seeds=3, metric="auroc") == "Model 1 better"
     assert verdict(three["loss"], three["loss"]["p"], seeds=3, metric="loss") == "Model 1 better"
     assert verdict(three["auroc"], 0.2, seeds=3, metric="auroc") == "no difference detected"
