@@ -60,7 +60,8 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
                 outcome = sched.run(text, str(Path(manifest_path).resolve()))
         else:
             outcome = sched.run(text, str(Path(manifest_path).resolve()))
-        rep = R.build(results, manifest.name, store.run_tasks(outcome.run_id), R.arch_of(text), primary=manifest.report.primary)
+        rep = R.build(results, manifest.name, store.run_tasks(outcome.run_id), R.arch_of(text), primary=manifest.report.primary,
+                      compare=(manifest.compare.model1, manifest.compare.model2))
         R.write(results, rep)
     finally:
         store.close()

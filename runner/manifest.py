@@ -156,6 +156,15 @@ class ReportSpec(StrictModel):
         "auroc", description="the metric a verdict (Model 1 better / Model 2 better / no detectable difference) is decided on")
 
 
+class CompareSpec(StrictModel):
+    """Which arms are Model 1 and Model 2 of the README table and the verdict (every arm is always in
+    the extended table). Default: byol-finetune (else byol-linear) against supervised (else
+    supervised-imagenet)."""
+
+    model1: Method | None = Field(None, description="e.g. byol-finetune")
+    model2: Method | None = Field(None, description="e.g. supervised-imagenet, the strongest baseline when ImageNet weights are at hand")
+
+
 class Manifest(StrictModel):
     name: SafeName = Field(description="the run's name: its folder under the results dir")
     datasets: dict[SafeName, DatasetSpec] = Field(min_length=1)
@@ -173,6 +182,7 @@ class Manifest(StrictModel):
     run: RunSpec = RunSpec()
     executor: ExecutorSpec = ExecutorSpec()
     report: ReportSpec = ReportSpec()
+    compare: CompareSpec = CompareSpec()
     results: str | None = Field(None, description="results dir (default: results/, or --results)")
 
     @field_validator("methods")
@@ -181,6 +191,16 @@ class Manifest(StrictModel):
         if len(set(v)) != len(v):
             raise ValueError("a method is listed twice")
         return v
+
+    @model_validator(mode="after")
+    def _compared_arms_run(self) -> "Manifest":
+        for key in ("model1", "model2"):
+            arm = getattr(self.compare, key)
+            if arm is not None and arm not in self.methods:
+                raise ValueError(f"compare.{key}: {arm!r} is not one of the methods run ({', '.join(self.methods)})")
+        if self.compare.model1 is not None and self.compare.model1 == self.compare.model2:
+            raise ValueError("compare: model1 and model2 are the same arm")
+        return self
 
     @field_validator("name")
     @classmethod

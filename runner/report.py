@@ -130,7 +130,7 @@ def collect(results: Path, tasks: list[TaskRow]) -> dict:
 
 
 def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNet50", figures: bool = True,
-          bootstrap: int = 1000, primary: str = PRIMARY) -> dict:
+          bootstrap: int = 1000, primary: str = PRIMARY, compare: tuple[str | None, str | None] = (None, None)) -> dict:
     """The report of a run's tasks: the README table, every arm with bootstrap intervals, the paired
     Model 1 − Model 2 differences, and (figures=True) the figures under results/<run>/figures/."""
     data = collect(results, tasks)
@@ -141,8 +141,8 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
         if steps:
             pretrain_steps[t.dataset] = steps
     methods = {m for (_, _, m) in planned}
-    m1 = next((m for m in MODEL1 if m in methods), None)
-    m2 = next((m for m in MODEL2 if m in methods), None)
+    m1 = compare[0] if compare[0] in methods else next((m for m in MODEL1 if m in methods and m != compare[1]), None)
+    m2 = compare[1] if compare[1] in methods else next((m for m in MODEL2 if m in methods and m != m1), None)
     rows, arms = [], []
     for ds, budget in sorted({(d, b) for (d, b, _) in planned}, key=lambda k: (k[0], _budget_order(k[1]))):
         row = {"dataset": ds, "labels": budget}
@@ -256,7 +256,20 @@ def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000
     """The report of the latest run (of that name), read from runner.db and the task folders."""
     with open_latest_run(results, run_name) as (store, run):
         tasks = store.run_tasks(run["id"])
-    return build(results, run["name"], tasks, arch_of(run["manifest"]), bootstrap=bootstrap, primary=primary_of(run["manifest"]))
+    return build(results, run["name"], tasks, arch_of(run["manifest"]), bootstrap=bootstrap, primary=primary_of(run["manifest"]),
+                 compare=compare_of(run["manifest"]))
+
+
+@functools.lru_cache(maxsize=16)
+def compare_of(manifest_yaml: str) -> tuple[str | None, str | None]:
+    """The manifest's `compare` arms (None where it names none or cannot be read)."""
+    import yaml
+
+    try:
+        spec = (yaml.safe_load(manifest_yaml) or {}).get("compare") or {}
+        return spec.get("model1"), spec.get("model2")
+    except (yaml.YAMLError, AttributeError):
+        return None, None
 
 
 @functools.lru_cache(maxsize=16)

@@ -335,3 +335,29 @@ def test_the_report_says_what_chose_and_where_nothing_could(tmp_path):
     (tmp_path / "tasks" / "su0" / "metrics.json").write_text(json.dumps(m))
     md = R.to_markdown(R.build(tmp_path, "t", [t], "ResNet18", figures=False, bootstrap=0))
     assert "optimistic" in md and "labels.validation: full" in md
+
+
+def test_the_manifest_chooses_model_1_and_model_2(tmp_path):
+    import pytest as _pytest
+
+    from runner.errors import ManifestError
+    from runner.manifest import parse_manifest
+
+    base = "name: x\ndatasets:\n  d: {source: synthetic}\nmethods: [byol-finetune, supervised, supervised-imagenet]\n"
+    m = parse_manifest(base + "compare: {model2: supervised-imagenet}\n")
+    assert (m.compare.model1, m.compare.model2) == (None, "supervised-imagenet")
+    with _pytest.raises(ManifestError, match="compare.model1: 'byol-linear' is not one of the methods run"):
+        parse_manifest(base + "compare: {model1: byol-linear}\n")
+    with _pytest.raises(ManifestError, match="the same arm"):
+        parse_manifest(base + "compare: {model1: supervised, model2: supervised}\n")
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    tasks = [_task(tmp_path, f"{m_}{s}", m_, k, s, two_class(np.where(labels == 1, p, 1 - p)), labels)
+             for s in (0, 1) for m_, k, p in (("byol-finetune", "finetune", 0.8), ("supervised", "supervised", 0.6),
+                                              ("supervised-imagenet", "supervised-imagenet", 0.7))]
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=50, compare=(None, "supervised-imagenet"))
+    assert (rep["model1_method"], rep["model2_method"]) == ("byol-finetune", "supervised-imagenet")
+    assert rep["legend"]["model2"] == "supervised ResNet18 from ImageNet weights"
+    assert rep["rows"][0]["model2_accuracy"]["mean"] == pytest.approx(rep["arms"][2]["accuracy"]["mean"])
+    assert R.compare_of("compare: {model1: supervised}\n") == ("supervised", None)
+    default = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=0)
+    assert (default["model1_method"], default["model2_method"]) == ("byol-finetune", "supervised")

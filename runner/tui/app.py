@@ -239,7 +239,8 @@ class RunnerApp(App):
         self.report_key = key
         from runner import report as R
 
-        rep = R.build(self.results, snap.run["name"], snap.tasks, snap.run.get("arch", "ResNet50"), figures=False, bootstrap=0)
+        rep = R.build(self.results, snap.run["name"], snap.tasks, snap.run.get("arch", "ResNet50"), figures=False, bootstrap=0,
+                      compare=snap.run.get("compare", (None, None)))
         text = R.to_markdown(rep)
         if self.extended:
             lines = ["| Dataset | Labels | Method | Seeds | Accuracy | AUROC | Balanced accuracy |", "|---|---|---|---|---|---|---|"]

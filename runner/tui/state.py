@@ -47,10 +47,11 @@ def read_snapshot(results: Path, run_name: str | None = None) -> Snapshot:
         if run is None:
             return Snapshot(None)
         tasks = store.run_tasks(run["id"])
-        from runner.report import arch_of
+        from runner.report import arch_of, compare_of
 
         info = {k: run[k] for k in ("id", "name", "status", "pid", "started", "ended", "manifest_path", "executor")}
         info["arch"] = arch_of(run["manifest"])
+        info["compare"] = compare_of(run["manifest"])
         alive = run["status"] == "running" and pid_alive(run["pid"])
         started = {a["task_id"]: a for a in store.db.execute(
             "SELECT task_id, MAX(started) AS started, slot FROM attempts WHERE run_id=? GROUP BY task_id", (run["id"],))}
