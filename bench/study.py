@@ -87,7 +87,7 @@ def main() -> None:
     settings = {
         "model": {"arch": args.arch},
         "run": {"device": args.device, "compile": args.compile, "progress_every_s": 5, "checkpoint_every_steps": 500},
-        "pretrain": {"epochs": args.epochs, "batch_size": args.batch, "proj_hidden": hidden, "pred_hidden": hidden, "proj_dim": out_dim},
+        "pretrain": {"epochs": args.epochs, "min_steps": 0, "batch_size": args.batch, "proj_hidden": hidden, "pred_hidden": hidden, "proj_dim": out_dim},
         "finetune": {"epochs": args.finetune_epochs},
     }
     if args.manifest:

@@ -30,7 +30,7 @@ methods: [byol-finetune, byol-linear, supervised, random-linear]
 labels: {{fractions: [0.25, 1.0]}}
 seeds: [0]
 model: {{arch: resnet18}}
-pretrain: {{epochs: {pre_epochs}, batch_size: 16, proj_hidden: 128, pred_hidden: 128, proj_dim: 32, warmup_epochs: 1}}
+pretrain: {{epochs: {pre_epochs}, min_steps: 0, batch_size: 16, proj_hidden: 128, pred_hidden: 128, proj_dim: 32, warmup_epochs: 1}}
 finetune: {{epochs: 2, min_steps: {ft_steps}, batch_size: 16}}
 run: {{device: cpu, progress_every_s: 0.2, checkpoint_every_steps: 5}}
 executor: {{max_parallel: 2, retries: 1}}

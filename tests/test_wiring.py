@@ -164,7 +164,7 @@ def pretraining(tmp_path_factory) -> dict:
         calls.append({"aug": aug, "state": g.get_state().clone(), "images": images.clone(), "size": size})
         return real(images, aug, size, g, **kw)
 
-    spec = PretrainSpec(epochs=EPOCHS, batch_size=BATCH, base_lr=BASE_LR, warmup_epochs=WARMUP_EPOCHS, tau_base=TAU_BASE,
+    spec = PretrainSpec(epochs=EPOCHS, min_steps=0, batch_size=BATCH, base_lr=BASE_LR, warmup_epochs=WARMUP_EPOCHS, tau_base=TAU_BASE,
                         proj_hidden=32, proj_dim=16, pred_hidden=32)
     pixels = np.random.default_rng(0).integers(0, 256, (N_IMAGES, 1, 16, 16), dtype=np.uint8)
     mp = pytest.MonkeyPatch()
@@ -202,6 +202,17 @@ def test_pretraining_rates_follow_the_recipe_at_every_point(pretraining):
     taus = pretraining["taus"]
     assert len(taus) == total
     assert all(t == pytest.approx(tau_at(k, total, TAU_BASE), rel=1e-12) for k, t in enumerate(taus))
+
+
+def test_a_small_data_set_gets_the_floor_of_pretraining_steps(tmp_path):
+    ctx, events = recording_context(tmp_path)
+    ctx.run = RunSpec(device="cpu", progress_every_s=60, checkpoint_every_steps=10_000)
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 1, 16, 16), dtype=np.uint8)
+    spec = PretrainSpec(epochs=2, min_steps=7, batch_size=8, warmup_epochs=1, proj_hidden=16, proj_dim=8, pred_hidden=16)
+    summary = T.pretrain_byol(pixels, spec, "resnet18", 16, ctx)
+    assert summary["steps"] == 7  # 2 epochs of one batch would be 2 steps
+    assert [e["step"] for e in events if e["kind"] == "metric"] == list(range(1, 8))
+    assert PretrainSpec().min_steps == 5000  # the default: thousands of steps for a data set of hundreds
 
 
 def test_the_saved_encoder_is_the_online_network(pretraining):
@@ -283,6 +294,17 @@ def test_each_random_op_fires_at_its_probability(preset, view):
             continue
         tol = 4 * math.sqrt(max(p * (1 - p), 1e-12) / N_RATE)
         assert abs(share - p) <= tol + 1e-9, (preset, view, op, share, p)
+
+
+def test_every_view_is_normalized_with_the_stems_statistics():
+    from runner.ml.augment import GRAY_MEAN, GRAY_STD, RGB_MEAN, RGB_STD, eval_view
+
+    for channels, mean, std in ((3, RGB_MEAN, RGB_STD), (1, GRAY_MEAN, GRAY_STD)):
+        flat = torch.full((2, channels, 8, 8), 153, dtype=torch.uint8)  # 0.6 everywhere
+        want = torch.tensor([(0.6 - m) / s for m, s in zip(mean, std)]).view(1, channels, 1, 1).expand(2, channels, 8, 8)
+        assert torch.allclose(eval_view(flat, 8), want, atol=1e-5)
+        view = augment(flat, _neutral(PRESETS["byol"][0]), 8, torch.Generator().manual_seed(0))
+        assert torch.allclose(view, want, atol=1e-4)
 
 
 def test_crops_cover_the_presets_area_and_aspect_ranges():
@@ -444,7 +466,7 @@ SYNTHETIC = {"source": "synthetic", "num_classes": 2, "per_class": 24, "size": 1
 TINY_SETTINGS = {
     "model": {"arch": "resnet18"},
     "run": {"device": "cpu", "progress_every_s": 60, "checkpoint_every_steps": 10_000},
-    "pretrain": {"epochs": 2, "batch_size": 8, "proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16, "warmup_epochs": 0.5},
+    "pretrain": {"epochs": 2, "min_steps": 0, "batch_size": 8, "proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16, "warmup_epochs": 0.5},
     "finetune": {"epochs": 1, "min_steps": 9, "batch_size": 8, "eval_every_steps": 3},
     "probe": {"c_grid": [0.001, 0.1, 10.0], "max_iter": 200},
 }

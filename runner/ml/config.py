@@ -33,6 +33,9 @@ class PretrainSpec(StrictModel):
     """BYOL pretraining (Grill et al. 2020, with its LARS, schedules and heads)."""
 
     epochs: int = Field(100, ge=1)
+    min_steps: int = Field(
+        5000, ge=0, description="at least this many optimizer steps however small the data set: 100 epochs of 120 images "
+        "at batch 256 is 100 steps, against the BYOL paper's hundreds of thousands (the README's protocol gives the arithmetic)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (tests, smoke runs)")
     batch_size: int = Field(256, ge=2)
     base_lr: float = Field(0.2, gt=0, description="LARS rate for a batch of 256, scaled linearly with batch_size")

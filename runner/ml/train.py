@@ -170,7 +170,9 @@ def pretrain_byol(pixels: np.ndarray, spec: PretrainSpec, arch: str, size: int, 
     n, channels = pixels.shape[0], pixels.shape[1]
     bs = min(spec.batch_size, n)
     steps_per_epoch = n // bs
-    total = spec.epochs * steps_per_epoch if spec.max_steps is None else min(spec.max_steps, spec.epochs * steps_per_epoch)
+    # epochs, but at least min_steps optimizer steps: a small data set would otherwise get a few hundred
+    total = max(spec.epochs * steps_per_epoch, spec.min_steps)
+    total = total if spec.max_steps is None else min(spec.max_steps, total)
     warmup = min(int(round(spec.warmup_epochs * steps_per_epoch)), total // 2)
     peak_lr = scaled_lr(spec.base_lr, bs)
     model = ctx.place(BYOL(Backbone(arch, channels), spec.proj_hidden, spec.proj_dim, spec.pred_hidden))
