@@ -125,6 +125,8 @@ MUTATIONS = [
       ('group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr')),
     m("train: the target update skipped", "ml/train.py",
       ("model.update_target(tau)", "model.update_target(1.0)")),
+    m("train: the pretraining floor of steps ignored", "ml/train.py",
+      ("total = max(spec.epochs * steps_per_epoch, spec.min_steps)", "total = spec.epochs * steps_per_epoch")),
     m("train: tau over twice the steps", "ml/train.py",
       ("tau_at(step, total, spec.tau_base)", "tau_at(step, 2 * total, spec.tau_base)")),
     m("train: the second view of other images", "ml/train.py",
