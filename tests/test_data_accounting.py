@@ -103,3 +103,16 @@ datasets:
     assert acc["not_used"] == {"duplicate": 1, "label conflict": 1}
     assert acc["test_kept"] == {"duplicate": 2, "label conflict": 1}
     assert acc["used"] == acc["found"] - sum(acc["not_used"].values())
+
+
+def test_a_file_that_is_no_image_is_named_without_a_python_object(tmp_path):
+    root = tmp_path / "folders"
+    for c in ("a", "b"):
+        for i in range(12):
+            _png(root / c / f"{i}.png", 40 if c == "a" else 200, seed=i)
+    (root / "a" / "fake.png").write_text("not an image at all")
+    manifest = _manifest(tmp_path, f"    source: imagefolder\n    root: {root}\n    image_size: 16\n    on_bad_image: fail")
+    r = run_cli("data", "audit", str(manifest), "--results", str(tmp_path / "r"))
+    assert r.returncode == 2
+    assert f"{root / 'a' / 'fake.png'}: not a readable image" in r.stderr
+    assert "object at 0x" not in r.stderr and "Traceback" not in r.stderr

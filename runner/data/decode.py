@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -98,6 +99,9 @@ def decode_image(im: Image.Image, s: ImageSettings) -> tuple[np.ndarray, str, bo
     return np.asarray(_fit(im, s)), h.hexdigest(), gray
 
 
+_OBJECT_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
+
+
 def decode_file(path: str, s: ImageSettings) -> Decoded:
     """Read, hash and decode one file; never raises for a bad image (the caller decides)."""
     try:
@@ -114,7 +118,8 @@ def decode_file(path: str, s: ImageSettings) -> Decoded:
                 im.load()  # a truncated file fails here, not later
                 pixels, pixel_sha, gray = decode_image(im, s)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        msg = str(e) or type(e).__name__
+        # PIL names the in-memory buffer it read ("<_io.BytesIO object at 0x...>"): the caller names the file
+        msg = _OBJECT_REPR.sub("it", str(e)) or type(e).__name__
         return Decoded(None, file_sha, None, False, "", None, f"not a readable image: {msg}")
     return Decoded(pixels, file_sha, pixel_sha, gray, mode, size)
 
