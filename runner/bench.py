@@ -50,11 +50,10 @@ def run_bench(
     parts: tuple[str, ...] = ("byol", "supervised", "augment"),
 ) -> dict:
     from runner.ml.augment import preset_for
-    from runner.ml.byol import BYOL, tau_at
-    from runner.ml.config import RunSpec
+    from runner.ml.config import RunSpec, TrainSettings
     from runner.ml.models import Backbone, Classifier
-    from runner.ml.optim import lars_for
-    from runner.ml.train import Context, IndexStream, byol_step, take
+    from runner.ml.pretrain import make_method, pretrain_step
+    from runner.ml.train import Context, IndexStream, take
     from runner.worker import resolve_device
 
     dev = resolve_device(device)
@@ -82,21 +81,20 @@ def run_bench(
         result["augment_only"] = _rate(lambda: (ctx.view(next_batch(), aug1, size, g), ctx.view(next_batch(), aug2, size, g)),
                                        steps, warmup, batch, dev)
     if "byol" in parts:
-        model = ctx.place(BYOL(Backbone(arch, channels)))
-        opt = lars_for(model.trainable_modules(), lr=0.1, weight_decay=1.5e-6)
-        forward = ctx.maybe_compile(model)
+        method = make_method("byol", Backbone(arch, channels), TrainSettings(), batch, ctx)
+        forward = ctx.maybe_compile(method.model)
         fixed = (ctx.view(next_batch(), aug1, size, g), ctx.view(next_batch(), aug2, size, g))
 
         def step(views=None) -> None:
             if views is None:
                 x = next_batch()
                 views = (ctx.view(x, aug1, size, g), ctx.view(x, aug2, size, g))
-            byol_step(model, forward, opt, ctx, views, 0.1, tau_at(1, 100, 0.99))
+            pretrain_step(method, forward, ctx, views, 0.1, 1, 100)
 
         result["byol_compute"] = _rate(lambda: step(fixed), steps, warmup, batch, dev)
         result["byol_end_to_end"] = _rate(step, steps, warmup, batch, dev)
         result["byol_augment_share"] = 1 - result["byol_end_to_end"] / result["byol_compute"]
-        del model, opt, forward, fixed
+        del method, forward, fixed
     if "supervised" in parts:
         clf = ctx.place(Classifier(Backbone(arch, channels), 2))
         fused = dev.type == "cuda"

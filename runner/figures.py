@@ -1,7 +1,7 @@
 """The report's figures, drawn with matplotlib's headless backend into results/<run>/figures/.
 
 - confusion_<dataset>_<labels>.png: one panel per method, counts summed over seeds;
-- pretrain_loss_<dataset>.png: BYOL loss per epoch, one line per seed;
+- pretrain_loss_<dataset>.png: each pretraining's loss per epoch, one panel per pretraining, one line per seed;
 - finetune_loss_<dataset>_<labels>.png: train and validation loss of fine-tuning and supervised
   training per step, one line per seed;
 - label_efficiency_<dataset>.png: accuracy and AUROC against the label budget, every method, with
@@ -19,8 +19,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLOURS = {"byol-finetune": "#1f77b4", "byol-linear": "#17becf", "supervised": "#d62728",
-           "supervised-imagenet": "#ff7f0e", "random-linear": "#7f7f7f"}
+from runner.arms import ARMS  # noqa: E402
+
+COLOURS = {name: arm.colour for name, arm in ARMS.items()}
 
 
 def slug(text: str) -> str:
@@ -50,16 +51,21 @@ def confusion(out: Path, dataset: str, budget: str, mats: dict[str, np.ndarray],
     return _save(fig, out / f"confusion_{slug(dataset)}_{slug(budget)}.png")
 
 
-def pretrain_loss(out: Path, dataset: str, curves: dict[int, list[tuple[int, float]]]) -> Path:
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for seed, pts in sorted(curves.items()):
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"seed {seed}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("BYOL loss (2 − 2 cos, both directions)")
-    ax.set_title(f"{dataset}: BYOL pretraining")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+def pretrain_loss(out: Path, dataset: str, curves: dict[tuple[str, int], list[tuple[int, float]]]) -> Path:
+    """curves[(pretraining, seed)]: (epoch, loss) points. BYOL's loss is 2 − 2 cos summed over both
+    directions (0 best), SimSiam's −cos averaged (−1 best): each pretraining its own panel."""
+    names = sorted({name for name, _ in curves})
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5.5 * max(len(names), 1), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for (n, seed), pts in sorted(curves.items()):
+            if n == name and pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"seed {seed}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("SimSiam loss (−cos)" if name.startswith("simsiam") else "BYOL loss (2 − 2 cos, both directions)")
+        ax.set_title(f"{dataset}: {name} pretraining")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     return _save(fig, out / f"pretrain_loss_{slug(dataset)}.png")
 
 
@@ -104,7 +110,7 @@ def label_efficiency(out: Path, dataset: str, budgets: list[str], series: dict[s
                     hi.append(ci[1] - r["value"])
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=COLOURS.get(method), label=method,
-                            linestyle="-" if method in ("byol-finetune", "supervised") else "--")
+                            linestyle="-" if method in ARMS and ARMS[method].solid else "--")
     for ax, metric in zip(axes, ("test accuracy", "test AUROC")):
         ax.set_xticks(x, budgets)
         ax.set_xlabel("labels")

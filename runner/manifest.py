@@ -16,10 +16,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
+from runner.arms import DEFAULT_METHODS, METHODS
+from runner.contracts import one_of
 from runner.data.sources import DatasetSpec, StrictModel
 from runner.data.splits import LabelBudget
 from runner.errors import ManifestError
-from runner.ml.config import FinetuneSpec, ModelSpec, PretrainSpec, ProbeSpec, RunSpec
+from runner.ml.config import FinetuneSpec, ModelSpec, PretrainSpec, ProbeSpec, RunSpec, SimSiamSpec
 
 RESERVED_NAMES = {"tasks", "cache", "control"}  # folders of the results dir that are not runs
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -77,8 +79,7 @@ class LabelsSpec(StrictModel):
         return [LabelBudget(per_class=k) for k in self.per_class] + [LabelBudget(fraction=f) for f in self.fractions]
 
 
-METHODS = ("byol-finetune", "byol-linear", "supervised", "supervised-imagenet", "random-linear")
-Method = Literal[METHODS]  # type: ignore[valid-type]
+Method = one_of(METHODS, "method")
 
 
 _SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmg]?$", re.IGNORECASE)
@@ -169,14 +170,16 @@ class Manifest(StrictModel):
     name: SafeName = Field(description="the run's name: its folder under the results dir")
     datasets: dict[SafeName, DatasetSpec] = Field(min_length=1)
     methods: list[Method] = Field(
-        default_factory=lambda: ["byol-finetune", "byol-linear", "supervised", "random-linear"], min_length=1,
-        description="Model 1 = byol-finetune (or byol-linear), Model 2 = supervised; random-linear is the control "
-        "(a linear probe on a random-init encoder); supervised-imagenet needs ImageNet weights in the torch hub cache",
+        default_factory=lambda: list(DEFAULT_METHODS), min_length=1,
+        description="the arms (runner/arms.py): Model 1 = byol-finetune (or byol-linear), Model 2 = supervised; "
+        "random-linear is the control (a linear probe on a random-init encoder); supervised-imagenet and "
+        "byol-imagenet-* need ImageNet weights in the torch hub cache; simsiam-* pretrain with SimSiam",
     )
     labels: LabelsSpec = LabelsSpec()
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run of every cell per seed")
     model: ModelSpec = ModelSpec()
     pretrain: PretrainSpec = PretrainSpec()
+    simsiam: SimSiamSpec = SimSiamSpec()
     finetune: FinetuneSpec = FinetuneSpec()
     probe: ProbeSpec = ProbeSpec()
     run: RunSpec = RunSpec()

@@ -1,8 +1,8 @@
 """Manifest -> tasks: a small DAG with content-hash ids.
 
-One `pretrain` per (dataset, seed, model and pretrain settings) serves every label budget and both
-BYOL evaluations; `finetune` and `linear` depend on it; `supervised`, `supervised-imagenet` and
-`random-linear` stand alone. A task id hashes everything that changes the task's result: the data
+One `pretrain` per (dataset, seed, pretraining, its settings) serves every label budget and both
+evaluations of it (`finetune`, `linear`), which depend on it; `supervised`, `supervised-imagenet`
+and `random-linear` stand alone. The arms and pretrainings are `runner.arms`'s. A task id hashes everything that changes the task's result: the data
 set's fingerprint (pixels, classes, splits), the kind, seed, label budget, the settings the kind
 uses, the ids of its dependencies and ENGINE_VERSION. Not in it: the data set's name and path, the
 device, compile and logging settings. Same inputs, same id, in any manifest.
@@ -22,33 +22,15 @@ from runner.data.dataset import accounting, prepare
 from runner.data.sources import RootedSource
 from runner.errors import DataError
 from runner.manifest import Manifest
-from runner.worker import ENGINE_VERSION
-
-METHOD_KIND = {
-    "byol-finetune": "finetune",
-    "byol-linear": "linear",
-    "supervised": "supervised",
-    "supervised-imagenet": "supervised-imagenet",
-    "random-linear": "random-linear",
-}
-# which settings sections change each kind's result
-KIND_SETTINGS = {
-    "pretrain": ("model", "pretrain"),
-    "finetune": ("model", "finetune"),
-    "linear": ("model", "probe"),
-    "supervised": ("model", "finetune"),
-    "supervised-imagenet": ("model", "finetune"),
-    "random-linear": ("model", "probe"),
-    "noop": (),
-}
-
+from runner.arms import ARMS, KIND_SETTINGS, PRETRAININGS, needs_imagenet, pretraining_of
+from runner.contracts import ENGINE_VERSION
 
 @dataclass
 class PlannedTask:
     id: str
     kind: str
     dataset: str
-    method: str  # the arm: a METHOD_KIND key, or "byol-pretrain"
+    method: str  # the arm (runner.arms.ARMS), or "<pretraining>-pretrain" (e.g. byol-pretrain)
     seed: int
     budget: str | None  # e.g. "10%" or "2/class"
     deps: list[str]
@@ -84,7 +66,7 @@ def data_spec(spec) -> dict:
     return data
 
 
-def _check_imagenet_weights(arch: str) -> None:
+def _check_imagenet_weights(arch: str, arms: list[str]) -> None:
     import torch
     import torchvision
 
@@ -92,17 +74,18 @@ def _check_imagenet_weights(arch: str) -> None:
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not path.is_file():
         raise DataError(
-            f"methods: supervised-imagenet needs the ImageNet weights of {arch} at {path} (byol-runner never downloads "
-            f"during a run): fetch {weights.url} there once, or drop the method"
+            f"methods: {', '.join(arms)} start from the ImageNet weights of {arch}, expected at {path} (byol-runner never "
+            f"downloads during a run): fetch {weights.url} there once (or set TORCH_HOME to where it is), or drop "
+            f"{'the method' if len(arms) == 1 else 'those methods'}"
         )
 
 
 def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progress) -> Plan:
     """The tasks of a manifest. Prepares (decodes, caches, audits, splits) every data set, so bad data
     and too-small label budgets fail here, before anything runs."""
-    if "supervised-imagenet" in manifest.methods:
-        _check_imagenet_weights(manifest.model.arch)
-    settings = {k: getattr(manifest, k).model_dump(mode="json") for k in ("model", "pretrain", "finetune", "probe", "run")}
+    if needs_imagenet(manifest.methods):
+        _check_imagenet_weights(manifest.model.arch, needs_imagenet(manifest.methods))
+    settings = {k: getattr(manifest, k).model_dump(mode="json") for k in ("model", "pretrain", "simsiam", "finetune", "probe", "run")}
     budgets = manifest.labels.budgets()
     tasks: list[PlannedTask] = []
     accounts: dict[str, dict] = {}
@@ -115,30 +98,36 @@ def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progres
             for b in budgets:
                 ds.labeled(b, seed)  # a budget too small for a class fails now, naming both
 
-            def make(kind: str, method: str, budget=None, deps: tuple[PlannedTask, ...] = ()) -> PlannedTask:
+            def make(kind: str, method: str, budget=None, deps: tuple[PlannedTask, ...] = (), pretraining: str | None = None) -> PlannedTask:
+                sections = PRETRAININGS[pretraining].settings if pretraining else KIND_SETTINGS[kind]
                 identity = {
                     "kind": kind, "data": fingerprint, "seed": seed, "engine": ENGINE_VERSION,
                     "budget": None if budget is None else {"fraction": budget.fraction, "per_class": budget.per_class,
                                                            "validation": manifest.labels.validation,
                                                            "min_validation_per_class": manifest.labels.min_validation_per_class},
-                    "settings": {k: settings[k] for k in KIND_SETTINGS[kind]}, "deps": [d.id for d in deps],
+                    "settings": {k: settings[k] for k in sections}, "deps": [d.id for d in deps],
                 }
+                if pretraining and pretraining != "byol":  # BYOL from random init hashes as it always has
+                    identity["pretraining"] = pretraining
                 tid = task_id(identity)
                 spec_json = {
                     "id": tid, "kind": kind, "dataset": name, "data": data, "seed": seed,
                     "budget": identity["budget"], "settings": settings, "cache_dir": "cache",
                     "encoder": f"tasks/{deps[0].id}/encoder.pt" if deps else None,
+                    **({"pretraining": pretraining} if pretraining else {}),
                 }
                 return PlannedTask(tid, kind, name, method, seed, budget.name if budget else None, [d.id for d in deps], spec_json)
 
-            pre = None
-            if any(m.startswith("byol-") for m in manifest.methods):
-                pre = make("pretrain", "byol-pretrain")
-                tasks.append(pre)
+            pre: dict[str, PlannedTask] = {}  # one pretraining per entry the arms evaluate, shared by them
+            for method in manifest.methods:
+                p = pretraining_of(method)
+                if p and p.name not in pre:
+                    pre[p.name] = make("pretrain", f"{p.name}-pretrain", pretraining=p.name)
+                    tasks.append(pre[p.name])
             for b in budgets:
                 for method in manifest.methods:
-                    kind = METHOD_KIND[method]
-                    tasks.append(make(kind, method, b, (pre,) if kind in ("finetune", "linear") else ()))
+                    p = pretraining_of(method)
+                    tasks.append(make(ARMS[method].kind, method, b, (pre[p.name],) if p else ()))
     return Plan(manifest.name, tasks, accounts)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runner import arms as A
 from runner import stats
 from runner.atomic import atomic_write_text
 from runner.store import TaskRow, open_latest_run
@@ -31,15 +32,8 @@ from runner.store import TaskRow, open_latest_run
 PRIMARY = "auroc"  # the metric a verdict is decided on
 MARK = "†"  # a degenerate cell
 PRIOR_MARGIN = 0.01  # a test loss within 1% of the class prior's is no better than it
-MODEL1 = ("byol-finetune", "byol-linear")  # the first present is Model 1
-MODEL2 = ("supervised", "supervised-imagenet")
-ARM_NAMES = {
-    "byol-finetune": "BYOL + {arch}, fine-tuned",
-    "byol-linear": "BYOL + {arch}, linear probe",
-    "supervised": "supervised {arch} from random init",
-    "supervised-imagenet": "supervised {arch} from ImageNet weights",
-    "random-linear": "linear probe on a random-init {arch} (control)",
-}
+MODEL1 = A.role_candidates("model1")  # the first present is Model 1
+MODEL2 = A.role_candidates("model2")
 
 
 def _load_json(path: Path) -> dict | None:
@@ -139,7 +133,7 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
     for t in tasks:
         steps = ((_load_metrics(results, t.id) or {}).get("pretrain") or {}).get("steps") if t.kind == "pretrain" else None
         if steps:
-            pretrain_steps[t.dataset] = steps
+            pretrain_steps[f"{t.dataset}/{t.method.removesuffix('-pretrain')}"] = steps
     methods = {m for (_, _, m) in planned}
     m1 = compare[0] if compare[0] in methods else next((m for m in MODEL1 if m in methods and m != compare[1]), None)
     m2 = compare[1] if compare[1] in methods else next((m for m in MODEL2 if m in methods and m != m1), None)
@@ -155,8 +149,8 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
                          **{k: _stat(cells[(ds, budget, method)][k], planned[(ds, budget, method)])
                             for k in ("accuracy", "loss", "auroc", "balanced_accuracy")}})
     legend = {
-        "model1": ARM_NAMES[m1].format(arch=arch) if m1 else None,
-        "model2": ARM_NAMES[m2].format(arch=arch) if m2 else None,
+        "model1": A.label(m1, arch) if m1 else None,
+        "model2": A.label(m2, arch) if m2 else None,
     }
     done = sum(1 for t in tasks if t.status == "done")
     degenerate = [{"dataset": d, "labels": b_, "method": m, "seeds": sorted(by_seed),
@@ -320,41 +314,46 @@ def add_uncertainty(report: dict, preds: dict, m1: str | None, m2: str | None, b
         groups, units = _units(entries)
         res = stats.bootstrap_metrics(_pairs(entries), entries[0]["positive"], b=b, groups=groups)
         report["extended"].append({"dataset": ds, "labels": budget, "method": method, "seeds": len(entries), "units": units, **res})
-    report["differences"] = compare(report, preds, m1, m2, b) if m1 and m2 else []
-    report["pretraining_learned"] = compare(report, preds, "byol-linear", "random-linear", b)
+    report["differences"] = compare(report, preds, [(m1, m2)], b) if m1 and m2 else []
+    # every pretraining from random init whose linear probe ran, against the control, as one family (from
+    # ImageNet weights, beating an untrained network says nothing about the in-domain pretraining)
+    probes = [m for m, p in A.linear_arms([m for m in A.ARMS if any(k[2] == m for k in preds)]) if p.init == "random"]
+    report["pretraining_learned"] = compare(report, preds, [(m, A.CONTROL) for m in probes], b)
 
 
-def compare(report: dict, preds: dict, a_method: str, b_method: str, b: int) -> list[dict]:
-    """`a_method` − `b_method` per dataset and budget on the seeds both have, paired, with verdicts on
-    the primary metric Holm-adjusted over this family of comparisons."""
+def compare(report: dict, preds: dict, pairs: list[tuple[str, str]], b: int) -> list[dict]:
+    """`a` − `b` for each pair of arms, per dataset and budget, on the seeds both have, paired, with
+    verdicts on the primary metric Holm-adjusted over this family of comparisons."""
     out = []
-    for ds, budget in sorted({(d, b_) for (d, b_, _) in preds}, key=lambda k: (k[0], _budget_order(k[1]))):
-        a, c = preds.get((ds, budget, a_method), []), preds.get((ds, budget, b_method), [])
-        seeds = sorted({e["seed"] for e in a} & {e["seed"] for e in c})
-        if not seeds:
-            continue
-        pick = lambda es: [e for e in es if e["seed"] in seeds]  # noqa: E731
-        groups, units = _units(a)
-        diff = stats.paired_difference(_pairs(pick(a)), _pairs(pick(c)), a[0]["positive"], b=b, groups=groups,
-                                       groups2=_units(c)[0])
-        out.append({"dataset": ds, "labels": budget, "seeds": len(seeds), "units": units, **diff})
+    for a_method, b_method in pairs:
+        for ds, budget in sorted({(d, b_) for (d, b_, _) in preds}, key=lambda k: (k[0], _budget_order(k[1]))):
+            a, c = preds.get((ds, budget, a_method), []), preds.get((ds, budget, b_method), [])
+            seeds = sorted({e["seed"] for e in a} & {e["seed"] for e in c})
+            if not seeds:
+                continue
+            pick = lambda es: [e for e in es if e["seed"] in seeds]  # noqa: E731
+            groups, units = _units(a)
+            diff = stats.paired_difference(_pairs(pick(a)), _pairs(pick(c)), a[0]["positive"], b=b, groups=groups,
+                                           groups2=_units(c)[0])
+            out.append({"dataset": ds, "labels": budget, "method": a_method, "against": b_method, "seeds": len(seeds),
+                        "units": units, **diff})
     flagged = _flagged(report)
     primary = report["primary"]
     adjusted = stats.holm([d[primary]["p"] for d in out])
     comparisons = sum(p is not None for p in adjusted)
     for d, p in zip(out, adjusted):
         # a control no better than the prior is what a control should look like: only the arm's own flag counts
-        bad = ((d["dataset"], d["labels"], a_method) in flagged,
-               (d["dataset"], d["labels"], b_method) in flagged and b_method != "random-linear")
+        bad = ((d["dataset"], d["labels"], d["method"]) in flagged,
+               (d["dataset"], d["labels"], d["against"]) in flagged and d["against"] != A.CONTROL)
         d.update(primary=primary, p_adjusted=p, comparisons=comparisons,
                  verdict=stats.verdict(d[primary], p, d["seeds"], primary, bad))
     return out
 
 
 LEARNED = {
-    "Model 1 better": "yes: BYOL's linear probe beats the random-init control",
-    "no difference detected": "no gain detected: BYOL's frozen features did not beat an untrained network's",
-    "Model 2 better": "no: an untrained network's features beat BYOL's",
+    "Model 1 better": "yes: {name}'s linear probe beats the random-init control",
+    "no difference detected": "no gain detected: {name}'s frozen features did not beat an untrained network's",
+    "Model 2 better": "no: an untrained network's features beat {name}'s",
 }
 
 
@@ -378,11 +377,14 @@ def learned_lines(report: dict) -> list[str]:
     """"Did pretraining learn?" per dataset and budget, with a pointer at the schedule when it did not."""
     out = []
     for d in report.get("pretraining_learned", []):
-        text = LEARNED.get(d["verdict"], d["verdict"])
+        p = A.pretraining_of(d.get("method", "byol-linear"))
+        name = p.label if p else "BYOL"
+        text = LEARNED.get(d["verdict"], d["verdict"]).format(name=name)
         if d["verdict"] in ("no difference detected", "Model 2 better"):
-            steps = report.get("pretrain_steps", {}).get(d["dataset"])
+            steps = report.get("pretrain_steps", {}).get(f"{d['dataset']}/{p.name if p else 'byol'}")
             ran = f"pretraining ran {steps} optimizer steps; " if steps else ""
-            text += f" ({ran}BYOL is usually trained for far longer: raise pretrain.epochs before reading Model 1 as BYOL's)"
+            text += (f" ({ran}{name} is usually trained for far longer: raise pretrain.epochs or pretrain.min_steps "
+                     f"before reading its fine-tuned arm as {name}'s)")
         out.append(f"Did pretraining learn? {d['dataset']} {d['labels']}: {text} "
                    f"(Δ {d['primary']} {_ci(d.get(d['primary']))}, p (Holm) {_p(d['p_adjusted'], d['seeds'])}).")
     return out
@@ -414,7 +416,8 @@ def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict)
     paths: list[Path] = []
     datasets = sorted({t.dataset for t in tasks})
     for ds in datasets:
-        curves = {t.seed: [(e["epoch"], e["loss"]) for e in _events(results, t.id) if e.get("kind") == "metric" and "loss" in e]
+        curves = {(t.method.removesuffix("-pretrain"), t.seed):
+                  [(e["epoch"], e["loss"]) for e in _events(results, t.id) if e.get("kind") == "metric" and "loss" in e]
                   for t in tasks if t.dataset == ds and t.kind == "pretrain"}
         if any(curves.values()):
             paths.append(F.pretrain_loss(out, ds, curves))
@@ -429,7 +432,7 @@ def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict)
                 paths.append(F.confusion(out, ds, budget, mats, names))
             ft = defaultdict(dict)
             for t in tasks:
-                if t.dataset == ds and t.budget == budget and t.kind in ("finetune", "supervised", "supervised-imagenet"):
+                if t.dataset == ds and t.budget == budget and t.kind in A.CLASSIFIER_KINDS:
                     pts = [(e["step"], e.get("loss"), e.get("val_loss")) for e in _events(results, t.id) if e.get("kind") == "metric"]
                     if pts:
                         ft[t.method][t.seed] = pts

@@ -18,40 +18,12 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
-from runner.data.sources import DatasetSpec, StrictModel
-from runner.ml.config import TrainSettings
-
-ENGINE_VERSION = 4  # bump when a code change alters results: it is part of every task id (4: RandomResizedCrop sampling)
-KINDS = ("pretrain", "finetune", "linear", "supervised", "supervised-imagenet", "random-linear", "noop")
-# `noop` writes its metrics at once and imports no torch: the runner's own overhead is measured with it.
-# BYOL_RUNNER_FAIL_KIND=<kind> makes every task of that kind fail (fault injection for the runner's tests).
-
-
-class BudgetSpec(StrictModel):
-    fraction: float | None = Field(None, gt=0, le=1)
-    per_class: int | None = Field(None, ge=1)
-    validation: Literal["budget", "full"] = "budget"  # the manifest's labels.validation
-    min_validation_per_class: int = Field(5, ge=1)
-
-
-class TaskSpec(StrictModel):
-    """Everything that decides a task's result (the task id is a hash of it), and nothing else."""
-
-    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    kind: Literal[KINDS]  # type: ignore[valid-type]
-    dataset: str
-    data: DatasetSpec
-    seed: int = 0
-    budget: BudgetSpec | None = None
-    settings: TrainSettings
-    encoder: str | None = Field(None, description="the pretrain task's encoder.pt, relative to the results dir")
-    cache_dir: str = "cache"
-    engine_version: int = ENGINE_VERSION
+from runner.arms import CLASSIFIER_KINDS, PRETRAININGS
+from runner.contracts import ENGINE_VERSION, EventKind, TaskSpec, event_line
 
 
 class StartError(Exception):
@@ -65,9 +37,8 @@ class EventLog:
         self.task = task
         self.f = open(path, "a", buffering=1)
 
-    def emit(self, kind: str, epoch: int | None = None, step: int | None = None, **values) -> None:
-        line = {"ts": round(time.time(), 3), "task": self.task, "kind": kind, "epoch": epoch, "step": step, **values}
-        self.f.write(json.dumps(line, default=float) + "\n")
+    def emit(self, kind: EventKind | str, epoch: int | None = None, step: int | None = None, **values) -> None:
+        self.f.write(event_line(self.task, kind, epoch, step, **values))
         self.f.flush()
 
     def close(self) -> None:
@@ -115,17 +86,14 @@ def resolve_device(want: str):
 
 
 def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> dict:
-    if os.environ.get("BYOL_RUNNER_FAIL_KIND") == task.kind:
-        raise RuntimeError(f"injected failure for kind {task.kind} (BYOL_RUNNER_FAIL_KIND)")
+    """Train one task; its metrics.json content. Each kind is a small function below; every labeled
+    kind ends in the same scoring step (`_score`)."""
     if task.kind == "noop":
         return {"noop": True}
     import torch
 
     from runner.data.dataset import prepare
-    from runner.data.splits import LabelBudget
     from runner.ml import train as T
-    from runner.ml.metrics import apply_temperature, classification_metrics, fit_temperature, prior_loss
-    from runner.ml.models import Backbone
 
     device = resolve_device(task.settings.run.device)
     encoder_path = results / task.encoder if task.encoder else None
@@ -135,70 +103,107 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
     torch.manual_seed(task.seed)
     ctx = T.Context(device=device, run=task.settings.run, task_dir=task_dir, seed=task.seed, emit=log.emit)
     ds = prepare(task.dataset, task.data, results / task.cache_dir)
-    size = task.settings.model.image_size or task.data.image_size
-    arch = task.settings.model.arch
-    train_idx = ds.splits["train"]
     log.emit("log", message=f"{task.kind} on {task.dataset}: {len(ds.keys)} images, {ds.channels} channel(s), device {device}")
     started = time.perf_counter()
     if task.kind == "pretrain":
-        summary = T.pretrain_byol(ds.pixels(train_idx), task.settings.pretrain, arch, size, ctx)
-        return {"pretrain": summary, "seconds": round(time.perf_counter() - started, 2)}
-
+        return _pretrain(task, ds, ctx) | {"seconds": round(time.perf_counter() - started, 2)}
     if task.budget is None:
         raise StartError(f"task {task.id} ({task.kind}) has no label budget")
-    budget = LabelBudget(fraction=task.budget.fraction, per_class=task.budget.per_class)
-    labeled = ds.labeled(budget, task.seed)
-    # the validation labels this task may use for any choice: drawn at the budget's rate (or the
-    # whole split, labels.validation: full); too few in some class and nothing is chosen
-    val = ds.validation(budget, task.seed) if task.budget.validation == "budget" else ds.splits["val"]
-    test = ds.splits["test"]
-    k = len(ds.class_names)
-    selecting = len(val) > 0 and int(np.bincount(ds.labels[val], minlength=k).min()) >= task.budget.min_validation_per_class
-    if not selecting:
-        log.emit("log", message=f"{len(val)} validation labels under the budget ({task.budget.min_validation_per_class} per class "
-                                "needed to choose anything): fixed schedule, no selection, no temperature")
-        val = val[:0]
-    positive = ds.class_names.index(ds.spec.positive) if ds.spec.positive else (1 if k == 2 else None)
-    if task.kind in ("finetune", "supervised", "supervised-imagenet"):
-        pretrained = task.kind != "supervised"
-        if task.kind == "finetune":
-            backbone = T.load_encoder(encoder_path, device)
-        else:  # ImageNet weights come from the torch hub cache; the plan checked they are there
-            backbone = Backbone(arch, ds.channels, weights="DEFAULT" if pretrained else None)
-        model, selection = T.train_classifier(
-            backbone, pretrained, (ds.pixels(labeled), ds.labels[labeled]), (ds.pixels(val), ds.labels[val]) if selecting else None,
-            k, task.settings.finetune, size, ctx,
-        )
-        val_probs = T.predict(model, T.to_device_images(ds.pixels(val), device), size, ctx).numpy() if selecting else None
-        probs = T.predict(model, T.to_device_images(ds.pixels(test), device), size, ctx).numpy()
-    else:  # linear probe on the pretrained encoder, or on a random-init one (the control)
-        backbone = T.load_encoder(encoder_path, device) if task.kind == "linear" else Backbone(arch, ds.channels)
-        feats = {name: T.extract_features(backbone, ds.pixels(idx), size, ctx)
-                 for name, idx in (("train", labeled), ("val", val), ("test", test)) if selecting or name != "val"}
-        labels = {"train": ds.labels[labeled], "val": ds.labels[val]}
-        proba, selection = T.linear_probe(feats, labels, task.settings.probe, k)
-        val_probs, probs = (proba(feats["val"]) if selecting else None), proba(feats["test"])
-    test_labels = ds.labels[test]
-    # every arm's probabilities get a temperature fitted on val: the loss compares calibrated
-    # models, and no prediction changes (the raw loss is kept beside it)
-    temperature = fit_temperature(val_probs, ds.labels[val]) if selecting else 1.0
+    labels = Labels(task, ds, log)
+    train = _classifier if task.kind in CLASSIFIER_KINDS else _probe
+    val_probs, probs, selection = train(task, ds, labels, encoder_path, ctx)
+    return _score(task, ds, labels, val_probs, probs, selection) | {"seconds": round(time.perf_counter() - started, 2)}
+
+
+def _size(task: TaskSpec) -> int:
+    return task.settings.model.image_size or task.data.image_size
+
+
+def _pretrain(task: TaskSpec, ds, ctx) -> dict:  # noqa: ANN001 - a PreparedDataset, a train.Context
+    from runner.ml.pretrain import pretrain
+
+    p = PRETRAININGS[task.pretraining or "byol"]
+    summary = pretrain(ds.pixels(ds.splits["train"]), task.settings, p.method, p.init, task.settings.model.arch, _size(task), ctx)
+    return {"pretrain": summary}
+
+
+class Labels:
+    """The labels a task may touch: its training subset, and the validation labels for any choice,
+    drawn at the budget's rate (or the whole split, labels.validation: full). Too few validation
+    labels in some class and nothing is chosen: `selecting` is False and `val` is empty."""
+
+    def __init__(self, task: TaskSpec, ds, log: EventLog) -> None:  # noqa: ANN001 - a PreparedDataset
+        from runner.data.splits import LabelBudget
+
+        budget = LabelBudget(fraction=task.budget.fraction, per_class=task.budget.per_class)
+        self.train = ds.labeled(budget, task.seed)
+        val = ds.validation(budget, task.seed) if task.budget.validation == "budget" else ds.splits["val"]
+        self.k = len(ds.class_names)
+        self.selecting = len(val) > 0 and int(np.bincount(ds.labels[val], minlength=self.k).min()) >= task.budget.min_validation_per_class
+        if not self.selecting:
+            log.emit("log", message=f"{len(val)} validation labels under the budget ({task.budget.min_validation_per_class} per class "
+                                    "needed to choose anything): fixed schedule, no selection, no temperature")
+            val = val[:0]
+        self.val = val
+        self.test = ds.splits["test"]
+
+
+def _classifier(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, ctx) -> tuple:  # noqa: ANN001
+    """Fine-tune the pretrained encoder, or train from random init or ImageNet weights (the torch hub
+    cache; the plan checked they are there); (val probabilities or None, test probabilities, selection)."""
+    from runner.ml import train as T
+    from runner.ml.models import Backbone
+
+    size = _size(task)
+    if task.kind == "finetune":
+        backbone = T.load_encoder(encoder_path, ctx.device)
+    else:
+        backbone = Backbone(task.settings.model.arch, ds.channels, weights="DEFAULT" if task.kind == "supervised-imagenet" else None)
+    model, selection = T.train_classifier(
+        backbone, task.kind != "supervised", (ds.pixels(labels.train), ds.labels[labels.train]),
+        (ds.pixels(labels.val), ds.labels[labels.val]) if labels.selecting else None, labels.k, task.settings.finetune, size, ctx,
+    )
+    val_probs = T.predict(model, T.to_device_images(ds.pixels(labels.val), ctx.device), size, ctx).numpy() if labels.selecting else None
+    probs = T.predict(model, T.to_device_images(ds.pixels(labels.test), ctx.device), size, ctx).numpy()
+    return val_probs, probs, selection
+
+
+def _probe(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, ctx) -> tuple:  # noqa: ANN001
+    """A linear probe on the pretrained encoder, or on a random-init one (the control)."""
+    from runner.ml import train as T
+    from runner.ml.models import Backbone
+
+    backbone = T.load_encoder(encoder_path, ctx.device) if task.kind == "linear" else Backbone(task.settings.model.arch, ds.channels)
+    feats = {name: T.extract_features(backbone, ds.pixels(idx), _size(task), ctx)
+             for name, idx in (("train", labels.train), ("val", labels.val), ("test", labels.test)) if labels.selecting or name != "val"}
+    proba, selection = T.linear_probe(feats, {"train": ds.labels[labels.train], "val": ds.labels[labels.val]}, task.settings.probe, labels.k)
+    return (proba(feats["val"]) if labels.selecting else None), proba(feats["test"]), selection
+
+
+def _score(task: TaskSpec, ds, labels: Labels, val_probs, probs, selection: dict) -> dict:  # noqa: ANN001
+    """Test metrics, calibrated by a temperature fitted on the budget's validation labels (no
+    prediction changes; the raw loss is kept beside it), and the label accounting."""
+    from runner.ml.metrics import apply_temperature, classification_metrics, fit_temperature, prior_loss
+
+    positive = ds.class_names.index(ds.spec.positive) if ds.spec.positive else (1 if labels.k == 2 else None)
+    test_labels = ds.labels[labels.test]
+    temperature = fit_temperature(val_probs, ds.labels[labels.val]) if labels.selecting else 1.0
     raw = classification_metrics(probs, test_labels, positive)
     probs = apply_temperature(probs, temperature)
     return {
         "test": classification_metrics(probs, test_labels, positive) | {"loss_uncalibrated": raw["loss"]},
-        "temperature": round(temperature, 4) if selecting else None,
+        "temperature": round(temperature, 4) if labels.selecting else None,
         "selection": selection,
         # the bar a degenerate model does not clear: always predicting the test split's class frequencies
-        "prior_loss": prior_loss(test_labels, test_labels, k),
-        "n_labeled": int(len(labeled) + len(val)),  # every label the task touched: training + validation
-        "n_train_labels": int(len(labeled)),
-        "n_val_labels": int(len(val)),
+        "prior_loss": prior_loss(test_labels, test_labels, labels.k),
+        "n_labeled": int(len(labels.train) + len(labels.val)),  # every label the task touched: training + validation
+        "n_train_labels": int(len(labels.train)),
+        "n_val_labels": int(len(labels.val)),
         "validation": task.budget.validation,
         "class_names": ds.class_names,
         "positive": positive,
         "predictions": {"test_probs": np.round(probs, 6).tolist(), "test_labels": test_labels.tolist(),
-                        **_test_groups(ds, test)},
-        "seconds": round(time.perf_counter() - started, 2),
+                        **_test_groups(ds, labels.test)},
     }
 
 

@@ -37,6 +37,12 @@ def write_manifest(tmp_path: Path):
     return write
 
 
+def fault_env(kind: str) -> dict[str, str]:
+    """The environment that makes every worker task of `kind` fail (tests/faults/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(REPO / "tests" / "faults"), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "BYOL_RUNNER_TEST_FAULT": kind}
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`byol-runner ARGS` in a fresh process, as a user runs it."""
     return subprocess.run(

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, real_data, run_cli
+from tests.conftest import REPO, fault_env, real_data, run_cli
 from tests.test_runner import tiny
 
 CI_IMAGE = os.environ.get("BYOL_RUNNER_TEST_IMAGE", "byol-runner-ci:bookworm")
@@ -287,15 +287,16 @@ def test_the_wall_clock_limit_and_ctrl_c_stop_the_container(client, denv, tmp_pa
 def test_a_failing_worker_s_error_and_output_come_back_from_its_container(client, denv, tmp_path):
     manifest = tiny(tmp_path)
     text = manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]")
+    # the fault reaches the container the way a user's settings do: the manifest's executor.docker.env
+    fault = json.dumps(fault_env("supervised"))
     manifest.write_text(text.replace("fractions: [0.25, 1.0]", "fractions: [1.0]").replace(
-        "executor: {max_parallel: 2, retries: 1}", "executor: {retries: 0}"))
+        "executor: {max_parallel: 2, retries: 1}", f"executor: {{retries: 0, docker: {{env: {fault}}}}}"))
     results = tmp_path / "results"
-    r = run_cli("run", str(manifest), "--executor", "docker", "--results", str(results),
-                env={**denv, "BYOL_RUNNER_FAIL_KIND": "supervised"})
+    r = run_cli("run", str(manifest), "--executor", "docker", "--results", str(results), env=denv)
     assert r.returncode == 1
     [(tid, kind, number, status, code, error)] = attempts(results)
     assert (status, code) == ("failed", 1)
-    assert error == "RuntimeError: injected failure for kind supervised (BYOL_RUNNER_FAIL_KIND)"  # the worker's own
+    assert error == "RuntimeError: injected failure for kind supervised (BYOL_RUNNER_TEST_FAULT)"  # the worker's own
     log = (results / "tasks" / tid / "worker.log").read_text()  # the container's output, streamed
     assert "Traceback (most recent call last)" in log and log.rstrip().endswith(error)
     assert ours(client, results) == []

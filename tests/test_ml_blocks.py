@@ -306,8 +306,9 @@ def test_a_pretraining_step_never_waits_for_the_device():
     step (a constant made from a list, a linalg error check) idles a GPU for the host's launch time.
     The data path (batch indices, gather, both views) and the step (forward, backward, LARS, EMA) are
     run under a recorder of every call that would wait on CUDA."""
-    from runner.ml.config import RunSpec
-    from runner.ml.train import Context, IndexStream, byol_step, take
+    from runner.ml.config import PretrainSpec, RunSpec, SimSiamSpec, TrainSettings
+    from runner.ml.pretrain import make_method, pretrain_step
+    from runner.ml.train import Context, IndexStream, take
 
     probe = _HostReads()
     with probe:
@@ -319,17 +320,19 @@ def test_a_pretraining_step_never_waits_for_the_device():
     ctx = Context(device=dev, run=RunSpec(), task_dir=None, seed=0, emit=lambda *a, **k: None)
     images = torch.randint(0, 256, (24, 3, 40, 40), dtype=torch.uint8)
     stream, g = IndexStream(24, 8, 0, dev), torch.Generator().manual_seed(0)
-    model = ctx.place(small_byol(3))
-    opt = lars_for(model.trainable_modules(), lr=0.1, weight_decay=1e-6)
+    settings = TrainSettings(pretrain=PretrainSpec(proj_hidden=64, proj_dim=16, pred_hidden=64),
+                             simsiam=SimSiamSpec(proj_dim=32, pred_hidden=8))
     aug1, aug2 = PRESETS["byol"]
-    for k in range(3):  # the first step makes the cached constants and the optimizer state
-        recorder = _HostReads() if k else None
-        with recorder or warnings.catch_warnings():
-            x = take(images, stream.batch_at(k), dev)
-            views = (ctx.view(x, aug1, 32, g), ctx.view(x, aug2, 32, g))
-            loss, z1 = byol_step(model, model, opt, ctx, views, 0.1, 0.99)
-        if recorder:
-            assert recorder.calls == [], recorder.calls
+    for name in ("byol", "simsiam"):  # every pretraining method's step, with its post-step update
+        method = make_method(name, Backbone("resnet18", 3), settings, 8, ctx)
+        for k in range(3):  # the first step makes the cached constants and the optimizer state
+            recorder = _HostReads() if k else None
+            with recorder or warnings.catch_warnings():
+                x = take(images, stream.batch_at(k), dev)
+                views = (ctx.view(x, aug1, 32, g), ctx.view(x, aug2, 32, g))
+                loss, z1, _ = pretrain_step(method, method.model, ctx, views, 0.1, k, 100)
+            if recorder:
+                assert recorder.calls == [], (name, recorder.calls)
     assert views[0].is_contiguous(memory_format=torch.channels_last) and torch.isfinite(loss)
 
 

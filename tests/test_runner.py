@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, fault_env, run_cli
 
 TINY = """\
 name: tiny
@@ -99,7 +99,7 @@ def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tmp_path
 def test_a_failing_task_is_retried_then_failed_and_the_rest_finishes(tmp_path):
     results = tmp_path / "results"
     tiny(tmp_path, pre_epochs=2, ft_steps=5)
-    r = run_cli("run", str(tmp_path / "tiny.yaml"), "--results", str(results), env={"BYOL_RUNNER_FAIL_KIND": "supervised"})
+    r = run_cli("run", str(tmp_path / "tiny.yaml"), "--results", str(results), env=fault_env("supervised"))
     assert r.returncode == 1, r.stdout + r.stderr
     att = attempts(results)
     sup = [a for a in att if a[1] == "supervised"]
@@ -204,7 +204,7 @@ def test_a_second_runner_on_the_same_results_is_refused(tmp_path):
 
 RUN_BROKEN = [
     ("name: t\ndatasets:\n  s: {source: synthetic}\nmethods: []\n", r"methods: List should have at least 1 item"),
-    ("name: t\ndatasets:\n  s: {source: synthetic}\nmethods: [byol]\n", r"methods\.0: Input should be 'byol-finetune'"),
+    ("name: t\ndatasets:\n  s: {source: synthetic}\nmethods: [byol]\n", r"methods\.0: unknown method: one of byol-finetune, byol-linear"),
     ("name: t\ndatasets:\n  s: {source: synthetic}\nmethods: [supervised, supervised]\n", r"a method is listed twice"),
     ("name: t\ndatasets:\n  s: {source: synthetic}\npretrain: {epochs: -1}\n", r"pretrain\.epochs: Input should be greater than or equal to 1"),
     ("name: t\ndatasets:\n  s: {source: synthetic}\nfinetune: {lr: fast}\n", r"finetune\.lr: Input should be a valid number"),

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from runner.tui.app import RunnerApp
-from tests.conftest import run_cli
+from tests.conftest import fault_env, run_cli
 from tests.test_runner import TINY
 
 
@@ -63,7 +63,7 @@ def test_a_run_started_from_the_tui_moves_tasks_to_done_and_fills_the_table(tmp_
 def test_a_failed_task_is_retried_from_the_tui_and_ends_done(tmp_path):
     results = tmp_path / "results"
     manifest = tiny(tmp_path)
-    first = run_cli("run", str(manifest), "--results", str(results), env={"BYOL_RUNNER_FAIL_KIND": "supervised"})
+    first = run_cli("run", str(manifest), "--results", str(results), env=fault_env("supervised"))
     assert first.returncode == 1
     app = RunnerApp(results, poll_s=0.2)
 
@@ -84,7 +84,7 @@ def test_a_failed_task_is_retried_from_the_tui_and_ends_done(tmp_path):
             await pilot.press("l")  # its detail: attempts with their errors
             await pilot.pause(0.5)
             text = str(app.query_one("#detail-text").render())
-            assert "injected failure" in text or "attempt" in text
+            assert "attempt 1: failed" in text and "injected failure for kind supervised" in text
 
     asyncio.run(scenario())
 

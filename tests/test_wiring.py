@@ -22,10 +22,11 @@ from sklearn import metrics as skm
 from runner.ml import train as T
 from runner.ml.augment import PRESETS, augment, draw
 from runner.ml.byol import BYOL, byol_loss, tau_at
-from runner.ml.config import FinetuneSpec, PretrainSpec, RunSpec
+from runner.ml.config import FinetuneSpec, PretrainSpec, RunSpec, TrainSettings
 from runner.ml.metrics import classification_metrics
 from runner.ml.models import Backbone
 from runner.ml.optim import LARS
+from runner.ml.pretrain import pretrain
 from runner.stats import bootstrap_metrics, paired_difference
 
 
@@ -144,7 +145,7 @@ N_IMAGES, BATCH, EPOCHS, WARMUP_EPOCHS, BASE_LR, TAU_BASE = 32, 8, 4, 1.0, 0.2, 
 
 @pytest.fixture(scope="module")
 def pretraining(tmp_path_factory) -> dict:
-    """pretrain_byol on 32 random 1-channel images, batch 8 (4 steps an epoch, 16 in all, warm-up 4),
+    """The pretraining loop with BYOL on 32 random 1-channel images, batch 8 (4 steps an epoch, 16 in all, warm-up 4),
     with every call of the augmentation recorded: the preset, the generator state it started from,
     the batch and the view."""
     tmp = tmp_path_factory.mktemp("pretrain")
@@ -171,7 +172,7 @@ def pretraining(tmp_path_factory) -> dict:
     mp.setattr(T, "augment", spy)
     mp.setattr(BYOL, "update_target", update_spy)
     try:
-        summary = T.pretrain_byol(pixels, spec, "resnet18", 16, ctx)
+        summary = pretrain(pixels, TrainSettings(pretrain=spec), "byol", "random", "resnet18", 16, ctx)
     finally:
         mp.undo()
     encoder = torch.load(tmp / "encoder.pt", weights_only=True)
@@ -209,7 +210,7 @@ def test_a_small_data_set_gets_the_floor_of_pretraining_steps(tmp_path):
     ctx.run = RunSpec(device="cpu", progress_every_s=60, checkpoint_every_steps=10_000)
     pixels = np.random.default_rng(1).integers(0, 256, (8, 1, 16, 16), dtype=np.uint8)
     spec = PretrainSpec(epochs=2, min_steps=7, batch_size=8, warmup_epochs=1, proj_hidden=16, proj_dim=8, pred_hidden=16)
-    summary = T.pretrain_byol(pixels, spec, "resnet18", 16, ctx)
+    summary = pretrain(pixels, TrainSettings(pretrain=spec), "byol", "random", "resnet18", 16, ctx)
     assert summary["steps"] == 7  # 2 epochs of one batch would be 2 steps
     assert [e["step"] for e in events if e["kind"] == "metric"] == list(range(1, 8))
     assert PretrainSpec().min_steps == 5000  # the default: thousands of steps for a data set of hundreds
@@ -496,7 +497,8 @@ def _run(results: Path, kind: str, scrambled: str | None, monkeypatch, encoder: 
     flipped; "outside budget", so are those of every train and validation image outside the task's
     budget (for pretraining, only the labels: it may read every train image, no label)."""
     from runner.data import dataset as D
-    from runner.worker import EventLog, TaskSpec, run_task
+    from runner.contracts import TaskSpec
+    from runner.worker import EventLog, run_task
 
     real = D.prepare
 
@@ -620,22 +622,31 @@ def test_too_few_validation_labels_train_a_fixed_schedule(scramble_results, monk
 PLAN_BASE = {
     "name": "wiring",
     "datasets": {"syn": SYNTHETIC},
-    "methods": ["byol-finetune", "byol-linear", "supervised", "supervised-imagenet", "random-linear"],
+    "methods": ["byol-finetune", "byol-linear", "supervised", "supervised-imagenet", "random-linear",
+                "byol-imagenet-finetune", "byol-imagenet-linear", "simsiam-finetune", "simsiam-linear"],
     "labels": {"fractions": [0.5]},
     "seeds": [0],
     **{k: v for k, v in TINY_SETTINGS.items()},
+    "simsiam": {"proj_dim": 32, "pred_hidden": 8},
 }
-ALL = {"byol-pretrain", "byol-finetune", "byol-linear", "supervised", "supervised-imagenet", "random-linear"}
+PRETRAINS = {"byol-pretrain", "byol-imagenet-pretrain", "simsiam-pretrain"}
+BYOL_ARMS = {"byol-pretrain", "byol-finetune", "byol-linear"}
+BYOL_IMAGENET = {"byol-imagenet-pretrain", "byol-imagenet-finetune", "byol-imagenet-linear"}
+SIMSIAM = {"simsiam-pretrain", "simsiam-finetune", "simsiam-linear"}
+ALL = BYOL_ARMS | BYOL_IMAGENET | SIMSIAM | {"supervised", "supervised-imagenet", "random-linear"}
 # a change to one part of the manifest -> the arms whose task ids must change (and no other)
 AFFECTED = {
     "model": (("model", "image_size"), 24, ALL),
-    "pretrain": (("pretrain", "tau_base"), 0.98, {"byol-pretrain", "byol-finetune", "byol-linear"}),
-    "finetune": (("finetune", "lr"), 2e-3, {"byol-finetune", "supervised", "supervised-imagenet"}),
-    "probe": (("probe", "max_iter"), 300, {"byol-linear", "random-linear"}),
+    # SimSiam's loop settings (epochs, batch, warm-up, augment) are pretrain's
+    "pretrain": (("pretrain", "tau_base"), 0.98, BYOL_ARMS | BYOL_IMAGENET | SIMSIAM),
+    "simsiam": (("simsiam", "base_lr"), 0.1, SIMSIAM),
+    "finetune": (("finetune", "lr"), 2e-3, {"byol-finetune", "supervised", "supervised-imagenet", "byol-imagenet-finetune",
+                                              "simsiam-finetune"}),
+    "probe": (("probe", "max_iter"), 300, {"byol-linear", "random-linear", "byol-imagenet-linear", "simsiam-linear"}),
     "run": (("run", "progress_every_s"), 5.0, set()),
-    "labels": (("labels", "fractions"), [0.4], ALL - {"byol-pretrain"}),
-    "validation": (("labels", "validation"), "full", ALL - {"byol-pretrain"}),
-    "min_validation": (("labels", "min_validation_per_class"), 3, ALL - {"byol-pretrain"}),
+    "labels": (("labels", "fractions"), [0.4], ALL - PRETRAINS),
+    "validation": (("labels", "validation"), "full", ALL - PRETRAINS),
+    "min_validation": (("labels", "min_validation_per_class"), 3, ALL - PRETRAINS),
     "seeds": (("seeds",), [1], ALL),
     "data": (("datasets", "syn", "per_class"), 25, ALL),
 }

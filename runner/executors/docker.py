@@ -35,10 +35,9 @@ L_RESULTS, L_RUN, L_TASK, L_ATTEMPT, L_ATTEMPT_ID, L_SLOT = (
     f"{LABEL}.{k}" for k in ("results", "run", "task", "attempt", "attempt-id", "slot"))
 DAEMON_PATIENCE_S = 60.0  # a daemon that stops answering for this long fails the attempts it ran
 # what a container takes from the runner's environment: the numeric libraries' settings (a host that
-# pins OPENBLAS_CORETYPE gets the same floats in a container as in a local process) and the fault
-# injection of the runner's tests; nothing else, so no secret reaches a task
+# pins OPENBLAS_CORETYPE gets the same floats in a container as in a local process); nothing else, so
+# no secret reaches a task (the manifest's executor.docker.env adds what a user wants there)
 FORWARDED_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "GOTOBLAS_")
-FORWARDED_ENV = ("BYOL_RUNNER_FAIL_KIND",)
 
 DAEMON_FIX = ("start the Docker daemon (`sudo systemctl start docker`, or `dockerd &` as root), make sure your user "
               "may use it (the `docker` group), or point DOCKER_HOST at it")
@@ -142,7 +141,7 @@ def container_spec(spec, task: dict, task_id: str, results: Path, slot: Slot, ru
         host, target, *mode = m.split(":")
         binds.append((host, target, bool(mode) and mode[0] == "ro"))
     env = {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "BYOL_RUNNER_CONTAINER": "1"}
-    env.update({k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_PREFIXES)})
+    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)})
     device_requests = []
     if slot.gpu is not None:
         device_requests = [DeviceRequest(device_ids=[str(slot.gpu)], capabilities=[["gpu"]])]

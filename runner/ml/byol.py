@@ -4,6 +4,7 @@
 - `byol_loss`: 2 - 2 cos(p, z), per pair; the model sums the two directions (view 1 -> 2, 2 -> 1).
 - `tau_at`: tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, per optimizer step.
 - `BYOL.update_target`: target <- tau target + (1 - tau) online, one fused foreach op.
+- `make`: BYOL as a method of the pretraining loop (`runner.ml.pretrain`): LARS, the EMA after each step.
 Each view goes through the networks separately, so BatchNorm statistics are per view as in the paper.
 """
 
@@ -16,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runner.ml.config import TrainSettings
 from runner.ml.models import Backbone
+from runner.ml.optim import lars_for, scaled_lr
+from runner.ml.pretrain import projection_std
 
 
 class MLPHead(nn.Module):
@@ -39,13 +43,6 @@ def tau_at(step: int, total_steps: int, tau_base: float) -> float:
     """The target's EMA rate at optimizer step `step` of `total_steps`: tau_base at 0, 1 at the end."""
     k = min(max(step, 0), total_steps)
     return 1 - (1 - tau_base) * (math.cos(math.pi * k / max(total_steps, 1)) + 1) / 2
-
-
-def projection_std(z: torch.Tensor) -> torch.Tensor:
-    """Collapse monitor: mean per-dimension std of the L2-normalized projections.
-
-    About 1/sqrt(d) for a healthy representation spread over d dimensions, 0 for a collapsed one."""
-    return F.normalize(z.float(), dim=-1).std(dim=0).mean()
 
 
 class BYOL(nn.Module):
@@ -85,3 +82,31 @@ class BYOL(nn.Module):
         src = [*self.online_encoder.buffers(), *self.online_projector.buffers()]
         dst = [*self.target_encoder.buffers(), *self.target_projector.buffers()]
         torch._foreach_copy_(dst, src)
+
+
+class BYOLMethod:
+    """BYOL in the pretraining loop: LARS over the online networks; after each step the target moves
+    by that step's tau."""
+
+    name = "byol"
+
+    def __init__(self, backbone: Backbone, settings: TrainSettings, batch: int, ctx) -> None:  # noqa: ANN001 - a train.Context
+        spec = settings.pretrain
+        self.model = ctx.place(BYOL(backbone, spec.proj_hidden, spec.proj_dim, spec.pred_hidden))
+        self.peak_lr = scaled_lr(spec.base_lr, batch)
+        self.optimizer = lars_for(self.model.trainable_modules(), lr=self.peak_lr, weight_decay=spec.weight_decay)
+        self.tau_base = spec.tau_base
+
+    def encoder(self) -> Backbone:
+        return self.model.online_encoder
+
+    def after_step(self, step: int, total: int) -> dict[str, float]:
+        tau = tau_at(step, total, self.tau_base)
+        self.model.update_target(tau)
+        return {"tau": tau}
+
+    def monitor(self, z: torch.Tensor) -> torch.Tensor:
+        return projection_std(z)
+
+
+make = BYOLMethod

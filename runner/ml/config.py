@@ -48,6 +48,18 @@ class PretrainSpec(StrictModel):
     augment: str = Field("auto", description="auto (byol for colour, xray for gray), byol, xray, ct")
 
 
+class SimSiamSpec(StrictModel):
+    """SimSiam's own settings (Chen & He 2021); the loop's (epochs, min_steps, batch_size, warm-up,
+    augment) are `pretrain`'s. Defaults are the paper's ImageNet recipe."""
+
+    base_lr: float = Field(0.05, gt=0, description="SGD rate for a batch of 256, scaled linearly with batch_size")
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    proj_dim: int = Field(2048, ge=2, description="the 3-layer projector's width and output")
+    pred_hidden: int = Field(512, ge=2, description="the predictor's bottleneck")
+    fix_pred_lr: bool = Field(True, description="the predictor keeps the peak rate (no warm-up or decay), as in the paper")
+
+
 class FinetuneSpec(StrictModel):
     """Fine-tuning (all layers) and supervised training: one recipe for both models.
 
@@ -81,5 +93,6 @@ class TrainSettings(StrictModel):
     model: ModelSpec = ModelSpec()
     run: RunSpec = RunSpec()
     pretrain: PretrainSpec = PretrainSpec()
+    simsiam: SimSiamSpec = SimSiamSpec()
     finetune: FinetuneSpec = FinetuneSpec()
     probe: ProbeSpec = ProbeSpec()

@@ -82,5 +82,6 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, f
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at `lr` times its `lr_scale`; a group with a `fixed_lr` keeps that rate."""
     for group in opt.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = group["fixed_lr"] if "fixed_lr" in group else lr * group.get("lr_scale", 1.0)

@@ -1,4 +1,6 @@
-"""The training loops: BYOL pretraining, classifier training (fine-tune and supervised), linear probe.
+"""The supervised training loops: classifier training (fine-tune and supervised) and the linear probe,
+and what every loop shares (the device context, the index stream, progress events, resuming).
+Pretraining is `pretrain.py`.
 
 Every loop reads a uint8 image tensor that sits on the device (pinned host memory when it does not
 fit), draws batch indices from seeded per-epoch permutations (so a resumed run picks up at the same
@@ -21,11 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from runner.ml.augment import augment, eval_view, preset_for
-from runner.ml.byol import BYOL, projection_std, tau_at
-from runner.ml.checkpoint import CheckpointWriter, atomic_save, rng_state, safe_load, set_rng_state
-from runner.ml.config import FinetuneSpec, PretrainSpec, ProbeSpec, RunSpec
+from runner.ml.checkpoint import CheckpointWriter, rng_state, safe_load, set_rng_state
+from runner.ml.config import FinetuneSpec, ProbeSpec, RunSpec
 from runner.ml.models import Backbone, Classifier
-from runner.ml.optim import lars_for, scaled_lr, set_lr, split_decay_groups, warmup_cosine
+from runner.ml.optim import set_lr, split_decay_groups, warmup_cosine
 
 Emit = Callable[..., None]  # emit(kind, **values)
 
@@ -144,82 +145,6 @@ def resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dev_gen: to
     step = int(state["step"])
     ctx.emit("log", epoch=step // steps_per_epoch, step=step, message=f"resumed from checkpoint at step {step} of {total}")
     return state
-
-
-# ---- BYOL pretraining ------------------------------------------------------------------------
-
-
-def byol_step(model: BYOL, forward, opt: torch.optim.Optimizer, ctx: Context, views: tuple[torch.Tensor, torch.Tensor],
-              lr: float, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One BYOL optimizer step on two views: (loss, target projection of view 1), both left on the
-    device. Nothing here reads a value back from the device, so the host queues the next step's work
-    while the device runs this one (a test holds it to that)."""
-    set_lr(opt, lr)
-    with ctx.amp:
-        loss, z1 = forward(*views)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    model.update_target(tau)
-    return loss.detach(), z1
-
-
-def pretrain_byol(pixels: np.ndarray, spec: PretrainSpec, arch: str, size: int, ctx: Context) -> dict:
-    """Pretrain on all of `pixels` (N, C, S, S uint8, no labels); writes encoder.pt; resumes from
-    checkpoint.pt when one is there."""
-    n, channels = pixels.shape[0], pixels.shape[1]
-    bs = min(spec.batch_size, n)
-    steps_per_epoch = n // bs
-    # epochs, but at least min_steps optimizer steps: a small data set would otherwise get a few hundred
-    total = max(spec.epochs * steps_per_epoch, spec.min_steps)
-    total = total if spec.max_steps is None else min(spec.max_steps, total)
-    warmup = min(int(round(spec.warmup_epochs * steps_per_epoch)), total // 2)
-    peak_lr = scaled_lr(spec.base_lr, bs)
-    model = ctx.place(BYOL(Backbone(arch, channels), spec.proj_hidden, spec.proj_dim, spec.pred_hidden))
-    opt = lars_for(model.trainable_modules(), lr=peak_lr, weight_decay=spec.weight_decay)
-    aug1, aug2 = preset_for(spec.augment, channels, "pretrain")
-    images = to_device_images(pixels, ctx.device)
-    stream = IndexStream(n, bs, ctx.seed, images.device)  # indices where the images are: no read-back
-    dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed)
-    ckpt_path = ctx.task_dir / "checkpoint.pt"
-    state = resume(ckpt_path, model, opt, dev_gen, ctx, steps_per_epoch, total)
-    step = int(state["step"]) if state else 0
-    forward = ctx.maybe_compile(model)
-    ctx.emit("log", epoch=step // steps_per_epoch, step=step, message=f"BYOL {arch} on {n} images, batch {bs}, {total} steps, lr {peak_lr:g}")
-    progress = Progress(ctx, bs)
-    run_loss = torch.zeros((), device=ctx.device)
-    run_count = 0
-    z1 = None
-    epoch_loss = torch.zeros((), device=ctx.device)
-    epoch_count = 0
-    model.train()
-    with CheckpointWriter() as ckpt:  # written in the background; the block waits for the last one
-        while step < total:
-            epoch = step // steps_per_epoch
-            x = take(images, stream.batch_at(step), ctx.device)
-            views = (ctx.view(x, aug1, size, dev_gen), ctx.view(x, aug2, size, dev_gen))
-            lr, tau = warmup_cosine(step, total, warmup, peak_lr), tau_at(step, total, spec.tau_base)
-            loss, z1 = byol_step(model, forward, opt, ctx, views, lr, tau)
-            step += 1
-            run_loss += loss
-            epoch_loss += loss
-            run_count += 1
-            epoch_count += 1
-            if progress.due(step == total):
-                std = float(projection_std(z1))
-                progress.emit(step, epoch, loss=round(float(run_loss) / run_count, 5), lr=lr, tau=tau, proj_std=round(std, 5))
-                run_loss.zero_()
-                run_count = 0
-            if step % steps_per_epoch == 0 or step == total:
-                ctx.emit("metric", epoch=epoch, step=step, loss=float(epoch_loss) / epoch_count, proj_std=float(projection_std(z1)))
-                epoch_loss.zero_()
-                epoch_count = 0
-            if step % ctx.run.checkpoint_every_steps == 0 or step == total:
-                ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(dev_gen)},
-                          ckpt_path)
-    encoder = model.online_encoder
-    atomic_save({"arch": arch, "in_channels": channels, "state_dict": encoder.state_dict()}, ctx.task_dir / "encoder.pt")
-    return {"steps": total, "batch_size": bs, "images": n, "final_proj_std": float(projection_std(z1)) if z1 is not None else None}
 
 
 def load_encoder(path: Path, device: torch.device) -> Backbone:

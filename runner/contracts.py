@@ -1,0 +1,117 @@
+"""What passes between processes, typed in one place (DESIGN.md, "Files between processes").
+
+- `TaskSpec`: tasks/<id>/task.json, built by `plan`, read by every executor and by the worker.
+- `TaskStatus`: a task's state in runner.db and in `status --json`.
+- `EventKind` and `event_line`: one line of tasks/<id>/events.jsonl.
+- `read_events`: the one reader of an events.jsonl (whole, or the complete lines after an offset).
+- `ENGINE_VERSION`: part of every task id.
+- `one_of`: a string field limited to a registry's names, with a "did you mean" error and an enum in the schema.
+
+Imports no torch: the runner, the TUI and the executors read it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, WithJsonSchema
+
+from runner.arms import KINDS
+from runner.data.sources import DatasetSpec, StrictModel
+from runner.ml.config import TrainSettings
+
+ENGINE_VERSION = 4  # bump when a code change alters results: it is part of every task id (4: RandomResizedCrop sampling)
+
+
+def one_of(names: tuple[str, ...], what: str):
+    """`Annotated[str, ...]` accepting exactly `names`; anything else fails with the list and the closest name."""
+
+    def check(v: str) -> str:
+        if v not in names:
+            close = difflib.get_close_matches(v, names, 1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown {what}{hint}: one of {', '.join(names)}")
+        return v
+
+    return Annotated[str, AfterValidator(check), WithJsonSchema({"type": "string", "enum": list(names)})]
+
+
+class TaskStatus(StrEnum):
+    """A task's state. Only the scheduler writes it; everything else reads it."""
+
+    PENDING = "pending"  # waiting for its dependencies or a slot
+    RUNNING = "running"
+    DONE = "done"  # metrics.json is there
+    FAILED = "failed"  # its attempts ran out; `run --retry-failed` tries again
+    BLOCKED = "blocked"  # a dependency failed
+    CANCELLED = "cancelled"  # the user cancelled it (TUI); the next run starts it again
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.BLOCKED, TaskStatus.CANCELLED)
+
+
+class EventKind(StrEnum):
+    LOG = "log"  # message
+    PROGRESS = "progress"  # step, loss, lr, img_per_s, ...
+    METRIC = "metric"  # per epoch / per evaluation: loss, val_loss, ...
+    ERROR = "error"  # message, error_type
+    DONE = "done"  # metrics.json written
+
+
+def event_line(task: str, kind: EventKind | str, epoch: int | None = None, step: int | None = None, **values) -> str:
+    """One events.jsonl line (with its newline)."""
+    line = {"ts": round(time.time(), 3), "task": task, "kind": str(kind), "epoch": epoch, "step": step, **values}
+    return json.dumps(line, default=float) + "\n"
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """The events of the complete lines of `path` from byte `offset` on, and the offset after the last
+    complete line (a line being written is read next time). A line that is not JSON is skipped."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    events = []
+    for raw in data[:end].splitlines():
+        try:
+            e = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(e, dict):
+            events.append(e)
+    return events, offset + end
+
+
+TaskKind = one_of(KINDS, "task kind")
+
+
+class BudgetSpec(StrictModel):
+    fraction: float | None = Field(None, gt=0, le=1)
+    per_class: int | None = Field(None, ge=1)
+    validation: Literal["budget", "full"] = "budget"  # the manifest's labels.validation
+    min_validation_per_class: int = Field(5, ge=1)
+
+
+class TaskSpec(StrictModel):
+    """Everything that decides a task's result (the task id is a hash of it), and nothing else."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    kind: TaskKind
+    dataset: str
+    data: DatasetSpec
+    seed: int = 0
+    budget: BudgetSpec | None = None
+    settings: TrainSettings
+    pretraining: str | None = Field(None, description="a pretrain task's entry of runner.arms.PRETRAININGS (default byol)")
+    encoder: str | None = Field(None, description="the pretrain task's encoder.pt, relative to the results dir")
+    cache_dir: str = "cache"
+    engine_version: int = ENGINE_VERSION

@@ -1,0 +1,127 @@
+"""Label-free pretraining: one loop, any method.
+
+The loop owns what every method shares: the step count (epochs, with a floor of `min_steps`), the
+batch index stream, the two augmented views, the learning-rate schedule (linear warm-up, cosine),
+progress and per-epoch events, checkpoints and resuming, and writing encoder.pt. A method (a module
+`runner.ml.<name>` with `make(backbone, settings, batch, ctx) -> Method`) supplies its networks and
+optimizer, the loss of two views, its post-step update and its monitors. BYOL (`byol.py`) and
+SimSiam (`simsiam.py`) are the two; `runner.arms.PRETRAININGS` names them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from runner.ml.augment import preset_for
+from runner.ml.checkpoint import CheckpointWriter, atomic_save, rng_state
+from runner.ml.config import TrainSettings
+from runner.ml.models import Backbone
+from runner.ml.optim import set_lr, warmup_cosine
+from runner.ml.train import Context, IndexStream, Progress, resume, take, to_device_images
+
+
+class Method(Protocol):
+    name: str
+    model: nn.Module  # everything with state: what a checkpoint holds
+    optimizer: torch.optim.Optimizer
+    peak_lr: float  # the schedule's peak (already scaled with the batch)
+
+    def encoder(self) -> Backbone:
+        """The network encoder.pt holds (BYOL: the online encoder)."""
+
+    def after_step(self, step: int, total: int) -> dict[str, float]:
+        """The update after optimizer step `step` of `total` (BYOL: the target's EMA); returns the
+        rates it used, which go into the progress events. Must not read a value back from the device."""
+
+    def monitor(self, z: torch.Tensor) -> torch.Tensor:
+        """A collapse monitor of the projections the forward returned (0 when collapsed)."""
+
+
+def projection_std(z: torch.Tensor) -> torch.Tensor:
+    """Collapse monitor: the mean per-dimension std, across the batch, of the L2-normalized
+    projections. About 1/sqrt(d) for a healthy representation spread over d dimensions, 0 for a
+    collapsed one (Chen & He 2021, section 4.1)."""
+    return torch.nn.functional.normalize(z.float(), dim=-1).std(dim=0).mean()
+
+
+def make_method(name: str, backbone: Backbone, settings: TrainSettings, batch: int, ctx: Context) -> Method:
+    return importlib.import_module(f"runner.ml.{name}").make(backbone, settings, batch, ctx)
+
+
+def pretrain_step(method: Method, forward, ctx: Context, views: tuple[torch.Tensor, torch.Tensor], lr: float,
+                  step: int, total: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One optimizer step on two views: (loss, the projections the method monitors, the rates of its
+    post-step update), tensors left on the device. Nothing here reads a value back from the device,
+    so the host queues the next step's work while the device runs this one (a test holds it to that)."""
+    set_lr(method.optimizer, lr)
+    with ctx.amp:
+        loss, z = forward(*views)
+    method.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.optimizer.step()
+    rates = method.after_step(step, total)
+    return loss.detach(), z, rates
+
+
+def pretrain(pixels: np.ndarray, settings: TrainSettings, method_name: str, init: str, arch: str, size: int,
+             ctx: Context) -> dict:
+    """Pretrain on all of `pixels` (N, C, S, S uint8, no labels) from `init` weights ("random" or
+    "imagenet", from the torch hub cache); writes encoder.pt; resumes from checkpoint.pt when one is there."""
+    spec = settings.pretrain
+    n, channels = pixels.shape[0], pixels.shape[1]
+    bs = min(spec.batch_size, n)
+    steps_per_epoch = n // bs
+    # epochs, but at least min_steps optimizer steps: a small data set would otherwise get a few hundred
+    total = max(spec.epochs * steps_per_epoch, spec.min_steps)
+    total = total if spec.max_steps is None else min(spec.max_steps, total)
+    warmup = min(int(round(spec.warmup_epochs * steps_per_epoch)), total // 2)
+    backbone = Backbone(arch, channels, weights="DEFAULT" if init == "imagenet" else None)
+    method = make_method(method_name, backbone, settings, bs, ctx)
+    aug1, aug2 = preset_for(spec.augment, channels, "pretrain")
+    images = to_device_images(pixels, ctx.device)
+    stream = IndexStream(n, bs, ctx.seed, images.device)  # indices where the images are: no read-back
+    dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed)
+    ckpt_path = ctx.task_dir / "checkpoint.pt"
+    state = resume(ckpt_path, method.model, method.optimizer, dev_gen, ctx, steps_per_epoch, total)
+    step = int(state["step"]) if state else 0
+    forward = ctx.maybe_compile(method.model)
+    start = "ImageNet weights" if init == "imagenet" else "random init"
+    ctx.emit("log", epoch=step // steps_per_epoch, step=step,
+             message=f"{method.name} {arch} from {start} on {n} images, batch {bs}, {total} steps, lr {method.peak_lr:g}")
+    progress = Progress(ctx, bs)
+    run_loss, run_count = torch.zeros((), device=ctx.device), 0
+    epoch_loss, epoch_count = torch.zeros((), device=ctx.device), 0
+    z = None
+    method.model.train()
+    with CheckpointWriter() as ckpt:  # written in the background; the block waits for the last one
+        while step < total:
+            epoch = step // steps_per_epoch
+            x = take(images, stream.batch_at(step), ctx.device)
+            views = (ctx.view(x, aug1, size, dev_gen), ctx.view(x, aug2, size, dev_gen))
+            lr = warmup_cosine(step, total, warmup, method.peak_lr)
+            loss, z, rates = pretrain_step(method, forward, ctx, views, lr, step, total)
+            step += 1
+            run_loss += loss
+            epoch_loss += loss
+            run_count += 1
+            epoch_count += 1
+            if progress.due(step == total):
+                progress.emit(step, epoch, loss=round(float(run_loss) / run_count, 5), lr=lr, **rates,
+                              proj_std=round(float(method.monitor(z)), 5))
+                run_loss.zero_()
+                run_count = 0
+            if step % steps_per_epoch == 0 or step == total:
+                ctx.emit("metric", epoch=epoch, step=step, loss=float(epoch_loss) / epoch_count, proj_std=float(method.monitor(z)))
+                epoch_loss.zero_()
+                epoch_count = 0
+            if step % ctx.run.checkpoint_every_steps == 0 or step == total:
+                ckpt.save({"model": method.model.state_dict(), "optimizer": method.optimizer.state_dict(), "step": step,
+                           "rng": rng_state(dev_gen)}, ckpt_path)
+    atomic_save({"arch": arch, "in_channels": channels, "state_dict": method.encoder().state_dict()}, ctx.task_dir / "encoder.pt")
+    return {"method": method.name, "init": init, "steps": total, "batch_size": bs, "images": n,
+            "final_proj_std": float(method.monitor(z)) if z is not None else None}

@@ -1,0 +1,257 @@
+"""Pretraining methods and the arms that use them: SimSiam's loss, stop-gradient and symmetry; the
+pretraining loop with each method; BYOL continued from ImageNet weights, from a generated weights
+file, end to end through `byol-runner run` on the CPU; the arm registry as the plan and report see it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+import yaml
+from torch import nn
+
+from runner import arms
+from runner.ml.config import PretrainSpec, RunSpec, SimSiamSpec, TrainSettings
+from runner.ml.models import Backbone
+from runner.ml.optim import set_lr, warmup_cosine
+from runner.ml.pretrain import make_method, pretrain
+from runner.ml.simsiam import SimSiam, negative_cosine
+from runner.ml.train import Context
+from tests.conftest import run_cli
+
+
+def small_simsiam(channels: int = 1) -> SimSiam:
+    return SimSiam(Backbone("resnet18", channels), proj_dim=32, pred_hidden=8)
+
+
+def cpu_context(tmp_path: Path, seed: int = 0) -> tuple[Context, list[dict]]:
+    events: list[dict] = []
+    run = RunSpec(device="cpu", progress_every_s=1e-9, checkpoint_every_steps=10_000)
+    return Context(torch.device("cpu"), run, tmp_path, seed, lambda kind, **v: events.append({"kind": kind, **v})), events
+
+
+# ---- SimSiam (Chen & He 2021) ---------------------------------------------------------------------
+
+
+def test_simsiam_loss_is_the_symmetric_negative_cosine_of_prediction_and_the_other_projection():
+    torch.manual_seed(0)
+    model = small_simsiam()
+    v1, v2 = torch.rand(6, 1, 32, 32), torch.rand(6, 1, 32, 32)
+    loss, z1_out = model(v1, v2)
+    loss = loss.detach()
+    # the same forward by hand (train mode: BatchNorm per view, as the model runs each view alone)
+    z1, z2 = model.projector(model.encoder(v1)), model.projector(model.encoder(v2))
+    p1, p2 = model.predictor(z1), model.predictor(z2)
+    by_hand = -0.5 * (F.cosine_similarity(p1, z2, dim=-1).mean() + F.cosine_similarity(p2, z1, dim=-1).mean())
+    assert float(loss) == pytest.approx(float(by_hand), abs=1e-6)
+    assert -1.0 <= float(loss) <= 1.0
+    assert torch.allclose(z1_out, z1.detach(), atol=1e-6)
+    # pairing: p1 meets z2 (not z1); the same-view pairing gives another number
+    same_view = -0.5 * (F.cosine_similarity(p1, z1, dim=-1).mean() + F.cosine_similarity(p2, z2, dim=-1).mean())
+    assert abs(float(same_view) - float(loss)) > 1e-4
+    # D is -cos: identical vectors score -1, opposite ones +1
+    x = torch.randn(4, 8)
+    assert float(negative_cosine(x, x)) == pytest.approx(-1.0) and float(negative_cosine(x, -x)) == pytest.approx(1.0)
+
+
+def test_simsiam_is_symmetric_in_its_two_views():
+    torch.manual_seed(1)
+    model = small_simsiam()
+    v1, v2 = torch.rand(6, 1, 32, 32), torch.rand(6, 1, 32, 32)
+    a, _ = model(v1, v2)
+    b, _ = model(v2, v1)
+    assert float(a) == pytest.approx(float(b), abs=1e-6)
+
+
+def test_simsiam_stops_the_gradient_at_the_projection_it_predicts():
+    """The gradient reaches the encoder only through the predictor's branch: the same loss with the
+    projections not detached gives other gradients (the stop-gradient is what prevents collapse)."""
+    torch.manual_seed(2)
+    model = small_simsiam()
+    v1, v2 = torch.rand(6, 1, 32, 32), torch.rand(6, 1, 32, 32)
+    z = torch.randn(4, 8, requires_grad=True)
+    negative_cosine(torch.randn(4, 8, requires_grad=True), z).backward()
+    assert z.grad is None  # nothing flows into the target side
+
+    def grads(stop: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(3)
+        if stop:
+            loss, _ = model(v1, v2)
+        else:
+            z1, z2 = model.projector(model.encoder(v1)), model.projector(model.encoder(v2))
+            p1, p2 = model.predictor(z1), model.predictor(z2)
+            loss = -0.5 * (F.cosine_similarity(p1, z2, dim=-1).mean() + F.cosine_similarity(p2, z1, dim=-1).mean())
+        loss.backward()
+        return [p.grad.clone() for p in model.encoder.parameters() if p.grad is not None]
+
+    with_stop, without = grads(True), grads(False)
+    assert len(with_stop) == len(without) > 0
+    assert any(not torch.allclose(a, b, atol=1e-7) for a, b in zip(with_stop, without))
+
+
+def test_simsiam_heads_and_optimizer_follow_the_paper():
+    model = SimSiam(Backbone("resnet50", 3))
+    kinds = [type(m) for m in model.projector]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert model.projector[0].in_features == 2048 and model.projector[6].out_features == 2048
+    assert not model.projector[7].affine  # the output BN has no learned scale and shift
+    assert (model.predictor[0].out_features, model.predictor[3].out_features) == (512, 2048)  # the bottleneck
+    ctx, _ = cpu_context(Path("."))
+    method = make_method("simsiam", Backbone("resnet18", 1), TrainSettings(simsiam=SimSiamSpec(proj_dim=32, pred_hidden=8)), 128, ctx)
+    opt = method.optimizer
+    assert isinstance(opt, torch.optim.SGD) and method.peak_lr == pytest.approx(0.05 * 128 / 256)
+    assert all(g["momentum"] == 0.9 and g["weight_decay"] == 1e-4 for g in opt.param_groups)
+    set_lr(opt, 0.001)  # the schedule moves the encoder's rate; the predictor keeps the peak
+    assert opt.param_groups[0]["lr"] == 0.001 and opt.param_groups[1]["lr"] == pytest.approx(method.peak_lr)
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in method.model.predictor.parameters()}
+    assert method.after_step(0, 10) == {}  # no target network to move
+
+
+def test_the_pretraining_loop_runs_simsiam_and_saves_its_encoder(tmp_path):
+    ctx, events = cpu_context(tmp_path, seed=4)
+    settings = TrainSettings(pretrain=PretrainSpec(epochs=3, min_steps=0, batch_size=8, warmup_epochs=1),
+                             simsiam=SimSiamSpec(proj_dim=32, pred_hidden=8))
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 1, 16, 16), dtype=np.uint8)
+    seen = []
+    real = torch.optim.SGD.step
+
+    def spy(self, *a, **k):  # the rate each step ran at
+        seen.append([g["lr"] for g in self.param_groups])
+        return real(self, *a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch.optim.SGD, "step", spy)
+    try:
+        summary = pretrain(pixels, settings, "simsiam", "random", "resnet18", 16, ctx)
+    finally:
+        mp.undo()
+    total, peak = 6, 0.05 * 8 / 256
+    assert summary["steps"] == total and summary["method"] == "simsiam" and summary["init"] == "random"
+    assert [g[0] for g in seen] == pytest.approx([warmup_cosine(k, total, 2, peak) for k in range(total)])
+    assert all(g[1] == pytest.approx(peak) for g in seen)  # the predictor's rate stays fixed
+    progress = [e for e in events if e["kind"] == "progress"]
+    assert progress and all(-1 <= e["loss"] <= 1 and "tau" not in e and e["proj_std"] > 0 for e in progress)
+    assert any("simsiam resnet18 from random init" in e.get("message", "") for e in events if e["kind"] == "log")
+    saved = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert saved["arch"] == "resnet18" and saved["in_channels"] == 1
+    assert any(not torch.equal(saved["state_dict"][k], v) for k, v in Backbone("resnet18", 1).state_dict().items()
+               if k.endswith("weight"))
+
+
+# ---- BYOL continued from ImageNet weights --------------------------------------------------------
+
+
+def fake_imagenet_weights(home: Path, arch: str = "resnet18") -> dict[str, torch.Tensor]:
+    """A weights file with the right keys where torchvision's hub cache keeps it (nothing is downloaded)."""
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    path = home / "hub" / "checkpoints" / Path(url).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(11)
+    state = getattr(torchvision.models, arch)().state_dict()
+    torch.save(state, path)
+    return state
+
+
+def test_imagenet_initialised_pretraining_starts_from_the_hub_cache_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    weights = fake_imagenet_weights(tmp_path / "torch_home")
+    ctx, events = cpu_context(tmp_path)
+    # a rate so small that the weights after two steps are the ones the run started from
+    settings = TrainSettings(pretrain=PretrainSpec(epochs=1, min_steps=2, batch_size=8, base_lr=1e-12, warmup_epochs=0,
+                                                   proj_hidden=16, proj_dim=8, pred_hidden=16))
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 1, 16, 16), dtype=np.uint8)
+    summary = pretrain(pixels, settings, "byol", "imagenet", "resnet18", 16, ctx)
+    assert summary["init"] == "imagenet" and summary["steps"] == 2
+    saved = torch.load(tmp_path / "encoder.pt", weights_only=True)["state_dict"]
+    # a gray image sees conv1 summed over RGB; every other weight is the file's
+    assert torch.allclose(saved["net.conv1.weight"], weights["conv1.weight"].sum(dim=1, keepdim=True), atol=1e-6)
+    assert torch.allclose(saved["net.layer4.1.conv2.weight"], weights["layer4.1.conv2.weight"], atol=1e-6)
+    random = Backbone("resnet18", 1).state_dict()["net.layer4.1.conv2.weight"]
+    assert not torch.allclose(saved["net.layer4.1.conv2.weight"], random, atol=1e-3)
+    assert any("from ImageNet weights" in e.get("message", "") for e in events if e["kind"] == "log")
+
+
+IMAGENET_MANIFEST = """\
+name: inet
+datasets:
+  syn:
+    source: synthetic
+    num_classes: 2
+    per_class: 24
+    size: 16
+    image_size: 16
+    classes: {normal: [class0], finding: [class1]}
+    positive: finding
+methods: [byol-imagenet-finetune, byol-imagenet-linear, supervised, random-linear]
+compare: {model1: byol-imagenet-finetune}
+labels: {fractions: [1.0], min_validation_per_class: 2}
+model: {arch: resnet18}
+run: {device: cpu, progress_every_s: 60, checkpoint_every_steps: 10000}
+pretrain: {epochs: 2, min_steps: 0, batch_size: 8, proj_hidden: 32, pred_hidden: 32, proj_dim: 16, warmup_epochs: 0.5}
+finetune: {epochs: 1, min_steps: 6, batch_size: 8, eval_every_steps: 3}
+probe: {c_grid: [0.01, 1.0], max_iter: 200}
+executor: {max_parallel: 1}
+"""
+
+
+def test_byol_from_imagenet_weights_runs_end_to_end_and_is_model1_when_chosen(tmp_path):
+    home = tmp_path / "torch_home"
+    (tmp_path / "inet.yaml").write_text(IMAGENET_MANIFEST)
+    results = tmp_path / "results"
+    # without the weights: the plan stops before anything runs, naming the arms, the file and the place
+    r = run_cli("run", str(tmp_path / "inet.yaml"), "--results", str(results), env={"TORCH_HOME": str(home)})
+    assert r.returncode != 0
+    assert "byol-imagenet-finetune, byol-imagenet-linear" in r.stderr and "resnet18-" in r.stderr and str(home) in r.stderr
+    assert not (results / "tasks").exists() or not any((results / "tasks").glob("*/metrics.json"))
+
+    fake_imagenet_weights(home)
+    r = run_cli("run", str(tmp_path / "inet.yaml"), "--results", str(results), env={"TORCH_HOME": str(home)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    tasks = {json.loads(p.read_text())["id"]: json.loads(p.read_text()) for p in results.glob("tasks/*/task.json")}
+    pre = [t for t in tasks.values() if t["kind"] == "pretrain"]
+    assert len(pre) == 1 and pre[0]["pretraining"] == "byol-imagenet"
+    metrics = json.loads((results / "tasks" / pre[0]["id"] / "metrics.json").read_text())
+    assert metrics["pretrain"]["init"] == "imagenet" and metrics["pretrain"]["method"] == "byol"
+    deps = [t for t in tasks.values() if t["encoder"]]
+    assert {t["kind"] for t in deps} == {"finetune", "linear"} and all(pre[0]["id"] in t["encoder"] for t in deps)
+    report = json.loads((results / "inet" / "results.json").read_text())
+    assert report["model1_method"] == "byol-imagenet-finetune" and report["model2_method"] == "supervised"
+    assert report["legend"]["model1"] == "BYOL + ResNet18 continued from ImageNet weights, fine-tuned"
+    assert {a["method"] for a in report["arms"]} == {"byol-imagenet-finetune", "byol-imagenet-linear", "supervised", "random-linear"}
+    # beating an untrained network says nothing about pretraining that started from ImageNet: no such line
+    assert report["pretraining_learned"] == [] and "Did pretraining learn?" not in (results / "inet" / "results.md").read_text()
+
+
+# ---- the registry, as the plan sees it -----------------------------------------------------------
+
+
+def test_every_arm_is_complete_and_each_pretraining_is_planned_once_per_seed(tmp_path, monkeypatch):
+    from runner.manifest import parse_manifest
+    from runner.plan import make_plan
+
+    for arm in arms.ARMS.values():
+        assert arm.kind in arms.KINDS and arm.label and arm.colour.startswith("#")
+        assert arm.pretraining is None or arm.pretraining in arms.PRETRAININGS
+    for p in arms.PRETRAININGS.values():
+        assert (Path(__file__).parents[1] / "runner" / "ml" / f"{p.method}.py").is_file()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    fake_imagenet_weights(tmp_path / "torch_home")
+    manifest = yaml.safe_load(IMAGENET_MANIFEST) | {"methods": list(arms.METHODS), "seeds": [0, 1], "compare": {}}
+    plan = make_plan(parse_manifest(yaml.safe_dump(manifest)), tmp_path / "results")
+    pre = [t for t in plan.tasks if t.kind == "pretrain"]
+    assert sorted((t.method, t.seed) for t in pre) == sorted((f"{p}-pretrain", s) for p in arms.PRETRAININGS for s in (0, 1))
+    assert len({t.id for t in pre}) == len(pre)
+    by_id = plan.by_id()
+    for t in plan.tasks:
+        p = arms.pretraining_of(t.method)
+        if p:  # a pretraining's arms read its encoder, of their own seed
+            (dep,) = t.deps
+            assert by_id[dep].method == f"{p.name}-pretrain" and by_id[dep].seed == t.seed
+    assert math.prod([len(arms.METHODS), 2]) == len([t for t in plan.tasks if t.kind != "pretrain"])
