@@ -42,7 +42,7 @@ COVERING = {
     "runner/ml/metrics.py": ["tests/test_wiring.py", "tests/test_ml_blocks.py"],
     "runner/stats.py": ["tests/test_wiring.py", "tests/test_stats.py", "tests/test_ml_blocks.py"],
     "runner/data/splits.py": ["tests/test_splits.py", "tests/test_wiring.py"],
-    "runner/plan.py": ["tests/test_wiring.py"],
+    "runner/plan.py": ["tests/test_wiring.py", "tests/test_methods.py"],
     "runner/arms.py": ["tests/test_wiring.py", "tests/test_methods.py"],
     "runner/ml/pretrain.py": ["tests/test_wiring.py", "tests/test_ml_blocks.py", "tests/test_methods.py"],
     "runner/ml/simsiam.py": ["tests/test_methods.py"],

@@ -125,11 +125,6 @@ def _degenerate(results: Path, t) -> list[str]:  # noqa: ANN001 - a TaskRow
 
 def request(results: Path, action: str, task: str) -> Path:
     """Ask the running scheduler to act on a task ("cancel" or "retry"): a file in <results>/control/."""
-    import json
-    import time
+    from runner.contracts import ControlRequest
 
-    from runner.atomic import atomic_write_text
-
-    path = Path(results) / "control" / f"{time.time_ns()}-{action}-{task}.json"
-    atomic_write_text(path, json.dumps({"action": action, "task": task}), fsync=False)
-    return path
+    return ControlRequest(action=action, task=task).send(results)

@@ -49,11 +49,17 @@ class TaskStatus(StrEnum):
     DONE = "done"  # metrics.json is there
     FAILED = "failed"  # its attempts ran out; `run --retry-failed` tries again
     BLOCKED = "blocked"  # a dependency failed
-    CANCELLED = "cancelled"  # the user cancelled it (TUI); the next run starts it again
+    INTERRUPTED = "interrupted"  # the run stopped while it ran (Ctrl-C, a dead runner); the next run resumes it
 
-    @property
-    def terminal(self) -> bool:
-        return self in (TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.BLOCKED, TaskStatus.CANCELLED)
+
+class AttemptStatus(StrEnum):
+    """How one attempt of a task ended (runner.db's attempts table)."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled"  # by the user (the TUI): its task is failed, "cancelled by the user"
 
 
 class EventKind(StrEnum):
@@ -92,6 +98,34 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
 
 
 TaskKind = one_of(KINDS, "task kind")
+
+
+class ControlRequest(StrictModel):
+    """A request to the running scheduler from another process (the TUI): a file in <results>/control/,
+    consumed when read. The scheduler stays runner.db's only writer."""
+
+    action: Literal["cancel", "retry"]
+    task: str
+
+    def send(self, results: Path) -> Path:
+        from runner.atomic import atomic_write_text
+
+        path = Path(results) / "control" / f"{time.time_ns()}-{self.action}-{self.task}.json"
+        atomic_write_text(path, self.model_dump_json(), fsync=False)
+        return path
+
+    @classmethod
+    def receive(cls, results: Path) -> list["ControlRequest"]:
+        """The waiting requests, oldest first; each file is removed (one that is not a request, too)."""
+        folder = Path(results) / "control"
+        out = []
+        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                out.append(cls.model_validate_json(f.read_bytes()))
+            except (OSError, ValueError):
+                pass
+            f.unlink(missing_ok=True)
+        return out
 
 
 class BudgetSpec(StrictModel):

@@ -10,21 +10,20 @@ resumes from its checkpoint. A lock file keeps a second runner off the same resu
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from runner.contracts import AttemptStatus as A
+from runner.contracts import TaskStatus as S
+from runner.contracts import ControlRequest, read_events
 from runner.errors import UserError
-from runner.executors import Executor, Handle, Slot
-from runner.executors.base import pid_alive
-from runner.executors.local import stop_group
+from runner.executors import Executor, Handle, Slot, recover
 from runner.plan import Plan, PlannedTask, is_done, write_task_files
 from runner.store import Store
 
-TERMINAL = ("done", "failed", "blocked")
 
 
 class RunnerLock:
@@ -66,26 +65,13 @@ class EventTail:
         self.last_error: str | None = None
 
     def read(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        out = []
-        for line in data[:end].splitlines():
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
-            if self.after_ts is not None and (e.get("ts") or 0) <= self.after_ts:
-                continue
+        events, self.offset = read_events(self.path, self.offset)
+        if self.after_ts is not None:
+            events = [e for e in events if (e.get("ts") or 0) > self.after_ts]
+        for e in events:
             if e.get("kind") == "error":
                 self.last_error = e.get("message")
-            out.append(e)
-        return out
+        return events
 
 
 @dataclass
@@ -103,7 +89,6 @@ class RunOutcome:
     counts: dict[str, int]
     started_workers: int
     seconds: float
-    status: dict[str, str] = field(default_factory=dict)
     adopted: int = 0  # attempts a killed runner started that this run watched to their end
 
 
@@ -123,24 +108,21 @@ class Scheduler:
 
     # ---- setup -----------------------------------------------------------------------------
 
-    def _recover(self) -> None:
-        """Attempts a dead runner left marked running: adopt those the executor still has (containers),
-        stop any other worker still alive and record it as interrupted."""
-        stale = self.store.stale_attempts()
-        self.adopted = self.executor.adopt(stale) if stale else {}
-        orphans = {a["id"] for a in stale if a["executor"] == "docker" and a["id"] not in self.adopted}
-        if orphans and self.executor.name != "docker":  # a docker run's containers, found by a run on another executor
-            from runner.executors.docker import stop_orphans
+    def transition(self, tid: str, status: S, error: str | None = None) -> None:
+        """A task's new status (and its error, or none), in the scheduler's view and in runner.db at once."""
+        self.status[tid] = S(status)
+        self.store.set_status(tid, status, error)
 
-            stop_orphans(self.results, orphans, self.grace_s)
+    def _recover(self) -> None:
+        """Attempts a dead runner left marked running: adopt those the executor still has (containers);
+        every other one's leftovers are stopped by its backend and it is recorded as interrupted."""
+        stale = self.store.stale_attempts()
+        self.adopted = recover(self.executor, stale, self.results, self.grace_s)
         for a in stale:
             if a["id"] in self.adopted:
                 continue
-            pid = a["pid"]
-            if pid and pid_alive(pid) and a["node"] == os.uname().nodename:
-                stop_group(pid, self.grace_s, lambda p=pid: not pid_alive(p))
-            self.store.end_attempt(a["id"], "interrupted", None, "the runner stopped while this attempt ran")
-            self.store.set_status(a["task_id"], "done" if is_done(self.results, a["task_id"]) else "interrupted")
+            self.store.end_attempt(a["id"], A.INTERRUPTED, None, "the runner stopped while this attempt ran")
+            self.store.set_status(a["task_id"], S.DONE if is_done(self.results, a["task_id"]) else S.INTERRUPTED)
         self.store.commit()
 
     def _take_over(self, run_id: int) -> None:
@@ -151,27 +133,25 @@ class Scheduler:
             t = by_id.get(handle.task_id)
             if t is None or handle.task_id in self.running:
                 self.executor.cancel(handle, self.grace_s)
-                self.store.end_attempt(aid, "interrupted", self.executor.poll(handle), "not in the current plan: stopped")
+                self.store.end_attempt(aid, A.INTERRUPTED, self.executor.poll(handle), "not in the current plan: stopped")
                 continue
             after = self.store.last_point_ts(aid)
             tail = EventTail(self.results / "tasks" / t.id / "events.jsonl", after_ts=after if after is not None else handle.started)
             self.running[t.id] = Running(t, handle, aid, tail)
-            self.status[t.id] = "running"
             self.store.adopt_attempt(aid, run_id)
             self.taken_over += 1
-            self.store.set_status(t.id, "running")
+            self.transition(t.id, S.RUNNING, None)
         self.store.commit()
 
     def _initial_status(self, run_id: int) -> None:
         rows = {r.id: r for r in self.store.run_tasks(run_id)}
         for t in self.plan.tasks:
             if is_done(self.results, t.id):
-                self.status[t.id] = "done"
-            elif rows[t.id].status == "failed" and not (self.retry_failed or t.id in self.retry_ids):
-                self.status[t.id] = "failed"  # an earlier run gave up on it; --retry-failed runs it again
+                self.status[t.id] = S.DONE
+            elif rows[t.id].status == S.FAILED and not (self.retry_failed or t.id in self.retry_ids):
+                self.status[t.id] = S.FAILED  # an earlier run gave up on it; --retry-failed runs it again
             else:
-                self.status[t.id] = "pending"
-                self.store.set_status(t.id, "pending", None)
+                self.transition(t.id, S.PENDING, None)
         self.store.commit()
 
     # ---- the loop --------------------------------------------------------------------------
@@ -194,14 +174,14 @@ class Scheduler:
             try:
                 self._loop(run_id)
             except KeyboardInterrupt:
-                self._stop_all("interrupted")
+                self._stop_all(S.INTERRUPTED)
                 self.store.end_run(run_id, "interrupted", 130)
                 return self._outcome(run_id, 130, t0)
             except UserError:  # the executor cannot start anything (no daemon, no image, no GPU runtime)
-                self._stop_all("interrupted", "stopped: the executor failed")
+                self._stop_all(S.INTERRUPTED, "stopped: the executor failed")
                 self.store.end_run(run_id, "failed", 2)
                 raise
-            code = 0 if all(s == "done" for s in self.status.values()) else 1
+            code = 0 if all(s == S.DONE for s in self.status.values()) else 1
             self.store.end_run(run_id, "done" if code == 0 else "failed", code)
             return self._outcome(run_id, code, t0)
         finally:
@@ -212,7 +192,7 @@ class Scheduler:
         counts: dict[str, int] = {}
         for s in self.status.values():
             counts[s] = counts.get(s, 0) + 1
-        return RunOutcome(run_id, code, counts, self.started_workers, time.time() - t0, dict(self.status), self.taken_over)
+        return RunOutcome(run_id, code, counts, self.started_workers, time.time() - t0, self.taken_over)
 
     def _loop(self, run_id: int) -> None:
         by_id = self.plan.by_id()
@@ -227,12 +207,12 @@ class Scheduler:
             changed |= self._launch(run_id, by_id)
             self.store.commit()
             self._show(changed)
-            if not self.running and not any(s == "pending" for s in self.status.values()):
+            if not self.running and not any(s == S.PENDING for s in self.status.values()):
                 return
             time.sleep(self.poll_s)
 
     def _ready(self, t: PlannedTask) -> bool:
-        return self.status[t.id] == "pending" and all(self.status[d] == "done" for d in t.deps)
+        return self.status[t.id] == S.PENDING and all(self.status[d] == S.DONE for d in t.deps)
 
     def _launch(self, run_id: int, by_id: dict[str, PlannedTask]) -> bool:
         busy = {r.handle.slot for r in self.running.values()}
@@ -252,13 +232,12 @@ class Scheduler:
             try:
                 handle = self.executor.submit(t.id, task_json, self.results, slot, attempt_id=attempt, number=number)
             except UserError as e:
-                self.store.end_attempt(attempt, "failed", None, str(e))
-                self.store.set_status(t.id, "failed", str(e))
-                self.status[t.id] = "failed"
+                self.store.end_attempt(attempt, A.FAILED, None, str(e))
+                self.transition(t.id, S.FAILED, str(e))
                 raise
             self.store.set_attempt_process(attempt, handle.pid, handle.node)
             self.running[t.id] = Running(t, handle, attempt, tail)
-            self.status[t.id] = "running"
+            self.status[t.id] = S.RUNNING  # runner.db says so since start_attempt (its row keeps its last error)
             self.started_workers += 1
             launched = True
         return launched
@@ -280,77 +259,64 @@ class Scheduler:
             del self.running[tid]
             changed = True
             if code == 0 and is_done(self.results, tid):
-                self.store.end_attempt(r.attempt_id, "done", 0, None)
-                self.store.set_status(tid, "done")
-                self.status[tid] = "done"
+                self.store.end_attempt(r.attempt_id, A.DONE, 0, None)
+                self.transition(tid, S.DONE, None)
                 continue
             error = r.tail.last_error or f"worker exited with code {code} and no error event (see worker.log)"
             if code == 0:
                 error = "worker exited 0 without writing metrics.json"
-            self.store.end_attempt(r.attempt_id, "failed", code, error)
+            self.store.end_attempt(r.attempt_id, A.FAILED, code, error)
             self.failures[tid] = self.failures.get(tid, 0) + 1
             if self.failures[tid] <= self.retries:
-                self.status[tid] = "pending"
-                self.store.set_status(tid, "pending", f"attempt {self.failures[tid]} failed: {error}")
+                self.transition(tid, S.PENDING, f"attempt {self.failures[tid]} failed: {error}")
             else:
-                self.status[tid] = "failed"
-                self.store.set_status(tid, "failed", error)
+                self.transition(tid, S.FAILED, error)
         return changed
 
     def _control(self) -> bool:
         """Requests from other processes (the TUI), as files in <results>/control/: the scheduler
         stays the only writer of runner.db."""
-        requests = sorted((self.results / "control").glob("*.json")) if (self.results / "control").is_dir() else []
         changed = False
-        for f in requests:
-            try:
-                req = json.loads(f.read_text())
-            except (OSError, ValueError):
-                req = {}
-            f.unlink(missing_ok=True)
-            tid, action = req.get("task"), req.get("action")
+        for req in ControlRequest.receive(self.results):
+            tid, action = req.task, req.action
             if tid not in self.status:
                 continue
             if action == "cancel" and tid in self.running:
                 r = self.running.pop(tid)
                 self.executor.cancel(r.handle, self.grace_s)
                 self.store.add_points(tid, r.attempt_id, r.tail.read())
-                self.store.end_attempt(r.attempt_id, "cancelled", self.executor.poll(r.handle), "cancelled by the user")
-                self.status[tid] = "failed"
-                self.store.set_status(tid, "failed", "cancelled by the user")
+                self.store.end_attempt(r.attempt_id, A.CANCELLED, self.executor.poll(r.handle), "cancelled by the user")
+                self.transition(tid, S.FAILED, "cancelled by the user")
                 changed = True
-            elif action == "retry" and self.status[tid] in ("failed", "blocked", "interrupted"):
+            elif action == "retry" and self.status[tid] in (S.FAILED, S.BLOCKED, S.INTERRUPTED):
                 self._reopen(tid)
                 changed = True
         return changed
 
     def _reopen(self, tid: str) -> None:
         """A failed task, and the tasks it blocked, go back to pending with a fresh retry budget."""
-        self.status[tid] = "pending"
         self.failures[tid] = 0
-        self.store.set_status(tid, "pending", None)
+        self.transition(tid, S.PENDING, None)
         for t in self.plan.tasks:
-            if self.status[t.id] == "blocked" and tid in t.deps:
+            if self.status[t.id] == S.BLOCKED and tid in t.deps:
                 self._reopen(t.id)
 
     def _block_orphans(self, by_id: dict[str, PlannedTask]) -> bool:
         changed = False
         for t in self.plan.tasks:
-            if self.status[t.id] == "pending":
-                bad = [d for d in t.deps if self.status[d] in ("failed", "blocked")]
+            if self.status[t.id] == S.PENDING:
+                bad = [d for d in t.deps if self.status[d] in (S.FAILED, S.BLOCKED)]
                 if bad:
-                    self.status[t.id] = "blocked"
-                    self.store.set_status(t.id, "blocked", f"dependency {bad[0]} ({by_id[bad[0]].label}) failed")
+                    self.transition(t.id, S.BLOCKED, f"dependency {bad[0]} ({by_id[bad[0]].label}) failed")
                     changed = True
         return changed
 
-    def _stop_all(self, status: str, why: str = "stopped by Ctrl-C") -> None:
+    def _stop_all(self, status: S, why: str = "stopped by Ctrl-C") -> None:
         for tid, r in list(self.running.items()):
             self.executor.cancel(r.handle, self.grace_s)
             self.store.add_points(tid, r.attempt_id, r.tail.read())
             self.store.end_attempt(r.attempt_id, status, self.executor.poll(r.handle), why)
-            self.store.set_status(tid, "done" if is_done(self.results, tid) else status)
-            self.status[tid] = "done" if is_done(self.results, tid) else status
+            self.transition(tid, S.DONE if is_done(self.results, tid) else status)
         self.running.clear()
         self.store.commit()
 

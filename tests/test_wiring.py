@@ -658,7 +658,7 @@ def _plan_ids(manifest: dict, results: Path) -> dict[str, str]:
 
     plan = make_plan(parse_manifest(yaml.safe_dump(manifest)), results)
     ids = {t.method: t.id for t in plan.tasks}
-    assert len(ids) == len(plan.tasks)
+    assert len(ids) == len(set(ids.values())) == len(plan.tasks)  # every arm and pretraining its own task
     return ids
 
 

@@ -43,6 +43,22 @@ class Executor(ABC):
         whose work ended while no runner watched reports its exit code at the first poll."""
         return {}
 
+    @classmethod
+    def from_spec(cls, spec, limit: int | None) -> tuple["Executor", list[Slot]]:  # noqa: ANN001 - the manifest's ExecutorSpec
+        """This executor and its slots, from the manifest's `executor` section (at most `limit` slots)."""
+        raise NotImplementedError
+
+    @classmethod
+    def stop_leftovers(cls, attempts: list, results: Path, grace_s: float) -> None:  # noqa: ANN001
+        """Stop whatever is left of these attempts of this backend that a dead runner started and no
+        executor adopted: by default, a worker process still alive on this machine."""
+        from runner.executors.local import stop_group
+
+        for a in attempts:
+            pid = a["pid"]
+            if pid and pid_alive(pid) and a["node"] == os.uname().nodename:
+                stop_group(pid, grace_s, lambda p=pid: not pid_alive(p))
+
     @abstractmethod
     def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot, attempt_id: int = 0, number: int = 1) -> Handle:
         """Start one attempt (`number` counts the task's attempts; `attempt_id` is its row in runner.db)."""
@@ -77,6 +93,15 @@ def visible_gpus() -> list[int]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [i for i, line in enumerate(line for line in out.splitlines() if line.startswith("GPU "))]
+
+
+def this_machine(spec, limit: int | None) -> tuple[list[Slot], int | None]:  # noqa: ANN001
+    """Slots on this machine (one per GPU, or CPU slots) and the threads each CPU slot gets."""
+    from runner.data.cache import cpu_count
+
+    slots = make_slots(spec.gpus, limit)
+    cpu_slots = sum(1 for s in slots if s.gpu is None)
+    return slots, max(1, cpu_count() // cpu_slots) if cpu_slots else None
 
 
 def make_slots(gpus: str | int | list[int], max_parallel: int | None) -> list[Slot]:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from runner.errors import UserError
-from runner.executors.base import Executor, Handle, Slot, append_error_event
+from runner.executors.base import Executor, Handle, Slot, append_error_event, this_machine
 
 LABEL = "io.github.byol-runner"
 L_RESULTS, L_RUN, L_TASK, L_ATTEMPT, L_ATTEMPT_ID, L_SLOT = (
@@ -186,6 +186,16 @@ class DockerExecutor(Executor):
         self._ensure_image()
         self.results: Path | None = None
         self.run_name = "run"
+
+    @classmethod
+    def from_spec(cls, spec, limit: int | None) -> tuple[DockerExecutor, list[Slot]]:  # noqa: ANN001
+        slots, threads = this_machine(spec, limit)
+        return cls(spec.docker, cpu_threads=threads), slots
+
+    @classmethod
+    def stop_leftovers(cls, attempts: list, results: Path, grace_s: float) -> None:  # noqa: ANN001
+        """The containers of a dead docker run that no executor adopted (e.g. the run now is local)."""
+        stop_orphans(results, {a["id"] for a in attempts}, grace_s)
 
     def _ensure_image(self) -> None:
         """The image is on this machine, pulled first if `pull` says so; else a UserError saying how."""

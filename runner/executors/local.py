@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from runner.executors.base import Executor, Handle, Slot
+from runner.executors.base import Executor, Handle, Slot, this_machine
 
 
 class LocalExecutor(Executor):
@@ -21,6 +21,11 @@ class LocalExecutor(Executor):
         # CPU tasks side by side share the cores: each gets its share of threads, not all of them
         # (oversubscribed OpenMP threads spin against each other and run several times slower)
         self.cpu_threads = cpu_threads
+
+    @classmethod
+    def from_spec(cls, spec, limit: int | None) -> tuple[LocalExecutor, list[Slot]]:  # noqa: ANN001
+        slots, threads = this_machine(spec, limit)
+        return cls(cpu_threads=threads), slots
 
     def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot, attempt_id: int = 0, number: int = 1) -> Handle:
         env = dict(os.environ)

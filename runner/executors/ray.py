@@ -108,6 +108,11 @@ class RayExecutor(Executor):
         EventHub, self.run_task = _remote_functions(ray)
         self.hub = EventHub.remote()
 
+    @classmethod
+    def from_spec(cls, spec, limit: int | None) -> tuple[RayExecutor, list[Slot]]:  # noqa: ANN001
+        ex = cls(spec.address, spec.cpus_per_task)
+        return ex, ex.cluster_slots(limit)
+
     def cluster_slots(self, max_parallel: int | None) -> list[Slot]:
         """One slot per GPU in the cluster, or per `cpus_per_task` CPUs when it has none."""
         res = self.ray.cluster_resources()
