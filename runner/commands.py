@@ -20,14 +20,6 @@ def load_plan(manifest_path: str | Path, results_cli: str | None, progress: Prog
     return manifest, results, make_plan(manifest, results, progress)
 
 
-def run_manifest(manifest_path: str | Path, results_cli: str | None = None, executor: str | None = None,
-                 max_parallel: int | None = None, retry_failed: bool = False, progress: Progress = no_progress,
-                 display_factory=None):  # noqa: ANN001
-    """Plan, schedule and run a manifest; write its results tables. Returns (outcome, report)."""
-    manifest, results, plan = load_plan(manifest_path, results_cli, progress)
-    return execute_plan(manifest_path, manifest, results, plan, executor, max_parallel, retry_failed, display_factory)
-
-
 def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, plan: Plan, executor: str | None = None,
                  max_parallel: int | None = None, retry_failed: bool = False, display_factory=None,  # noqa: ANN001
                  retry_ids: tuple[str, ...] = ()):

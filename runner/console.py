@@ -150,11 +150,7 @@ class RunDisplay:
         from rich.console import Group
         from rich.table import Table
 
-        rows = sched.store.db.execute(
-            "SELECT id, epoch, step, loss, img_per_s FROM tasks WHERE id IN (%s)" % ",".join("?" * len(sched.running)),
-            list(sched.running),
-        ).fetchall() if sched.running else []
-        info = {r["id"]: r for r in rows}
+        info = sched.store.progress(list(sched.running))
         t = Table(title=None, expand=False)
         for col in ("task", "kind", "slot", "epoch", "step", "loss", "img/s", "elapsed"):
             t.add_column(col, justify="right" if col not in ("task", "kind") else "left")

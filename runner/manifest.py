@@ -21,7 +21,7 @@ from runner.contracts import one_of
 from runner.data.sources import DatasetSpec, StrictModel
 from runner.data.splits import LabelBudget
 from runner.errors import ManifestError
-from runner.ml.config import FinetuneSpec, ModelSpec, PretrainSpec, ProbeSpec, RunSpec, SimSiamSpec
+from runner.ml.config import TrainSettings
 
 RESERVED_NAMES = {"tasks", "cache", "control"}  # folders of the results dir that are not runs
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -166,7 +166,7 @@ class CompareSpec(StrictModel):
     model2: Method | None = Field(None, description="e.g. supervised-imagenet, the strongest baseline when ImageNet weights are at hand")
 
 
-class Manifest(StrictModel):
+class Manifest(TrainSettings):
     name: SafeName = Field(description="the run's name: its folder under the results dir")
     datasets: dict[SafeName, DatasetSpec] = Field(min_length=1)
     methods: list[Method] = Field(
@@ -177,12 +177,7 @@ class Manifest(StrictModel):
     )
     labels: LabelsSpec = LabelsSpec()
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run of every cell per seed")
-    model: ModelSpec = ModelSpec()
-    pretrain: PretrainSpec = PretrainSpec()
-    simsiam: SimSiamSpec = SimSiamSpec()
-    finetune: FinetuneSpec = FinetuneSpec()
-    probe: ProbeSpec = ProbeSpec()
-    run: RunSpec = RunSpec()
+    # and the training settings sections (model, run, pretrain, simsiam, finetune, probe): TrainSettings's
     executor: ExecutorSpec = ExecutorSpec()
     report: ReportSpec = ReportSpec()
     compare: CompareSpec = CompareSpec()
@@ -273,8 +268,9 @@ def _locate(root: yaml.Node | None, loc: tuple) -> tuple[str, int | None]:
 def _all_field_names() -> set[str]:
     """Every key any manifest model knows, for 'did you mean' hints."""
     import runner.data.sources as sources
+    import runner.ml.config as config
 
-    models = list(vars(sources).values()) + list(globals().values())
+    models = list(vars(sources).values()) + list(vars(config).values()) + list(globals().values())
     return {f for m in models if isinstance(m, type) and issubclass(m, BaseModel) for f in m.model_fields}
 
 

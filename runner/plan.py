@@ -22,6 +22,7 @@ from runner.data.dataset import accounting, prepare
 from runner.data.sources import RootedSource
 from runner.errors import DataError
 from runner.manifest import Manifest
+from runner.ml.config import TrainSettings
 from runner.arms import ARMS, KIND_SETTINGS, PRETRAININGS, needs_imagenet, pretraining_of
 from runner.contracts import ENGINE_VERSION
 
@@ -67,15 +68,13 @@ def data_spec(spec) -> dict:
 
 
 def _check_imagenet_weights(arch: str, arms: list[str]) -> None:
-    import torch
-    import torchvision
+    from runner.ml.models import IMAGENET_URLS, imagenet_weights_path
 
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    path = imagenet_weights_path(arch)
     if not path.is_file():
         raise DataError(
             f"methods: {', '.join(arms)} start from the ImageNet weights of {arch}, expected at {path} (byol-runner never "
-            f"downloads during a run): fetch {weights.url} there once (or set TORCH_HOME to where it is), or drop "
+            f"downloads during a run): fetch {IMAGENET_URLS[arch]} there once (or set TORCH_HOME to where it is), or drop "
             f"{'the method' if len(arms) == 1 else 'those methods'}"
         )
 
@@ -85,7 +84,7 @@ def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progres
     and too-small label budgets fail here, before anything runs."""
     if needs_imagenet(manifest.methods):
         _check_imagenet_weights(manifest.model.arch, needs_imagenet(manifest.methods))
-    settings = {k: getattr(manifest, k).model_dump(mode="json") for k in ("model", "pretrain", "simsiam", "finetune", "probe", "run")}
+    settings = {k: getattr(manifest, k).model_dump(mode="json") for k in TrainSettings.model_fields}
     budgets = manifest.labels.budgets()
     tasks: list[PlannedTask] = []
     accounts: dict[str, dict] = {}

@@ -194,8 +194,18 @@ class Store:
     def attempts(self, task_id: str) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM attempts WHERE task_id=? ORDER BY id", (task_id,)).fetchall()
 
-    def failed_attempts(self, task_id: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM attempts WHERE task_id=? AND status='failed'", (task_id,)).fetchone()[0]
+    def latest_attempts(self, run_id: int) -> dict[str, sqlite3.Row]:
+        """Per task of a run: its latest attempt's start and slot."""
+        return {a["task_id"]: a for a in self.db.execute(
+            "SELECT task_id, MAX(started) AS started, slot FROM attempts WHERE run_id=? GROUP BY task_id", (run_id,))}
+
+    def progress(self, task_ids: list[str]) -> dict[str, sqlite3.Row]:
+        """Epoch, step, loss and images/s of these tasks, as their last events left them."""
+        if not task_ids:
+            return {}
+        rows = self.db.execute("SELECT id, epoch, step, loss, img_per_s FROM tasks WHERE id IN (%s)" % ",".join("?" * len(task_ids)),
+                               list(task_ids)).fetchall()
+        return {r["id"]: r for r in rows}
 
     def points(self, task_id: str, kind: str | None = None) -> list[sqlite3.Row]:
         q = "SELECT * FROM metric_points WHERE task_id=?" + (" AND kind=?" if kind else "") + " ORDER BY ts"

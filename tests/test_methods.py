@@ -49,11 +49,11 @@ def test_simsiam_loss_is_the_symmetric_negative_cosine_of_prediction_and_the_oth
     z1, z2 = model.projector(model.encoder(v1)), model.projector(model.encoder(v2))
     p1, p2 = model.predictor(z1), model.predictor(z2)
     by_hand = -0.5 * (F.cosine_similarity(p1, z2, dim=-1).mean() + F.cosine_similarity(p2, z1, dim=-1).mean())
-    assert float(loss) == pytest.approx(float(by_hand), abs=1e-6)
+    assert float(loss) == pytest.approx(float(by_hand.detach()), abs=1e-6)
     assert -1.0 <= float(loss) <= 1.0
     assert torch.allclose(z1_out, z1.detach(), atol=1e-6)
     # pairing: p1 meets z2 (not z1); the same-view pairing gives another number
-    same_view = -0.5 * (F.cosine_similarity(p1, z1, dim=-1).mean() + F.cosine_similarity(p2, z2, dim=-1).mean())
+    same_view = -0.5 * (F.cosine_similarity(p1, z1, dim=-1).mean() + F.cosine_similarity(p2, z2, dim=-1).mean()).detach()
     assert abs(float(same_view) - float(loss)) > 1e-4
     # D is -cos: identical vectors score -1, opposite ones +1
     x = torch.randn(4, 8)

@@ -25,6 +25,28 @@ def small_byol(channels: int = 1) -> BYOL:
     return BYOL(Backbone("resnet18", channels), proj_hidden=64, proj_dim=16, pred_hidden=64)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_the_resnets_are_torchvisions_weight_for_weight(arch):
+    """Our ResNets (written here: importing torchvision costs a worker seconds) build torchvision's
+    networks: the same seed gives the same weights under the same names, the same outputs, and the
+    ImageNet weights files are found under torchvision's names."""
+    import torchvision
+
+    from runner.ml.models import IMAGENET_URLS, ResNet
+
+    torch.manual_seed(0)
+    ours = ResNet(arch).eval()
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, arch)().eval()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+    assert IMAGENET_URLS[arch] == torchvision.models.get_model_weights(arch).DEFAULT.url
+
+
 def test_heads_have_the_papers_shape():
     head = MLPHead(2048, 4096, 256)
     kinds = [type(m) for m in head.net]

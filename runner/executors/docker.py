@@ -367,7 +367,7 @@ class DockerExecutor(Executor):
             handle = Handle(a["task_id"], Slot(c.labels.get(L_SLOT, "cpu0"), int(gpu.group(1)) if gpu else None),
                             float(a["started"]), pid=None, node=socket.gethostname(),
                             state={"id": c.id, "name": c.name, "folder": folder, "cancelled": False,
-                                   "unreachable_since": None, "adopted": c.status})
+                                   "unreachable_since": None})
             log = folder / "worker.log"
             self._follow(handle, since=int(log.stat().st_mtime) if log.exists() else None)
             out[aid] = handle

@@ -320,8 +320,8 @@ def augment(images: torch.Tensor, aug: ViewAug, size: int, g: torch.Generator, c
         _compiled_apply = torch.compile(apply, dynamic=False)
     try:
         return _compiled_apply(images, p, aug, size, channels_last, dtype)
-    except Exception as e:  # noqa: BLE001 - a backend that cannot compile it: the eager path gives the same view
-        warnings.warn(f"compiled augmentation failed, running it eagerly: {type(e).__name__}: {e}", stacklevel=2)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # no compiler for this backend: the eager path gives the same view
+        warnings.warn(f"compiling the augmentation failed, running it eagerly: {type(e).__name__}: {e}", stacklevel=2)
         _compiled_apply = apply
         return apply(images, p, aug, size, channels_last, dtype)
 

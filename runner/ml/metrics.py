@@ -31,17 +31,20 @@ def auroc(scores: np.ndarray, is_pos: np.ndarray) -> float:
                                 np.ones((1, len(scores))))[0])
 
 
+def cross_entropy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean -log p(true class) of predicted probabilities (clipped at 1e-12): the one cross-entropy of
+    probabilities that training, selection, the probe and the metrics all use."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
+
+
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, positive: int | None = None) -> dict:
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     n, k = probs.shape
     pred = probs.argmax(axis=1)
-    p_true = np.clip(probs[np.arange(n), labels], 1e-12, 1.0)
-    out: dict = {
-        "n": int(n),
-        "accuracy": float((pred == labels).mean()),
-        "loss": float(-np.log(p_true).mean()),
-    }
+    out: dict = {"n": int(n), "accuracy": float((pred == labels).mean()), "loss": cross_entropy(probs, labels)}
     cm = confusion_matrix(labels, pred, k)
     out["balanced_accuracy"] = balanced_accuracy(cm)
     out["confusion_matrix"] = cm.tolist()
@@ -68,7 +71,7 @@ def prior_loss(train_labels: np.ndarray, test_labels: np.ndarray, num_classes: i
     """Cross-entropy on test of always predicting the train class frequencies: the loss a model that
     learned nothing would get, the bar a diverging fine-tune must not cross."""
     prior = np.bincount(train_labels, minlength=num_classes) / len(train_labels)
-    return float(-np.log(np.clip(prior[test_labels], 1e-12, 1)).mean())
+    return cross_entropy(np.tile(prior, (len(test_labels), 1)), test_labels)
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -1,4 +1,14 @@
-"""Backbones from torchvision, with a 1- or 3-channel input and no classifier.
+"""Backbones: ResNets (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016) with a
+1- or 3-channel input and no classifier.
+
+Written here rather than imported from torchvision: importing torchvision costs a worker 2-4 s at
+start-up (it loads torch._dynamo), for one class. The networks are built module by module in the
+order torchvision builds its `resnet18/34/50/101` (stride on the 3x3 convolution of a bottleneck,
+"ResNet v1.5"), with its parameter names and its initialization, so the same seed gives the same
+weights, ImageNet weights files load as they are, and a test holds the two to equality.
+
+ImageNet weights come from the torch hub cache, where torchvision downloads them
+(`$TORCH_HOME/hub/checkpoints/<file>`, `IMAGENET_URLS`); nothing is downloaded here.
 
 One-channel input: conv1's weights are summed over the RGB axis (the stem a gray image would see
 if it were repeated to three channels, at a third of the cost of repeating it). With ImageNet
@@ -7,13 +17,115 @@ weights this is exact for gray images; with random init it is just a 1-channel c
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-import torchvision
 from torch import nn
 
 from runner.ml.config import ARCHS
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+# torchvision's DEFAULT weights of each architecture (IMAGENET1K_V1 for 18/34, IMAGENET1K_V2 for 50/101)
+IMAGENET_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+    "resnet101": "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
+}
+_LAYOUT = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+           "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where torchvision keeps the ImageNet weights of `arch` once downloaded."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_URLS[arch]).name
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(cin, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = _conv1x1(cin, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet(nn.Module):
+    """The ImageNet ResNet: 7x7 stem, max-pool, four stages, global average pool, fc."""
+
+    def __init__(self, arch: str, num_classes: int = 1000) -> None:
+        super().__init__()
+        kind, depths = _LAYOUT[arch]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = self._stage(block, 64, depths[0])
+        self.layer2 = self._stage(block, 128, depths[1], stride=2)
+        self.layer3 = self._stage(block, 256, depths[2], stride=2)
+        self.layer4 = self._stage(block, 512, depths[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _stage(self, block: type, planes: int, depth: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(_conv1x1(self.inplanes, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion))
+        blocks = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        blocks += [block(self.inplanes, planes) for _ in range(1, depth)]
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 class Backbone(nn.Module):
@@ -23,7 +135,12 @@ class Backbone(nn.Module):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown backbone {arch!r}; one of {', '.join(ARCHS)}")
-        net = getattr(torchvision.models, arch)(weights=weights)
+        net = ResNet(arch)
+        if weights is not None:  # "DEFAULT": the ImageNet weights, from the torch hub cache
+            path = imagenet_weights_path(arch)
+            if not path.is_file():
+                raise FileNotFoundError(f"the ImageNet weights of {arch} are not at {path}: fetch {IMAGENET_URLS[arch]} there")
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         if in_channels == 1:
             old = net.conv1
             conv = nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)

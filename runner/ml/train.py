@@ -25,6 +25,7 @@ from torch import nn
 from runner.ml.augment import augment, eval_view, preset_for
 from runner.ml.checkpoint import CheckpointWriter, rng_state, safe_load, set_rng_state
 from runner.ml.config import FinetuneSpec, ProbeSpec, RunSpec
+from runner.ml.metrics import cross_entropy
 from runner.ml.models import Backbone, Classifier
 from runner.ml.optim import set_lr, split_decay_groups, warmup_cosine
 
@@ -170,7 +171,7 @@ def predict(model: nn.Module, images: torch.Tensor, size: int, ctx: Context, bat
 
 
 def ce_from_probs(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(-torch.log(probs[torch.arange(len(labels)), labels].clamp(min=1e-12)).mean())
+    return cross_entropy(probs.numpy(), labels.numpy())
 
 
 def train_classifier(
@@ -320,7 +321,7 @@ def linear_probe(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], sp
     for c in spec.c_grid:
         clf = LogisticRegression(C=c, max_iter=spec.max_iter).fit(xtr, labels["train"])
         probs = _full_proba(clf, xva, num_classes)
-        loss = float(-np.log(np.clip(probs[np.arange(len(labels["val"])), labels["val"]], 1e-12, 1)).mean())
+        loss = cross_entropy(probs, labels["val"])
         if best is None or loss < best[0]:
             best = (loss, c, clf, float((probs.argmax(1) == labels["val"]).mean()))
     loss, c, clf, acc = best

@@ -53,8 +53,7 @@ def read_snapshot(results: Path, run_name: str | None = None) -> Snapshot:
         info["arch"] = arch_of(run["manifest"])
         info["compare"] = compare_of(run["manifest"])
         alive = run["status"] == "running" and pid_alive(run["pid"])
-        started = {a["task_id"]: a for a in store.db.execute(
-            "SELECT task_id, MAX(started) AS started, slot FROM attempts WHERE run_id=? GROUP BY task_id", (run["id"],))}
+        started = store.latest_attempts(run["id"])
     finally:
         store.close()
     for t in tasks:
@@ -70,9 +69,7 @@ def curve(results: Path, task_id: str) -> dict[str, list[tuple[float, float]]]:
         return {}
     store = Store(db, readonly=True)
     try:
-        rows = store.db.execute(
-            "SELECT kind, step, loss, val_loss, tau, proj_std FROM metric_points WHERE task_id=? ORDER BY ts", (task_id,)
-        ).fetchall()
+        rows = store.points(task_id)
     finally:
         store.close()
     series: dict[str, list[tuple[float, float]]] = {"loss": [], "val_loss": [], "tau": [], "proj_std": []}
