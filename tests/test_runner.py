@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, fault_env, run_cli
+from tests.conftest import REPO, run_cli
 
 TINY = """\
 name: tiny
@@ -94,29 +94,6 @@ def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tmp_path
     assert status["run"]["name"] == "tiny" and all(t["status"] == "done" for t in status["tasks"])
     rep = run_cli("report", "--results", str(results), "--format", "csv")
     assert rep.returncode == 0 and rep.stdout.startswith("dataset,labels,method")
-
-
-def test_a_failing_task_is_retried_then_failed_and_the_rest_finishes(tmp_path):
-    results = tmp_path / "results"
-    tiny(tmp_path, pre_epochs=2, ft_steps=5)
-    r = run_cli("run", str(tmp_path / "tiny.yaml"), "--results", str(results), env=fault_env("supervised"))
-    assert r.returncode == 1, r.stdout + r.stderr
-    att = attempts(results)
-    sup = [a for a in att if a[1] == "supervised"]
-    assert len(sup) == 4 and all(a[2] == "failed" and "injected failure" in a[3] for a in sup)  # 2 tasks x (1 + 1 retry)
-    assert all(a[2] == "done" for a in att if a[1] != "supervised")
-    st = json.loads(run_cli("status", "--results", str(results), "--json").stdout)
-    failed = [t for t in st["tasks"] if t["status"] == "failed"]
-    assert len(failed) == 2 and all("injected failure" in t["error"] for t in failed)
-    table = (results / "tiny" / "results.md").read_text()
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| syn (")]
-    assert len(rows) == 2 and all(row[3:5] == ["—", "—"] for row in rows)  # Model 2 missing, marked, not a crash
-    # a plain rerun leaves them failed; --retry-failed runs them again (now without the fault)
-    assert run_cli("run", str(tmp_path / "tiny.yaml"), "--results", str(results)).returncode == 1
-    fixed = run_cli("run", str(tmp_path / "tiny.yaml"), "--results", str(results), "--retry-failed")
-    assert fixed.returncode == 0, fixed.stderr
-    rows = [line for line in (results / "tiny" / "results.md").read_text().splitlines() if line.startswith("| syn (")]
-    assert len(rows) == 2 and not any("—" in row for row in rows)  # every cell of the README table filled
 
 
 def _start_runner(manifest: Path, results: Path) -> subprocess.Popen:
