@@ -66,7 +66,7 @@ def test_simsiam_is_symmetric_in_its_two_views():
     v1, v2 = torch.rand(6, 1, 32, 32), torch.rand(6, 1, 32, 32)
     a, _ = model(v1, v2)
     b, _ = model(v2, v1)
-    assert float(a) == pytest.approx(float(b), abs=1e-6)
+    assert float(a.detach()) == pytest.approx(float(b.detach()), abs=1e-6)
 
 
 def test_simsiam_stops_the_gradient_at_the_projection_it_predicts():
