@@ -13,6 +13,8 @@ from pathlib import Path
 
 from runner import __version__
 from runner.errors import UserError
+from runner.executors import EXECUTORS
+from runner.ml.config import ARCHS
 
 DEFAULT_RESULTS = "results"
 
@@ -184,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a manifest's whole matrix headless, resuming where it stopped")
     r.add_argument("manifest", type=Path)
-    r.add_argument("--executor", choices=("local", "docker", "ray"), help="overrides the manifest's executor.kind")
+    r.add_argument("--executor", choices=tuple(EXECUTORS), help="overrides the manifest's executor.kind")
     r.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
     r.add_argument("--max-parallel", type=int, help="tasks at once (default: one per GPU, 1 on the CPU)")
     r.add_argument("--retry-failed", action="store_true", help="run again the tasks an earlier run gave up on")
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_data_audit)
 
     b = sub.add_parser("bench", help="images/s of the BYOL and supervised training steps and of the augmentation (JSON)")
-    b.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
+    b.add_argument("--arch", default="resnet50", choices=ARCHS)
     b.add_argument("--size", type=int, default=224, help="image side in pixels")
     b.add_argument("--batch", type=int, default=256)
     b.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on cuda, fp32 on cpu")

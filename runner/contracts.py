@@ -5,40 +5,26 @@
 - `EventKind` and `event_line`: one line of tasks/<id>/events.jsonl.
 - `read_events`: the one reader of an events.jsonl (whole, or the complete lines after an offset).
 - `ENGINE_VERSION`: part of every task id.
-- `one_of`: a string field limited to a registry's names, with a "did you mean" error and an enum in the schema.
 
 Imports no torch: the runner, the TUI and the executors read it.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, Field, WithJsonSchema
+from pydantic import Field
 
 from runner.arms import KINDS
+from runner.choices import one_of
 from runner.data.sources import DatasetSpec, StrictModel
 from runner.ml.config import TrainSettings
 
 ENGINE_VERSION = 4  # bump when a code change alters results: it is part of every task id (4: RandomResizedCrop sampling)
-
-
-def one_of(names: tuple[str, ...], what: str):
-    """`Annotated[str, ...]` accepting exactly `names`; anything else fails with the list and the closest name."""
-
-    def check(v: str) -> str:
-        if v not in names:
-            close = difflib.get_close_matches(v, names, 1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown {what}{hint}: one of {', '.join(names)}")
-        return v
-
-    return Annotated[str, AfterValidator(check), WithJsonSchema({"type": "string", "enum": list(names)})]
 
 
 class TaskStatus(StrEnum):

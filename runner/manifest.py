@@ -17,7 +17,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from runner.arms import DEFAULT_METHODS, METHODS
-from runner.contracts import one_of
+from runner.executors import EXECUTORS
+from runner.choices import one_of
 from runner.data.sources import DatasetSpec, StrictModel
 from runner.data.splits import LabelBudget
 from runner.errors import ManifestError
@@ -132,10 +133,13 @@ class DockerSpec(StrictModel):
         return v
 
 
+ExecutorKind = one_of(tuple(EXECUTORS), "executor")
+
+
 class ExecutorSpec(StrictModel):
     """Where tasks run and how many at once."""
 
-    kind: Literal["local", "docker", "ray"] = Field(
+    kind: ExecutorKind = Field(
         "local", description="local: one subprocess per task on this machine; docker: one container per task on this "
         "machine's Docker engine; ray: one Ray task per cell on a Ray cluster"
     )

@@ -27,6 +27,7 @@ import numpy as np
 from runner import arms as A
 from runner import stats
 from runner.atomic import atomic_write_text
+from runner.contracts import read_events
 from runner.store import TaskRow, open_latest_run
 
 PRIMARY = "auroc"  # the metric a verdict is decided on
@@ -396,17 +397,7 @@ def _p(p: float | None, seeds: int = 2) -> str:
 
 
 def _events(results: Path, tid: str) -> list[dict]:
-    try:
-        lines = (results / "tasks" / tid / "events.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    return read_events(results / "tasks" / tid / "events.jsonl")[0]
 
 
 def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict) -> list[str]:

@@ -3,11 +3,9 @@ handle until it has an exit code, and `cancel`s it on Ctrl-C or a timeout."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +73,10 @@ class Executor(ABC):
 def append_error_event(folder: Path, task_id: str, message: str, error_type: str | None) -> None:
     """An `error` event written for a worker by its executor (what the worker could not say itself: its
     container was killed, its Ray node was lost): the scheduler records it as the attempt's error."""
+    from runner.contracts import EventKind, event_line
+
     with open(folder / "events.jsonl", "a") as f:
-        f.write(json.dumps({"ts": time.time(), "task": task_id, "kind": "error", "epoch": None, "step": None,
-                            "message": message, "error_type": error_type}) + "\n")
+        f.write(event_line(task_id, EventKind.ERROR, message=message, error_type=error_type))
 
 
 def visible_gpus() -> list[int]:

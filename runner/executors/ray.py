@@ -67,8 +67,9 @@ def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing 
         with open(folder / "worker.log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "worker", str(folder / "task.json"), "--results", str(root)],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-            hub.push.remote(task_id, [json.dumps({"ts": time.time(), "task": task_id, "kind": "log", "epoch": None, "step": None,
-                                                  "message": f"on ray node {node} (worker pid {proc.pid})", "node": node})])
+            from runner.contracts import event_line
+
+            hub.push.remote(task_id, [event_line(task_id, "log", message=f"on ray node {node} (worker pid {proc.pid})", node=node).rstrip("\n")])
             offset = 0
             while True:
                 done = proc.poll() is not None

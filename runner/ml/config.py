@@ -8,13 +8,15 @@ from typing import Literal
 
 from pydantic import Field
 
+from runner.choices import one_of
 from runner.data.sources import StrictModel
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+Arch = one_of(ARCHS, "backbone")
 
 
 class ModelSpec(StrictModel):
-    arch: Literal[ARCHS] = Field("resnet50", description="torchvision backbone; resnet50 is the study's")  # type: ignore[valid-type]
+    arch: Arch = Field("resnet50", description="the ResNet backbone (torchvision's architectures and weights); resnet50 is the study's")
     image_size: int | None = Field(None, ge=16, le=1024, description="training crop side; default: the data set's image_size")
 
 
