@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,20 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
 
         print_audit(report)
     return 0 if report["clean"] else 1
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from runner.data.fetch import DATASETS, default_dest, fetch
+
+    unknown = [n for n in args.names if n not in DATASETS]
+    if unknown:
+        raise UserError(f"data fetch: unknown data set {unknown[0]!r}: one of {', '.join(DATASETS)}")
+    dest = args.to or default_dest()
+    for name in args.names or list(DATASETS):
+        fetch(name, dest)
+    if dest != Path("data") and not os.environ.get("BYOL_DATA"):
+        print(f"point the study at it: BYOL_DATA={dest} byol-runner run experiments/matrix.yaml")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -224,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print the manifest's JSON schema")
     s.set_defaults(func=cmd_schema)
 
-    data = sub.add_parser("data", help="inspect the data sets of a manifest")
+    data = sub.add_parser("data", help="fetch the study's data sets; inspect the data sets of a manifest")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     a = data_sub.add_parser(
         "audit",
@@ -234,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--results", help=f"results dir, holds the image cache (default: the manifest's, or {DEFAULT_RESULTS}/)")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.set_defaults(func=cmd_data_audit)
+    f = data_sub.add_parser(
+        "fetch",
+        help="download the study's published data sets through kagglehub and lay them out where experiments/matrix.yaml looks",
+        description="Download chest_xray, head_ct and skin_isic (all by default) through kagglehub (its cache and Kaggle "
+        "credentials), and link them into DIR/<name> (nothing copied), checked against the published counts. "
+        "Example: byol-runner data fetch && byol-runner data audit experiments/matrix.yaml",
+    )
+    f.add_argument("names", nargs="*", metavar="NAME", help="chest_xray, head_ct, skin_isic (default: all three)")
+    f.add_argument("--to", type=Path, help="where the data sets go (default: $BYOL_DATA, else data/)")
+    f.set_defaults(func=cmd_data_fetch)
 
     b = sub.add_parser("bench", help="images/s of the BYOL and supervised training steps and of the augmentation (JSON)")
     b.add_argument("--arch", default="resnet50", choices=ARCHS)
