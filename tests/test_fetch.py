@@ -150,6 +150,14 @@ def test_a_full_disk_midway_leaves_no_folder_that_looks_complete(tmp_path, monke
     assert list((tmp_path / "data").iterdir()) == []
 
 
+def test_what_a_killed_fetch_left_is_cleared_by_the_next(tmp_path):
+    archive = head_archive(tmp_path / "dl")
+    dead = tmp_path / "data" / ".head_ct.partial-999999999"  # no such process
+    (dead / "half").mkdir(parents=True)
+    F.fetch("head_ct", tmp_path / "data", lambda h: archive, lambda s: None)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["head_ct"]
+
+
 def test_a_folder_not_made_by_fetch_is_left_alone(tmp_path):
     (tmp_path / "data" / "skin_isic").mkdir(parents=True)
     with pytest.raises(UserError, match="skin_isic: .* exists and was not made by `data fetch`"):

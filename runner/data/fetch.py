@@ -136,6 +136,10 @@ def fetch(name: str, dest: Path, get: Callable[[str], Path] = download, say: Cal
     archive = get(d.handle)
     root = find_root(archive, d)
     dest.mkdir(parents=True, exist_ok=True)
+    for stale in dest.glob(f".{d.name}.partial-*"):  # a fetch killed halfway (its process is gone)
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     partial = dest / f".{d.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -195,6 +199,16 @@ def _check_labels(d: Published, path: Path) -> None:
             counts[row[column].strip()] = counts.get(row[column].strip(), 0) + 1
     if counts != d.labels:
         raise UserError(f"{d.name}: {path.name} counts {counts}, {d.page} publishes {d.labels}: the archive has changed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def default_dest() -> Path:
