@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.errors import UserError
+from runner.executors.base import pid_alive
 
 JUNK_DIRS = {"__MACOSX"}
 JUNK_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -138,7 +139,7 @@ def fetch(name: str, dest: Path, get: Callable[[str], Path] = download, say: Cal
     dest.mkdir(parents=True, exist_ok=True)
     for stale in dest.glob(f".{d.name}.partial-*"):  # a fetch killed halfway (its process is gone)
         pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     partial = dest / f".{d.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -199,16 +200,6 @@ def _check_labels(d: Published, path: Path) -> None:
             counts[row[column].strip()] = counts.get(row[column].strip(), 0) + 1
     if counts != d.labels:
         raise UserError(f"{d.name}: {path.name} counts {counts}, {d.page} publishes {d.labels}: the archive has changed")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def default_dest() -> Path:
