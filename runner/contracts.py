@@ -102,15 +102,21 @@ class ControlRequest(StrictModel):
 
     @classmethod
     def receive(cls, results: Path) -> list["ControlRequest"]:
-        """The waiting requests, oldest first; each file is removed (one that is not a request, too)."""
+        """The waiting requests, oldest first; each file is removed (one that is not a request, too).
+        Only regular files are read (a FIFO would block the scheduler); anything else is left alone."""
+        import stat
+
         folder = Path(results) / "control"
         out = []
         for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             try:
-                out.append(cls.model_validate_json(f.read_bytes()))
+                if not stat.S_ISREG(f.lstat().st_mode):
+                    continue
+                data = f.read_bytes()
+                f.unlink(missing_ok=True)
+                out.append(cls.model_validate_json(data))
             except (OSError, ValueError):
-                pass
-            f.unlink(missing_ok=True)
+                continue
         return out
 
 
