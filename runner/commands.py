@@ -23,16 +23,29 @@ def load_plan(manifest_path: str | Path, results_cli: str | None, progress: Prog
 def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, plan: Plan, executor: str | None = None,
                  max_parallel: int | None = None, retry_failed: bool = False, display_factory=None,  # noqa: ANN001
                  retry_ids: tuple[str, ...] = ()):
-    from runner import report as R
     from runner.executors import make_executor
-    from runner.scheduler import Scheduler
-    from runner.store import Store
 
     kind = executor or manifest.executor.kind
     try:
         ex, slots = make_executor(kind, manifest.executor, max_parallel)
     except ValueError as e:
         raise UserError(str(e)) from None
+    from runner.scheduler import RunnerLock
+
+    lock = RunnerLock(results)
+    lock.acquire()  # before anything is written: a refused second runner changes nothing
+    try:
+        return _execute(manifest_path, manifest, results, plan, ex, slots, retry_failed, display_factory, retry_ids, lock)
+    finally:
+        lock.release()
+
+
+def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, slots, retry_failed: bool,  # noqa: ANN001
+             display_factory, retry_ids: tuple[str, ...], lock):  # noqa: ANN001
+    from runner import report as R
+    from runner.scheduler import Scheduler
+    from runner.store import Store
+
     store = Store(results / "runner.db")
     run_dir = results / manifest.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -49,9 +62,9 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
         if display_factory is not None:
             with display_factory(len(plan.tasks)) as display:
                 sched.display = display
-                outcome = sched.run(text, str(Path(manifest_path).resolve()))
+                outcome = sched.run(text, str(Path(manifest_path).resolve()), lock)
         else:
-            outcome = sched.run(text, str(Path(manifest_path).resolve()))
+            outcome = sched.run(text, str(Path(manifest_path).resolve()), lock)
         rep = R.build(results, manifest.name, store.run_tasks(outcome.run_id), R.arch_of(text), primary=manifest.report.primary,
                       compare=(manifest.compare.model1, manifest.compare.model2))
         R.write(results, rep)

@@ -41,10 +41,10 @@ SafeName = Annotated[str, AfterValidator(_safe_name)]
 class LabelsSpec(StrictModel):
     """The label budgets of the matrix: fractions of each class's train images, or counts per class."""
 
-    fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+    fractions: list[Annotated[float, Field(gt=0.0, le=1.0, strict=True)]] = Field(
         default_factory=list, description="e.g. [0.01, 0.1, 1.0] (the default when no budget is given); nested per seed"
     )
-    per_class: list[Annotated[int, Field(ge=1)]] = Field(
+    per_class: list[Annotated[int, Field(ge=1, strict=True)]] = Field(
         default_factory=list, description="labeled examples per class, e.g. [2, 10, 50]; with or instead of fractions"
     )
 
@@ -180,7 +180,8 @@ class Manifest(TrainSettings):
         "byol-imagenet-* need ImageNet weights in the torch hub cache; simsiam-* pretrain with SimSiam",
     )
     labels: LabelsSpec = LabelsSpec()
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run of every cell per seed")
+    seeds: list[Annotated[int, Field(strict=True)]] = Field(default_factory=lambda: [0], min_length=1,
+                                                              description="one run of every cell per seed")
     # and the training settings sections (model, run, pretrain, simsiam, finetune, probe): TrainSettings's
     executor: ExecutorSpec = ExecutorSpec()
     report: ReportSpec = ReportSpec()
@@ -207,8 +208,9 @@ class Manifest(TrainSettings):
     @field_validator("name")
     @classmethod
     def _not_reserved(cls, v: str) -> str:
-        if v in RESERVED_NAMES:
-            raise ValueError(f"{v!r} cannot name a run (reserved: {', '.join(sorted(RESERVED_NAMES))})")
+        if v in RESERVED_NAMES or v.lower().startswith("runner."):
+            raise ValueError(f"{v!r} cannot name a run (reserved: {', '.join(sorted(RESERVED_NAMES))}, and runner.* "
+                             "for the runner's own files)")
         return v
 
     @field_validator("seeds")

@@ -156,10 +156,14 @@ class Scheduler:
 
     # ---- the loop --------------------------------------------------------------------------
 
-    def run(self, manifest_yaml: str, manifest_path: str) -> RunOutcome:
+    def run(self, manifest_yaml: str, manifest_path: str, lock: RunnerLock | None = None) -> RunOutcome:
+        """Run the plan to its end. `lock`: the results dir's lock, already held by the caller (else
+        taken here); released by whoever took it."""
         t0 = time.time()
-        lock = RunnerLock(self.results)
-        lock.acquire()
+        own = lock is None
+        if own:
+            lock = RunnerLock(self.results)
+            lock.acquire()
         previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
         run_id = -1
         try:
@@ -186,7 +190,8 @@ class Scheduler:
             return self._outcome(run_id, code, t0)
         finally:
             signal.signal(signal.SIGTERM, previous)
-            lock.release()
+            if own:
+                lock.release()
 
     def _outcome(self, run_id: int, code: int, t0: float) -> RunOutcome:
         counts: dict[str, int] = {}

@@ -96,6 +96,9 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
     from runner.ml import train as T
 
     device = resolve_device(task.settings.run.device)
+    for what, rel in (("cache_dir", task.cache_dir), ("encoder", task.encoder)):
+        if rel is not None and not _inside(results / rel, results):
+            raise StartError(f"task {task.id}: {what} {rel!r} points outside the results dir {results}: task.json was edited by hand")
     encoder_path = results / task.encoder if task.encoder else None
     if task.kind in ("finetune", "linear"):
         if encoder_path is None or not encoder_path.is_file():
@@ -113,6 +116,11 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
     train = _classifier if task.kind in CLASSIFIER_KINDS else _probe
     val_probs, probs, selection = train(task, ds, labels, encoder_path, ctx)
     return _score(task, ds, labels, val_probs, probs, selection) | {"seconds": round(time.perf_counter() - started, 2)}
+
+
+def _inside(path: Path, root: Path) -> bool:
+    path, root = path.resolve(), root.resolve()
+    return path == root or root in path.parents
 
 
 def _size(task: TaskSpec) -> int:
@@ -186,6 +194,9 @@ def _score(task: TaskSpec, ds, labels: Labels, val_probs, probs, selection: dict
     from runner.ml.metrics import apply_temperature, classification_metrics, fit_temperature, prior_loss
 
     positive = ds.class_names.index(ds.spec.positive) if ds.spec.positive else (1 if labels.k == 2 else None)
+    if not np.isfinite(probs).all():
+        raise RuntimeError(f"the {task.kind} model predicts non-finite probabilities (its training diverged): lower the learning "
+                           "rate (finetune.lr, pretrain.base_lr) and rerun; no result is recorded")
     test_labels = ds.labels[labels.test]
     temperature = fit_temperature(val_probs, ds.labels[labels.val]) if labels.selecting else 1.0
     raw = classification_metrics(probs, test_labels, positive)

@@ -259,3 +259,55 @@ def test_every_arm_is_complete_and_each_pretraining_is_planned_once_per_seed(tmp
             (dep,) = t.deps
             assert by_id[dep].method == f"{p.name}-pretrain" and by_id[dep].seed == t.seed
     assert math.prod([len(arms.METHODS), 2]) == len([t for t in plan.tasks if t.kind != "pretrain"])
+
+
+# ---- a diverging run fails, it is never a result -------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["byol", "simsiam"])
+def test_a_pretraining_whose_loss_diverges_fails_with_the_step_and_a_hint(tmp_path, method):
+    ctx, events = cpu_context(tmp_path)
+    settings = TrainSettings(pretrain=PretrainSpec(epochs=4, min_steps=0, batch_size=8, base_lr=1e30, warmup_epochs=0,
+                                                   proj_hidden=16, proj_dim=8, pred_hidden=16),
+                             simsiam=SimSiamSpec(base_lr=1e30, proj_dim=16, pred_hidden=8))
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 1, 16, 16), dtype=np.uint8)
+    with pytest.raises(RuntimeError, match=r"loss is (nan|inf|-inf) at step \d+ of 8 \(training diverged\): lower the learning rate"):
+        pretrain(pixels, settings, method, "random", "resnet18", 16, ctx)
+    assert not (tmp_path / "encoder.pt").exists()
+
+
+def test_a_fine_tune_whose_loss_diverges_fails(tmp_path):
+    from runner.ml.config import FinetuneSpec
+    from runner.ml.train import train_classifier
+
+    ctx, _ = cpu_context(tmp_path)
+    x = np.random.default_rng(0).integers(0, 256, (16, 1, 16, 16), dtype=np.uint8)
+    y = np.r_[np.zeros(8, int), np.ones(8, int)]
+    spec = FinetuneSpec(epochs=1, min_steps=12, batch_size=8, lr=1e30, eval_every_steps=4, warmup_frac=0.0)
+    with pytest.raises(RuntimeError, match=r"training loss is (nan|inf) at step \d+ of 12 \(training diverged\): lower finetune\.lr"):
+        train_classifier(Backbone("resnet18", 1), False, (x, y), None, 2, spec, 16, ctx)
+
+
+def test_a_task_json_pointing_outside_the_results_dir_cannot_start(tmp_path):
+    from runner.contracts import TaskSpec
+    from runner.worker import EventLog, StartError, run_task
+
+    for field_, value in (("cache_dir", "../../outside"), ("encoder", "../elsewhere/encoder.pt")):
+        spec = TaskSpec.model_validate({"id": "t", "kind": "finetune" if field_ == "encoder" else "supervised", "dataset": "d",
+                                        "data": {"source": "synthetic"}, "budget": {"fraction": 1.0},
+                                        "settings": {"run": {"device": "cpu"}}, field_: value})
+        (tmp_path / "tasks" / "t").mkdir(parents=True, exist_ok=True)
+        log = EventLog(tmp_path / "tasks" / "t" / "events.jsonl", "t")
+        try:
+            with pytest.raises(StartError, match=f"{field_} .* points outside the results dir"):
+                run_task(spec, tmp_path / "tasks" / "t", tmp_path, log)
+        finally:
+            log.close()
+    assert not (tmp_path.parent / "outside").exists()
+
+
+def test_the_manifest_knows_every_augmentation_preset():
+    from runner.ml.augment import PRESETS
+    from runner.ml.config import AUGMENT_PRESETS
+
+    assert set(AUGMENT_PRESETS) == {"auto", *PRESETS}

@@ -171,9 +171,13 @@ def test_a_second_runner_on_the_same_results_is_refused(tmp_path):
     first = _start_runner(manifest, results)
     try:
         _wait_for_checkpoint(results)
-        second = run_cli("run", str(manifest), "--results", str(results))
+        saved = (results / "tiny" / "manifest.yaml").read_text()
+        other = tmp_path / "other.yaml"
+        other.write_text(manifest.read_text().replace("seeds: [0]", "seeds: [0]  # edited"))
+        second = run_cli("run", str(other), "--results", str(results))
         assert second.returncode == 2
         assert f"another byol-runner (pid {first.pid}) is running" in second.stderr
+        assert (results / "tiny" / "manifest.yaml").read_text() == saved  # the refused runner wrote nothing
     finally:
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=60)

@@ -23,7 +23,8 @@ REST = "*"  # in a class mapping: every source class not named elsewhere
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no inf or nan anywhere: `base_lr: .inf` must fail at plan time, not train a NaN model to "done"
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -4,7 +4,7 @@ GPU and to data sets of a few thousand images."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -13,6 +13,10 @@ from runner.data.sources import StrictModel
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 Arch = one_of(ARCHS, "backbone")
+# augmentation presets (runner/ml/augment.py PRESETS; a test holds the two lists equal)
+AUGMENT_PRESETS = ("auto", "byol", "xray", "ct", "finetune", "finetune-gray")
+Augment = one_of(AUGMENT_PRESETS, "augmentation preset")
+Width = Annotated[int, Field(ge=1, le=65536)]  # a head's width: a zero, a negative or a 1e30 fails here, not in a worker
 
 
 class ModelSpec(StrictModel):
@@ -44,10 +48,10 @@ class PretrainSpec(StrictModel):
     weight_decay: float = Field(1.5e-6, ge=0)
     warmup_epochs: float = Field(10, ge=0)
     tau_base: float = Field(0.99, gt=0, lt=1, description="0.996 in the paper for 1000 epochs; 0.99 suits short runs")
-    proj_hidden: int = 4096
-    proj_dim: int = 256
-    pred_hidden: int = 4096
-    augment: str = Field("auto", description="auto (byol for colour, xray for gray), byol, xray, ct")
+    proj_hidden: Width = 4096
+    proj_dim: Width = 256
+    pred_hidden: Width = 4096
+    augment: Augment = Field("auto", description="auto (byol for colour, xray for gray), byol, xray, ct")
 
 
 class SimSiamSpec(StrictModel):
@@ -57,8 +61,8 @@ class SimSiamSpec(StrictModel):
     base_lr: float = Field(0.05, gt=0, description="SGD rate for a batch of 256, scaled linearly with batch_size")
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    proj_dim: int = Field(2048, ge=2, description="the 3-layer projector's width and output")
-    pred_hidden: int = Field(512, ge=2, description="the predictor's bottleneck")
+    proj_dim: Width = Field(2048, ge=2, description="the 3-layer projector's width and output")
+    pred_hidden: Width = Field(512, ge=2, description="the predictor's bottleneck")
     fix_pred_lr: bool = Field(True, description="the predictor keeps the peak rate (no warm-up or decay), as in the paper")
 
 
@@ -79,14 +83,14 @@ class FinetuneSpec(StrictModel):
     warmup_frac: float = Field(0.05, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_every_steps: int | None = Field(None, ge=1, description="default: once an epoch, at least every 5 steps, at most about 50 times")
-    augment: str = Field("auto", description="auto (finetune, or finetune-gray for gray images)")
+    augment: Augment = Field("auto", description="auto (finetune, or finetune-gray for gray images)")
 
 
 class ProbeSpec(StrictModel):
     """Linear evaluation: features of the frozen encoder (eval mode) extracted once, standardized,
     then L2-regularized logistic regression with its strength chosen on validation."""
 
-    c_grid: list[float] = Field(default_factory=lambda: [10.0**k for k in range(-4, 3)], min_length=1)
+    c_grid: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [10.0**k for k in range(-4, 3)], min_length=1)
     fixed_c: float = Field(0.1, gt=0, description="the L2 strength when too few validation labels are left to choose one")
     max_iter: int = Field(2000, ge=10)
 

@@ -11,6 +11,7 @@ SimSiam (`simsiam.py`) are the two; `runner.arms.PRETRAININGS` names them.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Protocol
 
 import numpy as np
@@ -116,7 +117,11 @@ def pretrain(pixels: np.ndarray, settings: TrainSettings, method_name: str, init
                 run_loss.zero_()
                 run_count = 0
             if step % steps_per_epoch == 0 or step == total:
-                ctx.emit("metric", epoch=epoch, step=step, loss=float(epoch_loss) / epoch_count, proj_std=float(method.monitor(z)))
+                mean = float(epoch_loss) / epoch_count
+                if not math.isfinite(mean):
+                    raise RuntimeError(f"{method.name} loss is {mean} at step {step} of {total} (training diverged): lower "
+                                       "the learning rate (pretrain.base_lr, simsiam.base_lr) and rerun")
+                ctx.emit("metric", epoch=epoch, step=step, loss=mean, proj_std=float(method.monitor(z)))
                 epoch_loss.zero_()
                 epoch_count = 0
             if step % ctx.run.checkpoint_every_steps == 0 or step == total:

@@ -263,6 +263,9 @@ def train_classifier(
             epoch = step // steps_per_epoch
             if done % eval_every == 0 or done == total:
                 train_loss = float(run_loss) / max(run_count, 1)
+                if not math.isfinite(train_loss):
+                    raise RuntimeError(f"training loss is {train_loss} at step {done} of {total} (training diverged): lower "
+                                       "finetune.lr and rerun")
                 run_loss.zero_()
                 run_count = 0
                 if not selecting:
