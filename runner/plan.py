@@ -142,4 +142,18 @@ def write_task_files(plan: Plan, results: Path) -> None:
 
 
 def is_done(results: Path, tid: str) -> bool:
-    return (results / "tasks" / tid / "metrics.json").is_file()
+    """metrics.json is there and is this task's (JSON naming it): a damaged one (truncated, overwritten,
+    empty) is not a result, and the task runs again."""
+    return metrics_state(results, tid) == "done"
+
+
+def metrics_state(results: Path, tid: str) -> str:
+    """"done", "missing" or "damaged" (there, but not this task's readable metrics)."""
+    path = results / "tasks" / tid / "metrics.json"
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError):
+        return "damaged"
+    return "done" if isinstance(data, dict) and data.get("task") == tid else "damaged"

@@ -294,3 +294,14 @@ def test_an_executor_that_cannot_start_ends_the_run_with_its_message(tmp_path):
         assert tuple(store.db.execute("SELECT status, exit_code FROM runs").fetchone()) == ("failed", 2)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x00\xff" * 50, b'{"task": "som', b'{"task": "another-task"}'])
+def test_a_damaged_metrics_json_is_not_a_result_and_its_task_runs_again(tmp_path, damage):
+    run(tmp_path, FakeExecutor())
+    (tmp_path / "tasks" / "sup" / "metrics.json").write_bytes(damage)
+    again = FakeExecutor()
+    out, _ = run(tmp_path, again)
+    assert again.submitted == ["sup"] and out.exit_code == 0
+    assert json.loads((tmp_path / "tasks" / "sup" / "metrics.json").read_text())["task"] == "sup"
+    assert attempts(tmp_path)[-1][:3] == ("sup", 2, "done")
