@@ -20,8 +20,8 @@ Init = Literal["random", "imagenet"]
 
 @dataclass(frozen=True)
 class Pretraining:
-    """One pretraining task per dataset x seed: `method` (a module under runner.ml with a `METHOD`)
-    from `init` weights; its result hashes `settings` (manifest sections)."""
+    """One pretraining task per dataset x seed: `method` (a module runner.ml.<method> with a `make`,
+    see runner/ml/pretrain.py) from `init` weights; its result hashes `settings` (manifest sections)."""
 
     name: str
     method: str

@@ -308,8 +308,8 @@ def _units(entries: list[dict]) -> tuple[list | None, str]:
 def add_uncertainty(report: dict, preds: dict, m1: str | None, m2: str | None, b: int) -> None:
     """Every arm's metrics (mean over seeds of each seed's) with bootstrap 95% intervals over seeds and
     test groups; Model 1 − Model 2 on the same draws (seeds paired), with a verdict on the primary
-    metric, Holm-adjusted over the run's comparisons; and, as a family of its own, whether BYOL's
-    linear probe beats the random-init control ("did pretraining learn?")."""
+    metric, Holm-adjusted over the run's comparisons; and, as a family of its own, whether each
+    pretraining's linear probe (from random init) beats the random-init control ("did pretraining learn?")."""
     report["extended"] = []
     for (ds, budget, method), entries in sorted(preds.items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2])):
         groups, units = _units(entries)

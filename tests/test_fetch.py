@@ -18,13 +18,15 @@ from runner.errors import UserError
 from tests.conftest import REPO, real_data, run_cli
 
 
-def _fill(folder: Path, pool: list[Path], n: int) -> None:
-    """n images in `folder`, links to real ones from `pool` (cycled, renamed where one repeats)."""
+def _fill(folder: Path, pool: list[Path], n: int, copy: bool = False) -> None:
+    """n images in `folder`, links to (or copies of) real ones from `pool` (cycled, renamed where one repeats)."""
+    import shutil
+
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         src = pool[i % len(pool)]
         name = src.name if i < len(pool) else f"{src.stem}-r{i}{src.suffix}"
-        os.symlink(src, folder / name)
+        shutil.copy(src, folder / name) if copy else os.symlink(src, folder / name)
 
 
 def _junk(folder: Path) -> None:
@@ -45,11 +47,11 @@ def chest_archive(tmp: Path) -> Path:
     return archive
 
 
-def head_archive(tmp: Path) -> Path:
+def head_archive(tmp: Path, copy: bool = False) -> Path:
     real = real_data("head_ct")
     archive = tmp / "head-ct-hemorrhage" / "versions" / "1"
-    _fill(archive / "head_ct" / "head_ct", sorted(real.glob("*.png")), 200)
-    os.symlink(real / "labels.csv", archive / "labels.csv")
+    _fill(archive / "head_ct" / "head_ct", sorted(real.glob("*.png")), 200, copy)
+    (archive / "labels.csv").write_bytes((real / "labels.csv").read_bytes())
     _junk(archive / "head_ct" / "head_ct")
     return archive
 
@@ -156,6 +158,38 @@ def test_what_a_killed_fetch_left_is_cleared_by_the_next(tmp_path):
     (dead / "half").mkdir(parents=True)
     F.fetch("head_ct", tmp_path / "data", lambda h: archive, lambda s: None)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["head_ct"]
+
+
+def test_a_fetch_whose_download_is_gone_is_laid_out_again(tmp_path):
+    first = head_archive(tmp_path / "dl1", copy=True)  # files of its own, as kagglehub's cache holds
+    F.fetch("head_ct", tmp_path / "data", lambda h: first, lambda s: None)
+    import shutil
+
+    shutil.rmtree(tmp_path / "dl1")  # kagglehub's cache cleared: every link points nowhere
+    second = head_archive(tmp_path / "dl2")
+    said: list[str] = []
+    F.fetch("head_ct", tmp_path / "data", lambda h: second, said.append)
+    assert "point nowhere" in said[0] and all(p.exists() for p in (tmp_path / "data" / "head_ct").iterdir())
+
+
+def test_a_short_top_copy_gives_way_to_a_complete_nested_one(tmp_path):
+    archive = head_archive(tmp_path / "dl")  # head_ct/head_ct/*.png: the complete copy
+    short = archive / "head_ct"
+    for p in sorted((short / "head_ct").glob("*.png"))[:10]:
+        os.symlink(p.resolve(), short / p.name)  # a shallower folder holding 10 of them
+    F.fetch("head_ct", tmp_path / "data", lambda h: archive, lambda s: None)
+    assert len(list((tmp_path / "data" / "head_ct").glob("*.png"))) == 200
+
+
+def test_labels_without_their_column_are_refused(tmp_path):
+    archive = head_archive(tmp_path / "dl")
+    (archive / "labels.csv").write_text("id,label\n000,1\n")
+    with pytest.raises(UserError, match="labels.csv has no 'hemorrhage' column"):
+        F.fetch("head_ct", tmp_path / "data", lambda h: archive, lambda s: None)
+    (archive / "labels.csv").write_text("")
+    with pytest.raises(UserError, match="no 'hemorrhage' column"):
+        F.fetch("head_ct", tmp_path / "data", lambda h: archive, lambda s: None)
+    assert not (tmp_path / "data" / "head_ct").exists()
 
 
 def test_a_folder_not_made_by_fetch_is_left_alone(tmp_path):

@@ -112,12 +112,14 @@ def test_simsiam_heads_and_optimizer_follow_the_paper():
     assert opt.param_groups[0]["lr"] == 0.001 and opt.param_groups[1]["lr"] == pytest.approx(method.peak_lr)
     assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in method.model.predictor.parameters()}
     assert method.after_step(0, 10) == {}  # no target network to move
+    assert SimSiamSpec().warmup_epochs == 0  # the paper warms up only at batch 1024 and more
 
 
 def test_the_pretraining_loop_runs_simsiam_and_saves_its_encoder(tmp_path):
     ctx, events = cpu_context(tmp_path, seed=4)
-    settings = TrainSettings(pretrain=PretrainSpec(epochs=3, min_steps=0, batch_size=8, warmup_epochs=1),
-                             simsiam=SimSiamSpec(proj_dim=32, pred_hidden=8))
+    # pretrain's warm-up is BYOL's; SimSiam has its own (none by default, as the paper at batch 256)
+    settings = TrainSettings(pretrain=PretrainSpec(epochs=3, min_steps=0, batch_size=8, warmup_epochs=0),
+                             simsiam=SimSiamSpec(proj_dim=32, pred_hidden=8, warmup_epochs=1))
     pixels = np.random.default_rng(0).integers(0, 256, (16, 1, 16, 16), dtype=np.uint8)
     seen = []
     real = torch.optim.SGD.step

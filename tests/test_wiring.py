@@ -213,6 +213,11 @@ def test_a_small_data_set_gets_the_floor_of_pretraining_steps(tmp_path):
     summary = pretrain(pixels, TrainSettings(pretrain=spec), "byol", "random", "resnet18", 16, ctx)
     assert summary["steps"] == 7  # 2 epochs of one batch would be 2 steps
     assert [e["step"] for e in events if e["kind"] == "metric"] == list(range(1, 8))
+    # one batch an epoch over a long run: the per-epoch metric (a read-back) about 200 times, not at every step
+    from runner.ml.pretrain import metric_interval
+
+    assert metric_interval(1, 7) == 1 and metric_interval(3, 120) == 3
+    assert metric_interval(1, 5000) == 25 and metric_interval(2, 5000) == 24 and metric_interval(14, 5000) == 14
     assert PretrainSpec().min_steps == 5000  # the default: thousands of steps for a data set of hundreds
 
 

@@ -113,12 +113,16 @@ def _images(folder: Path, extension: str) -> list[Path]:
 
 
 def find_root(archive: Path, d: Published) -> Path:
-    """The folder of the archive the published folders hang from: the shallowest one (the chest
-    archive has a nested copy) where every folder holds images, outside any junk folder."""
+    """The folder of the archive the published folders hang from, outside any junk folder: the
+    shallowest whose counts are the published ones (the chest archive has a nested copy), else the
+    shallowest where every folder holds images (whose counts the caller then reports)."""
     candidates = [archive, *sorted((p for p in archive.rglob("*") if p.is_dir() and not _is_junk(p)), key=lambda p: len(p.parts))]
-    for root in candidates:
-        if all(_images(root / inner, d.extension) for inner, _ in d.folders.values()):
+    holding = [root for root in candidates if all(_images(root / inner, d.extension) for inner, _ in d.folders.values())]
+    for root in holding:
+        if all(len(_images(root / inner, d.extension)) == n for inner, n in d.folders.values()):
             return root
+    if holding:
+        return holding[0]
     wanted = ", ".join(inner or "." for inner, _ in d.folders.values())
     raise UserError(f"{d.name}: the download at {archive} has no folder holding {wanted} with {d.extension} images: the archive "
                     f"has changed since byol-runner knew it ({d.page}); lay it out by hand (README, 'Data')")
@@ -129,8 +133,13 @@ def fetch(name: str, dest: Path, get: Callable[[str], Path] = download, say: Cal
     d = DATASETS[name]
     final = dest / d.name
     if (final / MARK).is_file():
-        say(f"{d.name}: already at {final} ({d.images} images, fetched before): nothing to do")
-        return final
+        broken = [p for p in final.rglob("*") if p.is_symlink() and not p.exists()]
+        if not broken:
+            say(f"{d.name}: already at {final} ({d.images} images, fetched before): nothing to do")
+            return final
+        # its links point into a download that is gone (kagglehub's cache cleared or moved): lay it out again
+        say(f"{d.name}: {len(broken)} links at {final} point nowhere (the download they point into is gone): fetching again")
+        shutil.rmtree(final)
     if final.exists():
         raise UserError(f"{d.name}: {final} exists and was not made by `data fetch`: move it away, or fetch elsewhere with --to DIR")
     say(f"{d.name}: downloading {d.handle} through kagglehub ({d.page})")
@@ -190,10 +199,15 @@ def _lay_out(d: Published, archive: Path, root: Path, out: Path) -> dict[str, in
 def _check_labels(d: Published, path: Path) -> None:
     import csv
 
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    header = [h.strip() for h in rows[0]]
-    column = header.index("hemorrhage") if "hemorrhage" in header else len(header) - 1
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{d.name}: cannot read {path}: {e}") from None
+    header = [h.strip() for h in rows[0]] if rows else []
+    if "hemorrhage" not in header:
+        raise UserError(f"{d.name}: {path} has no 'hemorrhage' column (header {header}): the archive has changed ({d.page})")
+    column = header.index("hemorrhage")
     counts: dict[str, int] = {}
     for row in rows[1:]:
         if row:

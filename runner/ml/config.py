@@ -55,8 +55,9 @@ class PretrainSpec(StrictModel):
 
 
 class SimSiamSpec(StrictModel):
-    """SimSiam's own settings (Chen & He 2021); the loop's (epochs, min_steps, batch_size, warm-up,
-    augment) are `pretrain`'s. Defaults are the paper's ImageNet recipe."""
+    """SimSiam's own settings (Chen & He 2021); the loop's (epochs, min_steps, batch_size, augment) are
+    `pretrain`'s. The optimizer's defaults are the paper's (SGD, 0.05 x batch/256, no warm-up below a
+    batch of 1024); the views are `pretrain.augment`'s presets (BYOL's), not the paper's MoCo-v2 ones."""
 
     base_lr: float = Field(0.05, gt=0, description="SGD rate for a batch of 256, scaled linearly with batch_size")
     weight_decay: float = Field(1e-4, ge=0)
@@ -64,6 +65,7 @@ class SimSiamSpec(StrictModel):
     proj_dim: Width = Field(2048, ge=2, description="the 3-layer projector's width and output")
     pred_hidden: Width = Field(512, ge=2, description="the predictor's bottleneck")
     fix_pred_lr: bool = Field(True, description="the predictor keeps the peak rate (no warm-up or decay), as in the paper")
+    warmup_epochs: float = Field(0, ge=0, description="linear warm-up (the paper warms up only at batch 1024 and more)")
 
 
 class FinetuneSpec(StrictModel):

@@ -10,9 +10,10 @@ weights, ImageNet weights files load as they are, and a test holds the two to eq
 ImageNet weights come from the torch hub cache, where torchvision downloads them
 (`$TORCH_HOME/hub/checkpoints/<file>`, `IMAGENET_URLS`); nothing is downloaded here.
 
-One-channel input: conv1's weights are summed over the RGB axis (the stem a gray image would see
-if it were repeated to three channels, at a third of the cost of repeating it). With ImageNet
-weights this is exact for gray images; with random init it is just a 1-channel conv.
+One-channel input: conv1's weights are summed over the RGB axis: the stem a gray image would see
+if it were repeated to three channels, at a third of the cost of repeating it. With ImageNet weights
+this equals repeating the gray channel under one normalization for all three (this project's gray
+one), not torchvision's per-channel RGB normalization; with random init it is just a 1-channel conv.
 """
 
 from __future__ import annotations

@@ -50,6 +50,13 @@ def projection_std(z: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(z.float(), dim=-1).std(dim=0).mean()
 
 
+def metric_interval(steps_per_epoch: int, total: int) -> int:
+    """Steps between the per-epoch metric events (each a read-back from the device): once an epoch,
+    but at most about 200 times a run, so a data set of one batch an epoch does not wait on the
+    device at every step; always a whole number of epochs."""
+    return steps_per_epoch * max(1, total // (200 * steps_per_epoch))
+
+
 def make_method(name: str, backbone: Backbone, settings: TrainSettings, batch: int, ctx: Context) -> Method:
     return importlib.import_module(f"runner.ml.{name}").make(backbone, settings, batch, ctx)
 
@@ -80,9 +87,11 @@ def pretrain(pixels: np.ndarray, settings: TrainSettings, method_name: str, init
     # epochs, but at least min_steps optimizer steps: a small data set would otherwise get a few hundred
     total = max(spec.epochs * steps_per_epoch, spec.min_steps)
     total = total if spec.max_steps is None else min(spec.max_steps, total)
-    warmup = min(int(round(spec.warmup_epochs * steps_per_epoch)), total // 2)
     backbone = Backbone(arch, channels, weights="DEFAULT" if init == "imagenet" else None)
     method = make_method(method_name, backbone, settings, bs, ctx)
+    own = getattr(method, "warmup_epochs", None)  # a method's own warm-up (SimSiam: none at batch 256), else pretrain's
+    warmup = min(int(round((spec.warmup_epochs if own is None else own) * steps_per_epoch)), total // 2)
+    metric_every = metric_interval(steps_per_epoch, total)
     aug1, aug2 = preset_for(spec.augment, channels, "pretrain")
     images = to_device_images(pixels, ctx.device)
     stream = IndexStream(n, bs, ctx.seed, images.device)  # indices where the images are: no read-back
@@ -116,7 +125,7 @@ def pretrain(pixels: np.ndarray, settings: TrainSettings, method_name: str, init
                               proj_std=round(float(method.monitor(z)), 5))
                 run_loss.zero_()
                 run_count = 0
-            if step % steps_per_epoch == 0 or step == total:
+            if step % metric_every == 0 or step == total:
                 mean = float(epoch_loss) / epoch_count
                 if not math.isfinite(mean):
                     raise RuntimeError(f"{method.name} loss is {mean} at step {step} of {total} (training diverged): lower "

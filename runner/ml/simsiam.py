@@ -7,8 +7,9 @@ projector); a predictor h maps one view's projection to the other's, whose gradi
     L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2,   D(p, z) = -cos(p, z),   p = h(z), z = f(x)
 
 so L lies in [-1, 1] and -1 is perfect agreement. Plain SGD with momentum (base rate 0.05 for a batch
-of 256, weight decay 1e-4) under the loop's cosine schedule, the predictor at a fixed rate (the
-paper's section 4.2). Arms `simsiam-finetune` and `simsiam-linear` (`runner.arms`) ask whether
+of 256, weight decay 1e-4, no warm-up) under the loop's cosine schedule, the predictor at a fixed
+rate (the paper's section 4.2). Unlike the paper, the two views are the project's pretraining
+presets (BYOL's, or the X-ray ones for gray images), not MoCo v2's: one set of views for both methods. Arms `simsiam-finetune` and `simsiam-linear` (`runner.arms`) ask whether
 BYOL's momentum encoder matters on small medical data.
 """
 
@@ -63,6 +64,7 @@ class SimSiamMethod:
 
     def __init__(self, backbone: Backbone, settings: TrainSettings, batch: int, ctx) -> None:  # noqa: ANN001 - a train.Context
         spec = settings.simsiam
+        self.warmup_epochs = spec.warmup_epochs
         self.model = ctx.place(SimSiam(backbone, spec.proj_dim, spec.pred_hidden))
         self.peak_lr = scaled_lr(spec.base_lr, batch)
         pred = {"params": list(self.model.predictor.parameters())}
