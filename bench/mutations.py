@@ -3,7 +3,7 @@ copy of the project, each followed by the fast test files that cover its module.
 *caught* when those tests fail, *survives* when they pass.
 
     python bench/mutations.py                 # all of them (about 20-30 minutes on 2 cores)
-    python bench/mutations.py --only byol     # those whose name or file contains "byol"
+    python bench/mutations.py --only byol     # those whose name or file contains "byol" (a,b: either)
     python bench/mutations.py --list          # the mutations, nothing run
     python bench/mutations.py --json out.json # also the per-mutation results
 
@@ -281,12 +281,13 @@ def run_tests(root: Path, files: list[str], timeout: float) -> tuple[str, float,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help="run the mutations whose name or file contains this text")
+    ap.add_argument("--only", help="run the mutations whose name or file contains this text (several: comma-separated)")
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per mutation's test run")
     args = ap.parse_args()
-    chosen = [x for x in MUTATIONS if not args.only or args.only in x.name or args.only in x.path]
+    parts = [p for p in (args.only or "").split(",") if p]
+    chosen = [x for x in MUTATIONS if not parts or any(p in x.name or p in x.path for p in parts)]
     if args.list:
         for i, x in enumerate(chosen, 1):
             print(f"{i:3d}. {x.path}: {x.name}")
