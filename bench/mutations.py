@@ -74,7 +74,7 @@ MUTATIONS = [
     m("byol: pretraining ignores the batch-size scaling of the rate", "ml/byol.py",
       ("self.peak_lr = scaled_lr(spec.base_lr, batch)", "self.peak_lr = spec.base_lr")),
     m("train: pretraining warm-up dropped", "ml/pretrain.py",
-      ("warmup = min(int(round(spec.warmup_epochs * steps_per_epoch)), total // 2)", "warmup = 0")),
+      ("warmup = min(int(round((spec.warmup_epochs if own is None else own) * steps_per_epoch)), total // 2)", "warmup = 0")),
     m("augment: solarize on every sample", "ml/augment.py",
       ('p["solarize"] = _bernoulli(aug.solarize_p, n, g, device)', 'p["solarize"] = _bernoulli(1.0, n, g, device)')),
     m("metrics: sensitivity and specificity swapped", "ml/metrics.py",
