@@ -83,6 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items()))
     adopted = f", {outcome.adopted} adopted from a previous runner" if outcome.adopted else ""
     print(f"{counts}; {outcome.started_workers} workers started{adopted} in {outcome.seconds:.1f} s")
+    run_dir = results / manifest.name
+    print(f"results: {run_dir / 'results.md'} (also .csv, .json, .html; figures in {run_dir / 'figures'})")
     if outcome.exit_code == 1:
         print("some tasks failed: `byol-runner status` shows why; `run --retry-failed` tries them again", file=sys.stderr)
     if outcome.exit_code == 130:
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a manifest's whole matrix headless, resuming where it stopped")
-    r.add_argument("manifest", type=Path)
+    r.add_argument("manifest", type=Path, help="the YAML manifest, e.g. experiments/demo.yaml (`byol-runner schema` lists its keys)")
     r.add_argument("--executor", choices=tuple(EXECUTORS), help="overrides the manifest's executor.kind")
     r.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
     r.add_argument("--max-parallel", type=int, help="tasks at once (default: one per GPU, 1 on the CPU)")
@@ -209,15 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="show the tasks, their dependencies and which are done; runs nothing")
-    pl.add_argument("manifest", type=Path)
+    pl.add_argument("manifest", type=Path, help="the YAML manifest whose tasks to show")
     pl.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=cmd_plan)
 
     st = sub.add_parser("status", help="the queue of the latest (or named) run")
     st.add_argument("--results", help=f"results dir (default: {DEFAULT_RESULTS}/)")
     st.add_argument("--run", help="a run name (default: the latest run)")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
 
     rp = sub.add_parser("report", help="the results table of a run, rebuilt from what is on disk")
@@ -245,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         help="counts per class and split, duplicates, label conflicts, leaks (exit 1 when defects are found)",
     )
-    a.add_argument("manifest", type=Path)
+    a.add_argument("manifest", type=Path, help="the YAML manifest whose data sets to audit")
     a.add_argument("--results", help=f"results dir, holds the image cache (default: the manifest's, or {DEFAULT_RESULTS}/)")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.set_defaults(func=cmd_data_audit)
@@ -277,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("manifest", type=Path, nargs="?", help="take the image from this manifest's executor.docker.image")
     d.add_argument("--image", help="the task image to check (default: BYOL_RUNNER_IMAGE, else the manifest's, else byol-runner:latest)")
     d.add_argument("--no-gpu", action="store_true", help="skip the GPU-runtime container")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=cmd_doctor)
 
     w = sub.add_parser("worker", help="internal: train one task from its task.json (what a container or Ray task runs)")

@@ -64,6 +64,7 @@ def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tmp_path
         assert len(cells) == 4 and all(c != "—" and float(c.rstrip("†")) >= 0 for c in cells), row
     assert "Model 1 = BYOL + ResNet18, fine-tuned" in table and "Model 2 = supervised ResNet18" in table
     assert "| Dataset | Model 1 accuracy | Model 1 loss | Model 2 accuracy | Model 2 loss |" in r.stdout
+    assert f"results: {results / 'tiny' / 'results.md'} (also .csv, .json, .html" in r.stdout  # where to look next
     n_attempts = len(attempts(results))
     assert n_attempts == 5  # 1 pretrain + 2 budgets x 2 methods, each once
     data = json.loads((results / "tiny" / "results.json").read_text())
