@@ -53,6 +53,8 @@ ARMS = {a.name: a for a in (
     Arm("supervised", "supervised", "supervised {arch} from random init", "#d62728", "model2", solid=True),
     Arm("supervised-imagenet", "supervised-imagenet", "supervised {arch} from ImageNet weights", "#ff7f0e", "model2"),
     Arm("random-linear", "random-linear", "linear probe on a random-init {arch} (control)", "#7f7f7f", "control"),
+    Arm("imagenet-linear", "imagenet-linear", "linear probe on {arch}'s ImageNet features (control of the ImageNet-initialised "
+        "pretraining)", "#bcbd22", "control"),
     Arm("byol-imagenet-finetune", "finetune", "BYOL + {arch} continued from ImageNet weights, fine-tuned", "#2ca02c",
         "other", "byol-imagenet"),
     Arm("byol-imagenet-linear", "linear", "BYOL + {arch} continued from ImageNet weights, linear probe", "#98df8a",
@@ -64,6 +66,9 @@ ARMS = {a.name: a for a in (
 METHODS = tuple(ARMS)
 DEFAULT_METHODS = ("byol-finetune", "byol-linear", "supervised", "random-linear")
 CONTROL = "random-linear"  # the untrained network every pretraining's linear probe is held against
+# the control of a pretraining's linear probe, by where the pretraining starts: an untrained network,
+# or the ImageNet features it started from (did the in-domain pretraining add anything to them?)
+CONTROLS = {"random": "random-linear", "imagenet": "imagenet-linear"}
 
 # the settings sections each task kind's result depends on (a pretraining's come from PRETRAININGS)
 KIND_SETTINGS = {
@@ -73,6 +78,7 @@ KIND_SETTINGS = {
     "supervised": ("model", "finetune"),
     "supervised-imagenet": ("model", "finetune"),
     "random-linear": ("model", "probe"),
+    "imagenet-linear": ("model", "probe"),
     "noop": (),
 }
 KINDS = tuple(KIND_SETTINGS)
@@ -90,7 +96,8 @@ def pretraining_of(method: str) -> Pretraining | None:
 
 def needs_imagenet(methods: list[str]) -> list[str]:
     """The arms of `methods` that start from ImageNet weights."""
-    return [m for m in methods if ARMS[m].kind == "supervised-imagenet" or (pretraining_of(m) and pretraining_of(m).init == "imagenet")]
+    return [m for m in methods if ARMS[m].kind in ("supervised-imagenet", "imagenet-linear")
+            or (pretraining_of(m) and pretraining_of(m).init == "imagenet")]
 
 
 def linear_arms(methods) -> list[tuple[str, Pretraining]]:

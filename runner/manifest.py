@@ -176,8 +176,9 @@ class Manifest(TrainSettings):
     methods: list[Method] = Field(
         default_factory=lambda: list(DEFAULT_METHODS), min_length=1,
         description="the arms (runner/arms.py): Model 1 = byol-finetune (or byol-linear), Model 2 = supervised; "
-        "random-linear is the control (a linear probe on a random-init encoder); supervised-imagenet and "
-        "byol-imagenet-* need ImageNet weights in the torch hub cache; simsiam-* pretrain with SimSiam",
+        "random-linear is the control (a linear probe on a random-init encoder), imagenet-linear the control of "
+        "byol-imagenet-*; supervised-imagenet, imagenet-linear and byol-imagenet-* need ImageNet weights in the torch "
+        "hub cache; simsiam-* pretrain with SimSiam",
     )
     labels: LabelsSpec = LabelsSpec()
     seeds: list[Annotated[int, Field(strict=True)]] = Field(default_factory=lambda: [0], min_length=1,

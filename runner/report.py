@@ -316,10 +316,11 @@ def add_uncertainty(report: dict, preds: dict, m1: str | None, m2: str | None, b
         res = stats.bootstrap_metrics(_pairs(entries), entries[0]["positive"], b=b, groups=groups)
         report["extended"].append({"dataset": ds, "labels": budget, "method": method, "seeds": len(entries), "units": units, **res})
     report["differences"] = compare(report, preds, [(m1, m2)], b) if m1 and m2 else []
-    # every pretraining from random init whose linear probe ran, against the control, as one family (from
-    # ImageNet weights, beating an untrained network says nothing about the in-domain pretraining)
-    probes = [m for m, p in A.linear_arms([m for m in A.ARMS if any(k[2] == m for k in preds)]) if p.init == "random"]
-    report["pretraining_learned"] = compare(report, preds, [(m, A.CONTROL) for m in probes], b)
+    # every pretraining's linear probe against its control, as one family: an untrained network for a
+    # pretraining from random init, the ImageNet features for one that starts from them (beating an
+    # untrained network would say nothing about what the in-domain pretraining added)
+    pairs = [(m, A.CONTROLS[p.init]) for m, p in A.linear_arms([m for m in A.ARMS if any(k[2] == m for k in preds)])]
+    report["pretraining_learned"] = compare(report, preds, pairs, b)
 
 
 def compare(report: dict, preds: dict, pairs: list[tuple[str, str]], b: int) -> list[dict]:
@@ -345,16 +346,20 @@ def compare(report: dict, preds: dict, pairs: list[tuple[str, str]], b: int) -> 
     for d, p in zip(out, adjusted):
         # a control no better than the prior is what a control should look like: only the arm's own flag counts
         bad = ((d["dataset"], d["labels"], d["method"]) in flagged,
-               (d["dataset"], d["labels"], d["against"]) in flagged and d["against"] != A.CONTROL)
+               (d["dataset"], d["labels"], d["against"]) in flagged and d["against"] not in A.CONTROLS.values())
         d.update(primary=primary, p_adjusted=p, comparisons=comparisons,
                  verdict=stats.verdict(d[primary], p, d["seeds"], primary, bad))
     return out
 
 
 LEARNED = {
-    "Model 1 better": "yes: {name}'s linear probe beats the random-init control",
-    "no difference detected": "no gain detected: {name}'s frozen features did not beat an untrained network's",
-    "Model 2 better": "no: an untrained network's features beat {name}'s",
+    "Model 1 better": "yes: the linear probe on {name} beats {control}",
+    "no difference detected": "no gain detected: the frozen features of {name} did not beat {control_features}",
+    "Model 2 better": "no: {control_features} beat those of {name}",
+}
+CONTROL_WORDS = {  # (as the control, as its features)
+    "random-linear": ("the random-init control", "an untrained network's features"),
+    "imagenet-linear": ("the ImageNet features it started from", "the ImageNet features it started from"),
 }
 
 
@@ -380,12 +385,13 @@ def learned_lines(report: dict) -> list[str]:
     for d in report.get("pretraining_learned", []):
         p = A.pretraining_of(d.get("method", "byol-linear"))
         name = p.label if p else "BYOL"
-        text = LEARNED.get(d["verdict"], d["verdict"]).format(name=name)
+        control, control_features = CONTROL_WORDS.get(d.get("against", A.CONTROL), CONTROL_WORDS[A.CONTROL])
+        text = LEARNED.get(d["verdict"], d["verdict"]).format(name=name, control=control, control_features=control_features)
         if d["verdict"] in ("no difference detected", "Model 2 better"):
             steps = report.get("pretrain_steps", {}).get(f"{d['dataset']}/{p.name if p else 'byol'}")
             ran = f"pretraining ran {steps} optimizer steps; " if steps else ""
             text += (f" ({ran}{name} is usually trained for far longer: raise pretrain.epochs or pretrain.min_steps "
-                     f"before reading its fine-tuned arm as {name}'s)")
+                     f"before reading its fine-tuned arm as the effect of {name})")
         out.append(f"Did pretraining learn? {d['dataset']} {d['labels']}: {text} "
                    f"(Δ {d['primary']} {_ci(d.get(d['primary']))}, p (Holm) {_p(d['p_adjusted'], d['seeds'])}).")
     return out

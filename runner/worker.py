@@ -177,11 +177,14 @@ def _classifier(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, c
 
 
 def _probe(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, ctx) -> tuple:  # noqa: ANN001
-    """A linear probe on the pretrained encoder, or on a random-init one (the control)."""
+    """A linear probe on the pretrained encoder, or on a random-init or ImageNet one (the controls)."""
     from runner.ml import train as T
     from runner.ml.models import Backbone
 
-    backbone = T.load_encoder(encoder_path, ctx.device) if task.kind == "linear" else Backbone(task.settings.model.arch, ds.channels)
+    if task.kind == "linear":
+        backbone = T.load_encoder(encoder_path, ctx.device)
+    else:  # the controls: a random-init network, or its ImageNet weights (the torch hub cache; the plan checked)
+        backbone = Backbone(task.settings.model.arch, ds.channels, weights="DEFAULT" if task.kind == "imagenet-linear" else None)
     feats = {name: T.extract_features(backbone, ds.pixels(idx), _size(task), ctx)
              for name, idx in (("train", labels.train), ("val", labels.val), ("test", labels.test)) if labels.selecting or name != "val"}
     proba, selection = T.linear_probe(feats, {"train": ds.labels[labels.train], "val": ds.labels[labels.val]}, task.settings.probe, labels.k)

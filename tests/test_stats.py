@@ -323,9 +323,10 @@ def test_did_pretraining_learn_is_answered_each_way(tmp_path):
     assert "no gain detected" in line and "120 optimizer steps" in line and "pretrain.epochs" in line
 
 
-def test_every_pretraining_from_random_init_is_held_against_the_control_in_one_family(tmp_path):
-    """BYOL and SimSiam probes each get a "did pretraining learn?" line, named, Holm-adjusted together;
-    BYOL continued from ImageNet weights gets none (beating an untrained network says nothing of it)."""
+def test_every_pretraining_is_held_against_its_own_control_in_one_family(tmp_path):
+    """BYOL and SimSiam probes against the random-init control, BYOL continued from ImageNet weights
+    against the ImageNet features it started from (an untrained network would say nothing of it):
+    one line each, named, Holm-adjusted together."""
     labels = np.r_[np.zeros(40, int), np.ones(40, int)]
     rng = np.random.default_rng(5)
 
@@ -333,18 +334,21 @@ def test_every_pretraining_from_random_init_is_held_against_the_control_in_one_f
         return two_class(np.clip(0.5 + strength * (labels - 0.5) + rng.normal(0, 0.1, 80), 0.01, 0.99))
 
     tasks = []
+    kinds = {"byol-linear": "linear", "simsiam-linear": "linear", "byol-imagenet-linear": "linear",
+             "random-linear": "random-linear", "imagenet-linear": "imagenet-linear"}
     for s in (0, 1, 2):
         for tid, method, strength in (("b", "byol-linear", 0.6), ("s", "simsiam-linear", 0.6), ("i", "byol-imagenet-linear", 0.6),
-                                      ("c", "random-linear", 0.05)):
-            tasks.append(_task(tmp_path, f"{tid}{s}", method, "linear" if tid != "c" else "random-linear", s, probe(strength),
-                               labels, prior_loss=5.0))
+                                      ("c", "random-linear", 0.05), ("n", "imagenet-linear", 0.6)):
+            tasks.append(_task(tmp_path, f"{tid}{s}", method, kinds[method], s, probe(strength), labels, prior_loss=5.0))
     rep = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=200)
     learned = rep["pretraining_learned"]
-    assert [d["method"] for d in learned] == ["byol-linear", "simsiam-linear"]
-    assert all(d["against"] == "random-linear" and d["comparisons"] == 2 for d in learned)
+    assert [(d["method"], d["against"]) for d in learned] == [
+        ("byol-linear", "random-linear"), ("byol-imagenet-linear", "imagenet-linear"), ("simsiam-linear", "random-linear")]
+    assert all(d["comparisons"] == 3 for d in learned)
     lines = [x for x in R.to_markdown(rep).splitlines() if "Did pretraining learn?" in x]
-    assert len(lines) == 2 and "BYOL's" in lines[0] and "SimSiam's" in lines[1]
-    assert not any("ImageNet" in x for x in lines)
+    assert len(lines) == 3 and ("random-init control" in lines[0] or "untrained network" in lines[0])
+    assert "BYOL from ImageNet weights" in lines[1] and "the ImageNet features it started from" in lines[1]
+    assert "SimSiam" in lines[2] and "ImageNet" not in lines[2]
 
 
 def test_the_report_says_what_chose_and_where_nothing_could(tmp_path):

@@ -583,7 +583,7 @@ def test_pretraining_reads_no_test_image_and_no_label(scramble_results, monkeypa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("kind", ["finetune", "linear", "supervised", "supervised-imagenet", "random-linear"])
+@pytest.mark.parametrize("kind", ["finetune", "linear", "supervised", "supervised-imagenet", "random-linear", "imagenet-linear"])
 def test_no_choice_of_a_classifier_task_reads_the_test_split(scramble_results, monkeypatch, kind):
     """Selection step, probe strength and temperature are the same whatever the test split holds;
     only the test metrics move."""
@@ -628,7 +628,7 @@ PLAN_BASE = {
     "name": "wiring",
     "datasets": {"syn": SYNTHETIC},
     "methods": ["byol-finetune", "byol-linear", "supervised", "supervised-imagenet", "random-linear",
-                "byol-imagenet-finetune", "byol-imagenet-linear", "simsiam-finetune", "simsiam-linear"],
+                "byol-imagenet-finetune", "byol-imagenet-linear", "simsiam-finetune", "simsiam-linear", "imagenet-linear"],
     "labels": {"fractions": [0.5]},
     "seeds": [0],
     **{k: v for k, v in TINY_SETTINGS.items()},
@@ -638,7 +638,7 @@ PRETRAINS = {"byol-pretrain", "byol-imagenet-pretrain", "simsiam-pretrain"}
 BYOL_ARMS = {"byol-pretrain", "byol-finetune", "byol-linear"}
 BYOL_IMAGENET = {"byol-imagenet-pretrain", "byol-imagenet-finetune", "byol-imagenet-linear"}
 SIMSIAM = {"simsiam-pretrain", "simsiam-finetune", "simsiam-linear"}
-ALL = BYOL_ARMS | BYOL_IMAGENET | SIMSIAM | {"supervised", "supervised-imagenet", "random-linear"}
+ALL = BYOL_ARMS | BYOL_IMAGENET | SIMSIAM | {"supervised", "supervised-imagenet", "random-linear", "imagenet-linear"}
 # a change to one part of the manifest -> the arms whose task ids must change (and no other)
 AFFECTED = {
     "model": (("model", "image_size"), 24, ALL),
@@ -647,7 +647,8 @@ AFFECTED = {
     "simsiam": (("simsiam", "base_lr"), 0.1, SIMSIAM),
     "finetune": (("finetune", "lr"), 2e-3, {"byol-finetune", "supervised", "supervised-imagenet", "byol-imagenet-finetune",
                                               "simsiam-finetune"}),
-    "probe": (("probe", "max_iter"), 300, {"byol-linear", "random-linear", "byol-imagenet-linear", "simsiam-linear"}),
+    "probe": (("probe", "max_iter"), 300, {"byol-linear", "random-linear", "byol-imagenet-linear", "simsiam-linear",
+                                            "imagenet-linear"}),
     "run": (("run", "progress_every_s"), 5.0, set()),
     "labels": (("labels", "fractions"), [0.4], ALL - PRETRAINS),
     "validation": (("labels", "validation"), "full", ALL - PRETRAINS),
