@@ -362,6 +362,9 @@ class DockerExecutor(Executor):
                 if c.status != "running" and not self.spec.keep_containers:
                     c.remove(force=True)
                 continue
+            if c.status == "created":  # the runner died between creating and starting it: it did nothing
+                c.remove(force=True)  # not adopted: its attempt is recorded interrupted and the task runs again
+                continue
             folder = self.results / "tasks" / a["task_id"]
             gpu = re.fullmatch(r"gpu(\d+)", c.labels.get(L_SLOT, ""))
             handle = Handle(a["task_id"], Slot(c.labels.get(L_SLOT, "cpu0"), int(gpu.group(1)) if gpu else None),
