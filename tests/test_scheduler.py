@@ -51,6 +51,10 @@ class FakeExecutor(Executor):
         self.results: Path | None = None
         self.adoptable: dict[int, Handle] = {}
 
+    @classmethod
+    def from_spec(cls, spec, limit):  # noqa: ANN001, ANN206 - as a registered backend would be made
+        return cls(), [Slot(f"cpu{i}") for i in range(limit or 1)]
+
     def bind(self, results: Path, run_name: str) -> None:
         self.results = results
 

@@ -42,9 +42,9 @@ class Executor(ABC):
         return {}
 
     @classmethod
+    @abstractmethod
     def from_spec(cls, spec, limit: int | None) -> tuple["Executor", list[Slot]]:  # noqa: ANN001 - the manifest's ExecutorSpec
         """This executor and its slots, from the manifest's `executor` section (at most `limit` slots)."""
-        raise NotImplementedError
 
     @classmethod
     def stop_leftovers(cls, attempts: list, results: Path, grace_s: float) -> None:  # noqa: ANN001
