@@ -37,6 +37,25 @@ def write_manifest(tmp_path: Path):
     return write
 
 
+def fake_imagenet_weights(home: Path, arch: str = "resnet18", loadable: bool = True) -> dict | None:
+    """A weights file where torchvision keeps ImageNet weights (`home` as TORCH_HOME; nothing is
+    downloaded): with the right keys when `loadable` (its state dict is returned), else empty (the
+    plan only checks that it is there)."""
+    import torch
+    import torchvision
+
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    path = home / "hub" / "checkpoints" / Path(url).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not loadable:
+        path.touch()
+        return None
+    torch.manual_seed(11)
+    state = getattr(torchvision.models, arch)().state_dict()
+    torch.save(state, path)
+    return state
+
+
 def fault_env(kind: str) -> dict[str, str]:
     """The environment that makes every worker task of `kind` fail (tests/faults/sitecustomize.py)."""
     path = os.pathsep.join(p for p in (str(REPO / "tests" / "faults"), os.environ.get("PYTHONPATH")) if p)

@@ -23,7 +23,7 @@ from runner.ml.optim import set_lr, warmup_cosine
 from runner.ml.pretrain import make_method, pretrain
 from runner.ml.simsiam import SimSiam, negative_cosine
 from runner.ml.train import Context
-from tests.conftest import run_cli
+from tests.conftest import fake_imagenet_weights, run_cli
 
 
 def small_simsiam(channels: int = 1) -> SimSiam:
@@ -148,17 +148,6 @@ def test_the_pretraining_loop_runs_simsiam_and_saves_its_encoder(tmp_path):
 
 
 # ---- BYOL continued from ImageNet weights --------------------------------------------------------
-
-
-def fake_imagenet_weights(home: Path, arch: str = "resnet18") -> dict[str, torch.Tensor]:
-    """A weights file with the right keys where torchvision's hub cache keeps it (nothing is downloaded)."""
-    url = torchvision.models.get_model_weights(arch).DEFAULT.url
-    path = home / "hub" / "checkpoints" / Path(url).name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(11)
-    state = getattr(torchvision.models, arch)().state_dict()
-    torch.save(state, path)
-    return state
 
 
 def test_imagenet_initialised_pretraining_starts_from_the_hub_cache_weights(tmp_path, monkeypatch):

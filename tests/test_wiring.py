@@ -28,6 +28,7 @@ from runner.ml.models import Backbone
 from runner.ml.optim import LARS
 from runner.ml.pretrain import pretrain
 from runner.stats import bootstrap_metrics, paired_difference
+from tests.conftest import fake_imagenet_weights
 
 
 def small_byol(channels: int = 1) -> BYOL:
@@ -478,21 +479,6 @@ TINY_SETTINGS = {
 }
 
 
-def _fake_imagenet_weights(home: Path, arch: str = "resnet18", loadable: bool = True) -> None:
-    """A weights file where torchvision looks for it (a file in its cache is not re-checked): with
-    the right keys when `loadable`, else empty (the plan only checks that it is there)."""
-    import torchvision
-
-    url = torchvision.models.get_model_weights(arch).DEFAULT.url
-    path = home / "hub" / "checkpoints" / Path(url).name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not loadable:
-        path.touch()
-        return
-    torch.manual_seed(1)
-    torch.save(getattr(torchvision.models, arch)().state_dict(), path)
-
-
 BUDGET = {"fraction": 0.5, "min_validation_per_class": 2}  # 6 of 12 train and 3 of 6 validation images a class
 
 
@@ -561,7 +547,7 @@ def _run(results: Path, kind: str, scrambled: str | None, monkeypatch, encoder: 
 @pytest.fixture(scope="module")
 def scramble_results(tmp_path_factory) -> Path:
     results = tmp_path_factory.mktemp("scramble")
-    _fake_imagenet_weights(results / "torch_home")
+    fake_imagenet_weights(results / "torch_home")
     return results
 
 
@@ -672,7 +658,7 @@ def test_a_new_engine_version_changes_every_id(tmp_path, monkeypatch):
     import runner.plan
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    _fake_imagenet_weights(tmp_path / "torch_home", loadable=False)
+    fake_imagenet_weights(tmp_path / "torch_home", loadable=False)
     base = _plan_ids(PLAN_BASE, tmp_path)
     monkeypatch.setattr(runner.plan, "ENGINE_VERSION", runner.plan.ENGINE_VERSION + 1)
     new = _plan_ids(PLAN_BASE, tmp_path)
@@ -684,7 +670,7 @@ def test_each_setting_changes_exactly_the_ids_that_depend_on_it(part, tmp_path, 
     import copy
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    _fake_imagenet_weights(tmp_path / "torch_home", loadable=False)
+    fake_imagenet_weights(tmp_path / "torch_home", loadable=False)
     path, value, affected = AFFECTED[part]
     base = _plan_ids(PLAN_BASE, tmp_path)
     assert set(base) == ALL

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from runner.executors.base import Executor, Handle, Slot, make_slots
+from runner.executors.base import Executor, Handle, Slot
 
 EXECUTORS = {
     "local": "runner.executors.local:LocalExecutor",
