@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from runner.executors import make_executor
-from runner.manifest import ExecutorSpec
+from runner.executors.local import LocalSpec
 from runner.plan import Plan, PlannedTask, task_id
 from runner.scheduler import Scheduler
 from runner.store import Store
@@ -41,7 +41,7 @@ def main() -> None:
         results = Path(tmp)
         t0, c0 = time.perf_counter(), time.process_time()
         plan = noop_plan(args.tasks)
-        executor, slots = make_executor("local", ExecutorSpec(), args.parallel)
+        executor, slots = make_executor("local", LocalSpec(), args.parallel)
         store = Store(results / "runner.db")
         sched = Scheduler(plan, results, executor, slots, store, poll_s=0.01)
         plan_s = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CI test image: a bare Debian bookworm (debootstrap --variant=minbase) imported into Docker.
 # No registry is reachable on CI machines, so nothing is pulled; task containers run the project's own
-# virtualenv bind-mounted read-only (executor.docker.host_venv / BYOL_RUNNER_HOST_VENV=1).
+# virtualenv bind-mounted read-only (executor.host_venv / BYOL_RUNNER_HOST_VENV=1).
 # Usage: docker/build-ci-image.sh [TAG]   (default byol-runner-ci:bookworm; does nothing if it exists)
 set -euo pipefail
 TAG="${1:-byol-runner-ci:bookworm}"

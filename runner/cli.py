@@ -182,11 +182,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from runner.console import print_doctor
     from runner.doctor import as_dicts, run_checks
 
-    from runner.executors.docker import task_image
-    from runner.manifest import DockerSpec, load_manifest
+    from runner.executors.docker_spec import task_image
+    from runner.executors import spec_for
+    from runner.executors.local import LocalSpec
+    from runner.manifest import load_manifest
 
-    # as `run` would: the manifest's image unless BYOL_RUNNER_IMAGE overrides it; --image over both
-    spec = load_manifest(args.manifest).executor.docker if args.manifest is not None else DockerSpec()
+    # as `run --executor docker` would: the manifest's image unless BYOL_RUNNER_IMAGE overrides it; --image over both
+    spec, _ = spec_for(load_manifest(args.manifest).executor if args.manifest is not None else LocalSpec(), "docker")
     image = args.image or task_image(spec)
     checks = as_dicts(run_checks(image, gpu=not args.no_gpu))
     if args.json:
@@ -276,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("doctor", help="check the Docker daemon, the image, the GPU runtime, Ray and PyTorch; says how to fix each")
-    d.add_argument("manifest", type=Path, nargs="?", help="take the image from this manifest's executor.docker.image")
+    d.add_argument("manifest", type=Path, nargs="?", help="take the image from this manifest's executor.image")
     d.add_argument("--image", help="the task image to check (default: BYOL_RUNNER_IMAGE, else the manifest's, else byol-runner:latest)")
     d.add_argument("--no-gpu", action="store_true", help="skip the GPU-runtime container")
     d.add_argument("--json", action="store_true", help="machine-readable output")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 from runner.data.cache import Progress, no_progress
@@ -23,11 +25,15 @@ def load_plan(manifest_path: str | Path, results_cli: str | None, progress: Prog
 def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, plan: Plan, executor: str | None = None,
                  max_parallel: int | None = None, retry_failed: bool = False, display_factory=None,  # noqa: ANN001
                  retry_ids: tuple[str, ...] = ()):
-    from runner.executors import make_executor
+    from runner.executors import make_executor, spec_for
 
     kind = executor or manifest.executor.kind
     try:
-        ex, slots = make_executor(kind, manifest.executor, max_parallel)
+        spec, dropped = spec_for(manifest.executor, kind)
+        if dropped:
+            print(f"note: --executor {kind}: the manifest's {manifest.executor.kind} settings {', '.join(dropped)} do not "
+                  f"apply to {kind} and are not used", file=sys.stderr)
+        ex, slots = make_executor(kind, spec, max_parallel)
     except ValueError as e:
         raise UserError(str(e)) from None
     from runner.scheduler import RunnerLock

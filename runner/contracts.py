@@ -141,3 +141,15 @@ class TaskSpec(StrictModel):
     encoder: str | None = Field(None, description="the pretrain task's encoder.pt, relative to the results dir")
     cache_dir: str = "cache"
     engine_version: int = ENGINE_VERSION
+
+    @classmethod
+    def read(cls, path: Path) -> "TaskSpec":
+        """A task.json as the plan wrote it, for an executor (the worker checks it itself and says more)."""
+        from runner.errors import UserError
+
+        try:
+            return cls.model_validate_json(Path(path).read_bytes())
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()
+            raise UserError(f"{path}: not a task spec byol-runner can read ({' '.join(first[:3])}); "
+                            "`byol-runner run` writes it again from the manifest") from None

@@ -76,7 +76,7 @@ def _gpu_runtime_check(client, image: str, have_image: bool, host_gpus: list[int
     severity = "fail" if host_gpus else "warn"
     if not have_image:
         return Check("GPU runtime", "skip", f"needs the image {image} to test with")
-    from runner.executors.docker import LABEL
+    from runner.executors.docker_spec import LABEL
 
     container = None
     try:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from runner.arms import DEFAULT_METHODS, METHODS
-from runner.executors import EXECUTORS
+from runner.executors import executor_specs
+from runner.executors.local import LocalSpec
 from runner.choices import one_of
 from runner.data.sources import DatasetSpec, StrictModel
 from runner.data.splits import LabelBudget
@@ -83,75 +84,21 @@ class LabelsSpec(StrictModel):
 Method = one_of(METHODS, "method")
 
 
-_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmg]?$", re.IGNORECASE)
-
-
-def _size(v: str | None) -> str | None:
-    if v is not None and not _SIZE.match(v):
-        raise ValueError(f"{v!r} is not a size: a number with an optional unit b, k, m or g, e.g. 8g or 512m")
+def _executor_section(v: Any) -> Any:
+    """`executor:` without `kind` is the local executor's; the settings of a backend sit directly under
+    `executor` (a `docker:` sub-section was the format before the union)."""
+    if isinstance(v, dict):
+        if "kind" not in v:
+            v = {**v, "kind": "local"}
+        if v.get("kind") == "docker" and isinstance(v.get("docker"), dict):
+            raise ValueError("the docker settings now sit directly under executor, not under executor.docker: "
+                             "write executor: {kind: docker, image: ..., memory: ...}")
     return v
 
 
-Size = Annotated[str, AfterValidator(_size)]
-
-
-class DockerSpec(StrictModel):
-    """How the docker executor makes each task's container."""
-
-    image: str = Field("byol-runner:latest", description="the image with byol-runner installed (see Dockerfile); "
-                       "BYOL_RUNNER_IMAGE overrides it")
-    pull: Literal["missing", "always", "never"] = Field(
-        "missing", description="pull the image from its registry: when it is not on this machine, before every run, or never")
-    shm_size: Size = Field("8g", description="/dev/shm of a task container (Docker's 64m is too small for PyTorch)")
-    memory: Size | None = Field(None, description="memory limit of a task container, e.g. 32g (default: none); "
-                                "a container over it is reported as killed for memory")
-    network: bool = Field(False, description="give task containers a network (training needs none)")
-    user: str | None = Field(None, description="uid:gid the tasks run as (default: the user running byol-runner)")
-    keep_containers: bool = Field(False, description="leave ended containers for inspection instead of removing them")
-    stop_grace_s: float = Field(10.0, ge=0, description="seconds between SIGTERM and SIGKILL when a container is stopped")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment of task containers")
-    mounts: list[str] = Field(default_factory=list, description="extra bind mounts, 'host:container[:ro|rw]'")
-    host_venv: bool = Field(
-        False, description="run this machine's byol-runner virtualenv, bind-mounted read-only, instead of the image's "
-        "own install (for a bare CI image; BYOL_RUNNER_HOST_VENV=1 sets it)")
-
-    @field_validator("mounts")
-    @classmethod
-    def _mounts(cls, v: list[str]) -> list[str]:
-        for m in v:
-            parts = m.split(":")
-            if len(parts) not in (2, 3) or not parts[0].startswith("/") or not parts[1].startswith("/") or \
-                    (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-                raise ValueError(f"{m!r}: a mount is '/host/path:/container/path' with an optional ':ro' or ':rw'")
-        return v
-
-    @field_validator("user")
-    @classmethod
-    def _user(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^[0-9]+(:[0-9]+)?$", v):
-            raise ValueError(f"{v!r}: give a numeric uid or uid:gid, e.g. 1000:1000")
-        return v
-
-
-ExecutorKind = one_of(tuple(EXECUTORS), "executor")
-
-
-class ExecutorSpec(StrictModel):
-    """Where tasks run and how many at once."""
-
-    kind: ExecutorKind = Field(
-        "local", description="local: one subprocess per task on this machine; docker: one container per task on this "
-        "machine's Docker engine; ray: one Ray task per cell on a Ray cluster"
-    )
-    docker: DockerSpec = DockerSpec()
-    address: str | None = Field(None, description="ray: the cluster's address (default: RAY_ADDRESS, or a local Ray)")
-    cpus_per_task: float = Field(1.0, gt=0, description="ray: CPUs a task reserves")
-    gpus: Literal["auto"] | Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] = Field(
-        "auto", description="auto: every visible GPU; N: the first N; [ids]: those; one task per GPU at a time"
-    )
-    max_parallel: int | None = Field(None, ge=1, description="tasks at once (default: one per GPU, or 1 on the CPU)")
-    retries: int = Field(1, ge=0, le=10, description="attempts after the first, for a task whose worker fails")
-    timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one attempt, enforced by the runner")
+ExecutorSpec = Annotated[
+    Union[executor_specs()], Field(discriminator="kind"), BeforeValidator(_executor_section)  # type: ignore[valid-type]
+]
 
 
 class ReportSpec(StrictModel):
@@ -184,7 +131,11 @@ class Manifest(TrainSettings):
     seeds: list[Annotated[int, Field(strict=True)]] = Field(default_factory=lambda: [0], min_length=1,
                                                               description="one run of every cell per seed")
     # and the training settings sections (model, run, pretrain, simsiam, finetune, probe): TrainSettings's
-    executor: ExecutorSpec = ExecutorSpec()
+    executor: ExecutorSpec = Field(
+        default_factory=lambda: LocalSpec(),
+        description="where tasks run and how many at once: kind local (one subprocess per task, the default), docker "
+        "(one container per task) or ray (one Ray task per cell); each kind has its own settings",
+    )
     report: ReportSpec = ReportSpec()
     compare: CompareSpec = CompareSpec()
     results: str | None = Field(None, description="results dir (default: results/, or --results)")
@@ -277,14 +228,23 @@ def _all_field_names() -> set[str]:
     import runner.data.sources as sources
     import runner.ml.config as config
 
-    models = list(vars(sources).values()) + list(vars(config).values()) + list(globals().values())
+    models = list(vars(sources).values()) + list(vars(config).values()) + list(globals().values()) + list(executor_specs())
     return {f for m in models if isinstance(m, type) and issubclass(m, BaseModel) for f in m.model_fields}
 
 
 def _message(err: dict) -> str:
     kind, msg = err["type"], err["msg"]
+    if kind == "union_tag_invalid":  # e.g. executor.kind: slurm
+        ctx = err.get("ctx", {})
+        expected = str(ctx.get("expected_tags", "")).replace("'", "")
+        return f"unknown value {ctx.get('tag')!r}: one of {expected}"
     if kind == "extra_forbidden":
         key = str(err["loc"][-1])
+        if err["loc"][0] == "executor" and len(err["loc"]) == 3:
+            owners = [s.model_fields["kind"].annotation.__args__[0] for s in executor_specs() if key in s.model_fields]
+            if owners:
+                has = f"only the {owners[0]} executor has it" if len(owners) == 1 else f"the {' and '.join(owners)} executors have it"
+                return f"not a setting of the {err['loc'][1]} executor ({has})"
         close = difflib.get_close_matches(key, _all_field_names(), n=1)
         return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "; `byol-runner schema` lists the keys")
     if kind == "missing":
@@ -300,6 +260,8 @@ def _format_errors(source: str, root: yaml.Node | None, exc: ValidationError) ->
     for err in exc.errors():
         path, line = _locate(root, tuple(err["loc"]))
         where = f"{source}:{line}" if line else source
+        if err["type"] == "union_tag_invalid":
+            path += "." + str(err.get("ctx", {}).get("discriminator", "")).strip("'")
         lines.append(f"{where}: {path}: {_message(err)}")
     return "\n".join(lines)
 

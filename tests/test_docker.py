@@ -263,7 +263,7 @@ def _pretrain_only(tmp_path: Path, executor: str) -> Path:
 
 
 def test_the_wall_clock_limit_and_ctrl_c_stop_the_container(client, denv, tmp_path):
-    limited = _pretrain_only(tmp_path, "executor: {retries: 0, timeout_s: 6, docker: {stop_grace_s: 5}}")
+    limited = _pretrain_only(tmp_path, "executor: {kind: docker, retries: 0, timeout_s: 6, stop_grace_s: 5}")
     r = run_cli("run", str(limited), "--executor", "docker", "--results", str(tmp_path / "limited"), env=denv)
     assert r.returncode == 1
     rows = attempts(tmp_path / "limited")
@@ -292,10 +292,10 @@ def test_the_wall_clock_limit_and_ctrl_c_stop_the_container(client, denv, tmp_pa
 def test_a_failing_worker_s_error_and_output_come_back_from_its_container(client, denv, tmp_path):
     manifest = tiny(tmp_path)
     text = manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]")
-    # the fault reaches the container the way a user's settings do: the manifest's executor.docker.env
+    # the fault reaches the container the way a user's settings do: the manifest's executor.env
     fault = json.dumps(fault_env("supervised"))
     manifest.write_text(text.replace("fractions: [0.25, 1.0]", "fractions: [1.0]").replace(
-        "executor: {max_parallel: 2, retries: 1}", f"executor: {{retries: 0, docker: {{env: {fault}}}}}"))
+        "executor: {max_parallel: 2, retries: 1}", f"executor: {{kind: docker, retries: 0, env: {fault}}}"))
     results = tmp_path / "results"
     r = run_cli("run", str(manifest), "--executor", "docker", "--results", str(results), env=denv)
     assert r.returncode == 1
@@ -312,7 +312,7 @@ def test_a_container_over_its_memory_limit_is_reported_as_killed_for_memory(clie
     text = manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]")
     text = text.replace("fractions: [0.25, 1.0]", "fractions: [1.0]")
     manifest.write_text(text.replace("executor: {max_parallel: 2, retries: 1}",
-                                     "executor: {retries: 0, docker: {memory: 150m, keep_containers: true}}"))
+                                     "executor: {kind: docker, retries: 0, memory: 150m, keep_containers: true}"))
     r = run_cli("run", str(manifest), "--executor", "docker", "--results", str(tmp_path / "results"), env=denv)
     assert r.returncode == 1
     [(tid, kind, number, status, code, error)] = attempts(tmp_path / "results")
@@ -326,12 +326,14 @@ def test_a_container_over_its_memory_limit_is_reported_as_killed_for_memory(clie
 def test_the_container_spec_for_a_two_gpu_host_is_accepted_by_the_engine(client, tmp_path):
     """Without a GPU here, the spec of each slot's container is created (not started) and read back."""
     from runner.executors.base import Slot
-    from runner.executors.docker import DockerExecutor, container_spec
-    from runner.manifest import DockerSpec
+    from runner.contracts import TaskSpec
+    from runner.executors.docker import DockerExecutor
+    from runner.executors.docker_spec import DockerSpec, container_spec
 
     head_ct = real_data("head_ct")
-    spec = DockerSpec(image=CI_IMAGE, memory="2g", env={"EXTRA": "1"})
-    task = {"dataset": "hemorrhage", "data": {"source": "csv", "root": str(head_ct)}}
+    spec = DockerSpec(kind="docker", image=CI_IMAGE, memory="2g", env={"EXTRA": "1"})
+    task = TaskSpec(id="t1", kind="supervised", dataset="hemorrhage", settings={},
+                    data={"source": "csv", "root": str(head_ct), "image_column": "id", "label_column": "hemorrhage"})
     results = tmp_path / "results"
     (results / "tasks" / "t1").mkdir(parents=True)
     made = []
@@ -365,7 +367,7 @@ def test_the_container_spec_for_a_two_gpu_host_is_accepted_by_the_engine(client,
     # started for real on this GPU-less engine: the GPU runtime is missing, and the message says what to do
     from runner.errors import UserError
 
-    (results / "tasks" / "t1" / "task.json").write_text(json.dumps(task))
+    (results / "tasks" / "t1" / "task.json").write_text(task.model_dump_json())
     ex = DockerExecutor(spec)
     ex.bind(results, "study")
     with pytest.raises(UserError, match="NVIDIA Container Toolkit"):
@@ -411,13 +413,15 @@ def test_compose_file_runs_the_ci_job_headless_and_reserves_gpus_for_the_runner(
     assert "USER " in dockerfile and 'ENTRYPOINT ["/usr/local/bin/byol-runner-entrypoint"]' in dockerfile
 
 
-@pytest.mark.parametrize("docker_yaml,expected", [
-    ("{memory: lots}", r"executor\.docker\.memory: 'lots' is not a size"),
-    ("{mounts: ['data:/data']}", r"executor\.docker\.mounts: 'data:/data': a mount is '/host/path:/container/path'"),
-    ("{user: bob}", r"executor\.docker\.user: 'bob': give a numeric uid"),
-    ("{imag: x}", r"executor\.docker\.imag: unknown key \(did you mean 'image'\?\)"),
+@pytest.mark.parametrize("setting,expected", [
+    ("memory: lots", r"executor\.memory: 'lots' is not a size"),
+    ("mounts: ['data:/data']", r"executor\.mounts: 'data:/data': a mount is '/host/path:/container/path'"),
+    ("user: bob", r"executor\.user: 'bob': give a numeric uid"),
+    ("imag: x", r"executor\.imag: unknown key \(did you mean 'image'\?\)"),
+    ("address: ray://x", r"executor\.address: not a setting of the docker executor \(only the ray executor has it\)"),
+    ("docker: {memory: 2g}", r"executor: the docker settings now sit directly under executor, not under executor\.docker"),
 ])
-def test_bad_docker_settings_name_their_place(tmp_path, docker_yaml, expected):
+def test_bad_docker_settings_name_their_place(tmp_path, setting, expected):
     """No engine needed: the manifest is checked before anything runs."""
     import re
 
@@ -425,8 +429,28 @@ def test_bad_docker_settings_name_their_place(tmp_path, docker_yaml, expected):
     from runner.manifest import load_manifest
 
     p = tmp_path / "m.yaml"
-    p.write_text(f"name: t\ndatasets:\n  s: {{source: synthetic}}\nexecutor:\n  kind: docker\n  docker: {docker_yaml}\n")
+    p.write_text(f"name: t\ndatasets:\n  s: {{source: synthetic}}\nexecutor:\n  kind: docker\n  {setting}\n")
     with pytest.raises(ManifestError) as e:
         load_manifest(p)
     assert re.search(expected, str(e.value)), str(e.value)
-    assert str(e.value).startswith(f"{p}:6: ")
+    assert re.match(rf"{re.escape(str(p))}:[456]: ", str(e.value)), str(e.value)
+
+
+def test_each_executor_reads_its_own_section_and_an_override_keeps_the_shared_settings():
+    """`run --executor KIND` on a manifest written for another kind: the shared settings carry over,
+    the others are named as dropped; the manifest's own kind is read as written."""
+    from runner.executors import spec_for
+    from runner.manifest import parse_manifest
+
+    docker = parse_manifest("name: t\ndatasets:\n  s: {source: synthetic}\n"
+                            "executor: {kind: docker, retries: 3, timeout_s: 60, gpus: 1, memory: 2g, image: x:1}\n").executor
+    assert (docker.kind, docker.memory, docker.image, docker.retries) == ("docker", "2g", "x:1", 3)
+    assert spec_for(docker, "docker") == (docker, [])
+    local, dropped = spec_for(docker, "local")
+    assert (local.kind, local.retries, local.timeout_s, local.gpus) == ("local", 3, 60, 1) and dropped == ["image", "memory"]
+    ray, dropped = spec_for(docker, "ray")
+    assert (ray.kind, ray.retries, ray.address) == ("ray", 3, None) and dropped == ["gpus", "image", "memory"]
+    plain = parse_manifest("name: t\ndatasets:\n  s: {source: synthetic}\nexecutor: {max_parallel: 2}\n").executor
+    assert (plain.kind, plain.max_parallel) == ("local", 2)
+    as_docker, dropped = spec_for(plain, "docker")
+    assert (as_docker.image, as_docker.max_parallel, dropped) == ("byol-runner:latest", 2, [])

@@ -48,7 +48,7 @@ BROKEN = [
     (GOOD.replace("[0.5, 1.0]", "[]"), r"labels: no label budget"),
     (GOOD + "seeds: []\n", r"seeds: List should have at least 1 item"),
     (GOOD + "seeds: [1, 1]\n", r"seeds: a seed is listed twice"),
-    (GOOD.replace("source: synthetic", "source: dicom"), r"datasets\.syn: Input tag 'dicom' .* does not match"),
+    (GOOD.replace("source: synthetic", "source: dicom"), r"datasets\.syn\.source: unknown value 'dicom': one of imagefolder, csv, npz, synthetic"),
     (GOOD.replace("name: t", "name: ../up"), r"name: '\.\./up' is not a usable name"),
     (GOOD.replace("name: t", "name: tasks"), r"name: 'tasks' cannot name a run"),
     (GOOD.replace("  syn:", "  a/b:"), r":3: datasets\.a/b: 'a/b' is not a usable name: letters, digits"),

@@ -1,17 +1,19 @@
 """Executors: how a task's worker is started, watched and stopped, one module per backend.
 
 A backend is one module with an `Executor` subclass and one entry in `EXECUTORS` (name ->
-"module:Class", imported only when used: the docker SDK and Ray load only for their runs). The class
-makes itself and its slots from the manifest's `executor` section (`from_spec`), adopts the attempts a
-killed runner left that still run (`adopt`), and stops what is left of the others (`stop_leftovers`),
-so the scheduler names no backend.
+"module:Class"). The class names its manifest section, `Spec` (a pydantic model with `kind: Literal[name]`:
+the manifest's `executor` is the discriminated union of them), makes itself and its slots from it
+(`from_spec`), adopts the attempts a killed runner left that still run (`adopt`), and stops what is
+left of the others (`stop_leftovers`), so the scheduler names no backend. Importing a backend module
+must not import its SDK (the manifest reads every backend's Spec): the docker SDK and Ray load only
+when an executor is made.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from runner.executors.base import Executor, Handle, Slot
+from runner.executors.base import Executor, ExecutorSettings, Handle, Slot
 
 EXECUTORS = {
     "local": "runner.executors.local:LocalExecutor",
@@ -27,9 +29,27 @@ def executor_class(kind: str) -> type[Executor]:
     return getattr(importlib.import_module(module), name)
 
 
+def executor_specs() -> tuple[type[ExecutorSettings], ...]:
+    """Every backend's manifest section, in registry order."""
+    return tuple(executor_class(kind).Spec for kind in EXECUTORS)
+
+
+def spec_for(spec: ExecutorSettings, kind: str) -> tuple[ExecutorSettings, list[str]]:
+    """The manifest's executor section as backend `kind` reads it (`run --executor KIND` on a manifest
+    written for another backend): the shared settings carry over, the other backend's own settings are
+    dropped and named, so the caller can say so."""
+    if getattr(spec, "kind", None) == kind:
+        return spec, []
+    target = executor_class(kind).Spec
+    given = spec.model_dump(exclude_unset=True, exclude={"kind"})
+    kept = {k: v for k, v in given.items() if k in target.model_fields}
+    return target.model_validate({**kept, "kind": kind}), sorted(set(given) - set(kept))
+
+
 def make_executor(kind: str, spec, max_parallel: int | None = None) -> tuple[Executor, list[Slot]]:  # noqa: ANN001
     """The executor of a kind and the slots it offers: one per GPU (or CPU slots) on this machine for
-    `local` and `docker`, the cluster's GPUs or CPUs for `ray`. `spec` is the manifest's ExecutorSpec."""
+    `local` and `docker`, the cluster's GPUs or CPUs for `ray`. `spec` is that backend's Spec
+    (`spec_for` makes it from a manifest written for another backend)."""
     return executor_class(kind).from_spec(spec, max_parallel or spec.max_parallel)
 
 
@@ -44,4 +64,5 @@ def recover(executor: Executor, stale: list, results, grace_s: float) -> dict[in
     return adopted
 
 
-__all__ = ["EXECUTORS", "Executor", "Handle", "Slot", "executor_class", "make_executor", "recover"]
+__all__ = ["EXECUTORS", "Executor", "ExecutorSettings", "Handle", "Slot", "executor_class", "executor_specs", "make_executor",
+           "recover", "spec_for"]

@@ -9,6 +9,11 @@ import subprocess
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from runner.data.sources import StrictModel
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,25 @@ class Handle:
     state: object = None  # the backend's own (a Popen, a container, an ObjectRef)
 
 
+class ExecutorSettings(StrictModel):
+    """What every backend's section of the manifest has; a backend's `Spec` adds `kind` and its own."""
+
+    max_parallel: int | None = Field(None, ge=1, description="tasks at once (default: one per GPU, or 1 on the CPU)")
+    retries: int = Field(1, ge=0, le=10, description="attempts after the first, for a task whose worker fails")
+    timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one attempt, enforced by the runner")
+
+
+class MachineSettings(ExecutorSettings):
+    """A backend that runs tasks on this machine's GPUs (or CPU slots)."""
+
+    gpus: Literal["auto"] | Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] = Field(
+        "auto", description="auto: every visible GPU; N: the first N; [ids]: those; one task per GPU at a time"
+    )
+
+
 class Executor(ABC):
     name: str = "base"
+    Spec: type[ExecutorSettings] = ExecutorSettings  # the backend's manifest section (a subclass with `kind`)
 
     def bind(self, results: Path, run_name: str) -> None:
         """Called once before the first submit: the results dir and run this executor works for."""
@@ -43,7 +65,7 @@ class Executor(ABC):
 
     @classmethod
     @abstractmethod
-    def from_spec(cls, spec, limit: int | None) -> tuple["Executor", list[Slot]]:  # noqa: ANN001 - the manifest's ExecutorSpec
+    def from_spec(cls, spec, limit: int | None) -> tuple["Executor", list[Slot]]:  # noqa: ANN001 - the backend's Spec
         """This executor and its slots, from the manifest's `executor` section (at most `limit` slots)."""
 
     @classmethod

@@ -18,8 +18,6 @@ does not answer, a missing image or a missing GPU runtime, each with what to do.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import socket
 import sys
@@ -27,17 +25,13 @@ import threading
 import time
 from pathlib import Path
 
+from runner.contracts import TaskSpec
 from runner.errors import UserError
 from runner.executors.base import Executor, Handle, Slot, append_error_event, this_machine
 
-LABEL = "io.github.byol-runner"
-L_RESULTS, L_RUN, L_TASK, L_ATTEMPT, L_ATTEMPT_ID, L_SLOT = (
-    f"{LABEL}.{k}" for k in ("results", "run", "task", "attempt", "attempt-id", "slot"))
+from runner.executors.docker_spec import L_ATTEMPT_ID, L_RESULTS, L_SLOT, DockerSpec, container_spec, task_image
+
 DAEMON_PATIENCE_S = 60.0  # a daemon that stops answering for this long fails the attempts it ran
-# what a container takes from the runner's environment: the numeric libraries' settings (a host that
-# pins OPENBLAS_CORETYPE gets the same floats in a container as in a local process); nothing else, so
-# no secret reaches a task (the manifest's executor.docker.env adds what a user wants there)
-FORWARDED_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "GOTOBLAS_")
 
 DAEMON_FIX = ("start the Docker daemon (`sudo systemctl start docker`, or `dockerd &` as root), make sure your user "
               "may use it (the `docker` group), or point DOCKER_HOST at it")
@@ -75,16 +69,11 @@ def connect(timeout: float = 30.0):  # noqa: ANN201
 
 def image_fix(image: str) -> str:
     return (f"build it with `docker build -t {image} .` in the byol-runner checkout (see README, 'Running in "
-            "containers'), or set executor.docker.image / BYOL_RUNNER_IMAGE")
+            "containers'), or set executor.image / BYOL_RUNNER_IMAGE")
 
 
 def image_missing_message(image: str) -> str:
     return f"docker image {image!r} not found: {image_fix(image)}"
-
-
-def task_image(spec) -> str:  # noqa: ANN001 - the manifest's DockerSpec
-    """The image tasks run in: BYOL_RUNNER_IMAGE, else the manifest's."""
-    return os.environ.get("BYOL_RUNNER_IMAGE") or spec.image
 
 
 def _first_line(e: BaseException) -> str:
@@ -96,86 +85,9 @@ def is_gpu_runtime_error(e: BaseException) -> bool:
     return "could not select device driver" in str(e)
 
 
-def _name_part(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", text)
-
-
-def host_venv_setup() -> tuple[list[str], list[tuple[str, str, bool]]]:
-    """The command prefix and read-only mounts that run THIS machine's byol-runner (its virtualenv, its
-    Python and its source, each at its own path) inside a bare image."""
-    import runner
-
-    source = Path(runner.__file__).resolve().parents[1]
-    paths = {source, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(sys.executable).resolve().parents[1]}
-    keep: list[Path] = []
-    for p in sorted(paths, key=lambda q: len(q.parts)):
-        if not any(p == k or k in p.parents for k in keep):
-            keep.append(p)
-    return [sys.executable, "-m", "runner.cli"], [(str(p), str(p), True) for p in keep]
-
-
-def container_spec(spec, task: dict, task_id: str, results: Path, slot: Slot, run_name: str, attempt_id: int,  # noqa: ANN001
-                   number: int, cpu_threads: int | None = None) -> dict:
-    """The keyword arguments of `containers.create` for one attempt (a pure function: the tests check it
-    against the engine's API by creating, not starting, the containers)."""
-    _docker()
-    from docker.types import DeviceRequest, Mount
-
-    from runner.data.sources import expand_path
-
-    image = task_image(spec)
-    host_venv = spec.host_venv or os.environ.get("BYOL_RUNNER_HOST_VENV") == "1"
-    prefix, binds = host_venv_setup() if host_venv else ([], [])
-    results = results.resolve()
-    binds = [*binds, (str(results), "/results", False)]
-    args = ["worker", f"/results/tasks/{task_id}/task.json", "--results", "/results"]
-    data = task.get("data") or {}
-    dataset = task.get("dataset", "data")
-    if data.get("root"):
-        binds.append((str(Path(expand_path(data["root"])).resolve()), f"/data/{dataset}", True))
-        args += ["--data-root", f"/data/{dataset}"]
-    elif data.get("path"):
-        binds.append((str(Path(expand_path(data["path"])).resolve().parent), f"/data/{dataset}", True))
-        args += ["--data-root", f"/data/{dataset}"]
-    for m in spec.mounts:
-        host, target, *mode = m.split(":")
-        binds.append((host, target, bool(mode) and mode[0] == "ro"))
-    env = {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "BYOL_RUNNER_CONTAINER": "1"}
-    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)})
-    device_requests = []
-    if slot.gpu is not None:
-        device_requests = [DeviceRequest(device_ids=[str(slot.gpu)], capabilities=[["gpu"]])]
-        env["NVIDIA_DRIVER_CAPABILITIES"] = "compute,utility"
-    elif cpu_threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(cpu_threads)
-    env.update(spec.env)
-    kw = {
-        "image": image,
-        "command": args,
-        "name": _name_part(f"byol-runner-{run_name}-{task_id[:40]}-a{number}"),
-        "labels": {L_RESULTS: str(results), L_RUN: run_name, L_TASK: task_id, L_ATTEMPT: str(number),
-                   L_ATTEMPT_ID: str(attempt_id), L_SLOT: slot.name},
-        "user": spec.user or f"{os.getuid()}:{os.getgid()}",
-        "environment": env,
-        "mounts": [Mount(target=t, source=h, type="bind", read_only=ro) for h, t, ro in binds],
-        "shm_size": spec.shm_size,
-        "device_requests": device_requests,
-        "init": True,
-        "working_dir": "/results",
-        "detach": True,
-    }
-    if prefix:
-        kw["entrypoint"] = prefix
-    if not spec.network:
-        kw["network_mode"] = "none"
-    if spec.memory:
-        kw["mem_limit"] = spec.memory
-        kw["memswap_limit"] = spec.memory  # no swap: over the limit is a kill, not a crawl
-    return kw
-
-
 class DockerExecutor(Executor):
     name = "docker"
+    Spec = DockerSpec
 
     def __init__(self, spec, cpu_threads: int | None = None) -> None:  # noqa: ANN001 - the manifest's DockerSpec
         self.docker = _docker()
@@ -190,7 +102,7 @@ class DockerExecutor(Executor):
     @classmethod
     def from_spec(cls, spec, limit: int | None) -> tuple[DockerExecutor, list[Slot]]:  # noqa: ANN001
         slots, threads = this_machine(spec, limit)
-        return cls(spec.docker, cpu_threads=threads), slots
+        return cls(spec, cpu_threads=threads), slots
 
     @classmethod
     def stop_leftovers(cls, attempts: list, results: Path, grace_s: float) -> None:  # noqa: ANN001
@@ -229,7 +141,7 @@ class DockerExecutor(Executor):
 
     def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot, attempt_id: int = 0, number: int = 1) -> Handle:
         errors = self.docker.errors
-        task = json.loads(task_json.read_text())
+        task = TaskSpec.read(task_json)
         kw = container_spec(self.spec, task, task_id, results, slot, self.run_name, attempt_id, number, self.cpu_threads)
         kw.pop("detach")
         try:
@@ -312,7 +224,7 @@ class DockerExecutor(Executor):
             pass
         elif st.get("OOMKilled") or (code == 137 and self.spec.memory):
             limit = f"its memory limit of {self.spec.memory}" if self.spec.memory else "the host's memory"
-            message = (f"killed for memory: the container went over {limit} (executor.docker.memory); raise the limit, "
+            message = (f"killed for memory: the container went over {limit} (executor.memory); raise the limit, "
                        "or lower batch_size or image_size")
             kind = "oom"
             code = code or 137
@@ -337,7 +249,7 @@ class DockerExecutor(Executor):
         return code
 
     def cancel(self, handle: Handle, grace_s: float = 10.0) -> None:
-        """SIGTERM through the container's init, SIGKILL after executor.docker.stop_grace_s (docker stop)."""
+        """SIGTERM through the container's init, SIGKILL after executor.stop_grace_s (docker stop)."""
         handle.state["cancelled"] = True
         try:
             self.client.api.stop(handle.state["id"], timeout=int(self.spec.stop_grace_s))

@@ -10,12 +10,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
-from runner.executors.base import Executor, Handle, Slot, this_machine
+from runner.executors.base import Executor, Handle, MachineSettings, Slot, this_machine
+
+
+class LocalSpec(MachineSettings):
+    """local: one subprocess per task on this machine (the default)."""
+
+    kind: Literal["local"] = "local"
 
 
 class LocalExecutor(Executor):
     name = "local"
+    Spec = LocalSpec
 
     def __init__(self, cpu_threads: int | None = None) -> None:
         # CPU tasks side by side share the cores: each gets its share of threads, not all of them

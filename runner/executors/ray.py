@@ -18,10 +18,22 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from runner.atomic import atomic_write_text
+from runner.contracts import TaskSpec
 from runner.errors import UserError
-from runner.executors.base import Executor, Handle, Slot, append_error_event
+from runner.executors.base import Executor, ExecutorSettings, Handle, Slot, append_error_event
+
+
+class RaySpec(ExecutorSettings):
+    """ray: one Ray task per cell, on whichever node of a Ray cluster has the resources."""
+
+    kind: Literal["ray"] = "ray"
+    address: str | None = Field(None, description="the cluster's address (default: RAY_ADDRESS, or a local Ray)")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs a task reserves")
 
 
 def _ray():
@@ -45,7 +57,7 @@ def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing 
             return self.lines.pop(task_id, [])
 
     @ray.remote(max_retries=0)  # the runner's retry policy decides, not Ray's
-    def run_task(task_id: str, spec_text: str, encoder: bytes | None, hub) -> dict:  # noqa: ANN001
+    def run_task(task_id: str, spec_text: str, encoder: tuple[str, bytes] | None, hub) -> dict:  # noqa: ANN001
         import subprocess
         import sys
         import tempfile
@@ -56,10 +68,9 @@ def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing 
         for stale in ("metrics.json", "events.jsonl"):
             (folder / stale).unlink(missing_ok=True)
         (folder / "task.json").write_text(spec_text)
-        spec = json.loads(spec_text)
-        if encoder is not None and spec.get("encoder"):
-            (root / spec["encoder"]).parent.mkdir(parents=True, exist_ok=True)
-            (root / spec["encoder"]).write_bytes(encoder)
+        if encoder is not None:  # (the task spec's encoder path, its bytes)
+            (root / encoder[0]).parent.mkdir(parents=True, exist_ok=True)
+            (root / encoder[0]).write_bytes(encoder[1])
         ctx = ray.get_runtime_context()
         node = ctx.get_node_id()[:12]
         env = dict(os.environ)
@@ -97,6 +108,7 @@ def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing 
 
 class RayExecutor(Executor):
     name = "ray"
+    Spec = RaySpec
 
     def __init__(self, address: str | None = None, cpus_per_task: float = 1.0) -> None:
         ray = self.ray = _ray()
@@ -126,8 +138,10 @@ class RayExecutor(Executor):
 
     def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot, attempt_id: int = 0, number: int = 1) -> Handle:
         spec_text = task_json.read_text()
-        spec = json.loads(spec_text)
-        encoder = (results / spec["encoder"]).read_bytes() if spec.get("encoder") else None
+        path = TaskSpec.read(task_json).encoder
+        if path and not (results / path).resolve().is_relative_to(results.resolve()):
+            raise UserError(f"task {task_id}: encoder {path!r} points outside the results dir: task.json was edited by hand")
+        encoder = (path, (results / path).read_bytes()) if path else None
         ref = self.run_task.options(num_gpus=0 if slot.gpu is None else 1, num_cpus=self.cpus_per_task).remote(
             task_id, spec_text, encoder, self.hub)
         return Handle(task_id, slot, time.time(), pid=None, node="ray", state={"ref": ref, "folder": task_json.parent})
