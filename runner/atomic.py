@@ -5,20 +5,46 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+
+_TEMP = re.compile(r"^\..+\.tmp-([0-9]+)$")
+
+
+def temp_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: `.<name>.tmp-<pid>`, so that what a
+    killed process left is known by its pid (`stale_temp_files`)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def stale_temp_files(folders: list[Path], alive) -> list[Path]:  # noqa: ANN001 - alive(pid) -> bool
+    """The temporary files and folders (see `temp_path`) directly in `folders` whose writing process is
+    no longer alive: a killed worker's half checkpoint, a half-decoded cache entry."""
+    out = []
+    for folder in folders:
+        for p in folder.iterdir() if folder.is_dir() else []:
+            m = _TEMP.match(p.name)
+            if m and not alive(int(m.group(1))):
+                out.append(p)
+    return out
 
 
 def atomic_write_text(path: str | Path, text: str, fsync: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal mid-write: no partial file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:

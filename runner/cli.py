@@ -82,7 +82,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(line)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items()))
     adopted = f", {outcome.adopted} adopted from a previous runner" if outcome.adopted else ""
-    print(f"{counts}; {outcome.started_workers} workers started{adopted} in {outcome.seconds:.1f} s")
+    n, size = outcome.removed_temp
+    removed = f"; removed {n} temporary file(s) ({size / 2**20:.1f} MB) that killed processes left" if n else ""
+    print(f"{counts}; {outcome.started_workers} workers started{adopted} in {outcome.seconds:.1f} s{removed}")
     run_dir = results / manifest.name
     print(f"results: {run_dir / 'results.md'} (also .csv, .json, .html; figures in {run_dir / 'figures'})")
     if outcome.exit_code == 1:

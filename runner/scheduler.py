@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +92,7 @@ class RunOutcome:
     started_workers: int
     seconds: float
     adopted: int = 0  # attempts a killed runner started that this run watched to their end
+    removed_temp: tuple[int, int] = (0, 0)  # temporary files killed processes left (count, bytes), removed at start
 
 
 class Scheduler:
@@ -105,6 +108,7 @@ class Scheduler:
         self.started_workers = 0
         self.adopted: dict[int, Handle] = {}
         self.taken_over = 0
+        self.removed_temp = (0, 0)
 
     # ---- setup -----------------------------------------------------------------------------
 
@@ -124,6 +128,30 @@ class Scheduler:
             self.store.end_attempt(a["id"], A.INTERRUPTED, None, "the runner stopped while this attempt ran")
             self.store.set_status(a["task_id"], S.DONE if is_done(self.results, a["task_id"]) else S.INTERRUPTED)
         self.store.commit()
+        self._remove_stale_temp_files()
+
+    def _remove_stale_temp_files(self) -> None:
+        """What killed processes left half written (a checkpoint, a cache entry; tens of MB each, and on a
+        full disk the reason the next run fails too): removed once their writer is gone. The folders of
+        adopted attempts are left alone (their container's pids are not this machine's)."""
+        from runner.atomic import stale_temp_files
+        from runner.executors.base import pid_alive
+
+        busy = {h.task_id for h in self.adopted.values()}
+        folders = [self.results / "tasks" / t.id for t in self.plan.tasks if t.id not in busy]
+        folders.append(self.results / self.plan.name)
+        if not busy:
+            folders.append(self.results / "cache")
+        n = size = 0
+        for p in stale_temp_files(folders, pid_alive):
+            if p.is_dir():
+                size += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                size += p.stat().st_size
+                p.unlink(missing_ok=True)
+            n += 1
+        self.removed_temp = (n, size)
 
     def _take_over(self, run_id: int) -> None:
         """Adopted attempts of this plan's tasks are watched as if this runner had started them; those
@@ -167,7 +195,7 @@ class Scheduler:
         if own:
             lock = RunnerLock(self.results)
             lock.acquire()
-        previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+        stopping = _StopSignals()
         run_id = -1
         try:
             self.executor.bind(self.results, self.plan.name)
@@ -181,7 +209,8 @@ class Scheduler:
             try:
                 self._loop(run_id)
             except KeyboardInterrupt:
-                self._stop_all(S.INTERRUPTED)
+                stopping.stopping = True  # a second Ctrl-C now does not cut the cleanup short
+                self._stop_all(S.INTERRUPTED, f"stopped by {stopping.name or 'Ctrl-C'}")
                 self.store.end_run(run_id, "interrupted", 130)
                 return self._outcome(run_id, 130, t0)
             except UserError:  # the executor cannot start anything (no daemon, no image, no GPU runtime)
@@ -192,7 +221,7 @@ class Scheduler:
             self.store.end_run(run_id, "done" if code == 0 else "failed", code)
             return self._outcome(run_id, code, t0)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            stopping.restore()
             if own:
                 lock.release()
 
@@ -200,7 +229,7 @@ class Scheduler:
         counts: dict[str, int] = {}
         for s in self.status.values():
             counts[s] = counts.get(s, 0) + 1
-        return RunOutcome(run_id, code, counts, self.started_workers, time.time() - t0, self.taken_over)
+        return RunOutcome(run_id, code, counts, self.started_workers, time.time() - t0, self.taken_over, self.removed_temp)
 
     def _loop(self, run_id: int) -> None:
         by_id = self.plan.by_id()
@@ -333,5 +362,22 @@ class Scheduler:
             self.display(self, changed)
 
 
-def _sigterm_to_interrupt(signum, frame):  # noqa: ANN001
-    raise KeyboardInterrupt
+class _StopSignals:
+    """Ctrl-C and SIGTERM stop the run: the first raises KeyboardInterrupt in the loop and is named in the
+    attempts' records; any further one while the runner stops its tasks and records them is ignored
+    (it would leave the run and its attempts marked running), with a line saying so."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.stopping = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if self.name is None and not self.stopping:
+            self.name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            raise KeyboardInterrupt
+        print("byol-runner: stopping the running tasks and recording them; this takes a few seconds", file=sys.stderr)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

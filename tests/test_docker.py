@@ -46,7 +46,8 @@ def client():
 def denv(client, tmp_path) -> dict:  # noqa: ANN001
     """The environment that runs tasks in the CI image; afterwards no container of the test is left,
     even when it failed halfway."""
-    yield {"BYOL_RUNNER_IMAGE": CI_IMAGE, "BYOL_RUNNER_HOST_VENV": "1"}
+    # as root (CI), the tasks run as root only because this says so (byol-runner refuses it unasked)
+    yield {"BYOL_RUNNER_IMAGE": CI_IMAGE, "BYOL_RUNNER_HOST_VENV": "1", **({"BYOL_RUNNER_USER": "0:0"} if os.getuid() == 0 else {})}
     for c in client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL}.results"}):
         if (c.attrs.get("Labels") or {}).get(f"{LABEL}.results", "").startswith(str(tmp_path.resolve())):
             c.remove(force=True)
@@ -331,7 +332,8 @@ def test_the_container_spec_for_a_two_gpu_host_is_accepted_by_the_engine(client,
     from runner.executors.docker_spec import DockerSpec, container_spec
 
     head_ct = real_data("head_ct")
-    spec = DockerSpec(kind="docker", image=CI_IMAGE, memory="2g", env={"EXTRA": "1"})
+    spec = DockerSpec(kind="docker", image=CI_IMAGE, memory="2g", env={"EXTRA": "1"}, user="1234:1234",
+                      mounts=["/etc:/host-etc", "/var/tmp:/scratch:rw"])
     task = TaskSpec(id="t1", kind="supervised", dataset="hemorrhage", settings={},
                     data={"source": "csv", "root": str(head_ct), "image_column": "id", "label_column": "hemorrhage"})
     results = tmp_path / "results"
@@ -354,8 +356,13 @@ def test_the_container_spec_for_a_two_gpu_host_is_accepted_by_the_engine(client,
             mounts = {m["Target"]: (m["Source"], m.get("ReadOnly", False)) for m in host["Mounts"]}
             assert mounts["/results"] == (str(results.resolve()), False)
             assert mounts["/data/hemorrhage"] == (str(head_ct.resolve()), True)
+            # extra mounts are read-only unless ':rw' is written
+            assert mounts["/host-etc"] == ("/etc", True) and mounts["/scratch"] == ("/var/tmp", False)
+            # hardened: no capabilities, no privilege gain, a pids limit, a read-only root with a /tmp
+            assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges"]
+            assert host["PidsLimit"] == 4096 and host["ReadonlyRootfs"] is True and set(host["Tmpfs"]) == {"/tmp"}
             cfg = a["Config"]
-            assert cfg["User"] == f"{os.getuid()}:{os.getgid()}"
+            assert cfg["User"] == "1234:1234"
             assert cfg["Labels"][f"{LABEL}.task"] == tid and cfg["Labels"][f"{LABEL}.attempt-id"] == str(7 + gpu)
             assert cfg["Labels"][f"{LABEL}.results"] == str(results.resolve())
             assert cfg["Cmd"] == ["worker", f"/results/tasks/{tid}/task.json", "--results", "/results", "--data-root", "/data/hemorrhage"]
@@ -434,6 +441,23 @@ def test_bad_docker_settings_name_their_place(tmp_path, setting, expected):
         load_manifest(p)
     assert re.search(expected, str(e.value)), str(e.value)
     assert re.match(rf"{re.escape(str(p))}:[456]: ", str(e.value)), str(e.value)
+
+
+def test_tasks_run_as_root_only_when_asked_by_name(monkeypatch):
+    from runner.errors import UserError
+    from runner.executors.docker_spec import DockerSpec, task_user
+
+    monkeypatch.delenv("BYOL_RUNNER_USER", raising=False)
+    monkeypatch.setattr(os, "getuid", lambda: 0)
+    with pytest.raises(UserError, match=r"runs as root, and its task containers would too: set executor\.user"):
+        task_user(DockerSpec())
+    assert task_user(DockerSpec(user="0:0")) == "0:0"
+    monkeypatch.setenv("BYOL_RUNNER_USER", "0:0")
+    assert task_user(DockerSpec()) == "0:0"
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    monkeypatch.setattr(os, "getgid", lambda: 100)
+    monkeypatch.delenv("BYOL_RUNNER_USER")
+    assert task_user(DockerSpec()) == "1000:100"
 
 
 def test_each_executor_reads_its_own_section_and_an_override_keeps_the_shared_settings():

@@ -379,3 +379,35 @@ def test_background_checkpoints_are_snapshots_written_in_order(tmp_path):
     with pytest.raises(FileNotFoundError):
         with CheckpointWriter() as ckpt:
             ckpt.save({"w": w}, tmp_path / "no-such-dir" / "checkpoint.pt")
+
+
+def test_sigterm_during_a_checkpoint_write_leaves_no_partial_file_and_stays_sigterm(tmp_path, monkeypatch):
+    """SIGTERM (SystemExit(143) in the worker) can land anywhere: mid-write of a checkpoint (the temp file
+    is removed, the previous checkpoint stays), or between making the writer thread and starting it (the
+    exit stays 143; it was `RuntimeError: cannot join thread before it is started`, exit 1)."""
+    import threading
+
+    from runner.ml.checkpoint import CheckpointWriter
+
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"step": 1}, path)
+
+    def torn_save(obj, f):  # noqa: ANN001
+        f.write(b"half a checkpoint")
+        raise SystemExit(143)
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(SystemExit):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"] and safe_load(path) == {"step": 1}
+
+    def signalled_start(self):  # noqa: ANN001
+        raise SystemExit(143)
+
+    monkeypatch.setattr(threading.Thread, "start", signalled_start)
+    with pytest.raises(SystemExit) as e:
+        with CheckpointWriter() as ckpt:
+            ckpt.save({"step": torch.tensor(3)}, path)
+    assert e.value.code == 143
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

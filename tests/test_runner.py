@@ -4,6 +4,7 @@ SIGKILL, the lock, plan, status and report."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -132,9 +133,21 @@ def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tmp_path):
     while time.time() < deadline and "stopped by SIGTERM" not in (ckpt.parent / "events.jsonl").read_text():
         time.sleep(0.2)
     assert "stopped by SIGTERM" in (ckpt.parent / "events.jsonl").read_text()
+    # what a SIGKILLed writer leaves half written (here planted: a dead pid's temp checkpoint and cache
+    # entry) is removed by the next run, and said so; a live process's temp file is left alone
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    planted = [ckpt.parent / f".checkpoint.pt.tmp-{dead.pid}", results / "cache" / f".abc.tmp-{dead.pid}"]
+    planted[0].write_bytes(b"x" * 3_000_000)
+    planted[1].mkdir()
+    (planted[1] / "gray.npy").write_bytes(b"x" * 1_000_000)
+    alive = ckpt.parent / f".checkpoint.pt.tmp-{os.getpid()}"
+    alive.write_bytes(b"x")
 
     r = run_cli("run", str(manifest), "--results", str(results))
     assert r.returncode == 0, r.stderr
+    assert "removed 2 temporary file(s) (3.8 MB) that killed processes left" in r.stdout
+    assert not any(p.exists() for p in planted) and alive.exists()
     events = (results / "tasks" / interrupted / "events.jsonl").read_text()
     assert "resumed from checkpoint at step" in events
     with sqlite3.connect(results / "runner.db") as db:
@@ -151,9 +164,12 @@ def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tmp_path):
 
 
 def test_ctrl_c_stops_workers_marks_them_interrupted_and_exits_130(tmp_path):
+    """Ctrl-C twice, 0.3 s apart (an impatient user): the second does not cut the cleanup short."""
     results = tmp_path / "results"
     proc = _start_runner(tiny(tmp_path, pre_epochs=40), results)
     _wait_for_checkpoint(results)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -161,7 +177,7 @@ def test_ctrl_c_stops_workers_marks_them_interrupted_and_exits_130(tmp_path):
     with sqlite3.connect(results / "runner.db") as db:
         rows = db.execute("SELECT status, error FROM attempts WHERE status != 'done'").fetchall()
         run = db.execute("SELECT status, exit_code FROM runs").fetchone()
-    assert rows and all(s == "interrupted" for s, _ in rows)
+    assert rows and all(s == "interrupted" and e == "stopped by Ctrl-C" for s, e in rows), rows
     assert run == ("interrupted", 130)
     assert not any(p.poll() is None for p in [proc])
 
@@ -180,8 +196,12 @@ def test_a_second_runner_on_the_same_results_is_refused(tmp_path):
         assert f"another byol-runner (pid {first.pid}) is running" in second.stderr
         assert (results / "tiny" / "manifest.yaml").read_text() == saved  # the refused runner wrote nothing
     finally:
-        first.send_signal(signal.SIGINT)
+        first.send_signal(signal.SIGTERM)  # as a job scheduler or `docker stop` ends a runner
         first.communicate(timeout=60)
+    assert first.returncode == 130
+    with sqlite3.connect(results / "runner.db") as db:
+        rows = db.execute("SELECT status, error FROM attempts WHERE status != 'done'").fetchall()
+    assert rows and all(s == "interrupted" and e == "stopped by SIGTERM" for s, e in rows), rows
 
 
 RUN_BROKEN = [

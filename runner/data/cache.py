@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.atomic import atomic_write_text
+from runner.atomic import atomic_write_text, temp_path
 from runner.data.arrays import SYNTHETIC_VERSION, load_npz_images, synthetic_images
 from runner.data.decode import DECODE_VERSION, Decoded, ImageSettings, decode_array, decode_file
 from runner.data.sources import DatasetBase, Item, NpzSource, RootedSource, SyntheticSource, expand_path
@@ -202,7 +202,7 @@ def _write_entry(
     workers: int,
 ) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}"
+    tmp = temp_path(entry)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     n, size = len(items), s.size

@@ -29,7 +29,7 @@ from runner.contracts import TaskSpec
 from runner.errors import UserError
 from runner.executors.base import Executor, Handle, Slot, append_error_event, this_machine
 
-from runner.executors.docker_spec import L_ATTEMPT_ID, L_RESULTS, L_SLOT, DockerSpec, container_spec, task_image
+from runner.executors.docker_spec import L_ATTEMPT_ID, L_RESULTS, L_SLOT, DockerSpec, container_spec, task_image, task_user
 
 DAEMON_PATIENCE_S = 60.0  # a daemon that stops answering for this long fails the attempts it ran
 
@@ -96,6 +96,7 @@ class DockerExecutor(Executor):
         self.client = connect()
         self.image = task_image(spec)
         self._ensure_image()
+        task_user(spec)  # root without asking for it: refused before anything runs
         self.results: Path | None = None
         self.run_name = "run"
 

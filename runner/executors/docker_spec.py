@@ -42,11 +42,14 @@ class DockerSpec(MachineSettings):
     memory: str | None = Field(None, description="memory limit of a task container, e.g. 32g (default: none); "
                                "a container over it is reported as killed for memory")
     network: bool = Field(False, description="give task containers a network (training needs none)")
-    user: str | None = Field(None, description="uid:gid the tasks run as (default: the user running byol-runner)")
+    user: str | None = Field(None, description="uid:gid the tasks run as (default: the user running byol-runner; when "
+                             "that is root, tasks run as root only if this says '0:0'); BYOL_RUNNER_USER overrides it")
+    pids_limit: int = Field(4096, ge=64, description="processes and threads a task container may have")
     keep_containers: bool = Field(False, description="leave ended containers for inspection instead of removing them")
     stop_grace_s: float = Field(10.0, ge=0, description="seconds between SIGTERM and SIGKILL when a container is stopped")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of task containers")
-    mounts: list[str] = Field(default_factory=list, description="extra bind mounts, '/host:/container[:ro|rw]'")
+    mounts: list[str] = Field(default_factory=list, description="extra bind mounts, '/host:/container[:ro|rw]', "
+                              "read-only unless ':rw' is written")
     host_venv: bool = Field(
         False, description="run this machine's byol-runner virtualenv, bind-mounted read-only, instead of the image's "
         "own install (for a bare CI image; BYOL_RUNNER_HOST_VENV=1 sets it)")
@@ -72,6 +75,22 @@ class DockerSpec(MachineSettings):
         if v is not None and not re.match(r"^[0-9]+(:[0-9]+)?$", v):
             raise ValueError(f"{v!r}: give a numeric uid or uid:gid, e.g. 1000:1000")
         return v
+
+
+def task_user(spec: DockerSpec) -> str:
+    """The uid:gid a task container runs as: BYOL_RUNNER_USER, else executor.user, else the invoking user's
+    ids. Root only when asked for by name: a runner started as root (sudo, a CI job) does not quietly
+    run every task as root."""
+    given = os.environ.get("BYOL_RUNNER_USER") or spec.user
+    if given:
+        return given
+    if os.getuid() == 0:
+        from runner.errors import UserError
+
+        raise UserError("byol-runner runs as root, and its task containers would too: set executor.user to the "
+                        "uid:gid that owns the results dir (e.g. '1000:1000'), or to '0:0' to run them as root on "
+                        "purpose (BYOL_RUNNER_USER sets it too)")
+    return f"{os.getuid()}:{os.getgid()}"
 
 
 def task_image(spec) -> str:  # noqa: ANN001 - the manifest's DockerSpec
@@ -123,7 +142,7 @@ def container_spec(spec: DockerSpec, task: TaskSpec, task_id: str, results: Path
         args += ["--data-root", f"/data/{dataset}"]
     for m in spec.mounts:
         host, target, *mode = m.split(":")
-        binds.append((host, target, bool(mode) and mode[0] == "ro"))
+        binds.append((host, target, mode != ["rw"]))  # read-only unless ':rw' is written
     env = {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "BYOL_RUNNER_CONTAINER": "1"}
     env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)})
     device_requests = []
@@ -139,7 +158,7 @@ def container_spec(spec: DockerSpec, task: TaskSpec, task_id: str, results: Path
         "name": _name_part(f"byol-runner-{run_name}-{task_id[:40]}-a{number}"),
         "labels": {L_RESULTS: str(results), L_RUN: run_name, L_TASK: task_id, L_ATTEMPT: str(number),
                    L_ATTEMPT_ID: str(attempt_id), L_SLOT: slot.name},
-        "user": spec.user or f"{os.getuid()}:{os.getgid()}",
+        "user": task_user(spec),
         "environment": env,
         "mounts": [Mount(target=t, source=h, type="bind", read_only=ro) for h, t, ro in binds],
         "shm_size": spec.shm_size,
@@ -147,6 +166,13 @@ def container_spec(spec: DockerSpec, task: TaskSpec, task_id: str, results: Path
         "init": True,
         "working_dir": "/results",
         "detach": True,
+        # hardened: no capabilities, no privilege gain (setuid), a pids limit, a read-only root
+        # filesystem; the task writes only /results, /tmp (its HOME) and /dev/shm
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "pids_limit": spec.pids_limit,
+        "read_only": True,
+        "tmpfs": {"/tmp": "rw,nosuid,nodev,size=1g"},
     }
     if prefix:
         kw["entrypoint"] = prefix

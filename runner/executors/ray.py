@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from runner.atomic import atomic_write_text
+from runner.atomic import atomic_write_text, temp_path
 from runner.contracts import TaskSpec
 from runner.errors import UserError
 from runner.executors.base import Executor, ExecutorSettings, Handle, Slot, append_error_event
@@ -173,7 +173,7 @@ class RayExecutor(Executor):
         with open(folder / "worker.log", "a") as f:
             f.write(out["log"])
         if out["encoder"] is not None:
-            tmp = folder / f".encoder.pt.tmp-{os.getpid()}"
+            tmp = temp_path(folder / "encoder.pt")
             tmp.write_bytes(out["encoder"])
             os.replace(tmp, folder / "encoder.pt")
         if out["metrics"] is not None:

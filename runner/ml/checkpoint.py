@@ -15,15 +15,21 @@ from typing import Any
 
 import torch
 
+from runner.atomic import temp_path
+
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, SIGTERM (SystemExit) mid-write: no partial file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def safe_load(path: str | Path, device: str | torch.device = "cpu") -> Any:
@@ -74,8 +80,9 @@ class CheckpointWriter:
     def save(self, state: dict, path: str | Path) -> None:
         self.wait()
         snapshot = host_copy(state)
-        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path)), name="checkpoint-writer")
-        self._thread.start()
+        thread = threading.Thread(target=self._write, args=(snapshot, Path(path)), name="checkpoint-writer")
+        thread.start()  # (a SIGTERM between these lines leaves a started, non-daemon thread: the exit waits for it)
+        self._thread = thread
 
     def _write(self, state: dict, path: Path) -> None:
         try:
@@ -99,3 +106,4 @@ class CheckpointWriter:
             self.wait()
         elif self._thread is not None:  # leaving on an error: let the write finish (atomic), keep the first error
             self._thread.join()
+            self._thread = None
