@@ -221,7 +221,8 @@ class Scheduler:
             self.store.end_run(run_id, "done" if code == 0 else "failed", code)
             return self._outcome(run_id, code, t0)
         finally:
-            stopping.restore()
+            self.executor.close()
+            stopping.restore()  # after the executor is closed: a late Ctrl-C cannot interrupt that
             if own:
                 lock.release()
 

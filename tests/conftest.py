@@ -27,6 +27,60 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+TINY = """\
+name: tiny
+datasets:
+  syn:
+    source: synthetic
+    per_class: 40
+    size: 32
+    image_size: 24
+    classes: {{normal: [class0], finding: [class1]}}
+    positive: finding
+    split: {{val: 0.25, test: 0.25}}
+methods: [byol-finetune, byol-linear, supervised, random-linear]
+labels: {{fractions: [0.25, 1.0]}}
+seeds: [0]
+model: {{arch: resnet18}}
+pretrain: {{epochs: {pre_epochs}, min_steps: 0, batch_size: 16, proj_hidden: 128, pred_hidden: 128, proj_dim: 32, warmup_epochs: 1}}
+finetune: {{epochs: 2, min_steps: {ft_steps}, batch_size: 16}}
+run: {{device: cpu, progress_every_s: 0.2, checkpoint_every_steps: 5}}
+executor: {{max_parallel: 2, retries: 1}}
+"""
+
+
+def tiny(tmp_path: Path, name: str = "tiny.yaml", pre_epochs: int = 4, ft_steps: int = 10) -> Path:
+    """TINY with Model 1 and Model 2 only (5 tasks): the runner's behaviour does not need more arms."""
+    p = tmp_path / name
+    p.write_text(TINY.format(pre_epochs=pre_epochs, ft_steps=ft_steps).replace(
+        "methods: [byol-finetune, byol-linear, supervised, random-linear]", "methods: [byol-finetune, supervised]"))
+    return p
+
+
+REFERENCE = {"pre_epochs": 8, "ft_steps": 5}  # the shared tiny run: pretraining long enough to be caught mid-way
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory: pytest.TempPathFactory):
+    """One finished run of `tiny(**REFERENCE)` with the local executor, two tasks at a time (5 tasks), for
+    every test that needs a finished run or an uninterrupted reference to compare with: (manifest,
+    results dir, the run's stdout). Tests that change it work on a copy (`copy_results`)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    manifest = tiny(tmp, **REFERENCE)
+    results = tmp / "results"
+    r = run_cli("run", str(manifest), "--results", str(results))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return manifest, results, r.stdout
+
+
+def copy_results(results: Path, to: Path) -> Path:
+    """A finished results dir copied (its runner.db, task folders and cache), to rerun or change."""
+    import shutil
+
+    shutil.copytree(results, to, symlinks=True)
+    return to
+
+
 @pytest.fixture
 def write_manifest(tmp_path: Path):
     def write(text: str, name: str = "manifest.yaml") -> Path:

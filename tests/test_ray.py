@@ -19,7 +19,7 @@ import pytest
 
 from runner.tui.app import RunnerApp
 from tests.conftest import REPO, run_cli
-from tests.test_runner import TINY
+from tests.conftest import REFERENCE, TINY
 
 ray = pytest.importorskip("ray", reason='the Ray executor needs ray (pip install "byol-runner[ray]")')
 
@@ -51,8 +51,9 @@ def cluster(tmp_path_factory):
     shutil.rmtree(base, ignore_errors=True)
 
 
-def manifest(tmp_path: Path, address: str, pre_epochs: int = 3) -> Path:
-    text = TINY.format(pre_epochs=pre_epochs, ft_steps=10).replace(
+def manifest(tmp_path: Path, address: str, pre_epochs: int = REFERENCE["pre_epochs"]) -> Path:
+    """The tiny matrix on the cluster; with the default epochs, the tasks of `tiny_reference`."""
+    text = TINY.format(pre_epochs=pre_epochs, ft_steps=REFERENCE["ft_steps"]).replace(
         "executor: {max_parallel: 2, retries: 1}", f'executor: {{kind: ray, address: "{address}", retries: 1}}').replace(
         "methods: [byol-finetune, byol-linear, supervised, random-linear]", "methods: [byol-finetune, supervised]")
     p = tmp_path / "ray.yaml"
@@ -64,7 +65,7 @@ def _env() -> dict:
     return {"RAY_AUTH_MODE": "disabled"}
 
 
-def test_a_matrix_runs_on_both_nodes_and_equals_the_local_executor(cluster, tmp_path):
+def test_a_matrix_runs_on_both_nodes_and_equals_the_local_executor(cluster, tiny_reference, tmp_path):
     m = manifest(tmp_path, cluster)
     r = run_cli("run", str(m), "--results", str(tmp_path / "ray"), env=_env(), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -73,12 +74,12 @@ def test_a_matrix_runs_on_both_nodes_and_equals_the_local_executor(cluster, tmp_
         executors = {e for (e,) in db.execute("SELECT executor FROM attempts")}
     assert len(nodes) == 5 and len(set(nodes)) == 2, nodes  # placed on both nodes, recorded per attempt
     assert executors == {"ray"}
-    # two at a time, one thread each: what a 1-CPU Ray task gets (the thread count changes the floats)
-    local = run_cli("run", str(m), "--results", str(tmp_path / "local"), "--executor", "local", "--max-parallel", "2", timeout=600)
-    assert local.returncode == 0, local.stderr
-    assert sorted(os.listdir(tmp_path / "ray" / "tasks")) == sorted(os.listdir(tmp_path / "local" / "tasks"))
+    # the same manifest run by local processes, two at a time, one thread each: what a 1-CPU Ray task
+    # gets (the thread count changes the floats)
+    local = tiny_reference[1]
+    assert sorted(os.listdir(tmp_path / "ray" / "tasks")) == sorted(os.listdir(local / "tasks"))
     a = json.loads((tmp_path / "ray" / "tiny" / "results.json").read_text())["arms"]
-    b = json.loads((tmp_path / "local" / "tiny" / "results.json").read_text())["arms"]
+    b = json.loads((local / "tiny" / "results.json").read_text())["arms"]
     assert [(x["method"], x["accuracy"], x["loss"]) for x in a] == [(y["method"], y["accuracy"], y["loss"]) for y in b]
     # the artifacts came back to the driver's results dir: the pretrained encoder, the logs
     pre = [p for p in (tmp_path / "ray" / "tasks").iterdir() if json.loads((p / "task.json").read_text())["kind"] == "pretrain"]

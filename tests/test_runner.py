@@ -14,48 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
-
-TINY = """\
-name: tiny
-datasets:
-  syn:
-    source: synthetic
-    per_class: 40
-    size: 32
-    image_size: 24
-    classes: {{normal: [class0], finding: [class1]}}
-    positive: finding
-    split: {{val: 0.25, test: 0.25}}
-methods: [byol-finetune, byol-linear, supervised, random-linear]
-labels: {{fractions: [0.25, 1.0]}}
-seeds: [0]
-model: {{arch: resnet18}}
-pretrain: {{epochs: {pre_epochs}, min_steps: 0, batch_size: 16, proj_hidden: 128, pred_hidden: 128, proj_dim: 32, warmup_epochs: 1}}
-finetune: {{epochs: 2, min_steps: {ft_steps}, batch_size: 16}}
-run: {{device: cpu, progress_every_s: 0.2, checkpoint_every_steps: 5}}
-executor: {{max_parallel: 2, retries: 1}}
-"""
-
-
-def tiny(tmp_path: Path, name: str = "tiny.yaml", pre_epochs: int = 4, ft_steps: int = 10) -> Path:
-    """TINY with Model 1 and Model 2 only (5 tasks): the runner's behaviour does not need more arms."""
-    p = tmp_path / name
-    p.write_text(TINY.format(pre_epochs=pre_epochs, ft_steps=ft_steps).replace(
-        "methods: [byol-finetune, byol-linear, supervised, random-linear]", "methods: [byol-finetune, supervised]"))
-    return p
-
+from tests.conftest import REFERENCE, REPO, TINY, copy_results, run_cli, tiny  # noqa: F401 - TINY and tiny are imported from here too
 
 def attempts(results: Path) -> list[tuple]:
     with sqlite3.connect(results / "runner.db") as db:
         return db.execute("SELECT a.task_id, t.kind, a.status, a.error FROM attempts a JOIN tasks t ON t.id=a.task_id").fetchall()
 
 
-def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tmp_path):
-    results = tmp_path / "results"
-    manifest = tiny(tmp_path, pre_epochs=2, ft_steps=5)
-    r = run_cli("run", str(manifest), "--results", str(results))
-    assert r.returncode == 0, r.stdout + r.stderr
+def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tiny_reference, tmp_path):
+    ref_manifest, ref_results, stdout = tiny_reference  # `byol-runner run` of the tiny matrix, finished
+    results = copy_results(ref_results, tmp_path / "results")
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(ref_manifest.read_text())
     table = (results / "tiny" / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| syn (")]
     assert [row.split(" (")[1].split(" ")[0] for row in rows] == ["25%", "100%"]
@@ -64,8 +34,8 @@ def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tmp_path
         # a cell may carry † (degenerate, footnoted): a 2-epoch pretraining often learns nothing
         assert len(cells) == 4 and all(c != "—" and float(c.rstrip("†")) >= 0 for c in cells), row
     assert "Model 1 = BYOL + ResNet18, fine-tuned" in table and "Model 2 = supervised ResNet18" in table
-    assert "| Dataset | Model 1 accuracy | Model 1 loss | Model 2 accuracy | Model 2 loss |" in r.stdout
-    assert f"results: {results / 'tiny' / 'results.md'} (also .csv, .json, .html" in r.stdout  # where to look next
+    assert "| Dataset | Model 1 accuracy | Model 1 loss | Model 2 accuracy | Model 2 loss |" in stdout
+    assert f"results: {ref_results / 'tiny' / 'results.md'} (also .csv, .json, .html" in stdout  # where to look next
     n_attempts = len(attempts(results))
     assert n_attempts == 5  # 1 pretrain + 2 budgets x 2 methods, each once
     data = json.loads((results / "tiny" / "results.json").read_text())
@@ -115,10 +85,9 @@ def _wait_for_checkpoint(results: Path, timeout: float = 120) -> Path:
     pytest.fail("no checkpoint appeared")
 
 
-def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tmp_path):
-    manifest = tiny(tmp_path, pre_epochs=8, ft_steps=5)
-    reference = tmp_path / "reference"
-    assert run_cli("run", str(manifest), "--results", str(reference)).returncode == 0
+def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tiny_reference, tmp_path):
+    manifest = tiny(tmp_path, **REFERENCE)
+    reference = tiny_reference[1]  # the same manifest, run without interruption
 
     results = tmp_path / "results"
     proc = _start_runner(manifest, results)
@@ -148,8 +117,11 @@ def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "removed 2 temporary file(s) (3.8 MB) that killed processes left" in r.stdout
     assert not any(p.exists() for p in planted) and alive.exists()
-    events = (results / "tasks" / interrupted / "events.jsonl").read_text()
-    assert "resumed from checkpoint at step" in events
+    events = [json.loads(line) for line in (results / "tasks" / interrupted / "events.jsonl").read_text().splitlines()]
+    [at] = [i for i, e in enumerate(events) if "resumed from checkpoint at step" in (e.get("message") or "")]
+    killed_at = max(e["step"] for e in events[:at] if e["kind"] == "progress")  # the killed attempt's last step
+    step = int(events[at]["message"].split("step ")[1].split()[0])
+    assert 5 <= step <= killed_at + 5 and step % 5 == 0  # the last checkpoint (every 5 steps), not step 0
     with sqlite3.connect(results / "runner.db") as db:
         statuses = [s for (s,) in db.execute("SELECT status FROM attempts WHERE task_id=? ORDER BY id", (interrupted,))]
     assert statuses == ["interrupted", "done"]
@@ -243,3 +215,23 @@ def test_demo_manifest_is_the_readme_main_job(tmp_path):
     r = run_cli("run", "experiments/demo.yaml", "--results", str(tmp_path / "results"), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| synthetic (10% labels) |" in r.stdout and "| synthetic (100% labels) |" in r.stdout
+
+
+def test_a_fresh_worker_process_computes_what_a_preloaded_fork_does(tiny_reference, tmp_path):
+    """The local executor forks workers from a process with PyTorch loaded; `preload: false` starts a
+    fresh Python per task. One task both ways: the same metrics, bit for bit (nothing ran before the
+    fork; the thread count is set in the child)."""
+    ref_manifest, ref_results, _ = tiny_reference
+    manifest = tmp_path / "one.yaml"
+    manifest.write_text(ref_manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]").replace(
+        "fractions: [0.25, 1.0]", "fractions: [1.0]").replace("executor: {max_parallel: 2, retries: 1}",
+                                                               "executor: {max_parallel: 2, retries: 1, preload: false}"))
+    r = run_cli("run", str(manifest), "--results", str(tmp_path / "fresh"))
+    assert r.returncode == 0, r.stderr
+    [task] = list((tmp_path / "fresh" / "tasks").iterdir())
+
+    def numbers(path: Path) -> dict:
+        m = json.loads(path.read_text())
+        return {k: m[k] for k in ("test", "predictions", "selection")}
+
+    assert numbers(task / "metrics.json") == numbers(ref_results / "tasks" / task.name / "metrics.json")

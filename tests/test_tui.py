@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from runner.tui.app import RunnerApp
-from tests.conftest import fault_env, run_cli
+from tests.conftest import copy_results, fault_env, run_cli
 from tests.test_runner import TINY
 
 
@@ -62,7 +62,8 @@ def test_a_run_started_from_the_tui_moves_tasks_to_done_and_fills_the_table(tmp_
 
 def test_a_failed_task_is_retried_from_the_tui_and_ends_done(tmp_path):
     results = tmp_path / "results"
-    manifest = tiny(tmp_path)
+    manifest = tiny(tmp_path)  # only its two supervised tasks: the failing ones (and the fastest to fail)
+    manifest.write_text(manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]"))
     first = run_cli("run", str(manifest), "--results", str(results), env=fault_env("supervised"))
     assert first.returncode == 1
     app = RunnerApp(results, poll_s=0.2)
@@ -89,9 +90,8 @@ def test_a_failed_task_is_retried_from_the_tui_and_ends_done(tmp_path):
     asyncio.run(scenario())
 
 
-def test_attaching_to_a_finished_run_shows_its_final_table(tmp_path):
-    results = tmp_path / "results"
-    assert run_cli("run", str(tiny(tmp_path)), "--results", str(results)).returncode == 0
+def test_attaching_to_a_finished_run_shows_its_final_table(tiny_reference, tmp_path):
+    results = copy_results(tiny_reference[1], tmp_path / "results")
     final = (results / "tiny" / "results.md").read_text().split("\n\n")[0]
     app = RunnerApp(results, poll_s=0.2)
 

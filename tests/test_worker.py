@@ -31,7 +31,7 @@ def head_ct_task(results: Path, task_id: str, kind: str, **over) -> Path:
             "model": {"arch": "resnet18"},
             "run": {"device": "cpu", "progress_every_s": 0.5, "checkpoint_every_steps": 5},
             "pretrain": {"epochs": 1000, "max_steps": 120, "batch_size": 32, "proj_hidden": 512, "pred_hidden": 512, "proj_dim": 64},
-            "finetune": {"epochs": 10, "min_steps": 40, "batch_size": 32},
+            "finetune": {"epochs": 3, "min_steps": 20, "batch_size": 32},
         },
     }
     for key, value in over.items():
@@ -120,34 +120,6 @@ def test_two_labels_per_class_fine_tune_stays_near_the_prior_loss(pretrained):
         assert m["test"]["loss"] < m["prior_loss"] * 1.15, (kind, m["test"]["loss"], m["prior_loss"])
 
 
-def test_sigkilled_pretraining_resumes_from_its_checkpoint(tmp_path):
-    task = head_ct_task(tmp_path, "kill", "pretrain", settings={"pretrain": {"max_steps": 60}})
-    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "worker", str(task)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = task.parent / "checkpoint.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if ckpt.exists() and any(e.get("step") and e["step"] >= 12 for e in events(task) if e["kind"] == "progress"):
-            break
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("no checkpoint within 120 s")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (task.parent / "metrics.json").exists()
-    killed_at = max(e["step"] for e in events(task) if e["kind"] == "progress")
-    r = worker(task)
-    assert r.returncode == 0, r.stderr
-    resumed = [e for e in events(task) if e["kind"] == "log" and "resumed from checkpoint" in e["message"]]
-    assert len(resumed) == 1
-    step = int(resumed[0]["message"].split("step ")[1].split()[0])
-    assert 5 <= step <= killed_at + 5 and step % 5 == 0  # the last checkpoint, not step 0
-    after = [e for e in events(task) if e["kind"] == "metric" and e["ts"] >= resumed[0]["ts"]]
-    assert after and after[0]["step"] > step  # training went on from there
-    assert json.loads((task.parent / "metrics.json").read_text())["pretrain"]["steps"] == 60
-
-
 def test_start_errors_are_error_events_and_non_zero_exits(tmp_path):
     bad = tmp_path / "tasks" / "bad" / "task.json"
     bad.parent.mkdir(parents=True)
@@ -170,7 +142,7 @@ def test_start_errors_are_error_events_and_non_zero_exits(tmp_path):
 def test_sigkilled_fine_tune_resumes_from_its_checkpoint(pretrained):
     results = pretrained.parent.parent.parent
     task = head_ct_task(results, "ft-kill", "finetune", budget={"fraction": 1.0}, encoder="tasks/pre/encoder.pt",
-                        settings={"finetune": {"min_steps": 120, "eval_every_steps": 5}})
+                        settings={"finetune": {"min_steps": 40, "eval_every_steps": 5}})
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "worker", str(task)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = task.parent / "checkpoint.pt"
@@ -186,7 +158,7 @@ def test_sigkilled_fine_tune_resumes_from_its_checkpoint(pretrained):
     resumed = [e for e in events(task) if e["kind"] == "log" and "resumed from checkpoint" in e["message"]]
     assert len(resumed) == 1 and "step 0 " not in resumed[0]["message"]
     m = json.loads((task.parent / "metrics.json").read_text())
-    assert m["selection"]["steps"] == 120 and math.isfinite(m["test"]["loss"])
+    assert m["selection"]["steps"] == 40 and math.isfinite(m["test"]["loss"])
 
 
 def test_the_worker_path_imports_neither_textual_nor_torch_for_a_noop_task(tmp_path):

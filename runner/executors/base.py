@@ -79,6 +79,9 @@ class Executor(ABC):
             if pid and pid_alive(pid) and a["node"] == os.uname().nodename:
                 stop_group(pid, grace_s, lambda p=pid: not pid_alive(p))
 
+    def close(self) -> None:
+        """Called once when the run ends: release what the executor holds (the local executor's preloader)."""
+
     @abstractmethod
     def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot, attempt_id: int = 0, number: int = 1) -> Handle:
         """Start one attempt (`number` counts the task's attempts; `attempt_id` is its row in runner.db)."""
