@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, fault_env, real_data, run_cli
-from tests.test_runner import tiny
+from tests.conftest import tiny
 
 CI_IMAGE = os.environ.get("BYOL_RUNNER_TEST_IMAGE", "byol-runner-ci:bookworm")
 LABEL = "io.github.byol-runner"

@@ -14,7 +14,7 @@ from PIL import Image
 from runner import report as R
 from runner.stats import bootstrap_metrics, paired_difference
 from tests.conftest import run_cli
-from tests.test_runner import TINY
+from tests.conftest import TINY
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REFERENCE, REPO, TINY, copy_results, run_cli, tiny  # noqa: F401 - TINY and tiny are imported from here too
+from tests.conftest import REFERENCE, REPO, copy_results, run_cli, tiny
 
 def attempts(results: Path) -> list[tuple]:
     with sqlite3.connect(results / "runner.db") as db:

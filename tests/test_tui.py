@@ -8,7 +8,7 @@ from pathlib import Path
 
 from runner.tui.app import RunnerApp
 from tests.conftest import copy_results, fault_env, run_cli
-from tests.test_runner import TINY
+from tests.conftest import TINY
 
 
 def tiny(tmp_path: Path) -> Path:
