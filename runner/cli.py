@@ -7,8 +7,10 @@ input or usage (printed as `error: ...`, never a traceback); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -75,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with progress_reporter("data") as progress:
         manifest, results, plan = load_plan(args.manifest, args.results, progress)
     outcome, rep = execute_plan(args.manifest, manifest, results, plan, args.executor, args.max_parallel, args.retry_failed,
-                                display_factory=RunDisplay, retry_ids=tuple(args.retry or ()))
+                                display_factory=RunDisplay, retry_ids=tuple(args.retry or ()), rebuild_store=args.rebuild_store)
     print()
     print(to_markdown(rep))
     for line in verdict_lines(rep):
@@ -88,7 +90,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = results / manifest.name
     print(f"results: {run_dir / 'results.md'} (also .csv, .json, .html; figures in {run_dir / 'figures'})")
     if outcome.exit_code == 1:
-        print("some tasks failed: `byol-runner status` shows why; `run --retry-failed` tries them again", file=sys.stderr)
+        for label, error in list(outcome.failed.items())[:5]:
+            print(f"failed: {label}: {error}", file=sys.stderr)
+        more = f" ({len(outcome.failed) - 5} more)" if len(outcome.failed) > 5 else ""
+        print(f"some tasks failed{more}: `byol-runner status` shows them all; `run --retry-failed` tries them again",
+              file=sys.stderr)
     if outcome.exit_code == 130:
         print("interrupted: run the same command again to resume", file=sys.stderr)
     return outcome.exit_code
@@ -124,8 +130,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     from runner.commands import results_dir
 
     results = results_dir(args.results)
-    rep = R.report_for(results, args.run, bootstrap=args.bootstrap)
-    out = R.write(results, rep)
+    try:
+        rep = R.report_for(results, args.run, bootstrap=args.bootstrap)
+        out = R.write(results, rep)
+    except OSError as e:  # a read-only results dir (a finished run on a shared or archived disk): print only
+        if e.errno not in UNWRITABLE or args.format == "html" or args.readme:
+            raise
+        rep = R.report_for(results, args.run, bootstrap=args.bootstrap, figures=False)
+        out = None
+        print(f"note: the report files and figures were not written ({e.strerror}: the results dir is read-only); "
+              "the report is printed only", file=sys.stderr)
     if args.readme:
         changed = R.rewrite_readme(Path(args.readme), rep, results)
         print(f"{args.readme}: results section {'rewritten' if changed else 'already up to date'}", file=sys.stderr)
@@ -137,7 +151,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(R.to_csv(rep), end="")
     else:
         print(R.to_markdown(rep) + "\n" + R.extended_markdown(rep), end="")
-        print(f"\n(written to {out}/results.md, .csv, .json)", file=sys.stderr)
+        if out is not None:
+            print(f"\n(written to {out}/results.md, .csv, .json)", file=sys.stderr)
     return 0
 
 
@@ -211,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
     r.add_argument("--max-parallel", type=int, help="tasks at once (default: one per GPU, 1 on the CPU)")
     r.add_argument("--retry-failed", action="store_true", help="run again the tasks an earlier run gave up on")
+    r.add_argument("--rebuild-store", action="store_true",
+                   help="a damaged runner.db: move it aside and rebuild it from the task folders (finished tasks are kept)")
     r.add_argument("--retry", action="append", metavar="TASK_ID", help="run again this one failed task (repeatable)")
     r.set_defaults(func=cmd_run)
 
@@ -294,10 +311,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def os_error_line(e: OSError) -> str | None:
+    """One line for what a user can fix about the disk: full, read-only, not theirs (else None)."""
+    where = e.filename or "the results dir"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_space(where)
+        return f"no space left on the disk of {where} ({free} free): free some space and run again (finished tasks are kept)"
+    if e.errno in UNWRITABLE:
+        return (f"cannot write {where}: {e.strerror} (the results dir is read-only or not yours): give one you can "
+                "write with --results DIR; status, report and plan read a read-only one")
+    return None
+
+
+def _free_space(path: str) -> str:
+    import shutil
+
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{shutil.disk_usage(p).free / 2**20:.1f} MB"
+    except OSError:
+        return "unknown space"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except OSError as e:
+        line = os_error_line(e)
+        if line is None or args.func is cmd_worker:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+    except sqlite3.OperationalError as e:  # runner.db could not be written: a full disk, a read-only one
+        if "full" not in str(e) and "readonly" not in str(e):
+            raise
+        print(f"error: runner.db: {e}: free some space or give a writable --results DIR (finished tasks are kept)",
+              file=sys.stderr)
+        return 2
     except UserError as e:
         lines = str(e).splitlines() or [type(e).__name__]
         for line in lines:

@@ -24,7 +24,7 @@ def load_plan(manifest_path: str | Path, results_cli: str | None, progress: Prog
 
 def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, plan: Plan, executor: str | None = None,
                  max_parallel: int | None = None, retry_failed: bool = False, display_factory=None,  # noqa: ANN001
-                 retry_ids: tuple[str, ...] = ()):
+                 retry_ids: tuple[str, ...] = (), rebuild_store: bool = False):
     from runner.executors import make_executor, spec_for
 
     kind = executor or manifest.executor.kind
@@ -41,6 +41,12 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
     lock = RunnerLock(results)
     lock.acquire()  # before anything is written: a refused second runner changes nothing
     try:
+        if rebuild_store and (results / "runner.db").exists():
+            from runner.store import Store
+
+            aside = Store.move_aside(results / "runner.db")
+            print(f"note: moved the damaged runner.db aside ({aside.name}); rebuilding it from the task folders",
+                  file=sys.stderr)
         return _execute(manifest_path, manifest, results, plan, ex, slots, retry_failed, display_factory, retry_ids, lock)
     finally:
         lock.release()
@@ -90,7 +96,13 @@ def plan_view(manifest_path: str | Path, results_cli: str | None = None, progres
     invalidated = []
     db = results / "runner.db"
     if db.is_file():
-        store = Store(db, readonly=True)
+        from runner.store import StoreDamaged
+
+        try:
+            store = Store(db, readonly=True)
+        except StoreDamaged as e:  # the plan needs no history: it is shown without the invalidated tasks
+            print(f"note: {e}", file=sys.stderr)
+            return {"name": manifest.name, "results": str(results), "tasks": tasks, "invalidated": []}
         try:
             prev = store.latest_run(manifest.name)
             if prev is not None:

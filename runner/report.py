@@ -247,12 +247,13 @@ def write(results: Path, report: dict) -> Path:
     return out
 
 
-def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000) -> dict:
-    """The report of the latest run (of that name), read from runner.db and the task folders."""
+def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000, figures: bool = True) -> dict:
+    """The report of the latest run (of that name), read from runner.db and the task folders; with
+    `figures`, its figures are drawn into results/<run>/figures."""
     with open_latest_run(results, run_name) as (store, run):
         tasks = store.run_tasks(run["id"])
     return build(results, run["name"], tasks, arch_of(run["manifest"]), bootstrap=bootstrap, primary=primary_of(run["manifest"]),
-                 compare=compare_of(run["manifest"]))
+                 compare=compare_of(run["manifest"]), figures=figures)
 
 
 @functools.lru_cache(maxsize=16)

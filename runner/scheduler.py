@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.contracts import AttemptStatus as A
@@ -65,6 +65,7 @@ class EventTail:
         self.after_ts = after_ts
         self.path, self.offset = path, 0 if after_ts is not None else (path.stat().st_size if path.exists() else 0)
         self.last_error: str | None = None
+        self.last_error_type: str | None = None
 
     def read(self) -> list[dict]:
         events, self.offset = read_events(self.path, self.offset)
@@ -72,7 +73,7 @@ class EventTail:
             events = [e for e in events if (e.get("ts") or 0) > self.after_ts]
         for e in events:
             if e.get("kind") == "error":
-                self.last_error = e.get("message")
+                self.last_error, self.last_error_type = e.get("message"), e.get("error_type")
         return events
 
 
@@ -93,6 +94,7 @@ class RunOutcome:
     seconds: float
     adopted: int = 0  # attempts a killed runner started that this run watched to their end
     removed_temp: tuple[int, int] = (0, 0)  # temporary files killed processes left (count, bytes), removed at start
+    failed: dict[str, str] = field(default_factory=dict)  # failed task's label -> its error
 
 
 class Scheduler:
@@ -104,6 +106,8 @@ class Scheduler:
         self.display, self.poll_s, self.grace_s = display, poll_s, grace_s
         self.status: dict[str, str] = {}
         self.failures: dict[str, int] = {}
+        self.errors: dict[str, str | None] = {}  # each task's last error, as runner.db has it
+        self.kills: dict[str, int] = {}  # attempts killed from outside, per task (not counted against retries)
         self.running: dict[str, Running] = {}
         self.started_workers = 0
         self.adopted: dict[int, Handle] = {}
@@ -115,6 +119,7 @@ class Scheduler:
     def transition(self, tid: str, status: S, error: str | None = None) -> None:
         """A task's new status (and its error, or none), in the scheduler's view and in runner.db at once."""
         self.status[tid] = S(status)
+        self.errors[tid] = error
         self.store.set_status(tid, status, error)
 
     def _recover(self) -> None:
@@ -125,8 +130,13 @@ class Scheduler:
         for a in stale:
             if a["id"] in self.adopted:
                 continue
-            self.store.end_attempt(a["id"], A.INTERRUPTED, None, "the runner stopped while this attempt ran")
-            self.store.set_status(a["task_id"], S.DONE if is_done(self.results, a["task_id"]) else S.INTERRUPTED)
+            if is_done(self.results, a["task_id"]):  # it wrote its result before the runner died: it is the one that did
+                self.store.end_attempt(a["id"], A.DONE, None, None)
+                self.store.set_status(a["task_id"], S.DONE)
+            else:
+                self.store.end_attempt(a["id"], A.INTERRUPTED, None, "the runner stopped while this attempt ran")
+                self.store.set_status(a["task_id"], S.INTERRUPTED)
+        self.store.end_stale_runs()  # runs whose runner was killed: no runner holds the lock but this one
         self.store.commit()
         self._remove_stale_temp_files()
 
@@ -230,7 +240,9 @@ class Scheduler:
         counts: dict[str, int] = {}
         for s in self.status.values():
             counts[s] = counts.get(s, 0) + 1
-        return RunOutcome(run_id, code, counts, self.started_workers, time.time() - t0, self.taken_over, self.removed_temp)
+        by_id = self.plan.by_id()
+        failed = {by_id[t].label: self.errors.get(t) or "" for t, s in self.status.items() if s == S.FAILED}
+        return RunOutcome(run_id, code, counts, self.started_workers, time.time() - t0, self.taken_over, self.removed_temp, failed)
 
     def _loop(self, run_id: int) -> None:
         by_id = self.plan.by_id()
@@ -303,6 +315,17 @@ class Scheduler:
             error = r.tail.last_error or f"worker exited with code {code} and no error event (see worker.log)"
             if code == 0:
                 error = "worker exited 0 without writing metrics.json"
+            if reason is None and _killed_from_outside(code, r.tail.last_error_type):
+                # the OOM killer, `docker kill`, a user: not the task's fault, so not one of its retries,
+                # up to a limit (a task killed again and again is failed, saying so)
+                self.kills[tid] = self.kills.get(tid, 0) + 1
+                error = r.tail.last_error or f"{_signal_text(code)} from outside byol-runner (the OOM killer? see dmesg)"
+                if self.kills[tid] <= OUTSIDE_KILLS:
+                    self.store.end_attempt(r.attempt_id, A.FAILED, code, error)
+                    self.transition(tid, S.PENDING, f"{error}; not counted against executor.retries "
+                                                    f"({self.kills[tid]} of {OUTSIDE_KILLS} such kills)")
+                    continue
+                error = f"killed from outside byol-runner {self.kills[tid]} times in this run, the last: {error}"
             self.store.end_attempt(r.attempt_id, A.FAILED, code, error)
             self.failures[tid] = self.failures.get(tid, 0) + 1
             if self.failures[tid] <= self.retries:
@@ -361,6 +384,21 @@ class Scheduler:
     def _show(self, changed: bool) -> None:
         if self.display is not None:
             self.display(self, changed)
+
+
+OUTSIDE_KILLS = 3  # kills from outside a task survives in one run before they count as its failure
+
+
+def _killed_from_outside(code: int, error_type: str | None) -> bool:
+    """SIGKILL or SIGTERM that byol-runner did not send (the runner's own stops take other paths): the
+    worker says nothing (SIGKILL), says it was stopped (SIGTERM), or its executor says it was killed."""
+    return code in (-signal.SIGKILL, -signal.SIGTERM, 128 + signal.SIGKILL, 128 + signal.SIGTERM) and \
+        error_type in (None, "killed", "interrupted")
+
+
+def _signal_text(code: int) -> str:
+    sig = -code if code < 0 else code - 128
+    return f"killed ({signal.Signals(sig).name}, exit {code})"
 
 
 class _StopSignals:

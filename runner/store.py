@@ -69,17 +69,34 @@ class TaskRow:
     started: float | None = None
 
 
+class StoreDamaged(UserError):
+    """runner.db cannot be read as a database; the task folders still hold every finished result."""
+
+    def __init__(self, path: Path, e: BaseException) -> None:
+        super().__init__(f"{path} is damaged ({e}): `byol-runner run MANIFEST --rebuild-store` moves it aside and "
+                         "rebuilds it from the task folders (no finished task is lost; the attempt history is)")
+
+
 class Store:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = Path(path)
-        if readonly:
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=10)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
+        try:
+            if readonly:
+                self.db = _open_readonly(self.path)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(self.path, timeout=10)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            check = self.db.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise sqlite3.DatabaseError(check[0] if check else "no answer to quick_check")
+            if not readonly:
+                self._migrate()
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and not _damage(e):
+                raise
+            raise StoreDamaged(self.path, e) from None
         self.db.row_factory = sqlite3.Row
 
     def _migrate(self) -> None:
@@ -94,6 +111,16 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    @staticmethod
+    def move_aside(path: Path) -> Path:
+        """A damaged runner.db (and its WAL files) renamed to runner.db.damaged-<time>: kept for a look, out
+        of the way of the new one `run` builds from the task folders."""
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        for side in ("-wal", "-shm"):
+            Path(f"{path}{side}").unlink(missing_ok=True)
+        return aside
+
     # ---- writer (the scheduler) ----------------------------------------------------------
 
     def begin_run(self, name: str, manifest_yaml: str, manifest_path: str, pid: int, executor: str) -> int:
@@ -103,6 +130,13 @@ class Store:
                 (name, manifest_yaml, manifest_path, time.time(), "running", pid, executor),
             )
         return int(cur.lastrowid)
+
+    def end_stale_runs(self) -> int:
+        """Runs still marked running when a runner starts were left by a runner that was killed (the lock
+        lets one runner at a time work on a results dir): they are marked interrupted."""
+        with self.db:
+            cur = self.db.execute("UPDATE runs SET status='interrupted', ended=? WHERE status='running'", (time.time(),))
+        return cur.rowcount
 
     def end_run(self, run_id: int, status: str, exit_code: int) -> None:
         with self.db:
@@ -210,6 +244,25 @@ class Store:
     def points(self, task_id: str, kind: str | None = None) -> list[sqlite3.Row]:
         q = "SELECT * FROM metric_points WHERE task_id=?" + (" AND kind=?" if kind else "") + " ORDER BY ts"
         return self.db.execute(q, (task_id, kind) if kind else (task_id,)).fetchall()
+
+
+def _damage(e: sqlite3.OperationalError) -> bool:
+    text = str(e)
+    return "malformed" in text or "not a database" in text or "disk image" in text
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """Read-only; on a read-only disk or folder (where SQLite cannot make the WAL's shared-memory file),
+    as an immutable file: what a finished run left there is complete (its last close folded the WAL in)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError as e:
+        if _damage(e):
+            raise
+        db.close()
+        return sqlite3.connect(f"file:{path}?immutable=1", uri=True, timeout=5)
 
 
 @contextmanager

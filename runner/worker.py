@@ -228,6 +228,12 @@ def _test_groups(ds, test: np.ndarray) -> dict:  # noqa: ANN001 - a PreparedData
     return {"test_groups": groups} if any(g != ds.keys[i] for g, i in zip(groups, test)) else {}
 
 
+def _disk_full(e: BaseException) -> bool:
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _on_sigterm(signum, frame):  # noqa: ANN001
     raise SystemExit(143)
 
@@ -288,6 +294,13 @@ def main(task_json: str, results: str | None = None, data_root: str | None = Non
         kind = "cuda_oom" if oom else ("data" if isinstance(e, UserError) else "exception")
         if oom:
             text = f"CUDA out of memory: lower pretrain/finetune batch_size or image_size, or use a larger GPU ({text})"
+        elif _disk_full(e):
+            import shutil
+
+            kind = "disk_full"
+            free = shutil.disk_usage(task_dir).free / 2**20
+            text = (f"no space left on the disk of {task_dir} ({free:.1f} MB free): free some space, then `byol-runner run` "
+                    f"resumes from the last checkpoint ({text})")
         log.emit("error", message=text, error_type=kind)
         traceback.print_exc()
         return 1

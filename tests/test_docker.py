@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, fault_env, real_data, run_cli
-from tests.conftest import tiny
+from tests.conftest import REPO, fault_env, real_data, run_cli, tiny
 
 CI_IMAGE = os.environ.get("BYOL_RUNNER_TEST_IMAGE", "byol-runner-ci:bookworm")
 LABEL = "io.github.byol-runner"

@@ -13,8 +13,7 @@ from PIL import Image
 
 from runner import report as R
 from runner.stats import bootstrap_metrics, paired_difference
-from tests.conftest import run_cli
-from tests.conftest import TINY
+from tests.conftest import TINY, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -309,3 +309,40 @@ def test_a_damaged_metrics_json_is_not_a_result_and_its_task_runs_again(tmp_path
     assert again.submitted == ["sup"] and out.exit_code == 0
     assert json.loads((tmp_path / "tasks" / "sup" / "metrics.json").read_text())["task"] == "sup"
     assert attempts(tmp_path)[-1][:3] == ("sup", 2, "done")
+
+
+def test_kills_from_outside_are_not_counted_against_retries_up_to_a_limit(tmp_path):
+    """SIGKILL from outside (the OOM killer, a user) twice, then the task runs: with `retries: 0` it ends
+    done; each kill is recorded as such. A task killed again and again is failed, saying so."""
+    ex = FakeExecutor({"sup": [Script(code=-9), Script(code=-9), Script()]})
+    out, _ = run(tmp_path / "a", ex, retries=0)
+    assert out.exit_code == 0 and ex.submitted.count("sup") == 3
+    sup = [a for a in attempts(tmp_path / "a") if a[0] == "sup"]
+    assert [a[2:4] for a in sup] == [("failed", -9), ("failed", -9), ("done", 0)]
+    assert sup[0][4] == "killed (SIGKILL, exit -9) from outside byol-runner (the OOM killer? see dmesg)"
+
+    ex = FakeExecutor({"sup": [Script(code=137)]})
+    out, _ = run(tmp_path / "b", ex, retries=0)
+    assert out.exit_code == 1 and ex.submitted.count("sup") == 4
+    status, error = task_rows(tmp_path / "b")["sup"]
+    assert status == "failed" and error.startswith("killed from outside byol-runner 4 times in this run, the last: killed (SIGKILL, exit 137)")
+    # a worker's own failure still counts: one attempt with retries: 0
+    ex = FakeExecutor({"sup": [Script(code=1, error="boom")]})
+    out, _ = run(tmp_path / "c", ex, retries=0)
+    assert ex.submitted.count("sup") == 1 and task_rows(tmp_path / "c")["sup"] == ("failed", "boom")
+
+
+def test_the_attempt_that_wrote_the_result_before_its_runner_died_is_done_and_stale_runs_are_closed(tmp_path):
+    aid = _dead_runners_attempt(tmp_path, None)
+    (tmp_path / "tasks" / "pre").mkdir(parents=True)
+    (tmp_path / "tasks" / "pre" / "metrics.json").write_text(json.dumps({"task": "pre"}))
+    ex = FakeExecutor()
+    out, _ = run(tmp_path, ex)
+    assert out.exit_code == 0 and "pre" not in ex.submitted
+    assert attempts(tmp_path)[0][:3] == ("pre", 1, "done") and aid
+    store = Store(tmp_path / "runner.db", readonly=True)
+    try:
+        runs = [tuple(r) for r in store.db.execute("SELECT pid, status FROM runs ORDER BY id")]
+    finally:
+        store.close()
+    assert runs[0] == (999_999, "interrupted") and runs[1][1] == "done"  # the killed runner's run is not 'running'

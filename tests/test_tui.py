@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 from runner.tui.app import RunnerApp
-from tests.conftest import copy_results, fault_env, run_cli
-from tests.conftest import TINY
+from tests.conftest import TINY, copy_results, fault_env, run_cli
 
 
 def tiny(tmp_path: Path) -> Path:

@@ -15,6 +15,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -144,11 +145,16 @@ def load_images(
     key = cache_key(content_fingerprint(spec, items, cache_dir), settings, spec.channels)
     entry = Path(cache_dir) / key
     keys = [it.key for it in items]
-    if (entry / "index.json").is_file():
-        table = _read_entry(entry, key)
-        if table.keys == keys:
-            table.seconds = time.perf_counter() - t0
-            return table
+    if (entry / "index.json").is_file() or entry.is_dir():
+        try:
+            table = _read_entry(entry, key)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # damaged (a crash, a disk error, a hand): decode again
+            print(f"note: damaged cache entry {entry} ({type(e).__name__}: {str(e)[:120]}): decoded again", file=sys.stderr)
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            if table.keys == keys:
+                table.seconds = time.perf_counter() - t0
+                return table
     _write_entry(spec, items, settings, entry, progress, workers or cpu_count())
     table = _read_entry(entry, key)
     table.from_cache = False
@@ -159,6 +165,8 @@ def load_images(
 def _read_entry(entry: Path, key: str) -> ImageTable:
     index = json.loads((entry / "index.json").read_text())
     images = np.load(entry / "images.npy", mmap_mode="r")
+    if images.ndim != 4 or images.shape[0] != len(index["items"]) or images.dtype != np.uint8:
+        raise ValueError(f"images.npy holds {images.shape} {images.dtype} for {len(index['items'])} items")
     return ImageTable(
         keys=[r["key"] for r in index["items"]],
         images=images,

@@ -8,7 +8,9 @@ snapshot) and written to disk by a background thread while training goes on.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,21 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, SIGTERM (SystemExit) mid-write: no partial file is left behind
+    except BaseException as e:  # a full disk, SIGTERM (SystemExit) mid-write: no partial file is left behind
+        full = _no_space(e, tmp)
         tmp.unlink(missing_ok=True)
+        if full:  # torch.save reports a full disk as RuntimeError "unexpected pos": say what it is
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
         raise
+
+
+def _no_space(e: BaseException, tmp: Path) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        return isinstance(e, RuntimeError) and shutil.disk_usage(tmp.parent).free < 2**20
+    except OSError:
+        return False
 
 
 def safe_load(path: str | Path, device: str | torch.device = "cpu") -> Any:

@@ -1,0 +1,124 @@
+"""Damaged and unwritable state, against copies of a real finished run: a damaged runner.db, a damaged
+image cache, a read-only results dir and a full disk each end in one line (exit 2) or in a recovery
+that loses no finished task; never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import copy_results, run_cli, tiny
+
+
+def _one_error_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated"])
+def test_a_damaged_runner_db_says_how_to_rebuild_it_and_the_rebuild_loses_no_finished_task(tiny_reference, tmp_path, damage):
+    manifest, reference, _ = tiny_reference
+    results = copy_results(reference, tmp_path / "results")
+    db = results / "runner.db"
+    for side in ("runner.db-wal", "runner.db-shm"):
+        (results / side).unlink(missing_ok=True)
+    data = db.read_bytes()
+    db.write_bytes(os.urandom(len(data)) if damage == "random bytes" else data[: len(data) // 3])
+
+    for cmd in (("status",), ("report",), ("run", str(manifest))):
+        line = _one_error_line(run_cli(*cmd, "--results", str(results)))
+        assert "runner.db is damaged" in line and "--rebuild-store" in line, line
+    plan = run_cli("plan", str(manifest), "--results", str(results))
+    assert plan.returncode == 0 and "Traceback" not in plan.stderr, plan.stderr  # the plan needs no history
+    assert "runner.db is damaged" in plan.stderr
+
+    rebuilt = run_cli("run", str(manifest), "--results", str(results), "--rebuild-store")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert "5 done; 0 workers started" in rebuilt.stdout  # every finished task was found in its folder
+    assert "moved the damaged runner.db aside" in rebuilt.stderr
+    assert len(list(results.glob("runner.db.damaged-*"))) == 1
+    st = run_cli("status", "--results", str(results), "--json")
+    assert st.returncode == 0 and all(t["status"] == "done" for t in json.loads(st.stdout)["tasks"])
+    assert json.loads((results / "tiny" / "results.json").read_text())["rows"] == \
+        json.loads((reference / "tiny" / "results.json").read_text())["rows"]
+
+
+@pytest.mark.parametrize("damage", ["index junk", "images truncated"])
+def test_a_damaged_cache_entry_is_decoded_again(tiny_reference, tmp_path, damage):
+    manifest, reference, _ = tiny_reference
+    results = copy_results(reference, tmp_path / "results")
+    [entry] = [p for p in (results / "cache").iterdir() if (p / "index.json").is_file()]
+    if damage == "index junk":
+        (entry / "index.json").write_bytes(b"\x00junk{")
+    else:
+        images = entry / "images.npy"
+        images.write_bytes(images.read_bytes()[:1000])
+    plan = run_cli("plan", str(manifest), "--results", str(results))
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "damaged cache entry" in plan.stderr and "decoded again" in plan.stderr
+    again = run_cli("run", str(manifest), "--results", str(results))
+    assert again.returncode == 0 and "0 workers started" in again.stdout, again.stdout + again.stderr
+    assert (entry / "images.npy").read_bytes() == next(p for p in (reference / "cache").glob(f"{entry.name}/images.npy")).read_bytes()
+
+
+def _read_only(path: Path):  # noqa: ANN202
+    """`path` made unwritable for this process: a read-only bind mount as root (root ignores file
+    modes), the write bits removed otherwise. Returns the undo."""
+    if os.getuid() == 0:
+        done = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+        return lambda: subprocess.run(["umount", str(path)], check=True)
+    modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+    for p, m in modes.items():
+        p.chmod(m & ~0o222)
+    return lambda: [p.chmod(m) for p, m in modes.items()]
+
+
+def test_a_read_only_results_dir_serves_status_report_and_plan_and_run_says_why(tiny_reference, tmp_path):
+    manifest, reference, _ = tiny_reference
+    results = copy_results(reference, tmp_path / "results")
+    undo = _read_only(results)
+    try:
+        st = run_cli("status", "--results", str(results), "--json")
+        assert st.returncode == 0, st.stderr
+        assert {t["status"] for t in json.loads(st.stdout)["tasks"]} == {"done"}
+        rep = run_cli("report", "--results", str(results), "--format", "csv")
+        assert rep.returncode == 0 and rep.stdout.startswith("dataset,labels,method"), rep.stderr
+        assert "not written" in rep.stderr and "read-only" in rep.stderr
+        plan = run_cli("plan", str(manifest), "--results", str(results))
+        assert plan.returncode == 0 and "Traceback" not in plan.stderr, plan.stderr
+        changed = tmp_path / "changed.yaml"
+        changed.write_text(manifest.read_text().replace("min_steps: 5", "min_steps: 6"))
+        line = _one_error_line(run_cli("run", str(changed), "--results", str(results)))
+        assert "read-only" in line and str(results) in line, line
+    finally:
+        undo()
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_temporary_file(tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        manifest = tiny(tmp_path, pre_epochs=4, ft_steps=5)
+        r = run_cli("run", str(manifest), "--results", str(disk / "results"))
+        assert r.returncode in (1, 2), r.stdout + r.stderr
+        assert "Traceback" not in r.stderr, r.stderr
+        text = r.stdout + r.stderr
+        assert "no space left" in text and "free" in text, text
+        assert not list((disk / "results").rglob(".*.tmp-*"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
