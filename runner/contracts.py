@@ -12,6 +12,7 @@ Imports no torch: the runner, the TUI and the executors read it.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -86,6 +87,9 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
 TaskKind = one_of(KINDS, "task kind")
 
 
+CONTROL_MAX_BYTES = 4096
+
+
 class ControlRequest(StrictModel):
     """A request to the running scheduler from another process (the TUI): a file in <results>/control/,
     consumed when read. The scheduler stays runner.db's only writer."""
@@ -110,13 +114,17 @@ class ControlRequest(StrictModel):
         out = []
         for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             try:
-                if not stat.S_ISREG(f.lstat().st_mode):
+                st = f.lstat()
+                if not stat.S_ISREG(st.st_mode):
                     continue
+                if st.st_size > CONTROL_MAX_BYTES:
+                    raise ValueError(f"{st.st_size} bytes, more than a request's {CONTROL_MAX_BYTES}")
                 data = f.read_bytes()
                 f.unlink(missing_ok=True)
                 out.append(cls.model_validate_json(data))
-            except (OSError, ValueError):
-                continue
+            except (OSError, ValueError) as e:
+                f.unlink(missing_ok=True)
+                print(f"note: ignored {f}: not a control request ({str(e).splitlines()[0][:120]})", file=sys.stderr)
         return out
 
 

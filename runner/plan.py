@@ -148,12 +148,45 @@ def is_done(results: Path, tid: str) -> bool:
 
 
 def metrics_state(results: Path, tid: str) -> str:
-    """"done", "missing" or "damaged" (there, but not this task's readable metrics)."""
-    path = results / "tasks" / tid / "metrics.json"
+    """"done", "missing" or "damaged" (there, but not this task's readable metrics, or an artifact it
+    recorded no longer matches its checksum)."""
+    return inspect_result(results, tid)[0]
+
+
+def inspect_result(results: Path, tid: str) -> tuple[str, str | None]:
+    """metrics_state and, for "damaged", what is wrong."""
+    folder = results / "tasks" / tid
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads((folder / "metrics.json").read_bytes())
     except FileNotFoundError:
-        return "missing"
+        return "missing", None
     except (OSError, ValueError):
-        return "damaged"
-    return "done" if isinstance(data, dict) and data.get("task") == tid else "damaged"
+        return "damaged", "its metrics.json is unreadable"
+    if not isinstance(data, dict) or data.get("task") != tid:
+        return "damaged", "its metrics.json is not this task's"
+    artifacts = data.get("artifacts") or {}
+    for name, digest in artifacts.items() if isinstance(artifacts, dict) else ():
+        if file_sha256(folder / str(name)) != digest:
+            return "damaged", f"its {name} is missing or does not match the checksum its metrics.json recorded"
+    return "done", None
+
+
+_SHA_MEMO: dict[tuple, str | None] = {}
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file (None if it is not there), remembered by (path, size, mtime) within a process."""
+    import hashlib
+
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]

@@ -23,7 +23,7 @@ from runner.contracts import TaskStatus as S
 from runner.contracts import ControlRequest, read_events
 from runner.errors import UserError
 from runner.executors import Executor, Handle, Slot, recover
-from runner.plan import Plan, PlannedTask, is_done, metrics_state, write_task_files
+from runner.plan import Plan, PlannedTask, inspect_result, is_done, write_task_files
 from runner.store import Store
 
 
@@ -184,11 +184,12 @@ class Scheduler:
     def _initial_status(self, run_id: int) -> None:
         rows = {r.id: r for r in self.store.run_tasks(run_id)}
         for t in self.plan.tasks:
-            state = metrics_state(self.results, t.id)
+            state, why = inspect_result(self.results, t.id)
             if state == "done":
                 self.status[t.id] = S.DONE
             elif state == "damaged":  # not a result: computed again, and said so
-                self.transition(t.id, S.PENDING, "its metrics.json was damaged (unreadable, or not this task's): computed again")
+                self.transition(t.id, S.PENDING, f"{why}: computed again")
+                print(f"note: {t.label} ({t.id}): {why}: computed again", file=sys.stderr)
             elif rows[t.id].status == S.FAILED and not (self.retry_failed or t.id in self.retry_ids):
                 self.status[t.id] = S.FAILED  # an earlier run gave up on it; --retry-failed runs it again
             else:

@@ -132,7 +132,10 @@ def _pretrain(task: TaskSpec, ds, ctx) -> dict:  # noqa: ANN001 - a PreparedData
 
     p = PRETRAININGS[task.pretraining or "byol"]
     summary = pretrain(ds.pixels(ds.splits["train"]), task.settings, p.method, p.init, task.settings.model.arch, _size(task), ctx)
-    return {"pretrain": summary}
+    from runner.plan import file_sha256
+
+    # what the dependants read, with its checksum: a damaged encoder.pt reopens this task instead of failing them
+    return {"pretrain": summary, "artifacts": {"encoder.pt": file_sha256(ctx.task_dir / "encoder.pt")}}
 
 
 class Labels:

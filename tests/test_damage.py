@@ -122,3 +122,37 @@ def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_temporary_file(tmp
         assert not list((disk / "results").rglob(".*.tmp-*"))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def _task_of(results: Path, kind: str, **match) -> Path:
+    for d in sorted((results / "tasks").iterdir()):
+        spec = json.loads((d / "task.json").read_text())
+        if spec["kind"] == kind and all((spec.get("budget") or {}).get(k) == v for k, v in match.items()):
+            return d
+    raise AssertionError(f"no {kind} task {match}")
+
+
+def test_a_damaged_encoder_reopens_its_pretraining_and_a_damaged_checkpoint_is_set_aside(tiny_reference, tmp_path):
+    """encoder.pt overwritten: the pretraining's recorded checksum no longer matches, so it is computed
+    again (not its dependants, whose results stand), with a line saying so. A checkpoint that cannot be
+    read is moved aside and the task trains from step 0: the same numbers as the uninterrupted run."""
+    manifest, reference, _ = tiny_reference
+    results = copy_results(reference, tmp_path / "results")
+    pre = _task_of(results, "pretrain")
+    good = (pre / "encoder.pt").read_bytes()
+    (pre / "encoder.pt").write_bytes(good[: len(good) // 2])
+    sup = _task_of(results, "supervised", fraction=1.0)
+    (sup / "metrics.json").unlink()
+    (sup / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+
+    r = run_cli("run", str(manifest), "--results", str(results))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 workers started" in r.stdout
+    assert f"({pre.name}): its encoder.pt is missing or does not match the checksum its metrics.json recorded: computed again" in r.stderr
+    assert (pre / "encoder.pt").read_bytes() == good  # the same pretraining gives the same encoder
+    events = (sup / "events.jsonl").read_text()
+    assert "checkpoint.pt could not be read" in events and "training starts from step 0" in events
+    assert (sup / "checkpoint.pt.damaged").is_file()
+    ref = json.loads((reference / "tasks" / sup.name / "metrics.json").read_text())
+    got = json.loads((sup / "metrics.json").read_text())
+    assert got["test"] == ref["test"] and got["predictions"] == ref["predictions"]

@@ -207,16 +207,19 @@ def test_a_cancel_request_stops_the_running_attempt(tmp_path):
     assert out.exit_code == 1
 
 
-def test_junk_in_the_control_folder_is_ignored_and_never_blocks(tmp_path):
+def test_junk_in_the_control_folder_is_ignored_and_never_blocks(tmp_path, capsys):
     control = tmp_path / "control"
     control.mkdir()
     for i, text in enumerate(("[]", '"x"', '{"task": ["pre"], "action": "retry"}', "{not json", '{"task": "pre", "action": "explode"}')):
         (control / f"{i}.json").write_text(text)
+    (control / "big.json").write_text('{"task": "pre", "action": "retry", "pad": "' + "x" * 100_000 + '"}')  # bounded size
     (control / "e.json").mkdir()  # a directory
     os.mkfifo(control / "z.json")  # reading it would block forever
     out, _ = run(tmp_path, FakeExecutor())
     assert out.exit_code == 0 and out.counts == {"done": 4}
     assert sorted(p.name for p in control.iterdir()) == ["e.json", "z.json"]  # the junk files are consumed
+    err = capsys.readouterr().err
+    assert err.count("not a control request") == 6 and "more than a request's 4096" in err  # and each one is reported
 
 
 def test_an_attempt_over_the_time_limit_is_stopped_and_counts_as_failed(tmp_path):

@@ -11,6 +11,7 @@ reading it back only when an event is due.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -139,11 +140,23 @@ def resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dev_gen: to
     """Load a task's checkpoint into the model, optimizer and augmentation generator, if there is one."""
     if not path.is_file():
         return None
-    state = safe_load(path, ctx.device)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"], dev_gen)
-    step = int(state["step"])
+    try:
+        state = safe_load(path, ctx.device)
+        step = int(state["step"])
+    except Exception as e:  # noqa: BLE001 - truncated, overwritten, not a checkpoint: nothing was loaded yet
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        ctx.emit("log", message=f"{path.name} could not be read ({type(e).__name__}: {str(e)[:120]}): moved aside to "
+                                f"{aside.name}; training starts from step 0")
+        return None
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], dev_gen)
+    except Exception as e:  # the model is half loaded now: this attempt fails, the next one starts from 0
+        os.replace(path, path.with_name(path.name + ".damaged"))
+        raise RuntimeError(f"{path.name} does not fit this task ({type(e).__name__}: {str(e)[:160]}): moved aside; "
+                           "the next attempt starts from step 0") from None
     ctx.emit("log", epoch=step // steps_per_epoch, step=step, message=f"resumed from checkpoint at step {step} of {total}")
     return state
 
