@@ -9,6 +9,7 @@ and YAML path it is about, e.g.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -180,13 +181,26 @@ def json_schema() -> dict[str, Any]:
 # ---- loading ---------------------------------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it: ten times faster
+
+
+class _UniqueKeyLoader(_Loader):
     """safe_load that refuses a key written twice in one mapping (YAML would keep the last)."""
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _mapping_no_dupes(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are plain names, each written once; merge keys (`<<: *defaults`) are YAML's:
+    the merged keys come first and the mapping's own override them."""
     seen: set = set()
     for key_node, _ in node.value:
+        if key_node.tag == MERGE_TAG:
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(None, None, "a key here is a list or a mapping: keys are names",
+                                                    key_node.start_mark)
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice", key_node.start_mark)
@@ -223,6 +237,7 @@ def _locate(root: yaml.Node | None, loc: tuple) -> tuple[str, int | None]:
     return ".".join(path) or "(top level)", line
 
 
+@functools.lru_cache(maxsize=1)
 def _all_field_names() -> set[str]:
     """Every key any manifest model knows, for 'did you mean' hints."""
     import runner.data.sources as sources
@@ -255,9 +270,15 @@ def _message(err: dict) -> str:
     return msg
 
 
+MAX_ERRORS = 20  # a manifest with thousands of bad keys gets the first ones (and a count), not a minute of lines
+
+
 def _format_errors(source: str, root: yaml.Node | None, exc: ValidationError) -> str:
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"{source}: {len(errors)} problems; the first {MAX_ERRORS}:")
+    for err in errors[:MAX_ERRORS]:
         path, line = _locate(root, tuple(err["loc"]))
         where = f"{source}:{line}" if line else source
         if err["type"] == "union_tag_invalid":
@@ -266,10 +287,43 @@ def _format_errors(source: str, root: yaml.Node | None, exc: ValidationError) ->
     return "\n".join(lines)
 
 
+MAX_DEPTH = 32  # a manifest is a few levels deep; YAML nested thousands deep would exhaust the parser's stack
+MAX_NODES = 20_000  # a three-study manifest has a few hundred entries
+
+
+def _shape(root: yaml.Node | None) -> tuple[int, int, int | None]:
+    """Nesting depth and node count of a YAML node tree, and the line where it is deepest (iterative: no
+    recursion; it stops counting past the limits)."""
+    deepest, count, line, stack = 0, 0, None, [(root, 1)] if root is not None else []
+    while stack:
+        node, d = stack.pop()
+        count += 1
+        if d > deepest:
+            deepest, line = d, node.start_mark.line + 1
+        if d > MAX_DEPTH or count > MAX_NODES:
+            break
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((n, d + 1) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend((n, d + 1) for pair in node.value for n in pair)
+    return deepest, count, line
+
+
 def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        root = yaml.compose(text, Loader=_Loader)
+        depth, count, line = _shape(root)
+        if depth > MAX_DEPTH:
+            raise ManifestError(f"{source}:{line}: nested more than {MAX_DEPTH} levels deep: not a manifest")
+        if count > MAX_NODES:
+            raise ManifestError(f"{source}: more than {MAX_NODES} entries: not a manifest")
+        loader = _UniqueKeyLoader("")
+        try:
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise ManifestError(f"{source}: nested too deeply to read: not a manifest") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -278,15 +332,28 @@ def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         raise ManifestError(f"{source}: a manifest is a mapping (name:, datasets:, ...), this one is {kind}")
+    # top-level keys starting with x- are the author's (e.g. anchors for merge keys: `x-short: &short {epochs: 5}`)
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
         raise ManifestError(_format_errors(source, root, e)) from None
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+
+
 def load_manifest(path: str | Path) -> Manifest:
+    """A manifest file: a regular file (a FIFO would block, /dev/zero never ends) of at most 1 MiB."""
+    import stat
+
     p = Path(path)
     try:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(f"{p}: not a regular file: a manifest is a YAML file")
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{p}: {st.st_size} bytes: a manifest is at most {MAX_MANIFEST_BYTES} bytes")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ManifestError(f"{p}: no such manifest file") from None

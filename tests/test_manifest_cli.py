@@ -62,6 +62,10 @@ BROKEN = [
     (GOOD.replace("image_size: 16", "image_size: 16\n    split: {group_pattern: '(unclosed'}"), r"not a valid regular expression"),
     (GOOD.replace("image_size: 16", "image_size: 16\n    classes: [class0]"), r"needs at least two classes"),
     (GOOD.replace("image_size: 16", "image_size: 16\n    classes: [class0, class1]\n    positive: x"), r"positive class 'x' is not one of"),
+    # hostile files: deep nesting, a list as a key, a flood of keys
+    (GOOD + "x: " + "[" * 10_000 + "]" * 10_000 + "\n", r"nest"),
+    (GOOD + "? [a, b]\n: 1\n", r":9: not valid YAML: a key here is a list or a mapping: keys are names"),
+    (GOOD + "".join(f"k{i}: 1\n" for i in range(30_000)), r"more than 20000 entries: not a manifest"),
 ]
 
 
@@ -75,6 +79,62 @@ def test_broken_manifest_exits_2_with_a_one_line_reason(write_manifest, text, ex
     assert lines and all(line.startswith("error: ") for line in lines), r.stderr
     assert str(path) in lines[0]
     assert re.search(expected, r.stderr, re.M), r.stderr
+
+
+def test_merge_keys_and_x_keys_let_a_manifest_share_settings():
+    m = parse_manifest("x-short: &short {epochs: 3, batch_size: 16}\n" + GOOD + "pretrain: {<<: *short, epochs: 5}\n"
+                       "finetune: {<<: *short}\n")
+    assert (m.pretrain.epochs, m.pretrain.batch_size, m.finetune.epochs, m.finetune.batch_size) == (5, 16, 3, 16)
+
+
+def test_only_a_regular_file_of_bounded_size_is_read_as_a_manifest(tmp_path):
+    import os
+
+    fifo = tmp_path / "m.yaml"
+    os.mkfifo(fifo)  # reading it would wait forever
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(GOOD + "# " + "x" * (1 << 20) + "\n")
+    for path, expected in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"), (huge, "a manifest is at most")):
+        r = run_cli("plan", str(path), "--results", str(tmp_path / "r"), timeout=30)
+        assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_fuzzed_manifests_are_read_or_refused_with_a_manifest_error():
+    """A few hundred manifests made of the schema's keys and hostile values (wrong types, NaN, huge,
+    negative, nested, empty): each is read, or refused with a ManifestError (exit 2, one line per
+    problem); nothing else escapes (no TypeError, RecursionError, ...)."""
+    import yaml
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from runner.errors import ManifestError
+    from runner.manifest import _all_field_names
+
+    keys = sorted(_all_field_names())
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True, allow_infinity=True),
+                        st.text(max_size=12), st.sampled_from(["synthetic", "byol-finetune", "supervised", "local", "docker",
+                                                               "auto", "cpu", "resnet18", "0.5", "1e30", ""]))
+    values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                            st.dictionaries(st.sampled_from(keys), inner, max_size=4)),
+                          max_leaves=12)
+    sections = st.dictionaries(st.sampled_from(keys), values, max_size=6)
+    base = {"name": "t", "datasets": {"s": {"source": "synthetic", "per_class": 8, "size": 16, "image_size": 16}}}
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(sections, st.booleans())
+    def check(extra, keep_base):  # noqa: ANN001
+        data = {**base, **extra} if keep_base else extra
+        try:
+            text = yaml.safe_dump(data, allow_unicode=True)
+        except (yaml.YAMLError, ValueError):
+            return
+        try:
+            parse_manifest(text, "fuzz.yaml")
+        except ManifestError as e:
+            lines = str(e).splitlines()
+            assert lines and all(line.startswith("fuzz.yaml") for line in lines), str(e)
+
+    check()
 
 
 def test_missing_manifest_file_and_usage_errors_exit_2(tmp_path):
