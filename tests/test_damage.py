@@ -156,3 +156,24 @@ def test_a_damaged_encoder_reopens_its_pretraining_and_a_damaged_checkpoint_is_s
     ref = json.loads((reference / "tasks" / sup.name / "metrics.json").read_text())
     got = json.loads((sup / "metrics.json").read_text())
     assert got["test"] == ref["test"] and got["predictions"] == ref["predictions"]
+
+
+def test_undecodable_event_lines_are_skipped(tiny_reference, tmp_path):
+    """Random bytes appended to a task's events.jsonl (a disk error, a hand): the report and status read
+    around them (the curves lose only those lines)."""
+    _, reference, _ = tiny_reference
+    results = copy_results(reference, tmp_path / "results")
+    pre = _task_of(results, "pretrain")
+    good = (pre / "events.jsonl").read_text()
+    with open(pre / "events.jsonl", "ab") as f:
+        f.write(b"\xff\xfe\x00garbage\n" + os.urandom(300) + b"\n{\"kind\": \"metric\", \"loss\": \n")
+    r = run_cli("report", "--results", str(results), "--format", "csv")
+    assert r.returncode == 0 and r.stdout.startswith("dataset,labels,method") and "Traceback" not in r.stderr, r.stderr
+    assert run_cli("status", "--results", str(results)).returncode == 0
+    from runner.contracts import read_events
+
+    assert read_events(pre / "events.jsonl")[0] == read_events_text(good)
+
+
+def read_events_text(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
