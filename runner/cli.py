@@ -10,7 +10,6 @@ import argparse
 import errno
 import json
 import os
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -141,7 +140,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"note: the report files and figures were not written ({e.strerror}: the results dir is read-only); "
               "the report is printed only", file=sys.stderr)
     if args.readme:
-        changed = R.rewrite_readme(Path(args.readme), rep, results)
+        from runner.pages import rewrite_readme
+
+        changed = rewrite_readme(Path(args.readme), rep, results)
         print(f"{args.readme}: results section {'rewritten' if changed else 'already up to date'}", file=sys.stderr)
     if args.format == "html":
         print(out / "results.html")
@@ -348,12 +349,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {line}", file=sys.stderr)
         return 2
-    except sqlite3.OperationalError as e:  # runner.db could not be written: a full disk, a read-only one
-        if "full" not in str(e) and "readonly" not in str(e):
-            raise
-        print(f"error: runner.db: {e}: free some space or give a writable --results DIR (finished tasks are kept)",
-              file=sys.stderr)
-        return 2
     except UserError as e:
         lines = str(e).splitlines() or [type(e).__name__]
         for line in lines:
@@ -362,6 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # runner.db could not be written: a full disk, a read-only one
+        sqlite3 = sys.modules.get("sqlite3")  # (not imported here: a bare container image has no libsqlite3)
+        if sqlite3 is None or not isinstance(e, sqlite3.OperationalError) or not ("full" in str(e) or "readonly" in str(e)):
+            raise
+        db = Path(getattr(args, "results", None) or "results") / "runner.db"
+        full = "full" in str(e)
+        line = os_error_line(OSError(errno.ENOSPC if full else errno.EROFS, str(e), str(db)))
+        print(f"error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
