@@ -37,33 +37,44 @@ class LocalExecutor(Executor):
         self.cpu_threads = cpu_threads
         self.preload = preload and os.environ.get("BYOL_RUNNER_PRELOAD", "1") != "0"
         self.preloader = None  # started at the first task
+        self.preloaders: list = []  # every one started (a replaced one still watches its running workers)
+        self.results: Path | None = None
 
     @classmethod
     def from_spec(cls, spec, limit: int | None) -> tuple[LocalExecutor, list[Slot]]:  # noqa: ANN001
         slots, threads = this_machine(spec, limit)
         return cls(cpu_threads=threads, preload=getattr(spec, "preload", True)), slots
 
+    def bind(self, results: Path, run_name: str) -> None:
+        self.results = results
+
+    def _thread_env(self) -> dict[str, str]:
+        return {"OMP_NUM_THREADS": str(self.cpu_threads), "MKL_NUM_THREADS": str(self.cpu_threads)} if self.cpu_threads else {}
+
     def _preloader(self):  # noqa: ANN202
         from runner.executors.preload import PreloadFailed, Preloader
 
         if self.preload and self.preloader is None:
             try:
-                self.preloader = Preloader()
+                log = self.results / "preloader.log" if self.results is not None else None
+                self.preloader = Preloader(self._thread_env(), log)
+                self.preloaders.append(self.preloader)
             except (PreloadFailed, OSError, ValueError) as e:
                 print(f"note: starting each worker as a fresh process ({e})", file=sys.stderr)
                 self.preload = False
         return self.preloader
 
     def close(self) -> None:
-        if self.preloader is not None:
-            self.preloader.close()
-            self.preloader = None
+        for p in self.preloaders:
+            p.close()
+        self.preloaders.clear()
+        self.preloader = None
 
     def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot, attempt_id: int = 0, number: int = 1) -> Handle:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = "" if slot.gpu is None else str(slot.gpu)
-        if slot.gpu is None and self.cpu_threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.cpu_threads)
+        if slot.gpu is None:
+            env.update(self._thread_env())
         env["BYOL_RUNNER_PARENT_PID"] = str(os.getpid())  # the worker stops itself if the runner dies
         argv = ["worker", str(task_json), "--results", str(results)]
         preloader = self._preloader()
@@ -72,7 +83,7 @@ class LocalExecutor(Executor):
 
             try:
                 pid = preloader.spawn(argv, env, str(task_json.parent / "worker.log"), os.getcwd())
-                return Handle(task_id, slot, time.time(), pid=pid, state=pid)
+                return Handle(task_id, slot, time.time(), pid=pid, state=preloader)
             except PreloadFailed as e:
                 print(f"note: the preloader failed ({e}); starting workers as fresh processes", file=sys.stderr)
                 self.preload, self.preloader = False, None
@@ -89,7 +100,9 @@ class LocalExecutor(Executor):
     def poll(self, handle: Handle) -> int | None:
         if isinstance(handle.state, subprocess.Popen):
             return handle.state.poll()
-        return self.preloader.poll(handle.pid) if self.preloader is not None else _ended_code(handle.pid)
+        if handle.state is not None:  # the preloader that forked it, even if it was replaced since
+            return handle.state.poll(handle.pid)
+        return _ended_code(handle.pid)
 
     def cancel(self, handle: Handle, grace_s: float = 10.0) -> None:
         stop_group(handle.pid, grace_s, lambda: self.poll(handle) is not None)

@@ -8,11 +8,13 @@ then, for each task, forks a child that becomes that task's worker (its own sess
 group, its output in worker.log, the task's environment). The child's exit code comes back as a
 line on the preloader's stdout.
 
-What a fork shares is only what was imported: nothing has run (no CUDA context, no OpenMP pool, no
-random draw), so a forked worker computes exactly what a fresh process computes. The settings a
-library reads at its import (OMP_NUM_THREADS) are applied in the child (torch.set_num_threads).
-The preloader dies with the runner (PR_SET_PDEATHSIG); its children then get SIGTERM the same way
-and stop after their last checkpoint, as a fresh worker would.
+What a fork shares is only what was imported: nothing has run (no CUDA context, no training, no
+random draw the worker makes), so a forked worker computes what a fresh process computes. The
+settings libraries read at their import (OMP_NUM_THREADS for libgomp and OpenBLAS) are the tasks'
+own: the preloader is started with the environment's thread settings its workers get, and the
+child sets torch's thread count again. The preloader dies with the runner (PR_SET_PDEATHSIG); its
+children then get SIGTERM the same way (also when it exits at the end of a run with workers still
+going) and stop after their last checkpoint, as a fresh worker would.
 
 Protocol (JSON lines): runner -> preloader `{"argv": [...], "env": {...}, "log": path, "cwd": path}`;
 preloader -> runner `{"ready": pid}` once, `{"spawned": pid}` or `{"error": text}` per request, and
@@ -28,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 # ---- the runner's side ---------------------------------------------------------------------
@@ -40,16 +43,28 @@ class PreloadFailed(RuntimeError):
 class Preloader:
     """The runner's handle on its preloader process."""
 
-    def __init__(self, timeout_s: float = 120.0) -> None:
-        env = {**os.environ, "BYOL_RUNNER_PARENT_PID": str(os.getpid())}
-        # its own session: a Ctrl-C at the terminal goes to the runner, which stops the tasks itself
-        self.proc = subprocess.Popen([sys.executable, "-m", "runner.executors.preload"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    def __init__(self, env: dict[str, str] | None = None, log: Path | None = None, timeout_s: float = 120.0) -> None:
+        """`env`: what the workers' environment sets beyond the runner's (their thread counts); `log`:
+        where the preloader's own output goes (an import error, a child that failed before its log)."""
+        env = {**os.environ, **(env or {}), "BYOL_RUNNER_PARENT_PID": str(os.getpid())}
+        err = open(log, "ab") if log is not None else subprocess.DEVNULL
+        try:
+            # its own session: a Ctrl-C at the terminal goes to the runner, which stops the tasks itself
+            self.proc = subprocess.Popen([sys.executable, "-m", "runner.executors.preload"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, env=env, start_new_session=True)
+        finally:
+            if log is not None:
+                err.close()
         self._buf = b""
         self.codes: dict[int, int] = {}
-        reply = self._reply(timeout_s)
-        if "ready" not in reply:
-            raise PreloadFailed(f"the preloader did not start: {reply}")
+        try:
+            reply = self._reply(timeout_s)
+            if "ready" not in reply:
+                raise PreloadFailed(f"the preloader did not start: {reply.get('error', reply)}")
+        except PreloadFailed:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def _lines(self, timeout_s: float) -> list[dict]:
         fd = self.proc.stdout.fileno()
@@ -63,10 +78,15 @@ class Preloader:
         *lines, self._buf = self._buf.split(b"\n")
         out = []
         for line in lines:
-            msg = json.loads(line)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
             if "exited" in msg:
                 self.codes[msg["exited"]] = msg["code"]
             else:
+                if "spawned" in msg:  # a pid the system reuses must not inherit an earlier worker's exit code
+                    self.codes.pop(msg["spawned"], None)
                 out.append(msg)
         return out
 
@@ -92,8 +112,8 @@ class Preloader:
 
     def poll(self, pid: int) -> int | None:
         """The worker's exit code once it has ended, else None."""
-        if pid not in self.codes and self.proc.poll() is None:
-            try:
+        if pid not in self.codes:
+            try:  # every line there is, also after the preloader died (its last exit codes are in the pipe)
                 while self._lines(0.0):
                     pass
             except PreloadFailed:
@@ -113,6 +133,7 @@ class Preloader:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
 
 
 # ---- the preloader ------------------------------------------------------------------------
@@ -122,7 +143,7 @@ def _send(msg: dict) -> None:
     os.write(1, json.dumps(msg).encode() + b"\n")
 
 
-def _child(req: dict, inherited: list[int]) -> None:
+def _child(req: dict, inherited: list[int], preloader: int) -> None:
     """In the forked child: become the task's worker, then leave with its exit code (never returns)."""
     code = 1
     try:
@@ -144,32 +165,66 @@ def _child(req: dict, inherited: list[int]) -> None:
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
-        os.environ["BYOL_RUNNER_PARENT_PID"] = str(os.getppid())  # it dies with the preloader, which dies with the runner
+        # it dies with the preloader, which dies with the runner (the pid from before the fork: if the
+        # preloader died since, the worker sees it at once)
+        os.environ["BYOL_RUNNER_PARENT_PID"] = str(preloader)
         threads = os.environ.get("OMP_NUM_THREADS")
         if threads:
             import torch
 
-            torch.set_num_threads(int(threads))  # libgomp read the variable at import, in the preloader
+            torch.set_num_threads(int(threads))
         sys.argv = ["byol-runner", *req["argv"]]
         from runner.cli import main
 
         code = main(req["argv"])
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 - the worker reports its own errors; this is what escaped it
         import traceback
 
         traceback.print_exc()
         code = 1
-    finally:
-        import threading
+    _exit(code if 0 <= code < 256 else 1)
 
-        for t in threading.enumerate():  # a checkpoint still being written finishes (no partial file)
-            if t is not threading.current_thread() and not t.daemon:
-                t.join()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code if 0 <= code < 256 else 1)
+
+def _exit(code: int) -> None:
+    """Leave as a fresh interpreter would, less its module teardown (about a second with PyTorch loaded):
+    the threading exit hooks (a concurrent.futures pool stops) and the join of the threads still going
+    (a checkpoint being written), the atexit hooks the libraries registered, the flushes."""
+    import atexit
+    import threading
+
+    try:
+        shutdown = getattr(threading, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        else:
+            for t in threading.enumerate():
+                if t is not threading.current_thread() and not t.daemon:
+                    t.join()
+        getattr(atexit, "_run_exitfuncs", lambda: None)()
+    except SystemExit as e:  # SIGTERM while waiting: stopped, as the worker would say
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - an exit hook failed: the exit code stands
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def _wait_for_session(pid: int, timeout_s: float = 5.0) -> None:
+    """Until the child has made its own session (its pgid is its pid), or has ended."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if os.getpgid(pid) == pid:
+                return
+        except ProcessLookupError:
+            return
+        time.sleep(0.001)
 
 
 def serve() -> None:
@@ -180,14 +235,21 @@ def serve() -> None:
     import torch
     import torch._dynamo  # noqa: F401 - imported by torch.optim at a worker's first step
 
+    import numpy as np
+    import threading
+
     del torch
     runner.worker._die_with_parent()
+    if threading.active_count() != 1:  # forking is only safe from a process with one (Python) thread
+        _send({"error": f"{threading.active_count()} threads after the imports"})
+        return
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _send({"ready": os.getpid()})
+    preloader = os.getpid()
+    _send({"ready": preloader})
     buf = b""
     while True:
         try:
@@ -218,7 +280,9 @@ def serve() -> None:
                     _send({"error": f"{type(e).__name__}: {e}"})
                     continue
                 if pid == 0:
-                    _child(req, [wake_r, wake_w])
+                    np.random.seed()  # numpy's global generator was seeded at import: each worker gets its own
+                    _child(req, [wake_r, wake_w], preloader)
+                _wait_for_session(pid)  # a cancel right after the answer reaches the worker's whole group
                 _send({"spawned": pid})
 
 
