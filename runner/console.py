@@ -8,8 +8,10 @@ from contextlib import contextmanager
 
 from rich.console import Console
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# piped (a CI log, a file): tables as wide as their content, not cut to 80 columns with "…"
+_PIPED_WIDTH = 400
+out = Console(highlight=False, width=None if sys.stdout.isatty() else _PIPED_WIDTH)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 
 
 @contextmanager

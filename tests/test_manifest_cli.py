@@ -300,3 +300,43 @@ def test_repo_manifests_are_valid(monkeypatch):
         assert m.datasets
     m = parse_manifest((REPO / "experiments" / "matrix.yaml").read_text(), "matrix.yaml")
     assert set(m.datasets) == {"pneumonia", "hemorrhage", "melanoma"}
+
+
+def test_piped_status_and_plan_show_full_names(tiny_reference):
+    """In a CI log (stdout is a pipe) the tables are as wide as their content: no `syn…`, `byo…`."""
+    manifest, results, _ = tiny_reference
+    for cmd in (("status", "--results", str(results)), ("plan", str(manifest), "--results", str(results))):
+        r = run_cli(*cmd)
+        assert r.returncode == 0, r.stderr
+        assert "…" not in r.stdout and "byol-finetune" in r.stdout and "supervised" in r.stdout, r.stdout
+        ids = [p.name for p in (results / "tasks").iterdir()]
+        assert all(tid in r.stdout for tid in ids)
+
+
+def test_doctor_on_a_local_manifest_does_not_fail_for_docker(write_manifest, tmp_path):
+    """Right after the demo ran on the local executor, `doctor experiments/demo.yaml` must not say FAIL
+    for a Docker daemon that manifest never uses."""
+    pytest.importorskip("docker")
+    path = write_manifest(GOOD)
+    r = run_cli("doctor", str(path), "--no-gpu", env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "not needed" in r.stdout and "local executor" in r.stdout and "FAIL" not in r.stdout
+    plain = run_cli("doctor", "--no-gpu", env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"})
+    assert plain.returncode == 1 and "FAIL" in plain.stdout  # without a manifest: every backend is checked
+
+
+def test_every_command_line_argument_says_what_it_is():
+    import argparse
+
+    from runner.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, name: str):  # noqa: ANN202
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from walk(sub, f"{name} {sub_name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                yield name, action
+
+    missing = [f"{name}: {a.dest}" for name, a in walk(build_parser(), "byol-runner") if not a.help]
+    assert missing == []
