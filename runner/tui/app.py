@@ -28,6 +28,11 @@ from runner.commands import request
 from runner.store import TaskRow
 from runner.tui.state import STATUS_ORDER, Snapshot, curve, detail, read_snapshot
 
+def task_name(t) -> str:  # noqa: ANN001 - a TaskRow
+    """A task as people tell tasks apart: method, label budget, seed (`byol-finetune 10% s0`), not its hash."""
+    return " ".join(p for p in (t.dataset, t.method, t.budget or "", f"s{t.seed}") if p)
+
+
 COLUMNS = ("dataset", "method", "labels", "seed", "kind", "status", "slot", "epoch", "step", "loss", "img/s", "elapsed", "attempts")
 STATUS_STYLE = {"done": "green", "running": "bold cyan", "pending": "dim", "failed": "bold red", "blocked": "red",
                 "interrupted": "yellow"}
@@ -99,6 +104,7 @@ class RunnerApp(App):
         self.overlay = False
         self.extended = False
         self.selected: str | None = None
+        self.names: dict[str, str] = {}  # task id -> its name as the queue shows it, for legends and toasts
         self.report_key: tuple | None = None
 
     # ---- layout --------------------------------------------------------------------------
@@ -176,8 +182,9 @@ class RunnerApp(App):
         state = "running" if snap.scheduler_alive else snap.run["status"]
         self.query_one("#summary", Static).update(
             f"[b]{snap.run['name']}[/] ({state}) · {snap.done}/{len(snap.tasks)} done · "
-            + " · ".join(f"{c[s]} {s}" for s in STATUS_ORDER if c.get(s))
+            + " · ".join(f"{c[s]} {s}" for s in STATUS_ORDER if c.get(s) and s != "done")
             + (f" · filter: {self.filter}" if self.filter else ""))
+        self.names = {t.id: task_name(t) for t in snap.tasks}
         self.update_table(snap)
         self.update_curves(series, overlay)
         self.update_results(snap)
@@ -217,11 +224,11 @@ class RunnerApp(App):
         for name in ("loss", "val_loss"):
             if name in series:
                 xs, ys = zip(*series[name])
-                plt.plot(list(xs), list(ys), label=f"{name} ({self.selected})")
+                plt.plot(list(xs), list(ys), label=f"{name} ({self.names.get(self.selected, self.selected)})")
         for tid, other in overlay.items():
             if "loss" in other:
                 xs, ys = zip(*other["loss"])
-                plt.plot(list(xs), list(ys), label=f"loss ({tid})")
+                plt.plot(list(xs), list(ys), label=f"loss ({self.names.get(tid, tid)})")
         if "proj_std" in series:
             xs, ys = zip(*series["proj_std"])
             plt.plot(list(xs), list(ys), label="proj std (collapse monitor)", yside="right")
@@ -283,7 +290,7 @@ class RunnerApp(App):
                 self.notify(f"the run's manifest ({manifest}) is gone: cannot retry", severity="error")
                 return
             self.launch(["run", manifest, "--retry", t.id])
-        self.notify(f"retrying {t.id}")
+        self.notify(f"retrying {task_name(t)}")
 
     def action_cancel(self) -> None:
         t = self._selected_task()
@@ -291,7 +298,7 @@ class RunnerApp(App):
             self.notify("select a running task to cancel", severity="warning")
             return
         request(self.results, "cancel", t.id)
-        self.notify(f"cancelling {t.id}")
+        self.notify(f"cancelling {task_name(t)}")
 
     def action_show_log(self) -> None:
         self.action_pane("detail")
