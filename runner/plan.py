@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.atomic import atomic_write_text
-from runner.data.cache import Progress, no_progress
+from runner.data.cache import Progress, file_sha, no_progress
 from runner.data.dataset import accounting, prepare
 from runner.data.sources import RootedSource
 from runner.errors import DataError
@@ -176,17 +176,11 @@ _SHA_MEMO: dict[tuple, str | None] = {}
 
 def file_sha256(path: Path) -> str | None:
     """sha256 of a file (None if it is not there), remembered by (path, size, mtime) within a process."""
-    import hashlib
-
     try:
         st = path.stat()
     except OSError:
         return None
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        _SHA_MEMO[key] = h.hexdigest()
+        _SHA_MEMO[key] = file_sha(path)
     return _SHA_MEMO[key]

@@ -69,7 +69,7 @@ def content_fingerprint(spec: DatasetBase, items: Sequence[Item], cache_dir: Pat
         for key, sha in zip((it.key for it in items), FileHashes(spec.root_path, cache_dir).hashes([it.key for it in items])):
             h.update(key.encode() + b"\0" + sha.encode() + b"\n")
     elif isinstance(spec, NpzSource):
-        h.update(_file_sha(Path(expand_path(spec.path))).encode())
+        h.update(file_sha(Path(expand_path(spec.path))).encode())
     elif isinstance(spec, SyntheticSource):
         h.update(json.dumps(["synthetic", SYNTHETIC_VERSION, spec.num_classes, spec.per_class, spec.size, spec.seed]).encode())
     return h.hexdigest()
@@ -107,7 +107,7 @@ class FileHashes:
             if stamp is not None and known is not None and known[:2] == stamp:
                 sha = known[2]
             else:
-                sha, changed = _file_sha(Path(path)), True
+                sha, changed = file_sha(Path(path)), True
             if stamp is not None:
                 fresh[key] = stamp + [sha]
             out.append(sha)
@@ -116,7 +116,7 @@ class FileHashes:
         return out
 
 
-def _file_sha(path: Path) -> str:
+def file_sha(path: Path) -> str:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
