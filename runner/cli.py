@@ -71,7 +71,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from runner.commands import execute_plan, load_plan
     from runner.console import RunDisplay, progress_reporter
-    from runner.report import to_markdown, verdict_lines
+    from runner.tables import to_markdown, verdict_lines
 
     with progress_reporter("data") as progress:
         manifest, results, plan = load_plan(args.manifest, args.results, progress)

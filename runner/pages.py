@@ -12,7 +12,8 @@ import numpy as np
 from runner import arms as A
 from runner.atomic import atomic_write_text
 from runner.contracts import read_events
-from runner.report import _budget_order, extended_markdown, to_markdown
+from runner.report import _budget_order
+from runner.tables import extended_markdown, to_markdown
 from runner.store import TaskRow
 
 
