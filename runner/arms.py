@@ -79,10 +79,13 @@ KIND_SETTINGS = {
     "supervised-imagenet": ("model", "finetune"),
     "random-linear": ("model", "probe"),
     "imagenet-linear": ("model", "probe"),
+    "evaluate": (),  # an external test set scored by a saved classifier: its identity is that classifier's id
     "noop": (),
 }
 KINDS = tuple(KIND_SETTINGS)
 CLASSIFIER_KINDS = ("finetune", "supervised", "supervised-imagenet")  # trained end to end, scored per step
+PROBE_KINDS = ("linear", "random-linear", "imagenet-linear")  # a logistic regression on frozen features
+EVALUATE = "evaluate"  # scores an external test set with a classifier task's saved model.pt
 
 
 def role_candidates(role: Role) -> tuple[str, ...]:

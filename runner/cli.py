@@ -157,6 +157,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from runner import predict as P
+    from runner.commands import results_dir
+
+    result = P.predict(results_dir(args.results), args.task, args.images, args.device)
+    if args.csv:
+        from runner.atomic import atomic_write_text
+
+        atomic_write_text(Path(args.csv), P.to_csv(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(P.lines(result)))
+    bad = P.failed(result)
+    if bad:
+        print(f"{bad} of {len(result['rows'])} images could not be scored (their error is on their line)", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def cmd_tui(args: argparse.Namespace) -> int:
     from runner.commands import results_dir
 
@@ -263,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals")
     rp.add_argument("--json", action="store_true", help="same as --format json")
     rp.set_defaults(func=cmd_report)
+
+    pr = sub.add_parser("predict", help="a finished classifier task's calibrated probabilities for new images",
+                        description="Score image files, folders of them, or CSV files of paths (a path column) with the "
+                        "model.pt of a finished fine-tune, supervised or linear-probe task, prepared and calibrated as its "
+                        "test split was. Example: byol-runner predict 3f2a9c images/ --csv predictions.csv")
+    pr.add_argument("task", metavar="TASK_ID", help="the classifier task (its id, or its first characters; `status` lists them)")
+    pr.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders of them, or CSV files with a path column")
+    pr.add_argument("--results", help=f"results dir (default: {DEFAULT_RESULTS}/)")
+    pr.add_argument("--csv", metavar="OUT", help="also write one row per image (path, a probability per class, predicted, error)")
+    pr.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="where to score (default: cpu)")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.set_defaults(func=cmd_predict)
 
     tu = sub.add_parser("tui", help="the terminal UI: start MANIFEST's run and show it, or attach to the latest run")
     tu.add_argument("manifest", type=Path, nargs="?", help="start this manifest's run and show it (absent: attach to the latest run)")

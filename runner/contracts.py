@@ -147,6 +147,7 @@ class TaskSpec(StrictModel):
     settings: TrainSettings
     pretraining: str | None = Field(None, description="a pretrain task's entry of runner.arms.PRETRAININGS (default byol)")
     encoder: str | None = Field(None, description="the pretrain task's encoder.pt, relative to the results dir")
+    model: str | None = Field(None, description="an evaluate task: the classifier task's model.pt, relative to the results dir")
     cache_dir: str = "cache"
     engine_version: int = ENGINE_VERSION
 

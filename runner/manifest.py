@@ -158,6 +158,38 @@ class Manifest(TrainSettings):
             raise ValueError("compare: model1 and model2 are the same arm")
         return self
 
+    @model_validator(mode="after")
+    def _external_tests(self) -> "Manifest":
+        """An external test set names a trained data set, is all test, and is prepared as that one's images."""
+        for name, spec in self.datasets.items():
+            of = spec.external_test_of
+            if of is None:
+                continue
+            if of not in self.datasets or of == name:
+                trained = [n for n, s in self.datasets.items() if s.external_test_of is None and n != name]
+                raise ValueError(f"datasets.{name}.external_test_of: {of!r} is not another data set of this manifest "
+                                 f"({', '.join(trained) or 'none is trained'})")
+            base = self.datasets[of]
+            if base.external_test_of is not None:
+                raise ValueError(f"datasets.{name}.external_test_of: {of!r} is itself an external test set; name the data set "
+                                 "the classifiers are trained on")
+            if "split" in spec.model_fields_set and spec.split.model_fields_set - {"group_pattern"}:
+                raise ValueError(f"datasets.{name}.split: an external test set is all test: only split.group_pattern (its "
+                                 "patients, the units its intervals resample) applies")
+            for key in ("image_size", "fit", "channels"):
+                if key in spec.model_fields_set and getattr(spec, key) != getattr(base, key):
+                    raise ValueError(f"datasets.{name}.{key}: {getattr(spec, key)!r}, but its images are prepared as those of "
+                                     f"{of} ({key} {getattr(base, key)!r}); leave {key} out")
+            if spec.positive is not None and spec.positive != base.positive:
+                raise ValueError(f"datasets.{name}.positive: {spec.positive!r}, but the positive class is {of}'s "
+                                 f"({base.positive!r}); leave positive out")
+            if spec.classes is not None and base.classes is not None and set(spec.classes) != set(base.classes):
+                missing, extra = sorted(set(base.classes) - set(spec.classes)), sorted(set(spec.classes) - set(base.classes))
+                raise ValueError(f"datasets.{name}.classes: an external test set maps its classes onto {of}'s "
+                                 f"({', '.join(base.classes)})" + (f"; missing: {', '.join(missing)}" if missing else "")
+                                 + (f"; not a class of {of}: {', '.join(extra)}" if extra else ""))
+        return self
+
     @field_validator("name")
     @classmethod
     def _not_reserved(cls, v: str) -> str:

@@ -3,6 +3,7 @@ marker lines, and the self-contained HTML page. The tables and numbers are `runn
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 from runner import arms as A
 from runner.atomic import atomic_write_text
 from runner.contracts import read_events
-from runner.report import _budget_order
+from runner.report import _budget_order, shown
 from runner.tables import extended_markdown, to_markdown
 from runner.store import TaskRow
 
@@ -26,6 +27,8 @@ def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict)
 
     out = results / report["run"] / "figures"
     paths: list[Path] = []
+    external = report.get("external", {})
+    tasks = [dataclasses.replace(t, dataset=shown(t.dataset, external)) for t in tasks]  # as the tables name them
     datasets = sorted({t.dataset for t in tasks})
     for ds in datasets:
         curves = {(t.method.removesuffix("-pretrain"), t.seed):

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from runner.atomic import atomic_write_text
 from runner.data.cache import Progress, file_sha, no_progress
-from runner.data.dataset import accounting, prepare
+from runner.data.dataset import accounting, external_spec, prepare
 from runner.data.sources import RootedSource
 from runner.errors import DataError
 from runner.manifest import Manifest
 from runner.ml.config import TrainSettings
-from runner.arms import ARMS, KIND_SETTINGS, PRETRAININGS, needs_imagenet, pretraining_of
+from runner.arms import ARMS, EVALUATE, KIND_SETTINGS, PRETRAININGS, needs_imagenet, pretraining_of
 from runner.contracts import ENGINE_VERSION
 
 @dataclass
@@ -39,7 +39,7 @@ class PlannedTask:
 
     @property
     def label(self) -> str:
-        parts = [self.dataset, self.method, self.budget or "", f"seed {self.seed}"]
+        parts = [self.dataset + (" (external)" if self.kind == EVALUATE else ""), self.method, self.budget or "", f"seed {self.seed}"]
         return " ".join(p for p in parts if p)
 
 
@@ -88,8 +88,12 @@ def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progres
     budgets = manifest.labels.budgets()
     tasks: list[PlannedTask] = []
     accounts: dict[str, dict] = {}
+    trained: dict[str, tuple] = {}  # name -> (its PreparedDataset, its classifier tasks)
     for name, spec in manifest.datasets.items():
+        if spec.external_test_of is not None:
+            continue
         ds = prepare(name, spec, results / "cache", progress)
+        trained[name] = (ds, [])
         accounts[name] = accounting(ds)
         fingerprint = ds.fingerprint
         data = data_spec(spec)
@@ -127,7 +131,31 @@ def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progres
                 for method in manifest.methods:
                     p = pretraining_of(method)
                     tasks.append(make(ARMS[method].kind, method, b, (pre[p.name],) if p else ()))
+                    trained[name][1].append(tasks[-1])
+    for name, spec in manifest.datasets.items():
+        if spec.external_test_of is not None:
+            ds_of, classifiers = trained[spec.external_test_of]
+            tasks += _evaluations(name, external_spec(spec, ds_of), ds_of, classifiers, results, progress, accounts)
     return Plan(manifest.name, tasks, accounts)
+
+
+def _evaluations(name: str, spec, trained, classifiers: list[PlannedTask], results: Path, progress: Progress,
+                 accounts: dict) -> list[PlannedTask]:
+    """One `evaluate` task per classifier of the trained data set: it scores the external test set
+    with that classifier's saved model.pt. Its id hashes the external images and the classifier's id,
+    so adding an external test set to a finished study trains nothing."""
+    ds = prepare(name, spec, results / "cache", progress, classes_of=trained.class_names, trained=trained)
+    accounts[name] = accounting(ds)
+    data = data_spec(spec)
+    out = []
+    for c in classifiers:
+        tid = task_id({"kind": EVALUATE, "data": ds.fingerprint, "classifier": c.id, "engine": ENGINE_VERSION})
+        # its encoder: a linear probe's model.pt names its pretraining's encoder (an executor without the
+        # results dir, Ray's, ships both)
+        spec_json = {**c.spec, "id": tid, "kind": EVALUATE, "dataset": name, "data": data, "model": f"tasks/{c.id}/model.pt"}
+        spec_json.pop("pretraining", None)
+        out.append(PlannedTask(tid, EVALUATE, name, c.method, c.seed, c.budget, [c.id], spec_json))
+    return out
 
 
 def write_task_files(plan: Plan, results: Path) -> None:
@@ -153,8 +181,9 @@ def metrics_state(results: Path, tid: str) -> str:
     return inspect_result(results, tid)[0]
 
 
-def inspect_result(results: Path, tid: str) -> tuple[str, str | None]:
-    """metrics_state and, for "damaged", what is wrong."""
+def inspect_result(results: Path, tid: str, require: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """metrics_state and, for "damaged", what is wrong. `require`: artifacts the result must have
+    recorded (a classifier an external test set scores needs its model.pt)."""
     folder = results / "tasks" / tid
     try:
         data = json.loads((folder / "metrics.json").read_bytes())
@@ -165,6 +194,9 @@ def inspect_result(results: Path, tid: str) -> tuple[str, str | None]:
     if not isinstance(data, dict) or data.get("task") != tid:
         return "damaged", "its metrics.json is not this task's"
     artifacts = data.get("artifacts") or {}
+    for name in require:
+        if not isinstance(artifacts, dict) or name not in artifacts:
+            return "damaged", f"it has no {name} (it finished before byol-runner kept its classifiers), which an external test set needs"
     for name, digest in artifacts.items() if isinstance(artifacts, dict) else ():
         if file_sha256(folder / str(name)) != digest:
             return "damaged", f"its {name} is missing or does not match the checksum its metrics.json recorded"

@@ -12,6 +12,7 @@ a run is going on.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -62,7 +63,8 @@ def degenerate_reasons(m: dict) -> list[str]:
     """What makes a finished classifier no result at all, each with what to change."""
     reasons = []
     if (m.get("selection") or {}).get("selected_step") == 0:
-        start = "the pretrained encoder with an untrained head" if m.get("kind") == "finetune" else "the untrained model"
+        kind = m.get("classifier_kind", m.get("kind"))  # an evaluate task's: the classifier's it scores
+        start = "the pretrained encoder with an untrained head" if kind == "finetune" else "the untrained model"
         reasons.append(f"selected step 0: validation loss never went below that of step 0 ({start}), which was kept; "
                        "train longer, lower the learning rate or give more labels")
     probs = (m.get("predictions") or {}).get("test_probs")
@@ -77,9 +79,27 @@ def degenerate_reasons(m: dict) -> list[str]:
     return reasons
 
 
-def collect(results: Path, tasks: list[TaskRow]) -> dict:
+def externals(results: Path, tasks: list[TaskRow]) -> dict[str, str]:
+    """External test set -> the data set its classifiers were trained on (from its tasks' task.json)."""
+    out: dict[str, str] = {}
+    for t in tasks:
+        if t.kind == A.EVALUATE and t.dataset not in out:
+            spec = _load_json(results / "tasks" / t.id / "task.json") or {}
+            out[t.dataset] = str((spec.get("data") or {}).get("external_test_of") or "?")
+    return out
+
+
+def shown(name: str, external: dict[str, str]) -> str:
+    """A data set as the tables name it: an external test set with the data set it tests, e.g.
+    `melanoma → derm7pt (external)`, so that it sorts right after that one's own rows."""
+    return f"{external[name]} → {name} (external)" if name in external else name
+
+
+def collect(results: Path, tasks: list[TaskRow], external: dict[str, str] | None = None) -> dict:
     """Per (dataset, budget, method): the test metrics of each seed's task, its predictions, and the
-    reasons a seed's classifier is degenerate."""
+    reasons a seed's classifier is degenerate. An external test set's rows are its evaluate tasks',
+    under its `shown` name."""
+    external = externals(results, tasks) if external is None else external
     cells: dict = defaultdict(lambda: defaultdict(list))
     planned: dict = defaultdict(int)
     preds: dict = defaultdict(list)
@@ -89,6 +109,7 @@ def collect(results: Path, tasks: list[TaskRow]) -> dict:
     for t in tasks:
         if t.kind in ("pretrain", "noop") or t.budget is None:
             continue
+        t = dataclasses.replace(t, dataset=shown(t.dataset, external)) if t.dataset in external else t
         planned[(t.dataset, t.budget, t.method)] += 1
         m = _load_metrics(results, t.id)
         if m and "test" in m:
@@ -116,7 +137,8 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
           bootstrap: int = 1000, primary: str = PRIMARY, compare: tuple[str | None, str | None] = (None, None)) -> dict:
     """The report of a run's tasks: the README table, every arm with bootstrap intervals, the paired
     Model 1 − Model 2 differences, and (figures=True) the figures under results/<run>/figures/."""
-    data = collect(results, tasks)
+    external = externals(results, tasks)
+    data = collect(results, tasks, external)
     cells, planned = data["cells"], data["planned"]
     pretrain_steps = {}
     for t in tasks:
@@ -148,7 +170,7 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
     report = {"run": run_name, "legend": legend, "rows": rows, "arms": arms, "tasks_done": done, "tasks": len(tasks),
               "model1_method": m1, "model2_method": m2, "primary": primary, "degenerate": degenerate,
               "data": _load_json(results / run_name / "data.json") or {}, "pretrain_steps": pretrain_steps,
-              "validation": data["validation"], "fixed_schedule": data["fixed"]}
+              "validation": data["validation"], "fixed_schedule": data["fixed"], "external": external}
     add_uncertainty(report, data["preds"], m1, m2, bootstrap)
     if figures:
         from runner.pages import make_figures

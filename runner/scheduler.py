@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.arms import EVALUATE
 from runner.contracts import AttemptStatus as A
 from runner.contracts import TaskStatus as S
 from runner.contracts import ControlRequest, read_events
@@ -183,8 +184,9 @@ class Scheduler:
 
     def _initial_status(self, run_id: int) -> None:
         rows = {r.id: r for r in self.store.run_tasks(run_id)}
+        scored = {d for t in self.plan.tasks if t.kind == EVALUATE for d in t.deps}  # their model.pt is needed
         for t in self.plan.tasks:
-            state, why = inspect_result(self.results, t.id)
+            state, why = inspect_result(self.results, t.id, ("model.pt",) if t.id in scored else ())
             if state == "done":
                 self.status[t.id] = S.DONE
             elif state == "damaged":  # not a result: computed again, and said so

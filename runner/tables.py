@@ -67,6 +67,9 @@ def accounting_line(name: str, acc: dict) -> str:
         text += "; not used: " + ", ".join(f"{n} {r}" for r, n in acc["not_used"].items())
     if acc["test_kept"]:
         text += "; kept in the published test split: " + ", ".join(f"{n} {r}" for r, n in acc["test_kept"].items())
+    if acc.get("external_test_of"):
+        text += f"; all of them an external test set of {acc['external_test_of']}"
+        text += "".join(f"; {MARK} {w}" for w in acc.get("shared", []))
     return text
 
 

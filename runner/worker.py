@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from runner.arms import CLASSIFIER_KINDS, PRETRAININGS
+from runner.arms import CLASSIFIER_KINDS, EVALUATE, PRETRAININGS
 from runner.contracts import ENGINE_VERSION, EventKind, TaskSpec, event_line
+from runner.data.cache import file_sha
 
 
 class StartError(Exception):
@@ -105,6 +106,8 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
             raise StartError(f"task {task.id} ({task.kind}) needs the pretrained encoder {encoder_path}, which does not exist: run its pretrain task first")
     torch.manual_seed(task.seed)
     ctx = T.Context(device=device, run=task.settings.run, task_dir=task_dir, seed=task.seed, emit=log.emit)
+    if task.kind == EVALUATE:
+        return _evaluate(task, results, ctx, log)
     ds = prepare(task.dataset, task.data, results / task.cache_dir)
     log.emit("log", message=f"{task.kind} on {task.dataset}: {len(ds.keys)} images, {ds.channels} channel(s), device {device}")
     started = time.perf_counter()
@@ -114,8 +117,64 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
         raise StartError(f"task {task.id} ({task.kind}) has no label budget")
     labels = Labels(task, ds, log)
     train = _classifier if task.kind in CLASSIFIER_KINDS else _probe
-    val_probs, probs, selection = train(task, ds, labels, encoder_path, ctx)
-    return _score(task, ds, labels, val_probs, probs, selection) | {"seconds": round(time.perf_counter() - started, 2)}
+    val_probs, probs, selection, network = train(task, ds, labels, encoder_path, ctx)
+    metrics, temperature = _score(task, ds, labels, val_probs, probs, selection)
+    _save_model(task, ds, metrics, temperature if labels.selecting else None, network, ctx)
+    return metrics | {"seconds": round(time.perf_counter() - started, 2),
+                      "artifacts": {"model.pt": file_sha(task_dir / "model.pt")}}
+
+
+def _save_model(task: TaskSpec, ds, metrics: dict, temperature: float | None, network: dict, ctx) -> None:  # noqa: ANN001
+    """model.pt: what scoring an image needs (runner/ml/saved.py), for external test sets and `predict`."""
+    from runner.ml import saved
+
+    image = {"image_size": ds.spec.image_size, "fit": ds.spec.fit, "channels": ds.channels}
+    run = task.settings.run.model_dump(mode="json")
+    saved.save(ctx.task_dir / "model.pt", task_id=task.id, kind=task.kind, arch=task.settings.model.arch, channels=ds.channels,
+               class_names=ds.class_names, positive=metrics["positive"], image=image, input_size=_size(task), run=run,
+               temperature=temperature, selection=metrics["selection"], **network)
+
+
+def _evaluate(task: TaskSpec, results: Path, ctx, log: EventLog) -> dict:  # noqa: ANN001 - a train.Context
+    """Score an external test set, all of it, with a classifier task's saved model.pt: the same
+    calibrated probabilities and metrics as that task's own test split."""
+    from runner.data.dataset import prepare
+    from runner.ml import saved
+    from runner.ml.metrics import apply_temperature, classification_metrics, prior_loss
+
+    if task.model is None or not _inside(results / task.model, results):
+        raise StartError(f"task {task.id}: model {task.model!r} is not a model.pt inside the results dir {results}")
+    try:
+        model = saved.load(results / task.model)
+        scorer = saved.Scorer(model, results, ctx.device, ctx)
+    except saved.ModelFileError as e:
+        raise StartError(f"task {task.id} scores the classifier of {task.model}: {e}") from None
+    ds = prepare(task.dataset, task.data, results / task.cache_dir, classes_of=model["class_names"])
+    test = ds.splits["test"]
+    log.emit("log", message=f"evaluate {task.model} on {task.dataset} (external test set of {task.data.external_test_of}): "
+                            f"{len(test)} images")
+    started = time.perf_counter()
+    raw_probs = scorer.raw(ds.pixels(test))
+    if not np.isfinite(raw_probs).all():
+        raise RuntimeError("the classifier predicts non-finite probabilities on the external test set; no result is recorded")
+    probs = apply_temperature(raw_probs, scorer.temperature)
+    labels = ds.labels[test]
+    k = len(model["class_names"])
+    raw = classification_metrics(raw_probs, labels, model["positive"])
+    return {
+        "test": classification_metrics(probs, labels, model["positive"]) | {"loss_uncalibrated": raw["loss"]},
+        "temperature": None if model["temperature"] is None else round(model["temperature"], 4),
+        "selection": model["selection"],
+        "prior_loss": prior_loss(labels, labels, k),
+        "validation": task.budget.validation if task.budget else None,  # the classifier's: what chose its step and temperature
+        "external_test_of": task.data.external_test_of,
+        "classifier": model["task"],
+        "classifier_kind": model["kind"],
+        "class_names": model["class_names"],
+        "positive": model["positive"],
+        "predictions": {"test_probs": np.round(probs, 6).tolist(), "test_labels": labels.tolist(), **_test_groups(ds, test)},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -132,10 +191,8 @@ def _pretrain(task: TaskSpec, ds, ctx) -> dict:  # noqa: ANN001 - a PreparedData
 
     p = PRETRAININGS[task.pretraining or "byol"]
     summary = pretrain(ds.pixels(ds.splits["train"]), task.settings, p.method, p.init, task.settings.model.arch, _size(task), ctx)
-    from runner.plan import file_sha256
-
     # what the dependants read, with its checksum: a damaged encoder.pt reopens this task instead of failing them
-    return {"pretrain": summary, "artifacts": {"encoder.pt": file_sha256(ctx.task_dir / "encoder.pt")}}
+    return {"pretrain": summary, "artifacts": {"encoder.pt": file_sha(ctx.task_dir / "encoder.pt")}}
 
 
 class Labels:
@@ -176,7 +233,9 @@ def _classifier(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, c
     )
     val_probs = T.predict(model, T.to_device_images(ds.pixels(labels.val), ctx.device), size, ctx).numpy() if labels.selecting else None
     probs = T.predict(model, T.to_device_images(ds.pixels(labels.test), ctx.device), size, ctx).numpy()
-    return val_probs, probs, selection
+    from runner.ml.saved import cpu_state
+
+    return val_probs, probs, selection, {"state_dict": cpu_state(model)}
 
 
 def _probe(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, ctx) -> tuple:  # noqa: ANN001
@@ -190,13 +249,21 @@ def _probe(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, ctx) -
         backbone = Backbone(task.settings.model.arch, ds.channels, weights="DEFAULT" if task.kind == "imagenet-linear" else None)
     feats = {name: T.extract_features(backbone, ds.pixels(idx), _size(task), ctx)
              for name, idx in (("train", labels.train), ("val", labels.val), ("test", labels.test)) if labels.selecting or name != "val"}
-    proba, selection = T.linear_probe(feats, {"train": ds.labels[labels.train], "val": ds.labels[labels.val]}, task.settings.probe, labels.k)
-    return (proba(feats["val"]) if labels.selecting else None), proba(feats["test"]), selection
+    proba, selection, (scaler, clf) = T.linear_probe(feats, {"train": ds.labels[labels.train], "val": ds.labels[labels.val]}, task.settings.probe, labels.k)
+    from runner.ml.saved import cpu_state, probe_state
+
+    network = {"probe": probe_state(scaler, clf, selection["C"], task.settings.probe.max_iter)}
+    if task.kind == "linear":  # the pretraining's encoder is kept already: named with its checksum, not copied
+        network["encoder"] = {"path": task.encoder, "sha256": file_sha(encoder_path)}
+    else:
+        network["backbone"] = cpu_state(backbone)
+    return (proba(feats["val"]) if labels.selecting else None), proba(feats["test"]), selection, network
 
 
-def _score(task: TaskSpec, ds, labels: Labels, val_probs, probs, selection: dict) -> dict:  # noqa: ANN001
+def _score(task: TaskSpec, ds, labels: Labels, val_probs, probs, selection: dict) -> tuple[dict, float]:  # noqa: ANN001
     """Test metrics, calibrated by a temperature fitted on the budget's validation labels (no
-    prediction changes; the raw loss is kept beside it), and the label accounting."""
+    prediction changes; the raw loss is kept beside it), and the label accounting; and the
+    temperature as applied (metrics.json rounds it: model.pt keeps it whole)."""
     from runner.ml.metrics import apply_temperature, classification_metrics, fit_temperature, prior_loss
 
     positive = ds.class_names.index(ds.spec.positive) if ds.spec.positive else (1 if labels.k == 2 else None)
@@ -221,7 +288,7 @@ def _score(task: TaskSpec, ds, labels: Labels, val_probs, probs, selection: dict
         "positive": positive,
         "predictions": {"test_probs": np.round(probs, 6).tolist(), "test_labels": test_labels.tolist(),
                         **_test_groups(ds, labels.test)},
-    }
+    }, temperature
 
 
 def _test_groups(ds, test: np.ndarray) -> dict:  # noqa: ANN001 - a PreparedDataset

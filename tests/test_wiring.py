@@ -454,7 +454,7 @@ def test_the_probe_strength_is_the_grid_point_with_the_lowest_validation_loss():
     xtr = rng.normal(0, 1, (40, 4)) + 3 * ytr[:, None]
     xva, yva = rng.normal(1.5, 2, (40, 4)), rng.integers(0, 2, 40)
     spec = ProbeSpec(c_grid=[1e-4, 1e-2, 1.0, 100.0], max_iter=500)
-    _, sel = T.linear_probe({"train": xtr, "val": xva}, {"train": ytr, "val": yva}, spec, 2)
+    _, sel, _ = T.linear_probe({"train": xtr, "val": xva}, {"train": ytr, "val": yva}, spec, 2)
     scaler = StandardScaler().fit(xtr)
     val_loss = {}
     for c in spec.c_grid:

@@ -260,6 +260,14 @@ def _write_entry(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def as_channels(d: Decoded, channels: int) -> np.ndarray:
+    """One decoded image as the cache stores it in a data set of `channels`: (C, S, S) uint8 (a gray
+    image repeated into RGB, a colour one reduced to its luma), as `_write_entry` writes its row."""
+    if d.gray:
+        return np.repeat(d.pixels[None], channels, axis=0)
+    return d.pixels.transpose(2, 0, 1).copy() if channels == 3 else _luma(d.pixels)[None]
+
+
 def _luma(rgb: np.ndarray) -> np.ndarray:
     # ITU-R 601-2 luma, as PIL's convert("L")
     y = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114

@@ -36,6 +36,7 @@ class PreparedDataset:
     not_selected: dict[str, int] = field(default_factory=dict)
     group_leaks: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    shared: list[str] = field(default_factory=list)  # an external test set: the images it shares with its trained set
 
     @property
     def channels(self) -> int:
@@ -95,17 +96,47 @@ def map_classes(spec: DatasetBase, source_labels: list[str]) -> dict[str, str]:
     return out
 
 
-def prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress = no_progress) -> PreparedDataset:
-    """Scan, decode (cached), audit, filter, map classes and split one data set.
+def prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress = no_progress,
+            classes_of: list[str] | None = None, trained: PreparedDataset | None = None) -> PreparedDataset:
+    """Scan, decode (cached), audit, filter, map classes and split one data set. An external test set
+    (`spec.external_test_of`, prepared as `external_spec` says) takes the classes of its classifiers,
+    `classes_of`, in their order; given its `trained` data set, the images both hold are counted.
 
     Raises DataError, its message starting with the manifest path of the data set."""
     try:
-        return _prepare(name, spec, cache_dir, progress)
+        return _prepare(name, spec, cache_dir, progress, classes_of, trained)
     except DataError as e:
         raise DataError(f"datasets.{name}: {e}") from None
 
 
-def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress) -> PreparedDataset:
+def external_spec(spec: DatasetBase, trained: PreparedDataset) -> DatasetBase:
+    """An external test set's entry as it is prepared: the images as the trained data set's (image
+    size, fit, and the channel count its content gave), its positive class."""
+    return spec.model_copy(update={"image_size": trained.spec.image_size, "fit": trained.spec.fit,
+                                   "channels": trained.channels, "positive": trained.spec.positive})
+
+
+def _external_classes(spec: DatasetBase, to_class: dict[str, str], not_selected: Counter, names: list[str]) -> None:
+    """An external test set is scored whole, on the trained data set's classes (`names`): each of its
+    source classes maps onto one of those, and each of those has images."""
+    of = spec.external_test_of
+    if not_selected:
+        listed = ", ".join(f"{c!r} ({n} images)" for c, n in sorted(not_selected.items()))
+        raise DataError(f"source classes {listed} are not mapped onto a class of {of} ({', '.join(names)}): "
+                        "an external test set is scored whole; map each in classes (e.g. "
+                        f"classes: {{{names[0]}: [...], {names[-1]}: [...]}})")
+    extra = sorted(set(to_class.values()) - set(names))
+    if extra:
+        raise DataError(f"classes {', '.join(map(repr, extra))} are not classes of {of} ({', '.join(names)}): "
+                        "map the external classes onto those (classes: {<class of " + of + ">: [<its source classes>]})")
+    missing = [c for c in names if c not in set(to_class.values())]
+    if missing:
+        raise DataError(f"class {', '.join(map(repr, missing))} of {of} has no images here (source classes: "
+                        f"{', '.join(sorted(to_class))}): map the source classes that are {missing[0]!r} onto it")
+
+
+def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress, classes_of: list[str] | None,
+             trained: PreparedDataset | None) -> PreparedDataset:
     items, skipped = scan_with_skips(spec)
     table = load_images(spec, items, cache_dir, progress)
     errors = table.errors
@@ -118,7 +149,10 @@ def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress) 
                                    published_test=spec.split.strategy == "given")
 
     to_class = map_classes(spec, [it.label for it in items])
-    class_names = _class_order(spec, to_class)
+    external = spec.external_test_of is not None
+    if external and classes_of is None:
+        raise DataError(f"an external test set of {spec.external_test_of} is prepared with that data set's classes")
+    class_names = list(classes_of) if external else _class_order(spec, to_class)  # the classifier's order
     kept: list[Item] = []
     rows: list[int] = []
     not_selected: Counter[str] = Counter()
@@ -129,6 +163,8 @@ def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress) 
             rows.append(i)
         else:
             not_selected[it.label] += 1
+    if external:
+        _external_classes(spec, to_class, not_selected, class_names)
     labels = np.array([class_names.index(to_class[it.label]) for it in kept], dtype=np.int64)
     present = [class_names[c] for c in sorted(set(labels.tolist()))]
     if len(present) < 2:
@@ -142,14 +178,22 @@ def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress) 
 
     keys = [it.key for it in kept]
     groups = [it.group if it.group is not None else it.key for it in kept]
-    splits = _split(spec, kept, keys, labels, groups)
-    for s, idx in splits.items():
-        if len(idx) == 0 and (s != "val" or spec.split.val > 0):
-            raise DataError(f"the {s} split is empty; give it more images or a larger fraction")
-    missing = [class_names[c] for c in range(len(class_names)) if not (labels[splits["train"]] == c).any()]
-    if missing:
-        raise DataError(f"class {missing[0]!r} has no image in the train split")
-    leaks = group_leaks(groups, splits) if spec.split.group_pattern or any(it.group for it in kept) else []
+    if external:  # all of it is test
+        none = np.zeros(0, dtype=np.int64)
+        splits = {"train": none, "val": none, "test": np.arange(len(kept), dtype=np.int64)}
+        leaks = []
+        shared = _shared_images(table, rows, trained) if trained is not None else []
+        warnings += shared
+    else:
+        splits = _split(spec, kept, keys, labels, groups)
+        for s, idx in splits.items():
+            if len(idx) == 0 and (s != "val" or spec.split.val > 0):
+                raise DataError(f"the {s} split is empty; give it more images or a larger fraction")
+        missing = [class_names[c] for c in range(len(class_names)) if not (labels[splits["train"]] == c).any()]
+        if missing:
+            raise DataError(f"class {missing[0]!r} has no image in the train split")
+        leaks = group_leaks(groups, splits) if spec.split.group_pattern or any(it.group for it in kept) else []
+        shared = []
     if leaks:
         warnings.append(f"{len(leaks)} groups span two splits (e.g. {leaks[0]!r}): the given split folders leak")
     return PreparedDataset(
@@ -166,7 +210,20 @@ def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress) 
         not_selected=dict(sorted(not_selected.items())),
         group_leaks=leaks,
         warnings=warnings,
+        shared=shared,
     )
+
+
+def _shared_images(table: ImageTable, rows: list[int], trained: PreparedDataset) -> list[str]:
+    """An external test set that holds images of the trained data set is not external: say how many
+    (same pixels after decoding), and how many of those the classifiers may have trained on."""
+    pix = {table.records[r]["pixel_sha"] for r in rows} - {None}
+    shared = {i for i, r in enumerate(trained.rows) if trained.table.records[r]["pixel_sha"] in pix}
+    if not shared:
+        return []
+    seen = shared & set(trained.splits["train"].tolist() + trained.splits["val"].tolist())
+    return [f"{len(shared)} images are also in {trained.name} ({len(seen)} of them in its train or val split): "
+            "this external test set is not independent of it"]
 
 
 def _where(spec: DatasetBase, key: str) -> str:
@@ -206,6 +263,7 @@ def accounting(ds: PreparedDataset) -> dict:
         "used": len(ds.keys),
         "not_used": dict(sorted(dropped.items())),
         "test_kept": {reason: len(keys) for reason, keys in ds.audit.kept_in_test.items()},
+        **({"external_test_of": ds.spec.external_test_of, "shared": ds.shared} if ds.spec.external_test_of else {}),
     }
 
 

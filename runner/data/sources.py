@@ -100,6 +100,10 @@ class DatasetBase(StrictModel):
         "drop", description="the same image under two labels: drop every copy, or keep them (not advised)"
     )
     dedupe: bool = Field(True, description="keep one copy of an image that appears more than once with one label")
+    external_test_of: str | None = Field(
+        None, description="this data set is an external test set of that one (another entry of datasets): all of it is "
+        "test (no split, no budget, no pretraining); every classifier trained on that one scores it; its images are "
+        "prepared as that one's (image_size, fit, channels) and its `classes` map its own onto that one's")
 
     @field_validator("classes")
     @classmethod

@@ -3,11 +3,11 @@
 One choice, documented: the Ray task runs the worker as a SUBPROCESS (`byol-runner worker`), with
 CUDA_VISIBLE_DEVICES from Ray's own GPU assignment, so a worker that dies (or is killed) is an exit
 code like any other, and the Ray task reports it. No shared filesystem is assumed: the task spec and
-the encoder a task needs travel as arguments; events stream back to the driver while the task runs,
-through one small actor (`EventHub`) that the driver drains on every scheduler tick into the task's
-local events.jsonl (so `status` and the TUI's curves stay live); metrics.json, worker.log and the
-encoder a pretraining made come back as the task's return value and are written into the driver's
-results dir (metrics.json last, atomically). Data sets are read on the node at the path in
+the encoder and the model.pt a task needs travel as arguments; events stream back to the driver while
+the task runs, through one small actor (`EventHub`) that the driver drains on every scheduler tick
+into the task's local events.jsonl (so `status` and the TUI's curves stay live); metrics.json,
+worker.log and the encoder.pt or model.pt the task made come back as its return value and are written
+into the driver's results dir (metrics.json last, atomically). Data sets are read on the node at the path in
 task.json: they must be at the same path on every node. Each node keeps its own decoded-image cache
 and task folders under $BYOL_RUNNER_RAY_DIR (default: <tmp>/byol-runner-ray).
 """
@@ -26,6 +26,8 @@ from runner.atomic import atomic_write_text, temp_path
 from runner.contracts import TaskSpec
 from runner.errors import UserError
 from runner.executors.base import Executor, ExecutorSettings, Handle, Slot, append_error_event
+
+ARTIFACTS = ("encoder.pt", "model.pt")  # what a worker leaves beside its metrics.json, brought back to the driver
 
 
 class RaySpec(ExecutorSettings):
@@ -57,7 +59,7 @@ def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing 
             return self.lines.pop(task_id, [])
 
     @ray.remote(max_retries=0)  # the runner's retry policy decides, not Ray's
-    def run_task(task_id: str, spec_text: str, encoder: tuple[str, bytes] | None, hub) -> dict:  # noqa: ANN001
+    def run_task(task_id: str, spec_text: str, inputs: list[tuple[str, bytes]], hub) -> dict:  # noqa: ANN001
         import subprocess
         import sys
         import tempfile
@@ -68,9 +70,9 @@ def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing 
         for stale in ("metrics.json", "events.jsonl"):
             (folder / stale).unlink(missing_ok=True)
         (folder / "task.json").write_text(spec_text)
-        if encoder is not None:  # (the task spec's encoder path, its bytes)
-            (root / encoder[0]).parent.mkdir(parents=True, exist_ok=True)
-            (root / encoder[0]).write_bytes(encoder[1])
+        for rel, blob in inputs:  # (a path of the task spec: its encoder, the model it scores; the file's bytes)
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(blob)
         ctx = ray.get_runtime_context()
         node = ctx.get_node_id()[:12]
         env = dict(os.environ)
@@ -99,8 +101,8 @@ def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing 
                 time.sleep(0.3)
         out = {"exit_code": proc.returncode, "node": node, "log": (folder / "worker.log").read_text(errors="replace")}
         out["metrics"] = (folder / "metrics.json").read_text() if (folder / "metrics.json").is_file() else None
-        enc = folder / "encoder.pt"
-        out["encoder"] = enc.read_bytes() if proc.returncode == 0 and enc.is_file() else None
+        out["artifacts"] = {name: (folder / name).read_bytes() for name in ARTIFACTS
+                            if proc.returncode == 0 and (folder / name).is_file()}
         return out
 
     return EventHub, run_task
@@ -138,12 +140,15 @@ class RayExecutor(Executor):
 
     def submit(self, task_id: str, task_json: Path, results: Path, slot: Slot, attempt_id: int = 0, number: int = 1) -> Handle:
         spec_text = task_json.read_text()
-        path = TaskSpec.read(task_json).encoder
-        if path and not (results / path).resolve().is_relative_to(results.resolve()):
-            raise UserError(f"task {task_id}: encoder {path!r} points outside the results dir: task.json was edited by hand")
-        encoder = (path, (results / path).read_bytes()) if path else None
+        spec = TaskSpec.read(task_json)
+        inputs = []
+        for what, path in (("encoder", spec.encoder), ("model", spec.model)):
+            if path and not (results / path).resolve().is_relative_to(results.resolve()):
+                raise UserError(f"task {task_id}: {what} {path!r} points outside the results dir: task.json was edited by hand")
+            if path and (results / path).is_file():  # a missing one: the worker says so
+                inputs.append((path, (results / path).read_bytes()))
         ref = self.run_task.options(num_gpus=0 if slot.gpu is None else 1, num_cpus=self.cpus_per_task).remote(
-            task_id, spec_text, encoder, self.hub)
+            task_id, spec_text, inputs, self.hub)
         return Handle(task_id, slot, time.time(), pid=None, node="ray", state={"ref": ref, "folder": task_json.parent})
 
     def _drain(self, handle: Handle) -> None:
@@ -172,10 +177,11 @@ class RayExecutor(Executor):
         handle.node = out["node"]
         with open(folder / "worker.log", "a") as f:
             f.write(out["log"])
-        if out["encoder"] is not None:
-            tmp = temp_path(folder / "encoder.pt")
-            tmp.write_bytes(out["encoder"])
-            os.replace(tmp, folder / "encoder.pt")
+        for name, blob in out["artifacts"].items():
+            if name in ARTIFACTS:
+                tmp = temp_path(folder / name)
+                tmp.write_bytes(blob)
+                os.replace(tmp, folder / name)
         if out["metrics"] is not None:
             atomic_write_text(folder / "metrics.json", out["metrics"])  # last: its presence means done
         return int(out["exit_code"])

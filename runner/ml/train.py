@@ -322,7 +322,7 @@ def extract_features(backbone: Backbone, pixels: np.ndarray, size: int, ctx: Con
 def linear_probe(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: ProbeSpec, num_classes: int):
     """Logistic regression on standardized features; L2 strength (C) chosen by val loss, or
     `spec.fixed_c` when there is no "val" (too few validation labels to choose).
-    Returns (fitted predict_proba over all classes, selection info)."""
+    Returns (fitted predict_proba over all classes, selection info, the fitted (scaler, regression))."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -330,25 +330,25 @@ def linear_probe(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], sp
     xtr = scaler.transform(feats["train"])
     if "val" not in feats:
         fixed = LogisticRegression(C=spec.fixed_c, max_iter=spec.max_iter).fit(xtr, labels["train"])
-        return (lambda x: _full_proba(fixed, scaler.transform(x), num_classes)), {
-            "mode": "fixed schedule", "C": spec.fixed_c, "val_loss": None, "val_accuracy": None}
+        return (lambda x: full_proba(fixed, scaler.transform(x), num_classes)), {
+            "mode": "fixed schedule", "C": spec.fixed_c, "val_loss": None, "val_accuracy": None}, (scaler, fixed)
     xva = scaler.transform(feats["val"])
     best = None
     for c in spec.c_grid:
         clf = LogisticRegression(C=c, max_iter=spec.max_iter).fit(xtr, labels["train"])
-        probs = _full_proba(clf, xva, num_classes)
+        probs = full_proba(clf, xva, num_classes)
         loss = cross_entropy(probs, labels["val"])
         if best is None or loss < best[0]:
             best = (loss, c, clf, float((probs.argmax(1) == labels["val"]).mean()))
     loss, c, clf, acc = best
 
     def proba(x: np.ndarray) -> np.ndarray:
-        return _full_proba(clf, scaler.transform(x), num_classes)
+        return full_proba(clf, scaler.transform(x), num_classes)
 
-    return proba, {"mode": "validation", "C": c, "val_loss": loss, "val_accuracy": acc}
+    return proba, {"mode": "validation", "C": c, "val_loss": loss, "val_accuracy": acc}, (scaler, clf)
 
 
-def _full_proba(clf, x: np.ndarray, num_classes: int) -> np.ndarray:
+def full_proba(clf, x: np.ndarray, num_classes: int) -> np.ndarray:
     """predict_proba with a column for every class, also one absent from the labeled set."""
     p = clf.predict_proba(x)
     out = np.zeros((len(x), num_classes))
