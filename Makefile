@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/byol-runner run experiments/demo.yaml
+	$(BIN)/byol-runner run experiments/demo.yaml --readme README.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

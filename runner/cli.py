@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from runner import __version__
-from runner.errors import UserError
+from runner.errors import UNWRITABLE, UserError, os_error_line
 from runner.executors import EXECUTORS
 from runner.ml.config import ARCHS
 
@@ -73,6 +73,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runner.console import RunDisplay, progress_reporter
     from runner.tables import to_markdown, verdict_lines
 
+    if args.readme:  # a README without its marker lines: said now, not after an hour of training
+        from runner.pages import readme_markers
+
+        readme_markers(Path(args.readme))
     with progress_reporter("data") as progress:
         manifest, results, plan = load_plan(args.manifest, args.results, progress)
     outcome, rep = execute_plan(args.manifest, manifest, results, plan, args.executor, args.max_parallel, args.retry_failed,
@@ -88,6 +92,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{counts}; {outcome.started_workers} workers started{adopted} in {outcome.seconds:.1f} s{removed}")
     run_dir = results / manifest.name
     print(f"results: {run_dir / 'results.md'} (also .csv, .json, .html; figures in {run_dir / 'figures'})")
+    if args.readme:
+        from runner.pages import rewrite_readme
+
+        changed = rewrite_readme(Path(args.readme), rep, results)
+        print(f"{args.readme}: results section {'rewritten' if changed else 'already up to date'}")
     if outcome.exit_code == 1:
         for label, error in list(outcome.failed.items())[:5]:
             print(f"failed: {label}: {error}", file=sys.stderr)
@@ -259,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rebuild-store", action="store_true",
                    help="a damaged runner.db: move it aside and rebuild it from the task folders (finished tasks are kept)")
     r.add_argument("--retry", action="append", metavar="TASK_ID", help="run again this one failed task (repeatable)")
+    r.add_argument("--readme", metavar="FILE", help="at the end, write the results into FILE between its marker lines "
+                   "(as `report --readme`): a README whose table the run itself produced")
     r.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="show the tasks, their dependencies and which are done; runs nothing")
@@ -351,33 +362,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--data-root", help="where this task's dataset is mounted, when not at the root in task.json")
     w.set_defaults(func=cmd_worker)
     return p
-
-
-UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def os_error_line(e: OSError) -> str | None:
-    """One line for what a user can fix about the disk: full, read-only, not theirs (else None)."""
-    where = e.filename or "the results dir"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = _free_space(where)
-        return f"no space left on the disk of {where} ({free} free): free some space and run again (finished tasks are kept)"
-    if e.errno in UNWRITABLE:
-        return (f"cannot write {where}: {e.strerror} (the results dir is read-only or not yours): give one you can "
-                "write with --results DIR; status, report and plan read a read-only one")
-    return None
-
-
-def _free_space(path: str) -> str:
-    import shutil
-
-    p = Path(path)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        return f"{shutil.disk_usage(p).free / 2**20:.1f} MB"
-    except OSError:
-        return "unknown space"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 
 class UserError(Exception):
     """Bad input (manifest, data, usage): the message says what is wrong and where."""
@@ -13,3 +16,33 @@ class ManifestError(UserError):
 
 class DataError(UserError):
     """The data a manifest points at cannot be used as asked (missing files, one class left, ...)."""
+
+
+# ---- the disk, in one line ------------------------------------------------------------------
+
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def os_error_line(e: OSError) -> str | None:
+    """One line for what a user can fix about the disk: full, read-only, not theirs (else None)."""
+    where = e.filename or "the results dir"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = free_space(where)
+        return f"no space left on the disk of {where} ({free} free): free some space and run again (finished tasks are kept)"
+    if e.errno in UNWRITABLE:
+        return (f"cannot write {where}: {e.strerror} (the results dir is read-only or not yours): give one you can "
+                "write with --results DIR; status, report and plan read a read-only one")
+    return None
+
+
+def free_space(path: str) -> str:
+    """The free space of the disk holding `path` (or its nearest existing parent), e.g. "12.3 MB"."""
+    import shutil
+
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{shutil.disk_usage(p).free / 2**20:.1f} MB"
+    except OSError:
+        return "unknown space"

@@ -66,13 +66,15 @@ MARK_START = "<!-- byol-runner results start -->"
 MARK_END = "<!-- byol-runner results end -->"
 
 
-def rewrite_readme(readme: Path, report: dict, results: Path) -> bool:
-    """Replace what stands between the two marker lines of a README with the report; nothing else
-    changes. Returns whether the file changed."""
+def readme_markers(readme: Path, lines: list[str] | None = None) -> tuple[list[int], list[int]]:
+    """The lines of a README's two markers; a UserError when it has not exactly one pair (`run
+    --readme` checks this before it runs anything)."""
     from runner.errors import UserError
 
-    text = readme.read_text()
-    lines = text.splitlines(keepends=True)
+    try:
+        lines = readme.read_text().splitlines(keepends=True) if lines is None else lines
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{readme}: cannot read it ({e})") from None
     # a marker counts only on a line of its own: a README that quotes the markers in its prose or a
     # table (this project's own does) must not have its text spliced there
     starts = [i for i, line in enumerate(lines) if line.strip() == MARK_START]
@@ -80,6 +82,15 @@ def rewrite_readme(readme: Path, report: dict, results: Path) -> bool:
     if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
         raise UserError(f"{readme}: needs exactly one pair of marker lines, {MARK_START} then {MARK_END}, each on a "
                         f"line of its own, where the results go (found {len(starts)} and {len(ends)})")
+    return starts, ends
+
+
+def rewrite_readme(readme: Path, report: dict, results: Path) -> bool:
+    """Replace what stands between the two marker lines of a README with the report; nothing else
+    changes. Returns whether the file changed."""
+    text = readme.read_text()
+    lines = text.splitlines(keepends=True)
+    starts, ends = readme_markers(readme, lines)
     run_dir = os.path.relpath(results / report["run"], readme.parent)
     figs = "".join(f"- [{Path(f).stem}]({run_dir}/{f})\n" for f in report.get("figures", []))
     body = to_markdown(report) + "\n" + extended_markdown(report) + ("\nFigures:\n\n" + figs if figs else "")

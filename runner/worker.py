@@ -365,11 +365,10 @@ def main(task_json: str, results: str | None = None, data_root: str | None = Non
         if oom:
             text = f"CUDA out of memory: lower pretrain/finetune batch_size or image_size, or use a larger GPU ({text})"
         elif _disk_full(e):
-            import shutil
+            from runner.errors import free_space
 
             kind = "disk_full"
-            free = shutil.disk_usage(task_dir).free / 2**20
-            text = (f"no space left on the disk of {task_dir} ({free:.1f} MB free): free some space, then `byol-runner run` "
+            text = (f"no space left on the disk of {task_dir} ({free_space(str(task_dir))} free): free some space, then `byol-runner run` "
                     f"resumes from the last checkpoint ({text})")
         log.emit("error", message=text, error_type=kind)
         traceback.print_exc()

@@ -84,6 +84,30 @@ def test_an_external_set_added_to_a_finished_study_scores_each_saved_classifier_
 
     again = run_cli("run", str(_with_external(manifest, tmp_path)), "--results", str(results))
     assert again.returncode == 0 and "0 workers started" in again.stdout, again.stdout + again.stderr
+    _the_tuis_results_screen_shows_the_external_rows(results)
+
+
+def _the_tuis_results_screen_shows_the_external_rows(results: Path) -> None:
+    import asyncio
+
+    from runner.tui.app import RunnerApp
+
+    app = RunnerApp(results, poll_s=0.2)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(130, 40)) as pilot:
+            for _ in range(50):
+                if getattr(app, "snapshot", None) is not None and app.snapshot.tasks:
+                    break
+                await pilot.pause(0.1)
+            await pilot.press("3")
+            await pilot.pause(0.5)
+            md = app.query_one("#table")
+            text = md.source if hasattr(md, "source") else md._markdown
+            assert "| syn (25% labels) |" in text and "| syn → shifted (external) (25% labels) |" in text
+            await pilot.press("q")
+
+    asyncio.run(scenario())
 
 
 def test_external_sets_are_checked_against_the_data_set_they_test(tmp_path):
@@ -143,7 +167,8 @@ def _png_folder(root: Path, per_class: int = 16, size: int = 36) -> Path:
 
 
 def test_predict_gives_the_probabilities_the_task_scored_and_names_what_it_could_not_read(tmp_path):
-    """A supervised classifier and a linear probe on a folder of PNGs: `predict` on their test split's
+    """A supervised classifier, a linear probe on a pretrained encoder (its model.pt names the encoder)
+    and the random-init control (its model.pt holds the network), on a folder of PNGs: `predict` on their test split's
     files returns the calibrated probabilities their metrics.json holds, to its 6 decimals; an
     unreadable file gets its error line, the rest are scored, and the exit code says so."""
     data = _png_folder(tmp_path / "pngs")
@@ -152,9 +177,10 @@ def test_predict_gives_the_probabilities_the_task_scored_and_names_what_it_could
 name: p
 datasets:
   png: {{source: imagefolder, root: {data}, image_size: 24, split: {{val: 0.25, test: 0.25}}, positive: class1}}
-methods: [supervised, random-linear]
+methods: [supervised, byol-linear, random-linear]
 labels: {{fractions: [1.0], validation: full, min_validation_per_class: 2}}
 model: {{arch: resnet18}}
+pretrain: {{epochs: 2, min_steps: 0, batch_size: 8, proj_hidden: 64, pred_hidden: 64, proj_dim: 16, warmup_epochs: 1}}
 finetune: {{epochs: 2, min_steps: 4, batch_size: 8}}
 run: {{device: cpu}}
 """)
@@ -168,7 +194,9 @@ run: {{device: cpu}}
     ds = prepare("png", load_manifest(manifest).datasets["png"], results / "cache")
     files = [str(data / ds.keys[i]) for i in ds.splits["test"]]
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    for tid, m in _tasks(results).items():
+    scored = {tid: m for tid, m in _tasks(results).items() if m["kind"] != "pretrain"}
+    assert sorted(m["kind"] for m in scored.values()) == ["linear", "random-linear", "supervised"]
+    for tid, m in scored.items():
         assert m["temperature"] is not None  # the calibration is part of what predict must reproduce
         out = run_cli("predict", tid[:8], *files, str(tmp_path / "broken.png"), "--results", str(results), "--json",
                       "--csv", str(tmp_path / f"{tid}.csv"))

@@ -84,6 +84,10 @@ def test_a_matrix_runs_on_both_nodes_and_equals_the_local_executor(cluster, tiny
     # the artifacts came back to the driver's results dir: the pretrained encoder, the logs
     pre = [p for p in (tmp_path / "ray" / "tasks").iterdir() if json.loads((p / "task.json").read_text())["kind"] == "pretrain"]
     assert (pre[0] / "encoder.pt").is_file() and "on ray node" in (pre[0] / "events.jsonl").read_text()
+    from runner.plan import is_done
+
+    for task in (tmp_path / "ray" / "tasks").iterdir():  # and every classifier's model.pt, matching its recorded checksum
+        assert is_done(tmp_path / "ray", task.name) and (task in pre or (task / "model.pt").is_file())
 
 
 def _ray_task_pids() -> list[int]:

@@ -212,9 +212,27 @@ def test_status_and_report_without_runs_say_so(tmp_path):
 
 
 def test_demo_manifest_is_the_readme_main_job(tmp_path):
-    r = run_cli("run", "experiments/demo.yaml", "--results", str(tmp_path / "results"), timeout=600)
+    """`make demo`: the demo matrix, whose run writes its table into the README between the marker
+    lines (here a copy of the project's README) and changes nothing else in it."""
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text())
+    r = run_cli("run", "experiments/demo.yaml", "--results", str(tmp_path / "results"), "--readme", str(readme), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "| synthetic (10% labels) |" in r.stdout and "| synthetic (100% labels) |" in r.stdout
+    table = [line for line in r.stdout.splitlines() if line.startswith("| synthetic")]
+    assert [row.split(" |")[0] for row in table] == [
+        "| synthetic (10% labels)", "| synthetic (100% labels)",
+        "| synthetic → shifted (external) (10% labels)", "| synthetic → shifted (external) (100% labels)"]
+    text = readme.read_text()
+    start, end = "<!-- byol-runner results start -->\n", "<!-- byol-runner results end -->\n"
+    section = text.split(start)[1].split(end)[0]
+    assert all(row in section for row in table)  # the README's table is the one this run printed
+    before = (REPO / "README.md").read_text()
+    assert text.split(start)[0] == before.split(start)[0] and text.split(end)[1] == before.split(end)[1]
+    bad = tmp_path / "NOMARKS.md"
+    bad.write_text("no markers\n")
+    refused = run_cli("run", "experiments/demo.yaml", "--results", str(tmp_path / "results"), "--readme", str(bad))
+    assert refused.returncode == 2 and "needs exactly one pair of marker lines" in refused.stderr
+    assert "workers started" not in refused.stdout  # said before anything runs
 
 
 def test_a_fresh_worker_process_computes_what_a_preloaded_fork_does(tiny_reference, tmp_path):
