@@ -41,7 +41,7 @@ def to_markdown(report: dict) -> str:
     lines += [
         "",
         f"Model 1 = {lg['model1'] or 'not in this run'}; Model 2 = {lg['model2'] or 'not in this run'}. "
-        "Test split; mean ± std over seeds; loss = cross-entropy, after a temperature fitted on the budget's "
+        f"Test split; {_over_seeds(report)}; loss = cross-entropy, after a temperature fitted on the budget's "
         "validation labels where there were enough to choose one.",
     ]
     if report["tasks_done"] < report["tasks"]:
@@ -51,6 +51,11 @@ def to_markdown(report: dict) -> str:
     if notes:  # one list item each, so a renderer keeps them apart
         lines += ["", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
+
+
+def _over_seeds(report: dict) -> str:
+    most = max((r[k]["n"] for r in report["rows"] for k in ("model1_accuracy", "model2_accuracy") if r.get(k)), default=0)
+    return "mean ± std over seeds" if most > 1 else "one seed, so no ± std (the extended table's intervals cover the test sample only)"
 
 
 def verdict_lines(report: dict) -> list[str]:
