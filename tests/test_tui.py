@@ -6,6 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
+from textual.widgets import Static
+
 from runner.tui.app import RunnerApp
 from tests.conftest import TINY, copy_results, fault_env, run_cli
 
@@ -126,9 +128,20 @@ def test_cancel_and_retry_go_through_the_scheduler_and_quitting_asks_first(tmp_p
             table = app.query_one("#tasks")
             table.move_cursor(row=table.get_row_index(pre().id))
             await pilot.pause(0.3)
+            await pilot.press("c")  # asks first: n keeps it running
+            await pilot.pause(0.3)
+            assert app.screen.__class__.__name__ == "Confirm" and "Cancel syn byol-pretrain s0?" in str(
+                app.screen.query_one(Static).render())
+            await pilot.press("n")
+            await pilot.pause(0.6)
+            assert pre().status == "running" and not list((results / "control").glob("*.json"))
             await pilot.press("c")
+            await pilot.pause(0.3)
+            await pilot.press("y")
             await wait_for(pilot, lambda: pre().status == "failed")
             assert pre().error == "cancelled by the user"
+            await pilot.pause(0.5)
+            assert "cancelled" in str(app.query_one("#tasks").get_row(pre().id))  # the queue says cancelled, not failed
             await wait_for(pilot, lambda: any(t.status == "blocked" for t in app.snapshot.tasks))
             await pilot.press("r")  # the scheduler is alive: it takes the request and runs the task again
             await wait_for(pilot, lambda: pre().status == "running" and pre().attempts == 2)
@@ -136,7 +149,7 @@ def test_cancel_and_retry_go_through_the_scheduler_and_quitting_asks_first(tmp_p
             assert not list((results / "control").glob("*.json"))  # requests consumed
             await pilot.press("q")
             await pilot.pause(0.5)
-            assert app.screen.__class__.__name__ == "ConfirmQuit"
+            assert app.screen.__class__.__name__ == "Confirm" and "Stop it and quit?" in str(app.screen.query_one(Static).render())
             await pilot.press("n")
             await pilot.pause(0.3)
             assert app.proc.poll() is None  # still running

@@ -35,8 +35,18 @@ def fixed_results(tmp_path) -> Path:
     for i, t in enumerate(tasks):
         d = results / "tasks" / t.id
         d.mkdir(parents=True)
-        (d / "task.json").write_text(json.dumps({"id": t.id, "kind": t.kind, "dataset": "ct", "seed": 0, "settings": {"model": {"arch": "resnet18"}}}))
+        (d / "task.json").write_text(json.dumps({"id": t.id, "kind": t.kind, "dataset": "ct", "seed": 0,
+                                                 "data": {"source": "csv", "image_size": 64},
+                                                 "budget": {"fraction": float(t.budget.rstrip("%")) / 100} if t.budget else None,
+                                                 "settings": {"model": {"arch": "resnet18", "image_size": None}}}))
         (d / "worker.log").write_text(f"worker log of {t.id}\nline two\n")
+        ts = 1_000_000_000.0  # 2001-09-09 01:46:40 UTC (the test pins TZ)
+        events = [{"ts": ts, "kind": "log", "message": f"worker pid {100 + i} on host, engine 4"},
+                  {"ts": ts + 1, "kind": "log", "message": f"{t.kind} on ct: 200 images, 1 channel(s), device cuda"},
+                  {"ts": ts + 2, "kind": "progress", "step": 1, "loss": 3.0}]
+        if outcome[t.id] == "failed":
+            events.append({"ts": ts + 42, "kind": "error", "message": "RuntimeError: CUDA out of memory"})
+        (d / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
         if outcome[t.id] == "blocked":
             store.set_status(t.id, "blocked", "dependency failed")
             continue
@@ -75,8 +85,18 @@ def test_curves_of_the_selected_task(snap_compare, fixed_results):
     assert snap_compare(app_for(fixed_results), press=["enter"], terminal_size=SIZE, run_before=_settle)
 
 
-def test_failed_filter_and_detail(snap_compare, fixed_results):
-    assert snap_compare(app_for(fixed_results), press=["f", "f", "down", "l"], terminal_size=SIZE, run_before=_settle)
+def test_failed_filter_and_detail(snap_compare, fixed_results, monkeypatch):
+    """The log view (l) of the failed task: its attempt with its exit code, its data and budget in
+    words, the log and error lines of its events, and its worker.log."""
+    import time
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        assert snap_compare(app_for(fixed_results), press=["f", "f", "down", "l"], terminal_size=SIZE, run_before=_settle)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 async def _settle(pilot) -> None:  # noqa: ANN001

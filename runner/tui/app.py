@@ -39,24 +39,36 @@ STATUS_STYLE = {"done": "green", "running": "bold cyan", "pending": "dim", "fail
 FILTERS = (None, "running", "failed", "pending", "done")
 
 
+def shown_status(t: TaskRow) -> str:
+    """A task's status as the queue shows it: one the user cancelled says so (runner.db keeps it
+    failed, with the error "cancelled by the user")."""
+    return "cancelled" if t.status == "failed" and (t.error or "").startswith("cancelled by the user") else t.status
+
+
 def task_cells(t: TaskRow, now: float) -> tuple:
     elapsed = f"{now - t.started:.0f}s" if t.started and t.status == "running" else ""
     return (t.dataset, t.method, t.budget or "", str(t.seed), t.kind,
-            f"[{STATUS_STYLE.get(t.status, 'white')}]{t.status}[/]", t.slot or "",
+            f"[{STATUS_STYLE.get(t.status, 'white')}]{shown_status(t)}[/]", t.slot or "",
             "" if t.epoch is None else str(t.epoch), "" if t.step is None else str(t.step),
             "" if t.loss is None else f"{t.loss:.4f}", "" if not t.img_per_s else f"{t.img_per_s:.0f}", elapsed, str(t.attempts))
 
 
-class ConfirmQuit(ModalScreen[bool]):
-    BINDINGS = [Binding("y", "answer(True)", "stop the run"), Binding("n,escape", "answer(False)", "keep it")]
+class Confirm(ModalScreen[bool]):
+    """A yes/no question before anything that stops work: y or the red button says yes; n, Esc or
+    the other button says no."""
+
+    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
+
+    def __init__(self, question: str, yes: str, no: str) -> None:
+        super().__init__()
+        self.question, self.yes, self.no = question, yes, no
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Static("This TUI started the run. Stop it and quit? Its workers stop and keep their last "
-                         "checkpoint; the next `byol-runner run` of the manifest resumes it.")
+            yield Static(self.question)
             with Horizontal():
-                yield Button("Stop and quit (y)", id="yes", variant="error")
-                yield Button("Keep running (n)", id="no", variant="primary")
+                yield Button(f"{self.yes} (y)", id="yes", variant="error")
+                yield Button(f"{self.no} (n)", id="no", variant="primary")
 
     def action_answer(self, value: bool) -> None:
         self.dismiss(value)
@@ -74,7 +86,7 @@ class RunnerApp(App):
     #dialog { width: 72; height: auto; border: thick $error; background: $surface; padding: 1 2; }
     #dialog Horizontal { height: auto; }
     #dialog Static { width: 100%; }
-    ConfirmQuit { align: center middle; }
+    Confirm { align: center middle; }
     Button { margin: 1 1 0 0; }
     """
     BINDINGS = [
@@ -191,7 +203,7 @@ class RunnerApp(App):
         if self.selected and self.query_one(TabbedContent).active == "detail":
             task = next((t for t in snap.tasks if t.id == self.selected), None)
             if task:
-                self.query_one("#detail-text", Static).update(detail(self.results, task))
+                self.query_one("#detail-text", Static).update(Text(detail(self.results, task)))  # plain: "[failed]" is not markup
 
     def update_table(self, snap: Snapshot) -> None:
         table = self.query_one("#tasks", DataTable)
@@ -297,8 +309,15 @@ class RunnerApp(App):
         if t is None or t.status != "running" or not self.snapshot.scheduler_alive:
             self.notify("select a running task to cancel", severity="warning")
             return
-        request(self.results, "cancel", t.id)
-        self.notify(f"cancelling {task_name(t)}")
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                request(self.results, "cancel", t.id)
+                self.notify(f"cancelling {task_name(t)}")
+
+        self.push_screen(Confirm(f"Cancel {task_name(t)}? Its worker stops now and the task is marked cancelled (failed "
+                                 "for the run); `r` or `byol-runner run --retry-failed` runs it again from the start.",
+                                 "Cancel the task", "Keep it running"), answered)
 
     def action_show_log(self) -> None:
         self.action_pane("detail")
@@ -335,4 +354,6 @@ class RunnerApp(App):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.exit(0)
 
-        self.push_screen(ConfirmQuit(), answered)
+        self.push_screen(Confirm("This TUI started the run. Stop it and quit? Its workers stop and keep their last "
+                                 "checkpoint; the next `byol-runner run` of the manifest resumes it.",
+                                 "Stop and quit", "Keep running"), answered)

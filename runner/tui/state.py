@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.contracts import read_events
 from runner.executors.base import pid_alive
 from runner.store import Store, TaskRow
 
@@ -90,9 +91,12 @@ def curve(results: Path, task_id: str) -> dict[str, list[tuple[float, float]]]:
 
 
 def detail(results: Path, task: TaskRow, log_lines: int = 40) -> str:
-    """The selected task's spec, attempts with their errors, and the tail of its worker.log."""
+    """The selected task in words: what it is, its attempts (with their errors), its data and model,
+    the log and error lines of its events.jsonl (where a worker says what it does), and the tail of
+    worker.log when the worker printed anything there (a traceback)."""
     folder = results / "tasks" / task.id
-    parts = [f"{task.id}  {task.kind}  {task.dataset}  {task.method}  {task.budget or ''}  seed {task.seed}  [{task.status}]"]
+    name = " ".join(p for p in (task.dataset, task.method, task.budget or "", f"seed {task.seed}") if p)
+    parts = [f"{name}  [{task.status}]   task {task.id}, kind {task.kind}"]
     if task.error:
         parts.append(f"error: {task.error}")
     db = results / "runner.db"
@@ -101,20 +105,46 @@ def detail(results: Path, task: TaskRow, log_lines: int = 40) -> str:
         try:
             for a in store.attempts(task.id):
                 took = f"{a['ended'] - a['started']:.1f} s" if a["ended"] else "running"
-                parts.append(f"attempt {a['number']}: {a['status']} on {a['slot']} ({a['executor']}, {took}, exit {a['exit_code']})"
+                ended = f", exit {a['exit_code']}" if a["exit_code"] is not None else ""
+                parts.append(f"attempt {a['number']}: {a['status']} on {a['slot']} ({a['executor']}, {took}{ended})"
                              + (f": {a['error']}" if a["error"] else ""))
         finally:
             store.close()
     try:
         spec = json.loads((folder / "task.json").read_text())
-        parts.append("task.json: " + json.dumps({k: spec[k] for k in ("kind", "dataset", "seed", "budget", "encoder") if k in spec}))
-        parts.append("settings: " + json.dumps(spec.get("settings", {}).get("model", {})))
-    except (OSError, ValueError):
+        parts += _spec_lines(spec)
+    except (OSError, ValueError, AttributeError, TypeError):
         pass
+    events = [e for e in read_events(folder / "events.jsonl")[0] if e.get("kind") in ("log", "error") and e.get("message")]
+    parts.append(f"--- events: log and error lines ({len(events[-log_lines:])} of {len(events)}) ---" if events
+                 else "(no events yet)")
+    for e in events[-log_lines:]:
+        when = time.strftime("%H:%M:%S", time.localtime(e["ts"])) if isinstance(e.get("ts"), (int, float)) else "--:--:--"
+        parts.append(f"{when} {'ERROR ' if e['kind'] == 'error' else ''}{e['message']}")
     try:
         tail = (folder / "worker.log").read_text(errors="replace").splitlines()[-log_lines:]
+    except OSError:
+        tail = []
+    if any(line.strip() for line in tail):
         parts.append("--- worker.log (tail) ---")
         parts += tail
-    except OSError:
-        parts.append("(no worker.log yet)")
     return "\n".join(parts)
+
+
+def _spec_lines(spec: dict) -> list[str]:
+    """task.json for a person: the data as the network sees it, the budget, what it depends on."""
+    data, model = spec.get("data") or {}, (spec.get("settings") or {}).get("model") or {}
+    size = data.get("image_size")
+    net = model.get("image_size") or size
+    budget = spec.get("budget") or {}
+    amount = (f"{budget['fraction']:.0%} of each class's labels" if budget.get("fraction") is not None
+              else f"{budget['per_class']} labels per class" if budget.get("per_class") is not None else "no labels (pretraining)")
+    lines = [f"data: {spec.get('dataset')} ({data.get('source')}), images at {size} px"
+             + (f", network input {net} px" if net != size else "") + f"; {amount}"
+             + (" (the budget of the classifier it scores)" if spec.get("kind") == "evaluate" else "") + f"; seed {spec.get('seed')}",
+             f"model: {model.get('arch', '?')}" + (f"; pretraining {spec['pretraining']}" if spec.get("pretraining") else "")]
+    if spec.get("encoder"):
+        lines.append(f"reads: {spec['encoder']} (its pretraining's encoder)")
+    if spec.get("model"):
+        lines.append(f"scores: {spec['model']} (the classifier it evaluates on this external test set)")
+    return lines
