@@ -9,7 +9,7 @@ from pathlib import Path
 from runner.data.cache import Progress, no_progress
 from runner.errors import UserError
 from runner.manifest import Manifest, load_manifest
-from runner.plan import Plan, is_done, make_plan
+from runner.plan import Plan, make_plan, plan_state
 
 
 def results_dir(cli_value: str | None, manifest: Manifest | None = None) -> Path:
@@ -91,8 +91,9 @@ def plan_view(manifest_path: str | Path, results_cli: str | None = None, progres
     from runner.store import Store
 
     manifest, results, plan = load_plan(manifest_path, results_cli, progress)
+    state = plan_state(plan, results)
     tasks = [{"id": t.id, "kind": t.kind, "dataset": t.dataset, "method": t.method, "seed": t.seed, "budget": t.budget,
-              "deps": t.deps, "state": "done" if is_done(results, t.id) else "pending"} for t in plan.tasks]
+              "deps": t.deps, "state": "done" if state[t.id][0] == "done" else "pending"} for t in plan.tasks]
     invalidated = []
     db = results / "runner.db"
     if db.is_file():

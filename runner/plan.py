@@ -147,9 +147,14 @@ def _evaluations(name: str, spec, trained, classifiers: list[PlannedTask], resul
     ds = prepare(name, spec, results / "cache", progress, classes_of=trained.class_names, trained=trained)
     accounts[name] = accounting(ds)
     data = data_spec(spec)
+    grouped = any(g != k for g, k in zip(ds.groups, ds.keys))
+    groups = hashlib.sha256("\n".join(ds.groups).encode()).hexdigest()[:16] if grouped else None
     out = []
     for c in classifiers:
-        tid = task_id({"kind": EVALUATE, "data": ds.fingerprint, "classifier": c.id, "engine": ENGINE_VERSION})
+        identity = {"kind": EVALUATE, "data": ds.fingerprint, "classifier": c.id, "engine": ENGINE_VERSION}
+        if groups:  # its patients: the units its intervals resample (not in the fingerprint: nothing is split by them)
+            identity["groups"] = groups
+        tid = task_id(identity)
         # its encoder: a linear probe's model.pt names its pretraining's encoder (an executor without the
         # results dir, Ray's, ships both)
         spec_json = {**c.spec, "id": tid, "kind": EVALUATE, "dataset": name, "data": data, "model": f"tasks/{c.id}/model.pt"}
@@ -158,14 +163,27 @@ def _evaluations(name: str, spec, trained, classifiers: list[PlannedTask], resul
     return out
 
 
+def required_artifacts(plan: Plan) -> dict[str, tuple[str, ...]]:
+    """What a finished task must also have for this plan: a classifier an external test set scores
+    needs its model.pt (one finished before classifiers were kept is trained again)."""
+    return {d: ("model.pt",) for t in plan.tasks if t.kind == EVALUATE for d in t.deps}
+
+
+def plan_state(plan: Plan, results: Path) -> dict[str, tuple[str, str | None]]:
+    """Each task's `inspect_result` under this plan's requirements."""
+    need = required_artifacts(plan)
+    return {t.id: inspect_result(results, t.id, need.get(t.id, ())) for t in plan.tasks}
+
+
 def write_task_files(plan: Plan, results: Path) -> None:
     """tasks/<id>/task.json for every task not done yet, written atomically. Rewritten each run: what
     the id leaves out (the data's path, the device) may have changed since."""
+    state = plan_state(plan, results)
     for t in plan.tasks:
         d = results / "tasks" / t.id
         d.mkdir(parents=True, exist_ok=True)
         path = d / "task.json"
-        if not is_done(results, t.id):
+        if state[t.id][0] != "done":
             atomic_write_text(path, json.dumps(t.spec, indent=1), fsync=False)
 
 
@@ -200,6 +218,10 @@ def inspect_result(results: Path, tid: str, require: tuple[str, ...] = ()) -> tu
     for name, digest in artifacts.items() if isinstance(artifacts, dict) else ():
         if file_sha256(folder / str(name)) != digest:
             return "damaged", f"its {name} is missing or does not match the checksum its metrics.json recorded"
+    scored = data.get("scored") or {}  # an evaluate task: the model.pt it scored must still be the classifier's
+    for rel, digest in scored.items() if isinstance(scored, dict) else ():
+        if file_sha256(results / str(rel)) != digest:
+            return "damaged", f"the classifier it scored ({rel}) has changed since (trained again, or damaged)"
     return "done", None
 
 

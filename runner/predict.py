@@ -74,7 +74,6 @@ def predict(results: Path, task: str, images: list[str], device: str = "cpu") ->
     from runner.data.cache import as_channels
     from runner.data.decode import ImageSettings, decode_file
     from runner.ml import saved
-    from runner.ml.config import RunSpec
     from runner.ml.train import Context
     from runner.worker import resolve_device
 
@@ -85,8 +84,8 @@ def predict(results: Path, task: str, images: list[str], device: str = "cpu") ->
         kind = _kind(folder)
         why = f" (a {kind} task has no classifier)" if kind in ("pretrain", "noop", "evaluate") else ""
         raise UserError(f"task {folder.name}{why}: {e}") from None
-    run = RunSpec.model_validate({**model["run"], "device": device, "compile": False})
-    ctx = Context(device=resolve_device(device), run=run, task_dir=folder, seed=0, emit=lambda *a, **k: None)
+    ctx = Context(device=resolve_device(device), run=saved.scoring_run(model, device), task_dir=folder, seed=0,
+                  emit=lambda *a, **k: None)
     try:
         scorer = saved.Scorer(model, results, ctx.device, ctx)
     except saved.ModelFileError as e:

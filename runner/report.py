@@ -26,7 +26,7 @@ from runner import arms as A
 from runner import stats
 from runner.atomic import atomic_write_text
 from runner.store import TaskRow, open_latest_run
-from runner.tables import PRIMARY, _flagged, extended_markdown, to_csv, to_markdown
+from runner.tables import MARK, PRIMARY, _flagged, extended_markdown, to_csv, to_markdown
 
 PRIOR_MARGIN = 0.01  # a test loss within 1% of the class prior's is no better than it
 MODEL1 = A.role_candidates("model1")  # the first present is Model 1
@@ -73,26 +73,30 @@ def degenerate_reasons(m: dict) -> list[str]:
     loss, prior = m.get("test", {}).get("loss"), m.get("prior_loss")
     if loss is not None and prior is not None and loss >= (1 - PRIOR_MARGIN) * prior:
         auroc = m.get("test", {}).get("auroc")
-        reasons.append(f"test loss {loss:.3f} ≥ {1 - PRIOR_MARGIN:g} × {prior:.3f}, the loss of always predicting the test "
-                       "split's class frequencies: its probabilities are no better than a constant guess"
+        guess = "its training labels' class frequencies" if m.get("prior") == "training labels" else "the test split's class frequencies"
+        reasons.append(f"test loss {loss:.3f} ≥ {1 - PRIOR_MARGIN:g} × {prior:.3f}, the loss of always predicting {guess}: "
+                       "its probabilities are no better than a constant guess"
                        + (f" (AUROC {auroc:.3f})" if auroc is not None else ""))
     return reasons
 
 
-def externals(results: Path, tasks: list[TaskRow]) -> dict[str, str]:
-    """External test set -> the data set its classifiers were trained on (from its tasks' task.json)."""
+def externals(results: Path, tasks: list[TaskRow], data: dict | None = None) -> dict[str, str]:
+    """External test set -> the name the tables give it: `melanoma → derm7pt (external)`, so that it
+    sorts right after the rows of the data set it tests; marked † when it shares images with that
+    one (its `Data:` line says how many). From its evaluate tasks' task.json and the run's data.json."""
     out: dict[str, str] = {}
     for t in tasks:
         if t.kind == A.EVALUATE and t.dataset not in out:
             spec = _load_json(results / "tasks" / t.id / "task.json") or {}
-            out[t.dataset] = str((spec.get("data") or {}).get("external_test_of") or "?")
+            of = str((spec.get("data") or {}).get("external_test_of") or "?")
+            shared = bool(((data or {}).get(t.dataset) or {}).get("shared"))
+            out[t.dataset] = f"{of} → {t.dataset} (external)" + (MARK if shared else "")
     return out
 
 
 def shown(name: str, external: dict[str, str]) -> str:
-    """A data set as the tables name it: an external test set with the data set it tests, e.g.
-    `melanoma → derm7pt (external)`, so that it sorts right after that one's own rows."""
-    return f"{external[name]} → {name} (external)" if name in external else name
+    """A data set as the tables name it (`externals`)."""
+    return external.get(name, name)
 
 
 def collect(results: Path, tasks: list[TaskRow], external: dict[str, str] | None = None) -> dict:
@@ -137,7 +141,8 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
           bootstrap: int = 1000, primary: str = PRIMARY, compare: tuple[str | None, str | None] = (None, None)) -> dict:
     """The report of a run's tasks: the README table, every arm with bootstrap intervals, the paired
     Model 1 − Model 2 differences, and (figures=True) the figures under results/<run>/figures/."""
-    external = externals(results, tasks)
+    accounts = _load_json(results / run_name / "data.json") or {}
+    external = externals(results, tasks, accounts)
     data = collect(results, tasks, external)
     cells, planned = data["cells"], data["planned"]
     pretrain_steps = {}
@@ -169,7 +174,7 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
                   for (d, b_, m), by_seed in sorted(data["flags"].items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2]))]
     report = {"run": run_name, "legend": legend, "rows": rows, "arms": arms, "tasks_done": done, "tasks": len(tasks),
               "model1_method": m1, "model2_method": m2, "primary": primary, "degenerate": degenerate,
-              "data": _load_json(results / run_name / "data.json") or {}, "pretrain_steps": pretrain_steps,
+              "data": accounts, "pretrain_steps": pretrain_steps,
               "validation": data["validation"], "fixed_schedule": data["fixed"], "external": external}
     add_uncertainty(report, data["preds"], m1, m2, bootstrap)
     if figures:
@@ -261,15 +266,22 @@ def add_uncertainty(report: dict, preds: dict, m1: str | None, m2: str | None, b
         groups, units = _units(entries)
         res = stats.bootstrap_metrics(_pairs(entries), entries[0]["positive"], b=b, groups=groups)
         report["extended"].append({"dataset": ds, "labels": budget, "method": method, "seeds": len(entries), "units": units, **res})
-    report["differences"] = compare(report, preds, [(m1, m2)], b) if m1 and m2 else []
+    # two families of Model 1 − Model 2 comparisons, each Holm-adjusted on its own: the internal test
+    # splits, and the external test sets (declaring one later leaves the internal verdicts as they were)
+    outside = set(report.get("external", {}).values())
+    internal = {k: v for k, v in preds.items() if k[0] not in outside}
+    external = {k: v for k, v in preds.items() if k[0] in outside}
+    report["differences"] = (compare(report, internal, [(m1, m2)], b)
+                             + compare(report, external, [(m1, m2)], b, family="external")) if m1 and m2 else []
     # every pretraining's linear probe against its control, as one family: an untrained network for a
     # pretraining from random init, the ImageNet features for one that starts from them (beating an
-    # untrained network would say nothing about what the in-domain pretraining added)
+    # untrained network would say nothing about what the in-domain pretraining added). On the internal
+    # test splits only: on an external set the question would be transfer, not whether pretraining learned.
     pairs = [(m, A.CONTROLS[p.init]) for m, p in A.linear_arms([m for m in A.ARMS if any(k[2] == m for k in preds)])]
-    report["pretraining_learned"] = compare(report, preds, pairs, b)
+    report["pretraining_learned"] = compare(report, internal, pairs, b)
 
 
-def compare(report: dict, preds: dict, pairs: list[tuple[str, str]], b: int) -> list[dict]:
+def compare(report: dict, preds: dict, pairs: list[tuple[str, str]], b: int, family: str = "internal") -> list[dict]:
     """`a` − `b` for each pair of arms, per dataset and budget, on the seeds both have, paired, with
     verdicts on the primary metric Holm-adjusted over this family of comparisons."""
     out = []
@@ -284,7 +296,7 @@ def compare(report: dict, preds: dict, pairs: list[tuple[str, str]], b: int) -> 
             diff = stats.paired_difference(_pairs(pick(a)), _pairs(pick(c)), a[0]["positive"], b=b, groups=groups,
                                            groups2=_units(c)[0])
             out.append({"dataset": ds, "labels": budget, "method": a_method, "against": b_method, "seeds": len(seeds),
-                        "units": units, **diff})
+                        "units": units, "family": family, **diff})
     flagged = _flagged(report)
     primary = report["primary"]
     adjusted = stats.holm([d[primary]["p"] for d in out])

@@ -18,13 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.arms import EVALUATE
 from runner.contracts import AttemptStatus as A
 from runner.contracts import TaskStatus as S
 from runner.contracts import ControlRequest, read_events
 from runner.errors import UserError
 from runner.executors import Executor, Handle, Slot, recover
-from runner.plan import Plan, PlannedTask, inspect_result, is_done, write_task_files
+from runner.plan import Plan, PlannedTask, is_done, plan_state, write_task_files
 from runner.store import Store
 
 
@@ -184,9 +183,9 @@ class Scheduler:
 
     def _initial_status(self, run_id: int) -> None:
         rows = {r.id: r for r in self.store.run_tasks(run_id)}
-        scored = {d for t in self.plan.tasks if t.kind == EVALUATE for d in t.deps}  # their model.pt is needed
+        states = plan_state(self.plan, self.results)
         for t in self.plan.tasks:
-            state, why = inspect_result(self.results, t.id, ("model.pt",) if t.id in scored else ())
+            state, why = states[t.id]
             if state == "done":
                 self.status[t.id] = S.DONE
             elif state == "damaged":  # not a result: computed again, and said so

@@ -181,12 +181,16 @@ def extended_markdown(report: dict) -> str:
             p = _p(d.get("p_adjusted"), d["seeds"])
             d_lines.append(f"| {d['dataset']} | {d['labels']} | {d['seeds']} | " + " | ".join(
                 _ci(d.get(m)) for m in ("accuracy", "auroc", "balanced_accuracy", "loss")) + f" | {p} | {d.get('verdict', '')} |")
-        n = report["differences"][0].get("comparisons", 0)
+        fam = {f: next((d.get("comparisons", 0) for d in report["differences"] if d.get("family", "internal") == f), None)
+               for f in ("internal", "external")}
+        n, n_ext = fam["internal"] or 0, fam["external"]
         text += "\n".join(d_lines) + (
             f"\n\nΔ = Model 1 ({report['model1_method']}) − Model 2 ({report['model2_method']}), on the same draws of seeds "
             f"(paired by seed) and test images. Verdict on {report.get('primary', PRIMARY)}: a difference must stand out from "
             "the test sample's variation (two-sided bootstrap p) and from the seeds' (t-test on the per-seed differences); "
             + (f"the larger p, Holm-adjusted over this run's {n} Model 1 − Model 2 comparison{'s' if n != 1 else ''} on that "
                f"metric, below {stats.ALPHA}." if n else "with one seed no comparison is tested.")
+            + (f" The external test sets' rows are a family of their own ({n_ext} comparison{'s' if n_ext != 1 else ''} "
+               "tested): adding one leaves the internal verdicts as they were." if n_ext is not None else "")
             + " One seed never decides. The other metrics' intervals are not adjusted for multiplicity.\n")
     return text

@@ -11,6 +11,7 @@ Exit codes: 0 done; 1 training failed (error event with the exception); 2 the ta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -119,20 +120,21 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
     train = _classifier if task.kind in CLASSIFIER_KINDS else _probe
     val_probs, probs, selection, network = train(task, ds, labels, encoder_path, ctx)
     metrics, temperature = _score(task, ds, labels, val_probs, probs, selection)
-    _save_model(task, ds, metrics, temperature if labels.selecting else None, network, ctx)
+    _save_model(task, ds, labels, metrics, temperature if labels.selecting else None, network, ctx)
     return metrics | {"seconds": round(time.perf_counter() - started, 2),
                       "artifacts": {"model.pt": file_sha(task_dir / "model.pt")}}
 
 
-def _save_model(task: TaskSpec, ds, metrics: dict, temperature: float | None, network: dict, ctx) -> None:  # noqa: ANN001
+def _save_model(task: TaskSpec, ds, labels: "Labels", metrics: dict, temperature: float | None, network: dict, ctx) -> None:  # noqa: ANN001
     """model.pt: what scoring an image needs (runner/ml/saved.py), for external test sets and `predict`."""
     from runner.ml import saved
 
     image = {"image_size": ds.spec.image_size, "fit": ds.spec.fit, "channels": ds.channels}
-    run = task.settings.run.model_dump(mode="json")
+    run = task.settings.run.model_dump(mode="json") | {"precision": "bf16" if ctx.bf16 else "fp32"}  # as it was scored
+    train_counts = np.bincount(ds.labels[labels.train], minlength=len(ds.class_names)).tolist()
     saved.save(ctx.task_dir / "model.pt", task_id=task.id, kind=task.kind, arch=task.settings.model.arch, channels=ds.channels,
                class_names=ds.class_names, positive=metrics["positive"], image=image, input_size=_size(task), run=run,
-               temperature=temperature, selection=metrics["selection"], **network)
+               temperature=temperature, selection=metrics["selection"], train_counts=train_counts, **network)
 
 
 def _evaluate(task: TaskSpec, results: Path, ctx, log: EventLog) -> dict:  # noqa: ANN001 - a train.Context
@@ -146,6 +148,8 @@ def _evaluate(task: TaskSpec, results: Path, ctx, log: EventLog) -> dict:  # noq
         raise StartError(f"task {task.id}: model {task.model!r} is not a model.pt inside the results dir {results}")
     try:
         model = saved.load(results / task.model)
+        # scored as the classifier scored its own test split (its evaluation view and precision), here
+        ctx = dataclasses.replace(ctx, run=saved.scoring_run(model, task.settings.run.device))
         scorer = saved.Scorer(model, results, ctx.device, ctx)
     except saved.ModelFileError as e:
         raise StartError(f"task {task.id} scores the classifier of {task.model}: {e}") from None
@@ -165,7 +169,11 @@ def _evaluate(task: TaskSpec, results: Path, ctx, log: EventLog) -> dict:  # noq
         "test": classification_metrics(probs, labels, model["positive"]) | {"loss_uncalibrated": raw["loss"]},
         "temperature": None if model["temperature"] is None else round(model["temperature"], 4),
         "selection": model["selection"],
-        "prior_loss": prior_loss(labels, labels, k),
+        # the constant guess a classifier could have made: its training labels' class frequencies (the
+        # external set's own would hold a prevalence shift against it)
+        "prior_loss": prior_loss(np.repeat(np.arange(k), model["train_counts"]), labels, k),
+        "prior": "training labels",
+        "scored": {task.model: file_sha(results / task.model)},  # a classifier trained again makes this stale
         "validation": task.budget.validation if task.budget else None,  # the classifier's: what chose its step and temperature
         "external_test_of": task.data.external_test_of,
         "classifier": model["task"],

@@ -78,12 +78,21 @@ def test_an_external_set_added_to_a_finished_study_scores_each_saved_classifier_
     # the tables: the external rows beside the internal ones, and the Δ Model 1 − Model 2 on them
     assert re.search(r"\| syn → shifted \(external\) \(25% labels\) \| [0-9.]+", r.stdout)
     report = json.loads((results / "tiny" / "results.json").read_text())
-    assert {d["dataset"] for d in report["differences"]} == {"syn", "syn → shifted (external)"}
+    assert {(d["dataset"], d["family"]) for d in report["differences"]} == {("syn", "internal"), ("syn → shifted (external)", "external")}
+    before = json.loads((ref_results / "tiny" / "results.json").read_text())
+    assert [d for d in report["differences"] if d["family"] == "internal"] == [{**d, "family": "internal"} for d in before["differences"]]
+    assert all(d["dataset"] == "syn" for d in report["pretraining_learned"])  # asked of the internal split only
     assert any("syn-shifted-external" in f and "confusion" in f for f in report["figures"])
     assert "shifted: 24 of 24 images used; all of them an external test set of syn" in r.stdout
 
     again = run_cli("run", str(_with_external(manifest, tmp_path)), "--results", str(results))
     assert again.returncode == 0 and "0 workers started" in again.stdout, again.stdout + again.stderr
+    # a classifier trained again (here: its model.pt replaced) makes the external results it gave stale
+    scored_by = {m["classifier"]: tid for tid, m in evaluations.items()}
+    (results / "tasks" / old / "model.pt").write_bytes((results / "tasks" / damaged / "model.pt").read_bytes())
+    third = run_cli("run", str(_with_external(manifest, tmp_path)), "--results", str(results))
+    assert third.returncode == 0 and "2 workers started" in third.stdout, third.stdout + third.stderr  # the classifier + its evaluate
+    assert f"({scored_by[old]}): the classifier it scored (tasks/{old}/model.pt) has changed since" in third.stderr
     _the_tuis_results_screen_shows_the_external_rows(results)
 
 
@@ -143,6 +152,15 @@ labels: {fractions: [1.0]}
         planned("{source: synthetic, num_classes: 3, per_class: 20, external_test_of: syn, classes: {normal: [class0], finding: [class1]}}")
     with pytest.raises(DataError, match=r"datasets.ext: classes 'class0', 'class1' are not classes of syn"):
         planned("{source: synthetic, external_test_of: syn}")  # its own class names: nothing maps them onto syn's
+    excluded = planned("{source: synthetic, num_classes: 3, per_class: 10, external_test_of: syn, exclude: [class2], "
+                       "classes: {normal: [class0], finding: [class1]}}")
+    assert excluded.data["ext"]["used"] == 20 and excluded.data["ext"]["not_used"] == {"class excluded": 10}
+    with pytest.raises(DataError, match="classes and exclude both name 'class1'"):
+        planned("{source: synthetic, external_test_of: syn, exclude: [class1], classes: {normal: [class0], finding: [class1]}}")
+    same = planned("{source: synthetic, per_class: 20, size: 32, external_test_of: syn, classes: {normal: [class0], finding: [class1]}}")
+    [shared] = same.data["ext"]["shared"]  # the very images syn is made of: counted, and said not to be independent
+    assert re.match(r"40 images are also in syn \(\d+ of them in its train or val split\): this external test set is not "
+                    r"independent of it", shared), shared
     plan = planned("{source: synthetic, num_classes: 3, per_class: 10, external_test_of: syn, "
                    "classes: {normal: [class0], finding: [class1, class2]}}")
     evaluate = [t for t in plan.tasks if t.kind == "evaluate"]

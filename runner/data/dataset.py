@@ -34,6 +34,7 @@ class PreparedDataset:
     rows: np.ndarray  # row of each kept item in table.images
     audit: SourceAudit
     not_selected: dict[str, int] = field(default_factory=dict)
+    excluded: dict[str, int] = field(default_factory=dict)  # by the manifest's `exclude`
     group_leaks: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     shared: list[str] = field(default_factory=list)  # an external test set: the images it shares with its trained set
@@ -81,11 +82,18 @@ class PreparedDataset:
 
 def map_classes(spec: DatasetBase, source_labels: list[str]) -> dict[str, str]:
     """Source label -> class name, for the source labels that are selected."""
-    present = sorted(set(source_labels))
+    everything = set(source_labels)
+    unknown = sorted(set(spec.exclude) - everything)
+    if unknown:
+        raise DataError(f"exclude: {', '.join(map(repr, unknown))} not found in the source (its classes: {', '.join(sorted(everything))})")
+    present = sorted(everything - set(spec.exclude))
     if spec.classes is None:
         return {lab: lab for lab in present}
     mapping = {c: [c] for c in spec.classes} if isinstance(spec.classes, list) else dict(spec.classes)
     named = {src for srcs in mapping.values() if srcs != REST for src in srcs}
+    both = sorted(named & set(spec.exclude))
+    if both:
+        raise DataError(f"classes and exclude both name {', '.join(map(repr, both))}: a source class is mapped or excluded")
     unknown = sorted(named - set(present))
     if unknown:
         raise DataError(f"classes: {', '.join(map(repr, unknown))} not found in the source (its classes: {', '.join(present)})")
@@ -124,7 +132,7 @@ def _external_classes(spec: DatasetBase, to_class: dict[str, str], not_selected:
         listed = ", ".join(f"{c!r} ({n} images)" for c, n in sorted(not_selected.items()))
         raise DataError(f"source classes {listed} are not mapped onto a class of {of} ({', '.join(names)}): "
                         "an external test set is scored whole; map each in classes (e.g. "
-                        f"classes: {{{names[0]}: [...], {names[-1]}: [...]}})")
+                        f"classes: {{{names[0]}: [...], {names[-1]}: [...]}}) or leave it out on purpose with exclude: [...]")
     extra = sorted(set(to_class.values()) - set(names))
     if extra:
         raise DataError(f"classes {', '.join(map(repr, extra))} are not classes of {of} ({', '.join(names)}): "
@@ -156,11 +164,14 @@ def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress, 
     kept: list[Item] = []
     rows: list[int] = []
     not_selected: Counter[str] = Counter()
+    excluded: Counter[str] = Counter()
     for i in keep:
         it = items[i]
         if it.label in to_class:
             kept.append(it)
             rows.append(i)
+        elif it.label in spec.exclude:
+            excluded[it.label] += 1
         else:
             not_selected[it.label] += 1
     if external:
@@ -208,6 +219,7 @@ def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress, 
         rows=np.array(rows, dtype=np.int64),
         audit=audit,
         not_selected=dict(sorted(not_selected.items())),
+        excluded=dict(sorted(excluded.items())),
         group_leaks=leaks,
         warnings=warnings,
         shared=shared,
@@ -258,6 +270,8 @@ def accounting(ds: PreparedDataset) -> dict:
     dropped = Counter(d.reason for d in ds.audit.dropped)
     if ds.not_selected:
         dropped["class not selected"] += sum(ds.not_selected.values())
+    if ds.excluded:
+        dropped["class excluded"] += sum(ds.excluded.values())
     return {
         "found": ds.audit.n_items + sum(n for r, n in dropped.items() if r in ("missing file", "unknown extension")),
         "used": len(ds.keys),
@@ -302,6 +316,7 @@ def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[in
         "counts": ds.counts(),
         "labeled": labeled,
         "not_selected": ds.not_selected,
+        "excluded": ds.excluded,
         "dropped_by_reason": dict(sorted(dropped_by_reason.items())),
         "skipped": [{"key": d.key, "reason": d.reason, "detail": d.detail} for d in a.dropped
                     if d.reason in ("missing file", "unknown extension")],

@@ -100,6 +100,9 @@ class DatasetBase(StrictModel):
         "drop", description="the same image under two labels: drop every copy, or keep them (not advised)"
     )
     dedupe: bool = Field(True, description="keep one copy of an image that appears more than once with one label")
+    exclude: list[str] = Field(
+        default_factory=list, description="source classes left out on purpose, e.g. [seborrheic keratosis]: never mapped "
+        "(not even by '*'), counted as 'class excluded' in the report's image accounting")
     external_test_of: str | None = Field(
         None, description="this data set is an external test set of that one (another entry of datasets): all of it is "
         "test (no split, no budget, no pretraining); every classifier trained on that one scores it; its images are "

@@ -29,7 +29,7 @@ FORMAT = 1
 
 
 def probe_state(scaler, clf, c: float, max_iter: int) -> dict:  # noqa: ANN001 - sklearn's StandardScaler, LogisticRegression
-    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float64, copy=True))  # noqa: E731 - float64: the fitted values, bit for bit
+    t = lambda a: torch.from_numpy(np.array(a, copy=True))  # noqa: E731 - each array in its own dtype: the fitted values, bit for bit
     return {"mean": t(scaler.mean_), "scale": t(scaler.scale_), "var": t(scaler.var_),
             "n_samples_seen": int(scaler.n_samples_seen_), "coef": t(clf.coef_), "intercept": t(clf.intercept_),
             "classes": torch.from_numpy(np.asarray(clf.classes_, dtype=np.int64).copy()), "C": float(c), "max_iter": int(max_iter),
@@ -54,12 +54,24 @@ def probe_from_state(state: dict):  # noqa: ANN201 - (StandardScaler, LogisticRe
 
 
 def save(path: Path, *, task_id: str, kind: str, arch: str, channels: int, class_names: list[str], positive: int | None,
-         image: dict, input_size: int, run: dict, temperature: float | None, selection: dict, state_dict: dict | None = None,
-         backbone: dict | None = None, encoder: dict | None = None, probe: dict | None = None) -> None:
+         image: dict, input_size: int, run: dict, temperature: float | None, selection: dict, train_counts: list[int],
+         state_dict: dict | None = None, backbone: dict | None = None, encoder: dict | None = None,
+         probe: dict | None = None) -> None:
+    """`run`: the evaluation view's settings as the task used them (`precision` resolved to bf16 or
+    fp32, so that a task scored in bf16 on a GPU is scored in bf16 again anywhere); `train_counts`:
+    its training labels per class (the constant guess an external set's loss is held against)."""
     atomic_save({"format": FORMAT, "task": task_id, "kind": kind, "arch": arch, "in_channels": int(channels),
                  "class_names": list(class_names), "positive": positive, "image": dict(image), "input_size": int(input_size),
-                 "run": dict(run), "temperature": None if temperature is None else float(temperature), "selection": selection, "state_dict": state_dict,
-                 "backbone": backbone, "encoder": encoder, "probe": probe}, path)
+                 "run": dict(run), "temperature": None if temperature is None else float(temperature), "selection": selection,
+                 "train_counts": [int(c) for c in train_counts], "state_dict": state_dict, "backbone": backbone,
+                 "encoder": encoder, "probe": probe}, path)
+
+
+def scoring_run(saved: dict, device: str):  # noqa: ANN201 - a RunSpec
+    """The run settings to score with: the task's own evaluation view and precision, on `device`."""
+    from runner.ml.config import RunSpec
+
+    return RunSpec.model_validate({**saved["run"], "device": device, "compile": False})
 
 
 def cpu_state(module: torch.nn.Module) -> dict:
