@@ -34,15 +34,19 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_data_audit(args: argparse.Namespace) -> int:
     from runner.console import progress_reporter
-    from runner.data.dataset import audit_report, prepare
+    from runner.data.dataset import audit_report, external_spec, prepare
     from runner.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
     cache_dir = _results_dir(args, manifest.results) / "cache"
     report: dict = {"manifest": str(args.manifest), "datasets": {}}
-    for name, spec in manifest.datasets.items():
+    prepared = {}
+    # the trained data sets first: an external test set is prepared as the one it tests
+    for name, spec in sorted(manifest.datasets.items(), key=lambda kv: kv[1].external_test_of is not None):
+        of = prepared.get(spec.external_test_of)
         with progress_reporter(name) as progress:
-            ds = prepare(name, spec, cache_dir, progress)
+            ds = prepared[name] = (prepare(name, external_spec(spec, of), cache_dir, progress, of.class_names, of) if of
+                                   else prepare(name, spec, cache_dir, progress))
         report["datasets"][name] = audit_report(ds, manifest.labels.budgets(), manifest.seeds)
     report["clean"] = not any(d["defects"] for d in report["datasets"].values())
     if args.json:

@@ -61,8 +61,11 @@ def print_audit(report: dict) -> None:
         t.add_row("[bold]all[/]", *map(str, totals), str(sum(totals)))
         out.print(t)
         labeled = d["labeled"]
-        first_seed = next(iter(labeled))
-        out.print("labeled train images (seed " + first_seed + "): " + ", ".join(f"{b} -> {n}" for b, n in labeled[first_seed].items()))
+        if d.get("external_test_of"):
+            out.print(f"an external test set of {d['external_test_of']}: all of it is test, scored by each of its classifiers")
+        elif labeled:
+            first_seed = next(iter(labeled))
+            out.print("labeled train images (seed " + first_seed + "): " + ", ".join(f"{b} -> {n}" for b, n in labeled[first_seed].items()))
         out.print(
             f"scanned {d['n_items']} images; exact duplicate groups {d['n_duplicate_groups']}, "
             f"label conflicts {d['n_label_conflicts']}, source split leaks {d['n_split_leaks']}, "

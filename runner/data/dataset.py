@@ -301,9 +301,11 @@ def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[in
         defects.append(f"{skipped['unknown extension']} files skipped: not an image extension")
     if ds.group_leaks:
         defects.append(f"{len(ds.group_leaks)} groups (patients) in two splits")
-    labeled = {
+    if ds.shared:
+        defects.append(ds.shared[0])
+    labeled = {  # an external test set has no labeled training images: it is all test
         str(seed): {b.name: int(len(ds.labeled(b, seed))) for b in budgets} for seed in seeds
-    }
+    } if not ds.spec.external_test_of else {}
     dropped_by_reason = Counter(d.reason for d in a.dropped)
     return {
         **accounting(ds),
