@@ -77,8 +77,10 @@ def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, s
                 outcome = sched.run(text, str(Path(manifest_path).resolve()), lock)
         else:
             outcome = sched.run(text, str(Path(manifest_path).resolve()), lock)
-        rep = R.build(results, manifest.name, store.run_tasks(outcome.run_id), R.arch_of(text), primary=manifest.report.primary,
+        tasks = store.run_tasks(outcome.run_id)
+        rep = R.build(results, manifest.name, tasks, R.arch_of(text), primary=manifest.report.primary,
                       compare=(manifest.compare.model1, manifest.compare.model2))
+        rep["meta"] = R.provenance(results, store.run(outcome.run_id), tasks, 1000)
         R.write(results, rep)
     finally:
         store.close()

@@ -28,9 +28,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.replace("%", "pct").replace("/", "per")).strip("-")
 
 
-def _save(fig, path: Path) -> Path:  # noqa: ANN001
+def _save(fig, path: Path, rect: tuple = (0, 0, 1, 1)) -> Path:  # noqa: ANN001 - rect: the panels' share of the figure
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -95,7 +95,7 @@ def finetune_loss(out: Path, dataset: str, budget: str, curves: dict[str, dict[i
 
 def label_efficiency(out: Path, dataset: str, budgets: list[str], series: dict[str, dict[str, dict]]) -> Path:
     """series[method][budget] = the bootstrap result of that arm (metric -> value, ci)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     x = np.arange(len(budgets))
     for k, (method, by_budget) in enumerate(series.items()):
         for ax, metric in zip(axes, ("accuracy", "auroc")):
@@ -116,6 +116,8 @@ def label_efficiency(out: Path, dataset: str, budgets: list[str], series: dict[s
         ax.set_xlabel("labels")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # beside the panels, never over a point
+        fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(0.82, 0.5), frameon=False)
     fig.suptitle(f"{dataset}: label efficiency (95% bootstrap intervals over seeds and test groups)", fontsize=10)
-    return _save(fig, out / f"label_efficiency_{slug(dataset)}.png")
+    return _save(fig, out / f"label_efficiency_{slug(dataset)}.png", rect=(0, 0, 0.82, 1))

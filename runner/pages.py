@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from runner import arms as A
 from runner.atomic import atomic_write_text
 from runner.contracts import read_events
 from runner.report import _budget_order, shown
+from runner.tables import PRIMARY as PRIMARY_NAME
 from runner.tables import extended_markdown, to_markdown
 from runner.store import TaskRow
 
@@ -100,30 +102,112 @@ def rewrite_readme(readme: Path, report: dict, results: Path) -> bool:
     return new != text
 
 
+NUMBER = re.compile(r"^[−\-–]?[0-9.]+|^—$|^[0-9]+ (images|groups)$")
+FIGURE_ORDER = ("label_efficiency", "confusion", "finetune_loss", "pretrain_loss")
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1d2330;margin:0;background:#f6f7f9}
+main{max-width:1440px;margin:0 auto;padding:28px 32px 60px;background:#fff;min-height:100vh}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:34px 0 8px;border-bottom:1px solid #e3e6ea;padding-bottom:4px}
+.sub{color:#5b6472;margin:0 0 18px}
+table{border-collapse:collapse;margin:10px 0 6px;font-size:13px}
+th,td{padding:4px 9px;border-bottom:1px solid #e3e6ea;text-align:left;vertical-align:top;white-space:nowrap}
+td:last-child{white-space:normal;min-width:14em}
+table.wide{font-size:12px}table.wide th,table.wide td{padding:3px 6px}table.wide td:last-child{white-space:nowrap;min-width:0}
+th{background:#eef1f5;font-weight:600;white-space:nowrap}
+td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
+tbody tr:nth-child(even){background:#fafbfc}
+tr.external td:first-child{color:#6a3d9a}
+ul.notes{font-size:13.5px;color:#3b4350;padding-left:20px}ul.notes li{margin:3px 0}
+p.explain{font-size:13.5px;color:#3b4350;max-width:980px}
+dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;font-size:13.5px;margin:0}
+dl.meta dt{color:#5b6472}dl.meta dd{margin:0}
+figure{margin:18px 0}figure img{max-width:100%;border:1px solid #e3e6ea}
+figcaption{font-size:13px;color:#5b6472}
+details pre{font-size:12.5px;background:#f3f4f6;padding:10px;overflow:auto}
+.scroll{overflow-x:auto}
+"""
+
+
+def _caption(path: str) -> str:
+    """A figure's file name in words: `confusion_syn_10pct.png` -> "Confusion matrices: syn, 10% labels"."""
+    stem = Path(path).stem
+    kind = next((k for k in FIGURE_ORDER if stem.startswith(k)), stem)
+    rest = stem[len(kind):].strip("_").replace("pct", "%").replace("_", ", ")
+    what = {"label_efficiency": "Label efficiency (accuracy and AUROC by label budget, 95% intervals)",
+            "confusion": "Test confusion matrices, all seeds summed", "finetune_loss": "Fine-tuning and supervised training loss",
+            "pretrain_loss": "Pretraining loss"}.get(kind, kind)
+    return f"{what}: {rest.replace('-', ' ')}" if rest else what
+
+
 def to_html(report: dict, results: Path) -> str:
+    """One self-contained page (figures inlined): provenance, the README table with its notes, the
+    verdicts, every arm with intervals, the figures (label efficiency first), the manifest."""
     import base64
     import html
+    import time
+
+    esc = html.escape
+    external = set(report.get("external", {}).values())
 
     def table(md: str) -> str:
         rows = [r for r in md.splitlines() if r.startswith("|") and not r.startswith("|---")]
         if not rows:
             return ""
-        cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
-        head = "".join(f"<th>{c}</th>" for c in cells[0])
-        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:])
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+        head = "".join(f"<th>{esc(c)}</th>" for c in cells[0])
+        body = []
+        for r in cells[1:]:
+            ext = any(r[0].startswith(e) for e in external)
+            tds = "".join(f'<td class="num">{esc(c)}</td>' if NUMBER.match(c) else f"<td>{esc(c)}</td>" for c in r)
+            body.append(f'<tr class="external">{tds}</tr>' if ext else f"<tr>{tds}</tr>")
+        wide = ' class="wide"' if len(cells[0]) > 9 else ""
+        return f'<div class="scroll"><table{wide}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
+    def prose(md: str) -> str:
+        out, items = [], []
+        for line in md.splitlines():
+            if line.startswith("|") or not line.strip():
+                continue
+            if line.startswith("- "):
+                items.append(f"<li>{esc(line[2:])}</li>")
+            else:
+                out.append(f'<p class="explain">{esc(line)}</p>')
+        return "".join(out) + (f'<ul class="notes">{"".join(items)}</ul>' if items else "")
+
+    main_md, ext_md = to_markdown(report), extended_markdown(report)
+    parts = ext_md.split("\n\n")
+    arms_md = next((p for p in parts if p.lstrip().startswith("| Dataset | Labels | Method")), "")
+    delta_md = next((p for p in parts if p.lstrip().startswith("| Dataset | Labels | Seeds | Δ")), "")
+    ext_prose = "\n".join(p for p in parts if not p.lstrip().startswith("|"))
+    meta = report.get("meta") or {}
+    when = lambda t: time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t)) if t else "—"  # noqa: E731
+    facts = [("run", f"{report['run']} ({meta.get('run_status', '?')})"),
+             ("started / ended", f"{when(meta.get('run_started'))} / {when(meta.get('run_ended'))}"),
+             ("manifest", meta.get("manifest_path") or "—"), ("executor", meta.get("executor") or "—"),
+             ("devices", ", ".join(meta.get("devices", [])) or "—"), ("PyTorch", ", ".join(meta.get("torchs", [])) or "—"),
+             ("engine version", str(meta.get("engine_version", "—"))),
+             ("tasks", f"{report['tasks_done']} of {report['tasks']} done"),
+             ("verdict metric", str(report.get("primary", PRIMARY_NAME))),
+             ("bootstrap replicates", str(meta.get("bootstrap", "—"))), ("report written", when(time.time()))]
+    dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts)
+    figs = sorted(report.get("figures", []), key=lambda f: next((i for i, k in enumerate(FIGURE_ORDER) if Path(f).stem.startswith(k)), 9))
     imgs = []
-    for f in report.get("figures", []):
+    for f in figs:
         data = base64.b64encode((results / report["run"] / f).read_bytes()).decode()
-        imgs.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(f)}"><figcaption>{html.escape(f)}</figcaption></figure>')
-    notes = [html.escape(line) for line in to_markdown(report).splitlines() if line and not line.startswith("|")]
-    ext = extended_markdown(report)
+        imgs.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(_caption(f))}"><figcaption>{esc(_caption(f))} '
+                    f'<span style="color:#9aa1ab">({esc(f)})</span></figcaption></figure>')
+    manifest = meta.get("manifest")
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>byol-runner: " + html.escape(report["run"]) + "</title>"
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}img{max-width:100%}</style></head><body>"
-        f"<h1>{html.escape(report['run'])}</h1>{table(to_markdown(report))}" + "".join(f"<p>{n}</p>" for n in notes)
-        + "<h2>Every arm, with intervals</h2>" + "".join(table(part) for part in ext.split("\n\n") if part.strip().startswith("|"))
-        + "<h2>Figures</h2>" + "".join(imgs) + "</body></html>"
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+        f"<title>byol-runner: {esc(report['run'])}</title><style>{CSS}</style></head><body><main>"
+        f"<h1>{esc(report['run'])}</h1><p class='sub'>byol-runner report: BYOL pretraining (Model 1) against supervised "
+        "training (Model 2), test split of each data set and external test sets</p>"
+        f"<dl class='meta'>{dl}</dl>"
+        f"<h2>Results</h2>{table(main_md)}{prose(main_md)}"
+        + (f"<h2>Model 1 − Model 2: verdicts</h2>{table(delta_md)}" if delta_md else "")
+        + (f"<h2>Every arm, with 95% intervals</h2>{table(arms_md)}{prose(ext_prose)}" if arms_md else "")
+        + ("<h2>Figures</h2>" + "".join(imgs) if imgs else "")
+        + (f"<h2>Manifest</h2><details><summary>{esc(meta.get('manifest_path') or 'the manifest of this run')}</summary>"
+           f"<pre>{esc(manifest)}</pre></details>" if manifest else "")
+        + "</main></body></html>"
     )

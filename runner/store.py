@@ -208,6 +208,9 @@ class Store:
 
     # ---- readers --------------------------------------------------------------------------
 
+    def run(self, run_id: int) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+
     def latest_run(self, name: str | None = None) -> sqlite3.Row | None:
         if name:
             return self.db.execute("SELECT * FROM runs WHERE name=? ORDER BY id DESC LIMIT 1", (name,)).fetchone()

@@ -306,6 +306,16 @@ def _test_groups(ds, test: np.ndarray) -> dict:  # noqa: ANN001 - a PreparedData
     return {"test_groups": groups} if any(g != ds.keys[i] for g, i in zip(groups, test)) else {}
 
 
+def _environment(task: TaskSpec) -> dict:
+    import platform
+
+    import torch
+
+    device = resolve_device(task.settings.run.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    return {"device": name, "torch": torch.__version__, "python": platform.python_version(), "host": os.uname().nodename}
+
+
 def _disk_full(e: BaseException) -> bool:
     import errno
 
@@ -346,6 +356,8 @@ def main(task_json: str, results: str | None = None, data_root: str | None = Non
         log.task = task.id
         log.emit("log", message=f"worker pid {os.getpid()} on {os.uname().nodename}, engine {ENGINE_VERSION}")
         result = run_task(task, task_dir, results_dir, log)
+        if task.kind != "noop":
+            result["environment"] = _environment(task)  # for the report's provenance: where and with what it ran
         metrics = {"task": task.id, "kind": task.kind, "dataset": task.dataset, "seed": task.seed,
                    "budget": task.budget.model_dump() if task.budget else None, "engine_version": ENGINE_VERSION, **result}
         atomic_write_json(metrics, task_dir / "metrics.json")

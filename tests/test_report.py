@@ -87,6 +87,13 @@ def test_finished_run_has_every_table_row_and_figure(finished):
     assert "| Verdict |" in md and "Holm" in md
     page = (finished / "tiny" / "results.html").read_text()
     assert page.count("data:image/png;base64,") == len(figs) and "<table>" in page
+    # the page a reader opens: where the numbers come from, the verdicts under their own heading, the
+    # notes, the label-efficiency figure first, captions in words, the manifest
+    assert "<dt>devices</dt><dd>CPU (" in page and "<dt>engine version</dt><dd>4</dd>" in page and "(done)" in page
+    assert "<h2>Model 1 − Model 2: verdicts</h2>" in page and "<li>Data: syn: " in page and "Holm" in page
+    assert page.index("Label efficiency (accuracy and AUROC") < page.index("Test confusion matrices")
+    assert "<details><summary>" in page and "name: tiny" in page
+    assert '<td class="num">0.' in page  # numbers right-aligned, text left
 
 
 def test_readme_rewrite_touches_only_the_marked_section_and_is_idempotent(finished, tmp_path):
