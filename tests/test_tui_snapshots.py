@@ -101,3 +101,39 @@ def test_failed_filter_and_detail(snap_compare, fixed_results, monkeypatch):
 
 async def _settle(pilot) -> None:  # noqa: ANN001
     await pilot.pause(0.8)
+
+
+def test_filtering_keeps_the_plan_order_and_the_selected_row(fixed_results):
+    """Cycling the filter through every status and back shows the rows in the plan's order each time
+    (a row that comes back is not appended at the end); the cursor and the selection agree."""
+    import asyncio
+
+    from runner.tui.app import FILTERS
+
+    app = app_for(fixed_results)
+    plan_order = ["pre0000000000001", "fin0000000000001", "sup0000000000001", "fin0000000000002", "sup0000000000002",
+                  "lin0000000000002"]
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause(0.8)
+            table = app.query_one("#tasks")
+            table.move_cursor(row=3)
+            await pilot.pause(0.3)
+            assert app.selected == "fin0000000000002"
+            for _ in FILTERS:
+                await pilot.press("f")
+                await pilot.pause(0.5)
+                keys = [row.key.value for row in table.ordered_rows]
+                assert keys == [k for k in plan_order if k in keys], (app.filter, keys)
+            assert app.filter is None and [row.key.value for row in table.ordered_rows] == plan_order
+            assert table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value == app.selected  # one selection
+            table.move_cursor(row=3)
+            await pilot.pause(0.3)
+            app.snapshot.tasks[0].status = "running"  # a task changes status under no filter: nothing moves
+            app.update_table(app.snapshot)
+            await pilot.pause(0.3)
+            assert app.selected == "fin0000000000002" and table.cursor_row == 3
+            await pilot.press("q")
+
+    asyncio.run(scenario())

@@ -8,6 +8,7 @@ running or finished; quitting leaves the run alone. A worker thread reads the st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -209,20 +210,27 @@ class RunnerApp(App):
         table = self.query_one("#tasks", DataTable)
         now = time.time()
         visible = [t for t in snap.tasks if self.filter is None or t.status == self.filter]
-        keep = {t.id for t in visible}
-        for tid in [k for k in self.rows if k not in keep]:
-            table.remove_row(tid)
-            del self.rows[tid]
-        for t in visible:
-            cells = task_cells(t, now)
-            old = self.rows.get(t.id)
-            if old is None:
-                table.add_row(*cells, key=t.id)
-            else:
-                for col, a, b in zip(COLUMNS, old, cells):
-                    if a != b:
-                        table.update_cell(t.id, col, b)
-            self.rows[t.id] = cells
+        ids = [t.id for t in visible]
+        rebuild = ids != [k for k in self.rows if k in set(ids)] or bool(set(self.rows) - set(ids))
+        # the rows shown change (a filter, a task finishing under one): rebuilt in plan order
+        # a selected task still shown keeps the cursor; one a filter hides gives way to the row the cursor lands on
+        quiet = rebuild and self.selected in set(ids)
+        with table.prevent(DataTable.RowHighlighted) if quiet else contextlib.nullcontext():
+            if rebuild:
+                table.clear()
+                self.rows.clear()
+            for t in visible:
+                cells = task_cells(t, now)
+                old = self.rows.get(t.id)
+                if old is None:
+                    table.add_row(*cells, key=t.id)
+                else:
+                    for col, a, b in zip(COLUMNS, old, cells):
+                        if a != b:
+                            table.update_cell(t.id, col, b)
+                self.rows[t.id] = cells
+            if rebuild and self.selected in self.rows:
+                table.move_cursor(row=table.get_row_index(self.selected))
 
     def update_curves(self, series: dict, overlay: dict) -> None:
         plot = self.query_one("#curves", PlotextPlot)
@@ -241,14 +249,13 @@ class RunnerApp(App):
             if "loss" in other:
                 xs, ys = zip(*other["loss"])
                 plt.plot(list(xs), list(ys), label=f"loss ({self.names.get(tid, tid)})")
-        if "proj_std" in series:
+        if "proj_std" in series:  # alone on the right axis: its own scale, so a fall towards 0 (collapse) shows
             xs, ys = zip(*series["proj_std"])
-            plt.plot(list(xs), list(ys), label="proj std (collapse monitor)", yside="right")
-        if "tau" in series:
-            xs, ys = zip(*series["tau"])
-            plt.plot(list(xs), list(ys), label="tau", yside="right")
+            plt.plot(list(xs), list(ys), label="proj std, right axis (collapse monitor: near 0 = collapsed)", yside="right")
+        # τ follows a fixed schedule from tau_base to 1: its current value, not a flat line on a shared axis
+        tau = f" · τ {series['tau'][-1][1]:.4f}" if "tau" in series else ""
         plt.xlabel("step")
-        plt.title("loss" + (" · overlay: same kind and dataset" if self.overlay else ""))
+        plt.title("loss by optimizer step (x axis)" + tau + (" · overlay: same kind and dataset" if self.overlay else ""))
         plot.refresh()
 
     def update_results(self, snap: Snapshot) -> None:
