@@ -93,6 +93,12 @@ def print_audit(report: dict) -> None:
         out.print(f"{verdict}  (images {cache} in {d['cache']['seconds']:.1f} s; fingerprint {d['fingerprint']})\n")
 
 
+def duration(seconds: float) -> str:
+    """12s, 4m05s, 2h03m."""
+    s = int(round(max(seconds, 0)))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class RunDisplay:
     """What `run` shows while it works: a live rich table of the running tasks and the counts on a
     terminal (refreshed at most 4 times a second), one plain line per state change otherwise."""
@@ -157,18 +163,21 @@ class RunDisplay:
 
         info = sched.store.progress(list(sched.running))
         t = Table(title=None, expand=False)
-        for col in ("task", "kind", "slot", "epoch", "step", "loss", "img/s", "elapsed"):
+        for col in ("task", "kind", "slot", "epoch", "step", "loss", "img/s", "elapsed", "ETA"):
             t.add_column(col, justify="right" if col not in ("task", "kind") else "left")
         import time as _time
 
         for tid, r in sched.running.items():
             i = info.get(tid)
+            step, total = (i["step"], i["total"] if "total" in i.keys() else None) if i else (None, None)
+            spent = _time.time() - r.handle.started
+            eta = duration(spent * (total - step) / step) if total and step and total > step else ""
             t.add_row(r.task.label, r.task.kind, r.handle.slot.name,
                       str(i["epoch"]) if i and i["epoch"] is not None else "",
-                      str(i["step"]) if i and i["step"] is not None else "",
+                      "" if step is None else (f"{step}/{total}" if total else str(step)),
                       f"{i['loss']:.4f}" if i and i["loss"] is not None else "",
                       f"{i['img_per_s']:.0f}" if i and i["img_per_s"] else "",
-                      f"{_time.time() - r.handle.started:.0f}s")
+                      duration(spent), eta)
         done = sum(1 for s in sched.status.values() if s == "done")
         head = f"[bold]{sched.plan.name}[/]: {done}/{self.total} tasks done ({self._counts(sched)})"
         return Group(head, t) if sched.running else head

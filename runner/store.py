@@ -44,6 +44,8 @@ MIGRATIONS = [
     );
     CREATE INDEX points_task ON metric_points (task_id, step);
     """,
+    # 2: a task's total steps, from its progress events (the TUI's and `run`'s k/N and ETA)
+    "ALTER TABLE tasks ADD COLUMN total INTEGER;",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 POINT_FIELDS = ("loss", "val_loss", "val_acc", "lr", "tau", "proj_std", "img_per_s")
@@ -67,6 +69,8 @@ class TaskRow:
     attempts: int = 0
     slot: str | None = None  # of the latest attempt (filled by readers that need it)
     started: float | None = None
+    total: int | None = None  # the steps of its training, once its first progress event said
+    ended: float | None = None  # of the latest attempt, when it has ended
 
 
 class StoreDamaged(UserError):
@@ -195,8 +199,9 @@ class Store:
             self.db.executemany(f"INSERT INTO metric_points VALUES (?,?,?,?,?,?{',?' * len(POINT_FIELDS)})", rows)
         if last is not None:
             self.db.execute(
-                "UPDATE tasks SET epoch=?, step=?, loss=COALESCE(?, loss), img_per_s=COALESCE(?, img_per_s), updated=? WHERE id=?",
-                (last.get("epoch"), last.get("step"), last.get("loss"), last.get("img_per_s"), time.time(), task_id),
+                "UPDATE tasks SET epoch=?, step=?, loss=COALESCE(?, loss), img_per_s=COALESCE(?, img_per_s), "
+                "total=COALESCE(?, total), updated=? WHERE id=?",
+                (last.get("epoch"), last.get("step"), last.get("loss"), last.get("img_per_s"), last.get("total"), time.time(), task_id),
             )
 
     def commit(self) -> None:
@@ -224,7 +229,8 @@ class Store:
         ).fetchall()
         return [
             TaskRow(r["id"], r["kind"], r["dataset"], r["method"], r["seed"], r["budget"], json.loads(r["deps"]), r["status"],
-                    r["epoch"], r["step"], r["loss"], r["img_per_s"], r["error"], r["n_attempts"])
+                    r["epoch"], r["step"], r["loss"], r["img_per_s"], r["error"], r["n_attempts"],
+                    total=r["total"] if "total" in r.keys() else None)  # (a read-only runner.db may predate it)
             for r in rows
         ]
 
@@ -234,13 +240,13 @@ class Store:
     def latest_attempts(self, run_id: int) -> dict[str, sqlite3.Row]:
         """Per task of a run: its latest attempt's start and slot."""
         return {a["task_id"]: a for a in self.db.execute(
-            "SELECT task_id, MAX(started) AS started, slot FROM attempts WHERE run_id=? GROUP BY task_id", (run_id,))}
+            "SELECT task_id, MAX(started) AS started, slot, ended FROM attempts WHERE run_id=? GROUP BY task_id", (run_id,))}
 
     def progress(self, task_ids: list[str]) -> dict[str, sqlite3.Row]:
-        """Epoch, step, loss and images/s of these tasks, as their last events left them."""
+        """Epoch, step (and total), loss and images/s of these tasks, as their last events left them."""
         if not task_ids:
             return {}
-        rows = self.db.execute("SELECT id, epoch, step, loss, img_per_s FROM tasks WHERE id IN (%s)" % ",".join("?" * len(task_ids)),
+        rows = self.db.execute("SELECT * FROM tasks WHERE id IN (%s)" % ",".join("?" * len(task_ids)),
                                list(task_ids)).fetchall()
         return {r["id"]: r for r in rows}
 

@@ -52,7 +52,7 @@ def fixed_results(tmp_path) -> Path:
             continue
         a = store.start_attempt(t.id, run, 1, "local", f"cpu{i % 2}", None, "host")
         points = [{"kind": "progress", "ts": float(k), "epoch": k // 5, "step": k, "loss": 3.0 - 0.04 * k, "tau": 0.99 + 0.0002 * k,
-                   "proj_std": 0.06} for k in range(1, 51)]
+                   "proj_std": 0.06, "total": 50} for k in range(1, 51)]
         store.add_points(t.id, a, points)
         ok = outcome[t.id] == "done"
         store.end_attempt(a, "done" if ok else "failed", 0 if ok else 1, None if ok else "RuntimeError: CUDA out of memory")
@@ -137,3 +137,28 @@ def test_filtering_keeps_the_plan_order_and_the_selected_row(fixed_results):
             await pilot.press("q")
 
     asyncio.run(scenario())
+
+
+def test_a_running_task_shows_step_of_total_elapsed_and_eta_and_a_finished_one_its_time(tiny_reference):
+    """Progress events carry the training's total steps; the queue shows step k/N, the time so far
+    and the rest at the pace so far; a finished task keeps the time it took."""
+    import time
+
+    from runner.contracts import read_events
+    from runner.store import TaskRow
+    from runner.tui.app import progress_times, task_cells
+
+    results = tiny_reference[1]
+    for task in (results / "tasks").iterdir():
+        steps = [e for e in read_events(task / "events.jsonl")[0] if e.get("kind") == "progress"]
+        if steps:  # every training's progress says how many steps it has (events come at a steady rate, not each step)
+            assert all(e["total"] == steps[0]["total"] >= e["step"] for e in steps), [(e["step"], e["total"]) for e in steps]
+    now = time.time()
+    row = TaskRow("t", "finetune", "ct", "byol-finetune", 0, "10%", [], "running", 1, 10, 0.5, 100.0, None, 1, "cpu0",
+                  started=now - 30, total=40)
+    assert progress_times(row, now) == ("30s", "1m30s")
+    cells = task_cells(row, now)
+    assert "10/40" in cells and "1m30s" in cells
+    done = TaskRow("t", "finetune", "ct", "byol-finetune", 0, "10%", [], "done", 4, 40, 0.4, 100.0, None, 1, "cpu0",
+                   started=now - 100, total=40, ended=now - 100 + 3725)
+    assert progress_times(done, now) == ("1h02m", "")

@@ -103,7 +103,7 @@ def pretrain(pixels: np.ndarray, settings: TrainSettings, method_name: str, init
     start = "ImageNet weights" if init == "imagenet" else "random init"
     ctx.emit("log", epoch=step // steps_per_epoch, step=step,
              message=f"{method.name} {arch} from {start} on {n} images, batch {bs}, {total} steps, lr {method.peak_lr:g}")
-    progress = Progress(ctx, bs)
+    progress = Progress(ctx, bs, total)
     run_loss, run_count = torch.zeros((), device=ctx.device), 0
     epoch_loss, epoch_count = torch.zeros((), device=ctx.device), 0
     z = None

@@ -120,8 +120,8 @@ class IndexStream:
 class Progress:
     """Progress events at a steady rate (not every step), with images/s measured between them."""
 
-    def __init__(self, ctx: Context, batch: int) -> None:
-        self.ctx, self.batch = ctx, batch
+    def __init__(self, ctx: Context, batch: int, total: int | None = None) -> None:
+        self.ctx, self.batch, self.total = ctx, batch, total  # total: the steps of this training, for k/N and an ETA
         self.last_t, self.last_step = time.perf_counter(), None
 
     def due(self, final: bool) -> bool:
@@ -131,6 +131,8 @@ class Progress:
         now = time.perf_counter()
         if self.last_step is not None and step > self.last_step:
             values["img_per_s"] = round((step - self.last_step) * self.batch / (now - self.last_t), 1)
+        if self.total:
+            values["total"] = self.total
         self.ctx.emit("progress", epoch=epoch, step=step, **values)
         self.last_t, self.last_step = now, step
 
@@ -239,7 +241,7 @@ def train_classifier(
     stream = IndexStream(n, bs, ctx.seed, images.device)
     dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed + 17)
     forward = ctx.maybe_compile(model)
-    progress = Progress(ctx, bs)
+    progress = Progress(ctx, bs, total)
 
     def validate() -> tuple[float, float]:
         probs = predict(model, val_images, size, ctx)

@@ -27,6 +27,7 @@ from textual_plotext import PlotextPlot
 
 from runner.commands import request
 from runner.store import TaskRow
+from runner.console import duration
 from runner.tui.state import STATUS_ORDER, Snapshot, curve, detail, read_snapshot
 
 def task_name(t) -> str:  # noqa: ANN001 - a TaskRow
@@ -34,10 +35,23 @@ def task_name(t) -> str:  # noqa: ANN001 - a TaskRow
     return " ".join(p for p in (t.dataset, t.method, t.budget or "", f"s{t.seed}") if p)
 
 
-COLUMNS = ("dataset", "method", "labels", "seed", "kind", "status", "slot", "epoch", "step", "loss", "img/s", "elapsed", "attempts")
+# short headers: the whole row fits 110 columns (time: elapsed, or what a finished attempt took; try: attempts)
+COLUMNS = ("dataset", "method", "labels", "seed", "kind", "status", "slot", "epoch", "step", "loss", "img/s", "time", "ETA", "try")
 STATUS_STYLE = {"done": "green", "running": "bold cyan", "pending": "dim", "failed": "bold red", "blocked": "red",
                 "interrupted": "yellow"}
 FILTERS = (None, "running", "failed", "pending", "done")
+
+
+def progress_times(t, now: float) -> tuple[str, str]:  # noqa: ANN001 - a TaskRow
+    """(elapsed, ETA) of a task's latest attempt: running, its time so far and the rest at its pace
+    (steps done over the time taken, once it has taken steps); ended, the time it took."""
+    if not t.started:
+        return "", ""
+    if t.status == "running":
+        spent = now - t.started
+        eta = duration(spent * (t.total - t.step) / t.step) if t.total and t.step and t.total > t.step else ""
+        return duration(spent), eta
+    return (duration(t.ended - t.started), "") if t.ended else ("", "")
 
 
 def shown_status(t: TaskRow) -> str:
@@ -47,11 +61,12 @@ def shown_status(t: TaskRow) -> str:
 
 
 def task_cells(t: TaskRow, now: float) -> tuple:
-    elapsed = f"{now - t.started:.0f}s" if t.started and t.status == "running" else ""
+    took, eta = progress_times(t, now)
+    step = "" if t.step is None else (f"{t.step}/{t.total}" if t.total else str(t.step))
     return (t.dataset, t.method, t.budget or "", str(t.seed), t.kind,
             f"[{STATUS_STYLE.get(t.status, 'white')}]{shown_status(t)}[/]", t.slot or "",
-            "" if t.epoch is None else str(t.epoch), "" if t.step is None else str(t.step),
-            "" if t.loss is None else f"{t.loss:.4f}", "" if not t.img_per_s else f"{t.img_per_s:.0f}", elapsed, str(t.attempts))
+            "" if t.epoch is None else str(t.epoch), step,
+            "" if t.loss is None else f"{t.loss:.4f}", "" if not t.img_per_s else f"{t.img_per_s:.0f}", took, eta, str(t.attempts))
 
 
 class Confirm(ModalScreen[bool]):

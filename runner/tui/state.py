@@ -59,7 +59,7 @@ def read_snapshot(results: Path, run_name: str | None = None) -> Snapshot:
         store.close()
     for t in tasks:
         a = started.get(t.id)
-        t.slot, t.started = (a["slot"], a["started"]) if a else (None, None)
+        t.slot, t.started, t.ended = (a["slot"], a["started"], a["ended"]) if a else (None, None, None)
     return Snapshot(info, tasks, alive, (time.perf_counter() - t0) * 1000)
 
 
