@@ -72,11 +72,12 @@ def attempts(results: Path) -> list[tuple]:
 
 
 def results_of(results: Path) -> dict[str, dict]:
-    """metrics.json of every task, without its timing."""
+    """metrics.json of every task, without its timing and where it ran (a container's host name is its id)."""
     out = {}
     for m in sorted((results / "tasks").glob("*/metrics.json")):
         d = json.loads(m.read_text())
         d.pop("seconds", None)
+        d.pop("environment", None)
         out[m.parent.name] = d
     return out
 
@@ -130,6 +131,7 @@ def _local_worker(task_dir: Path, results: Path, encoder: Path | None = None) ->
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((dest / "metrics.json").read_text())
     m.pop("seconds")
+    m.pop("environment")
     return m
 
 
