@@ -84,9 +84,9 @@ def test_a_failed_task_is_retried_from_the_tui_and_ends_done(tmp_path):
             still = [t.id for t in app.snapshot.tasks if t.status == "failed"]
             assert still == [failed[1].id]  # only the task asked for was retried
             await pilot.press("l")  # its detail: attempts with their errors
-            await pilot.pause(0.5)
-            text = str(app.query_one("#detail-text").render())
-            assert "attempt 1: failed" in text and "injected failure for kind supervised" in text
+            detail = lambda: str(app.query_one("#detail-text").render())  # noqa: E731
+            await wait_for(pilot, lambda: "attempt 1: failed" in detail(), timeout=30)
+            assert "injected failure for kind supervised" in detail()
 
     asyncio.run(scenario())
 

@@ -242,7 +242,7 @@ class RunnerApp(App):
                 else:
                     for col, a, b in zip(COLUMNS, old, cells):
                         if a != b:
-                            table.update_cell(t.id, col, b)
+                            table.update_cell(t.id, col, b, update_width=True)  # "15/40", "2.4612": never cut to the header's width
                 self.rows[t.id] = cells
             if rebuild and self.selected in self.rows:
                 table.move_cursor(row=table.get_row_index(self.selected))
