@@ -197,6 +197,8 @@ class RunnerApp(App):
         return errors[-1] if errors else f"the run exited with code {code}: see {log}"
 
     def apply(self, snap: Snapshot, series: dict, overlay: dict) -> None:
+        if self._exit or not self.screen.query("#summary"):  # a read that ends while the app quits: nothing to draw on
+            return
         self.snapshot = snap
         if self.run_error is None:
             self.run_error = self.launched_run_error()
