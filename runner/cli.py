@@ -77,12 +77,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runner.console import RunDisplay, progress_reporter
     from runner.tables import to_markdown, verdict_lines
 
+    with progress_reporter("data") as progress:
+        manifest, results, plan = load_plan(args.manifest, args.results, progress)
     if args.readme:  # a README without its marker lines: said now, not after an hour of training
         from runner.pages import readme_markers
 
-        readme_markers(Path(args.readme))
-    with progress_reporter("data") as progress:
-        manifest, results, plan = load_plan(args.manifest, args.results, progress)
+        readme_markers(Path(args.readme), run=manifest.name)
     outcome, rep = execute_plan(args.manifest, manifest, results, plan, args.executor, args.max_parallel, args.retry_failed,
                                 display_factory=RunDisplay, retry_ids=tuple(args.retry or ()), rebuild_store=args.rebuild_store)
     print()
@@ -97,10 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = results / manifest.name
     print(f"results: {run_dir / 'results.md'} (also .csv, .json, .html; figures in {run_dir / 'figures'})")
     if args.readme:
-        from runner.pages import rewrite_readme
+        from runner.pages import publish_readme
 
-        changed = rewrite_readme(Path(args.readme), rep, results)
-        print(f"{args.readme}: results section {'rewritten' if changed else 'already up to date'}")
+        print(publish_readme(Path(args.readme), rep, results))
     if outcome.exit_code == 1:
         for label, error in list(outcome.failed.items())[:5]:
             print(f"failed: {label}: {error}", file=sys.stderr)
@@ -153,10 +152,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"note: the report files and figures were not written ({e.strerror}: the results dir is read-only); "
               "the report is printed only", file=sys.stderr)
     if args.readme:
-        from runner.pages import rewrite_readme
+        from runner.pages import publish_readme
 
-        changed = rewrite_readme(Path(args.readme), rep, results)
-        print(f"{args.readme}: results section {'rewritten' if changed else 'already up to date'}", file=sys.stderr)
+        print(publish_readme(Path(args.readme), rep, results), file=sys.stderr)
     if args.format == "html":
         print(out / "results.html")
     elif args.format == "json" or args.json:

@@ -66,11 +66,18 @@ def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict)
 
 MARK_START = "<!-- byol-runner results start -->"
 MARK_END = "<!-- byol-runner results end -->"
+README_FIGURES = ("label_efficiency", "pretrain_loss", "confusion")  # copied beside the README and shown there
 
 
-def readme_markers(readme: Path, lines: list[str] | None = None) -> tuple[list[int], list[int]]:
-    """The lines of a README's two markers; a UserError when it has not exactly one pair (`run
-    --readme` checks this before it runs anything)."""
+def run_marks(run: str) -> tuple[str, str]:
+    """The marker lines of one run's section, for a README that holds several (the demo's and a study's)."""
+    return f"<!-- byol-runner results start: {run} -->", f"<!-- byol-runner results end: {run} -->"
+
+
+def readme_markers(readme: Path, lines: list[str] | None = None, run: str | None = None) -> tuple[int, int]:
+    """The lines of the README's marker pair for this run: the pair named for it
+    (`<!-- byol-runner results start: RUN -->`) if it has one, else its one plain pair; a UserError
+    otherwise (`run --readme` checks this before it trains anything)."""
     from runner.errors import UserError
 
     try:
@@ -79,24 +86,97 @@ def readme_markers(readme: Path, lines: list[str] | None = None) -> tuple[list[i
         raise UserError(f"{readme}: cannot read it ({e})") from None
     # a marker counts only on a line of its own: a README that quotes the markers in its prose or a
     # table (this project's own does) must not have its text spliced there
-    starts = [i for i, line in enumerate(lines) if line.strip() == MARK_START]
-    ends = [i for i, line in enumerate(lines) if line.strip() == MARK_END]
+    def pair(start: str, end: str) -> tuple[list[int], list[int]]:
+        return ([i for i, line in enumerate(lines) if line.strip() == start],
+                [i for i, line in enumerate(lines) if line.strip() == end])
+
+    if run is not None:
+        named_start, named_end = run_marks(run)
+        starts, ends = pair(named_start, named_end)
+        if len(starts) == 1 and len(ends) == 1 and starts[0] < ends[0]:
+            return starts[0], ends[0]
+        if starts or ends:
+            raise UserError(f"{readme}: needs exactly one pair of marker lines for run {run}, {named_start} then "
+                            f"{named_end}, each on a line of its own (found {len(starts)} and {len(ends)})")
+    starts, ends = pair(MARK_START, MARK_END)
     if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
-        raise UserError(f"{readme}: needs exactly one pair of marker lines, {MARK_START} then {MARK_END}, each on a "
+        named = "" if run is None else f" (or {run_marks(run)[0]} then {run_marks(run)[1]}, for a README with several runs)"
+        raise UserError(f"{readme}: needs exactly one pair of marker lines, {MARK_START} then {MARK_END}{named}, each on a "
                         f"line of its own, where the results go (found {len(starts)} and {len(ends)})")
-    return starts, ends
+    return starts[0], ends[0]
+
+
+def readme_figure_dir(readme: Path, run: str) -> Path:
+    return readme.parent / "docs" / run
+
+
+def readme_figures(readme: Path, report: dict, results: Path) -> str:
+    """Copy the README's figures (per data set: label efficiency, the pretraining loss, the confusion
+    matrices per budget) into docs/<run>/ beside the README, replacing what an earlier report put
+    there, and return their markdown: images a repository page shows, not links into results/,
+    which is never committed."""
+    import shutil
+
+    from runner.figures import slug
+
+    run = report["run"]
+    figs = {Path(f).name: results / run / f for f in report.get("figures", [])}
+    wanted = [name for name in figs if name.startswith(README_FIGURES)]
+    out = readme_figure_dir(readme, run)
+    if out.is_dir():
+        for stale in out.glob("*.png"):
+            if stale.name not in wanted:
+                stale.unlink()
+    if not wanted:
+        return ""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        shutil.copyfile(figs[name], out / name)
+    rel = Path(os.path.relpath(out, readme.parent)).as_posix()
+    datasets = list(dict.fromkeys(e["dataset"] for e in report.get("extended", [])))
+    budgets = sorted({e["labels"] for e in report.get("extended", [])}, key=_budget_order)
+
+    def img(name: str, alt: str, width: str) -> str:
+        return f'<img src="{rel}/{name}" alt="{alt}" width="{width}">' if name in wanted else ""
+
+    text = (f"Figures (copied into `{rel}/` by the report; every figure, the training curves too, is in the run's "
+            f"results.html: `byol-runner report --run {run} --format html`):\n")
+    for ds in datasets:
+        s = slug(ds)
+        top = [img(f"label_efficiency_{s}.png", f"{ds}: label efficiency", "49%"),
+               img(f"pretrain_loss_{s}.png", f"{ds}: pretraining loss", "49%")]
+        mats = [(b, f"confusion_{s}_{slug(b)}.png") for b in budgets]
+        mats = [(b, name) for b, name in mats if name in wanted]
+        if not any(top) and not mats:
+            continue
+        parts = [w for w, i in zip(("label efficiency", "pretraining loss"), top) if i]
+        if mats:
+            parts.append(f"test confusion matrices (all seeds summed) at {', '.join(b for b, _ in mats)} labels")
+        text += f"\n**{ds}**: {'; '.join(parts)}.\n\n"
+        if any(top):
+            text += " ".join(i for i in top if i) + "\n"
+        if mats:
+            width = f"{max(24, 98 // len(mats))}%"
+            text += " ".join(img(name, f"{ds}: confusion matrices, {b} labels", width) for b, name in mats) + "\n"
+    return text
+
+
+def publish_readme(readme: Path, report: dict, results: Path) -> str:
+    """`--readme`: rewrite the run's section; the line that says what happened."""
+    changed = rewrite_readme(readme, report, results)
+    return (f"{readme}: results section {'rewritten' if changed else 'already up to date'} (its figures: "
+            f"{readme_figure_dir(readme, report['run'])})")
 
 
 def rewrite_readme(readme: Path, report: dict, results: Path) -> bool:
-    """Replace what stands between the two marker lines of a README with the report; nothing else
-    changes. Returns whether the file changed."""
+    """Replace what stands between the README's marker lines for this run with the report, its
+    figures copied into docs/<run>/ beside it; nothing else changes. Returns whether the file changed."""
     text = readme.read_text()
     lines = text.splitlines(keepends=True)
-    starts, ends = readme_markers(readme, lines)
-    run_dir = os.path.relpath(results / report["run"], readme.parent)
-    figs = "".join(f"- [{Path(f).stem}]({run_dir}/{f})\n" for f in report.get("figures", []))
-    body = to_markdown(report) + "\n" + extended_markdown(report) + ("\nFigures:\n\n" + figs if figs else "")
-    new = "".join(lines[: starts[0] + 1]) + body + "".join(lines[ends[0]:])
+    start, end = readme_markers(readme, lines, report["run"])
+    figs = readme_figures(readme, report, results)
+    body = to_markdown(report) + "\n" + extended_markdown(report) + ("\n" + figs if figs else "")
+    new = "".join(lines[: start + 1]) + body + "".join(lines[end:])
     if new != text:
         atomic_write_text(readme, new)
     return new != text

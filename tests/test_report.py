@@ -13,7 +13,7 @@ from PIL import Image
 
 from runner import report as R
 from runner.stats import bootstrap_metrics, paired_difference
-from tests.conftest import TINY, run_cli
+from tests.conftest import REPO, TINY, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +106,89 @@ def test_readme_rewrite_touches_only_the_marked_section_and_is_idempotent(finish
     head, tail = before.split("<!-- byol-runner results start -->")[0], before.split("<!-- byol-runner results end -->")[1]
     assert once.startswith(head) and once.endswith(tail)
     assert "old table" not in once and "| Dataset | Model 1 accuracy |" in once
-    links = re.findall(r"\]\(([^)]+\.png)\)", once)
-    assert len(links) == 6 and all((readme.parent / link).is_file() for link in links)
+    # the figures it shows are copied beside the README (results/ is never committed): per data set the
+    # label efficiency, the pretraining loss and a confusion figure per budget; the training curves stay
+    # in the HTML page
+    shown = re.findall(r'<img src="([^"]+\.png)"', once)
+    assert sorted(Path(s).name for s in shown) == ["confusion_syn_100pct.png", "confusion_syn_25pct.png",
+                                                   "label_efficiency_syn.png", "pretrain_loss_syn.png"]
+    assert all(s.startswith("docs/tiny/") and (readme.parent / s).is_file() for s in shown)
+    assert sorted(p.name for p in (readme.parent / "docs" / "tiny").iterdir()) == sorted(Path(s).name for s in shown)
     r2 = run_cli("report", "--results", str(finished), "--readme", str(readme))
     assert "already up to date" in r2.stderr and readme.read_text() == once
     readme.write_text("no markers here\n")
     r3 = run_cli("report", "--results", str(finished), "--readme", str(readme))
     assert r3.returncode == 2 and "marker lines" in r3.stderr
+
+
+def test_a_readme_with_several_runs_gets_each_run_in_its_own_named_section(finished, tmp_path):
+    """The project's README holds the study's section and the demo's: each run's report goes between
+    the marker lines named for it, the other section and its figures stay as they were, and a stale
+    figure of an earlier report of the same run is removed."""
+    other = "<!-- byol-runner results start: demo -->\ndemo table\n<!-- byol-runner results end: demo -->\n"
+    before = ("# Study\n\n<!-- byol-runner results start: tiny -->\nnot run yet\n<!-- byol-runner results end: tiny -->\n\n"
+              + other + "\nEnd.\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(before)
+    (tmp_path / "docs" / "demo").mkdir(parents=True)
+    (tmp_path / "docs" / "demo" / "keep.png").write_bytes(b"demo's")
+    (tmp_path / "docs" / "tiny").mkdir()
+    (tmp_path / "docs" / "tiny" / "confusion_gone_1pct.png").write_bytes(b"stale")
+    r = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    assert r.returncode == 0, r.stderr
+    text = readme.read_text()
+    assert "not run yet" not in text and text.endswith("\n" + other + "\nEnd.\n") and "demo table" in text
+    section = text.split("<!-- byol-runner results start: tiny -->\n")[1].split("<!-- byol-runner results end: tiny -->")[0]
+    assert section.startswith("| Dataset | Model 1 accuracy |") and 'src="docs/tiny/label_efficiency_syn.png"' in section
+    assert (tmp_path / "docs" / "demo" / "keep.png").read_bytes() == b"demo's"
+    assert not (tmp_path / "docs" / "tiny" / "confusion_gone_1pct.png").exists()
+    # named sections for other runs only, and no plain pair: refused, naming the pair this run needs
+    readme.write_text(other)
+    r = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    assert r.returncode == 2 and "<!-- byol-runner results start: tiny -->" in r.stderr, r.stderr
+    assert readme.read_text() == other
+
+
+def _section(text: str, run: str) -> str:
+    return text.split(f"<!-- byol-runner results start: {run} -->\n")[1].split(f"<!-- byol-runner results end: {run} -->")[0]
+
+
+def test_the_readme_study_section_is_what_the_product_writes(finished, tmp_path):
+    """experiments/study-cpu.yaml is the README's study: matrix.yaml's data sets (at 64 px), and the
+    README's section has the tables a report writes today (re-rendered here from a tiny finished run),
+    a row per data set and budget of the manifest over its three seeds, and the figures it shows exist
+    in docs/study-cpu/."""
+    import yaml
+
+    study_text = (REPO / "experiments" / "study-cpu.yaml").read_text()
+    study, matrix = yaml.safe_load(study_text), yaml.safe_load((REPO / "experiments" / "matrix.yaml").read_text())
+    assert {n: {k: v for k, v in d.items() if k != "image_size"} for n, d in study["datasets"].items()} == matrix["datasets"]
+    assert {d["image_size"] for d in study["datasets"].values()} == {64}
+    command = "byol-runner run experiments/study-cpu.yaml --readme README.md"
+    readme = (REPO / "README.md").read_text()
+    assert command in study_text and command in readme
+    section = _section(readme, "study-cpu")
+    fresh_readme = tmp_path / "README.md"
+    fresh_readme.write_text("<!-- byol-runner results start: tiny -->\n<!-- byol-runner results end: tiny -->\n")
+    r = run_cli("report", "--results", str(finished), "--readme", str(fresh_readme))
+    assert r.returncode == 0, r.stderr
+    fresh = _section(fresh_readme.read_text(), "tiny")
+
+    def headers(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("| Dataset |")]
+
+    assert headers(section) == headers(fresh) and len(headers(section)) == 3
+    pct = [f"{f * 100:g}%" for f in study["labels"]["fractions"]]
+    rows = [line.split(" | ")[0] for line in section.splitlines()[2:] if line.startswith("| ") and line.split(" | ")[0].endswith(" labels)")]
+    assert sorted(rows) == sorted(f"| {ds} ({b} labels)" for ds in study["datasets"] for b in pct)
+    extended = [line.split(" | ") for line in section.splitlines() if re.match(r"\| \w+ \| \d+% \| ", line)]
+    assert len(extended) == len(study["datasets"]) * len(pct) * len(study["methods"])
+    assert {cells[3] for cells in extended} == {str(len(study["seeds"]))}  # every arm over the three seeds
+    shown = re.findall(r'<img src="([^"]+)"', section)
+    expected = {f"docs/study-cpu/{kind}_{ds}.png" for ds in study["datasets"] for kind in ("label_efficiency", "pretrain_loss")}
+    expected |= {f"docs/study-cpu/confusion_{ds}_{b.replace('%', 'pct')}.png" for ds in study["datasets"] for b in pct}
+    assert set(shown) == expected and all((REPO / s).is_file() for s in shown)
+    assert {p.name for p in (REPO / "docs" / "study-cpu").iterdir()} == {Path(s).name for s in shown}
 
 
 def test_markers_quoted_inline_are_not_markers(finished, tmp_path):

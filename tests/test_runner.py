@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -223,11 +224,14 @@ def test_demo_manifest_is_the_readme_main_job(tmp_path):
         "| synthetic (10% labels)", "| synthetic (100% labels)",
         "| synthetic → shifted (external) (10% labels)", "| synthetic → shifted (external) (100% labels)"]
     text = readme.read_text()
-    start, end = "<!-- byol-runner results start -->\n", "<!-- byol-runner results end -->\n"
+    start, end = "<!-- byol-runner results start: demo -->\n", "<!-- byol-runner results end: demo -->\n"
     section = text.split(start)[1].split(end)[0]
     assert all(row in section for row in table)  # the README's table is the one this run printed
     before = (REPO / "README.md").read_text()
     assert text.split(start)[0] == before.split(start)[0] and text.split(end)[1] == before.split(end)[1]
+    # its figures are the ones the README shows, copied beside it (results/ is never committed)
+    shown = re.findall(r'<img src="([^"]+)"', section)
+    assert shown and all(s.startswith("docs/demo/") and (tmp_path / s).is_file() for s in shown)
     bad = tmp_path / "NOMARKS.md"
     bad.write_text("no markers\n")
     refused = run_cli("run", "experiments/demo.yaml", "--results", str(tmp_path / "results"), "--readme", str(bad))
