@@ -156,8 +156,7 @@ def readme_figures(readme: Path, report: dict, results: Path) -> str:
         if any(top):
             text += " ".join(i for i in top if i) + "\n"
         if mats:
-            width = f"{max(24, 98 // len(mats))}%"
-            text += " ".join(img(name, f"{ds}: confusion matrices, {b} labels", width) for b, name in mats) + "\n"
+            text += " ".join(img(name, f"{ds}: confusion matrices, {b} labels", "49%") for b, name in mats) + "\n"
     return text
 
 
