@@ -74,7 +74,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from runner.commands import execute_plan, load_plan
-    from runner.console import RunDisplay, progress_reporter
+    from runner.console import RunDisplay, print_markdown, progress_reporter
     from runner.tables import to_markdown, verdict_lines
 
     with progress_reporter("data") as progress:
@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome, rep = execute_plan(args.manifest, manifest, results, plan, args.executor, args.max_parallel, args.retry_failed,
                                 display_factory=RunDisplay, retry_ids=tuple(args.retry or ()), rebuild_store=args.rebuild_store)
     print()
-    print(to_markdown(rep))
+    print_markdown(to_markdown(rep))
     for line in verdict_lines(rep):
         print(line)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items()))

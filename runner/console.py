@@ -99,6 +99,61 @@ def duration(seconds: float) -> str:
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def eta(spent: float, step: int | None, total: int | None) -> str:
+    """The time a training has left at its pace so far (steps done over the time taken); blank before
+    its first step or without a known total."""
+    return duration(spent * (total - step) / step) if total and step and total > step else ""
+
+
+def print_markdown(text: str) -> None:
+    """Tables a person reads on a terminal; piped (CI logs, files), the markdown itself."""
+    if out.is_terminal:
+        out.print(rich_markdown(text))
+    else:
+        print(text, flush=True)
+
+
+def rich_markdown(text: str):  # noqa: ANN201 - a rich renderable
+    """The report's markdown as a terminal shows it: each pipe table a table sized to its content
+    (numbers right-aligned, never stretched across a wide screen, wrapped on a narrow one), every
+    other line as text. `run` prints this on a terminal (markdown when piped); the TUI's Results tab
+    shows it."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from runner.tables import NUMBER
+
+    parts: list = []
+    rows: list[list[str]] = []
+
+    def table() -> None:
+        header, body = rows[0], [r for r in rows[1:] if not set("".join(r)) <= set("-: ")]
+        t = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False, show_edge=False)
+        for i, name in enumerate(header):
+            cells = [r[i] for r in body if i < len(r)]
+            numeric = i > 0 and cells and all(NUMBER.match(c) for c in cells)
+            # words stay whole: a cell wraps at its spaces ("0.708 [0.583, 0.833]" over two lines)
+            longest = max((len(w) for c in cells for w in c.split()), default=4)
+            t.add_column(name, justify="right" if numeric else "left", min_width=min(longest, 24))
+        for r in body:
+            t.add_row(*r)
+        parts.append(t)
+        rows.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        if rows:
+            table()
+        parts.append(Text(line.replace("**", "")))
+    if rows:
+        table()
+    return Group(*parts)
+
+
 class RunDisplay:
     """What `run` shows while it works: a live rich table of the running tasks and the counts on a
     terminal (refreshed at most 4 times a second), one plain line per state change otherwise."""
@@ -171,13 +226,12 @@ class RunDisplay:
             i = info.get(tid)
             step, total = (i["step"], i["total"] if "total" in i.keys() else None) if i else (None, None)
             spent = _time.time() - r.handle.started
-            eta = duration(spent * (total - step) / step) if total and step and total > step else ""
             t.add_row(r.task.label, r.task.kind, r.handle.slot.name,
                       str(i["epoch"]) if i and i["epoch"] is not None else "",
                       "" if step is None else (f"{step}/{total}" if total else str(step)),
                       f"{i['loss']:.4f}" if i and i["loss"] is not None else "",
                       f"{i['img_per_s']:.0f}" if i and i["img_per_s"] else "",
-                      duration(spent), eta)
+                      duration(spent), eta(spent, step, total))
         done = sum(1 for s in sched.status.values() if s == "done")
         head = f"[bold]{sched.plan.name}[/]: {done}/{self.total} tasks done ({self._counts(sched)})"
         return Group(head, t) if sched.running else head

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from runner.atomic import atomic_write_text
 from runner.contracts import read_events
 from runner.report import _budget_order, shown
 from runner.tables import PRIMARY as PRIMARY_NAME
-from runner.tables import extended_markdown, to_markdown
+from runner.tables import NUMBER, extended_markdown, to_markdown
 from runner.store import TaskRow
 
 
@@ -181,7 +180,6 @@ def rewrite_readme(readme: Path, report: dict, results: Path) -> bool:
     return new != text
 
 
-NUMBER = re.compile(r"^[−\-–]?[0-9.]+|^—$|^[0-9]+ (images|groups)$")
 FIGURE_ORDER = ("label_efficiency", "confusion", "finetune_loss", "pretrain_loss")
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1d2330;margin:0;background:#f6f7f9}

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 
 from runner import arms as A
 from runner import stats
+
+# a cell that reads as a number (or a count of units, or "—"): right-aligned in the HTML page and the terminal
+NUMBER = re.compile(r"^[−\-–]?[0-9.]+|^—$|^[0-9]+ (images|groups)$")
 
 PRIMARY = "auroc"  # the metric a verdict is decided on
 MARK = "†"  # a degenerate cell

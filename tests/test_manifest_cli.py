@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from runner.manifest import parse_manifest
-from tests.conftest import REPO, real_data, run_cli
+from tests.conftest import REPO, copy_results, real_data, run_cli
 
 GOOD = """\
 name: t
@@ -311,6 +311,41 @@ def test_piped_status_and_plan_show_full_names(tiny_reference):
         assert "…" not in r.stdout and "byol-finetune" in r.stdout and "supervised" in r.stdout, r.stdout
         ids = [p.name for p in (results / "tasks").iterdir()]
         assert all(tid in r.stdout for tid in ids)
+
+
+def test_run_on_a_terminal_prints_tables_and_piped_the_markdown(tiny_reference, tmp_path):
+    """`run` ends with the results table: on a terminal (a real pty, 140x40) drawn as a table, not
+    markdown pipes, and where the results went; piped (the reference run's stdout), the markdown
+    itself, for a CI log or a file."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    manifest, results, piped = tiny_reference
+    assert "| Dataset | Model 1 accuracy | Model 1 loss |" in piped and "|---|" in piped
+    finished = copy_results(results, tmp_path / "r")  # every task done: the run only reports
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 140, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(manifest), "--results", str(finished)], cwd=REPO,
+                            stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "TERM": "xterm-256color"})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert "Model 1 accuracy" in shown and "syn (25% labels)" in shown, shown
+    assert "|---|" not in shown and "| syn (" not in shown, shown
+    assert "results: " in shown and "results.md (also .csv, .json, .html" in shown.replace("\r\n", " "), shown
 
 
 def test_doctor_on_a_local_manifest_does_not_fail_for_docker(write_manifest, tmp_path):

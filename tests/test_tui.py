@@ -48,8 +48,7 @@ def test_a_run_started_from_the_tui_moves_tasks_to_done_and_fills_the_table(tmp_
             assert all("done" in table.get_row(t.id)[5] for t in app.snapshot.tasks)
             await pilot.press("3")
             await pilot.pause(0.5)
-            md = app.query_one("#table")
-            text = md.source if hasattr(md, "source") else md._markdown
+            text = app.results_markdown
             rows = [line for line in text.splitlines() if line.startswith("| syn (")]
             assert len(rows) == 2 and all("—" not in row for row in rows)
             await pilot.press("q")  # the run has ended: no question asked
@@ -101,8 +100,7 @@ def test_attaching_to_a_finished_run_shows_its_final_table(tiny_reference, tmp_p
             await wait_for(pilot, lambda: bool(app.snapshot.tasks))
             await pilot.press("3")
             await pilot.pause(0.5)
-            md = app.query_one("#table")
-            text = md.source if hasattr(md, "source") else md._markdown
+            text = app.results_markdown
             assert text.split("\n\n")[0] == final
             assert "(done)" in str(app.query_one("#summary").render())
             await pilot.press("q")

@@ -108,7 +108,7 @@ def test_filtering_keeps_the_plan_order_and_the_selected_row(fixed_results):
     (a row that comes back is not appended at the end); the cursor and the selection agree."""
     import asyncio
 
-    from runner.tui.app import FILTERS
+    from runner.tui.queue import FILTERS
 
     app = app_for(fixed_results)
     plan_order = ["pre0000000000001", "fin0000000000001", "sup0000000000001", "fin0000000000002", "sup0000000000002",
@@ -146,7 +146,7 @@ def test_a_running_task_shows_step_of_total_elapsed_and_eta_and_a_finished_one_i
 
     from runner.contracts import read_events
     from runner.store import TaskRow
-    from runner.tui.app import progress_times, task_cells
+    from runner.tui.queue import progress_times, task_cells
 
     results = tiny_reference[1]
     for task in (results / "tasks").iterdir():
@@ -162,3 +162,101 @@ def test_a_running_task_shows_step_of_total_elapsed_and_eta_and_a_finished_one_i
     done = TaskRow("t", "finetune", "ct", "byol-finetune", 0, "10%", [], "done", 4, 40, 0.4, 100.0, None, 1, "cpu0",
                    started=now - 100, total=40, ended=now - 100 + 3725)
     assert progress_times(done, now) == ("1h02m", "")
+
+
+def shown_text(widget) -> str:  # noqa: ANN001 - a widget
+    """What a widget shows on the screen, line by line."""
+    from textual.geometry import Region
+
+    return "\n".join(line.text.rstrip() for line in widget.render_lines(Region(0, 0, widget.size.width, widget.size.height)))
+
+
+def test_help_screen(snap_compare, fixed_results):
+    """`?`: every key with what it does, over the queue."""
+    assert snap_compare(app_for(fixed_results), press=["question_mark"], terminal_size=SIZE, run_before=_settle)
+
+
+def test_queue_at_80x24(snap_compare, fixed_results):
+    """At 80x24 the queue keeps the columns a run is followed by (step, loss, ETA, attempts) and the
+    footer its keys; kind, slot, epoch, img/s and time are in the detail."""
+    assert snap_compare(app_for(fixed_results), terminal_size=(80, 24), run_before=_settle)
+
+
+def test_keys_as_in_htop_and_k9s(fixed_results):
+    """? opens the key help and Esc closes it; j/k move; s sorts by the next column with ▲ on its
+    header and S reverses it (▼); / finds by text and Esc clears it; after a tab switch the table has
+    the keys; Esc closes textual's key panel."""
+    import asyncio
+
+    app = app_for(fixed_results)
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause(0.8)
+            table = app.query_one("#tasks")
+            keys = lambda: [row.key.value for row in table.ordered_rows]  # noqa: E731
+            await pilot.press("question_mark")
+            await pilot.pause(0.2)
+            assert type(app.screen).__name__ == "Help"
+            assert "sort by the next column" in "".join(shown_text(w) for w in app.screen.query("Static"))
+            await pilot.press("escape")
+            await pilot.pause(0.2)
+            assert type(app.screen).__name__ != "Help"
+            await pilot.press("3", "1")
+            await pilot.pause(0.2)
+            assert app.focused is table  # no Tab needed after a switch
+            await pilot.press("j", "j")
+            await pilot.pause(0.2)
+            assert table.cursor_row == 2 and app.selected == "sup0000000000001"
+            await pilot.press("k")
+            await pilot.pause(0.2)
+            assert table.cursor_row == 1
+            await pilot.press("s")  # status: running, failed, blocked, ..., done; ties in the plan's order
+            await pilot.pause(0.3)
+            assert app.sort == "status" and keys()[:2] == ["sup0000000000002", "lin0000000000002"]
+            assert str(table.columns["status"].label) == "status ▲"
+            await pilot.press("S")
+            await pilot.pause(0.3)
+            assert keys()[-2:] == ["lin0000000000002", "sup0000000000002"] and str(table.columns["status"].label) == "status ▼"
+            assert "sort: status ▼" in str(app.query_one("#summary").render())
+            await pilot.press("slash")
+            await pilot.pause(0.2)
+            assert app.focused is app.query_one("#find")
+            await pilot.press(*"sup")
+            await pilot.pause(0.3)
+            assert sorted(keys()) == ["sup0000000000001", "sup0000000000002"] and "find: sup" in str(app.query_one("#summary").render())
+            await pilot.press("enter")  # keeps the filter, the table takes the keys again
+            await pilot.pause(0.2)
+            assert app.focused is table and len(keys()) == 2
+            await pilot.press("escape")
+            await pilot.pause(0.3)
+            assert len(keys()) == 6 and app.find == "" and not app.query_one("#find").has_class("shown")
+            app.action_show_help_panel()
+            await pilot.pause(0.3)
+            assert app.screen.query("HelpPanel")
+            await pilot.press("escape")
+            await pilot.pause(0.3)
+            assert not app.screen.query("HelpPanel")
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+
+
+def test_results_tables_keep_their_width_on_a_wide_terminal(fixed_results):
+    """At 220x60 the Results tab's table is as wide as its content, not stretched over the screen."""
+    import asyncio
+
+    app = app_for(fixed_results)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(220, 60)) as pilot:
+            await pilot.pause(0.8)
+            await pilot.press("3")
+            await pilot.pause(0.5)
+            lines = shown_text(app.query_one("#table")).splitlines()
+            header = next(line for line in lines if "Model 1 accuracy" in line)
+            assert len(header) < 120, header
+            assert "| Dataset |" in app.results_markdown
+            await pilot.press("q")
+
+    asyncio.run(scenario())

@@ -20,79 +20,17 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Footer, Header, Markdown, Static, TabbedContent, TabPane
+from textual.containers import VerticalScroll
+from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
 from textual_plotext import PlotextPlot
 
 from runner.commands import request
+from runner.console import rich_markdown
 from runner.store import TaskRow
-from runner.console import duration
+from runner.tui.queue import COLUMNS, FILTERS, SORTS, columns_for, shown_tasks, task_cells, task_name
+from runner.tui.panes import draw_curves, results_markdown
+from runner.tui.screens import Confirm, Help
 from runner.tui.state import STATUS_ORDER, Snapshot, curve, detail, read_snapshot
-
-def task_name(t) -> str:  # noqa: ANN001 - a TaskRow
-    """A task as people tell tasks apart: method, label budget, seed (`byol-finetune 10% s0`), not its hash."""
-    return " ".join(p for p in (t.dataset, t.method, t.budget or "", f"s{t.seed}") if p)
-
-
-# short headers: the whole row fits 110 columns (time: elapsed, or what a finished attempt took; try: attempts)
-COLUMNS = ("dataset", "method", "labels", "seed", "kind", "status", "slot", "epoch", "step", "loss", "img/s", "time", "ETA", "try")
-STATUS_STYLE = {"done": "green", "running": "bold cyan", "pending": "dim", "failed": "bold red", "blocked": "red",
-                "interrupted": "yellow"}
-FILTERS = (None, "running", "failed", "pending", "done")
-
-
-def progress_times(t, now: float) -> tuple[str, str]:  # noqa: ANN001 - a TaskRow
-    """(elapsed, ETA) of a task's latest attempt: running, its time so far and the rest at its pace
-    (steps done over the time taken, once it has taken steps); ended, the time it took."""
-    if not t.started:
-        return "", ""
-    if t.status == "running":
-        spent = now - t.started
-        eta = duration(spent * (t.total - t.step) / t.step) if t.total and t.step and t.total > t.step else ""
-        return duration(spent), eta
-    return (duration(t.ended - t.started), "") if t.ended else ("", "")
-
-
-def shown_status(t: TaskRow) -> str:
-    """A task's status as the queue shows it: one the user cancelled says so (runner.db keeps it
-    failed, with the error "cancelled by the user")."""
-    return "cancelled" if t.status == "failed" and (t.error or "").startswith("cancelled by the user") else t.status
-
-
-def task_cells(t: TaskRow, now: float) -> tuple:
-    took, eta = progress_times(t, now)
-    step = "" if t.step is None else (f"{t.step}/{t.total}" if t.total else str(t.step))
-    return (t.dataset, t.method, t.budget or "", str(t.seed), t.kind,
-            f"[{STATUS_STYLE.get(t.status, 'white')}]{shown_status(t)}[/]", t.slot or "",
-            "" if t.epoch is None else str(t.epoch), step,
-            "" if t.loss is None else f"{t.loss:.4f}", "" if not t.img_per_s else f"{t.img_per_s:.0f}", took, eta, str(t.attempts))
-
-
-class Confirm(ModalScreen[bool]):
-    """A yes/no question before anything that stops work: y or the red button says yes; n, Esc or
-    the other button says no."""
-
-    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
-
-    def __init__(self, question: str, yes: str, no: str) -> None:
-        super().__init__()
-        self.question, self.yes, self.no = question, yes, no
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Static(self.question)
-            with Horizontal():
-                yield Button(f"{self.yes} (y)", id="yes", variant="error")
-                yield Button(f"{self.no} (n)", id="no", variant="primary")
-
-    def action_answer(self, value: bool) -> None:
-        self.dismiss(value)
-
-    @on(Button.Pressed)
-    def pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
-
 
 class RunnerApp(App):
     TITLE = "byol-runner"
@@ -102,21 +40,32 @@ class RunnerApp(App):
     #dialog { width: 72; height: auto; border: thick $error; background: $surface; padding: 1 2; }
     #dialog Horizontal { height: auto; }
     #dialog Static { width: 100%; }
-    Confirm { align: center middle; }
+    Confirm, Help { align: center middle; }
+    #help { width: 96; max-width: 100%; height: auto; border: thick $accent; background: $surface; padding: 1 2; }
     Button { margin: 1 1 0 0; }
+    #find { dock: bottom; display: none; }
+    #find.shown { display: block; }
     """
+    # the footer shows what fits 80 columns; `?` lists every key (runner/tui/screens.py KEYS)
     BINDINGS = [
         Binding("q", "quit_app", "quit"),
-        Binding("r", "retry", "retry failed"),
-        Binding("c", "cancel", "cancel running"),
-        Binding("l", "show_log", "log"),
+        Binding("question_mark", "help", "keys"),
+        Binding("1", "pane('queue')", "queue"),
+        Binding("2", "pane('curves')", "curves"),
+        Binding("3", "pane('results')", "results"),
+        Binding("4", "pane('detail')", "detail"),
+        Binding("slash", "find", "find"),
         Binding("f", "cycle_filter", "filter"),
-        Binding("o", "toggle_overlay", "overlay"),
-        Binding("e", "toggle_extended", "AUROC/BA"),
-        Binding("1", "pane('queue')", "queue", show=False),
-        Binding("2", "pane('curves')", "curves", show=False),
-        Binding("3", "pane('results')", "results", show=False),
-        Binding("4", "pane('detail')", "detail", show=False),
+        Binding("s", "cycle_sort", "sort"),
+        Binding("S", "reverse_sort", "reverse sort", show=False),
+        Binding("r", "retry", "retry", show=False),
+        Binding("c", "cancel", "cancel", show=False),
+        Binding("l", "show_log", "log", show=False),
+        Binding("o", "toggle_overlay", "overlay", show=False),
+        Binding("e", "toggle_extended", "AUROC/BA", show=False),
+        Binding("j", "move(1)", "down", show=False),
+        Binding("k", "move(-1)", "up", show=False),
+        Binding("escape", "escape", "close", show=False),
     ]
 
     def __init__(self, results: Path, manifest: Path | None = None, run_name: str | None = None, poll_s: float = 0.5,
@@ -129,6 +78,11 @@ class RunnerApp(App):
         self.snapshot = Snapshot(None)
         self.rows: dict[str, tuple] = {}
         self.filter: str | None = None
+        self.find = ""  # the `/` text filter
+        self.sort: str | None = None  # a column, or None: the plan's order
+        self.descending = False
+        self.columns: tuple[str, ...] = COLUMNS
+        self.results_markdown = ""  # what the Results tab shows, as the README would have it
         self.overlay = False
         self.extended = False
         self.selected: str | None = None
@@ -143,23 +97,39 @@ class RunnerApp(App):
         with TabbedContent(initial="queue"):
             with TabPane("Queue", id="queue"):
                 yield DataTable(id="tasks", cursor_type="row", zebra_stripes=True)
+                yield Input(placeholder="find: words of a task's name, kind, status or id; enter keeps it, Esc clears it",
+                            id="find")
             with TabPane("Curves", id="curves-pane"):
                 yield PlotextPlot(id="curves")
             with TabPane("Results", id="results"):
-                yield Markdown("no results yet", id="table")
+                with VerticalScroll(id="results-scroll"):
+                    yield Static("no results yet", id="table")
             with TabPane("Detail", id="detail"):
                 yield Static("select a task in the queue", id="detail-text")
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)  # ctrl+p still opens it; its place holds a key at 80 columns
 
     def on_mount(self) -> None:
-        table = self.query_one("#tasks", DataTable)
-        for col in COLUMNS:
-            table.add_column(col, key=col)
-        table.focus()
+        self.set_columns(columns_for(self.size.width))
+        self.query_one("#tasks", DataTable).focus()
         if self.start_run:
             self.launch(["run", str(self.manifest)])
         self.poll()
         self.set_interval(self.poll_s, self.poll)
+
+    def set_columns(self, columns: tuple[str, ...]) -> None:
+        """(Re)build the queue's columns: those the width allows, the sorted one marked ▲ or ▼."""
+        table = self.query_one("#tasks", DataTable)
+        table.clear(columns=True)
+        self.rows.clear()
+        self.columns = columns
+        for col in columns:
+            table.add_column(f"{col} {'▼' if self.descending else '▲'}" if col == self.sort else col, key=col)
+
+    def on_resize(self, event) -> None:  # noqa: ANN001 - a Resize event
+        columns = columns_for(event.size.width)
+        if columns != self.columns:  # 80x24 shows the columns a run is followed by; a wide terminal all of them
+            self.set_columns(columns)
+            self.update_table(self.snapshot)
 
     # ---- the run process ------------------------------------------------------------------
 
@@ -213,7 +183,8 @@ class RunnerApp(App):
         self.query_one("#summary", Static).update(
             f"[b]{snap.run['name']}[/] ({state}) · {snap.done}/{len(snap.tasks)} done · "
             + " · ".join(f"{c[s]} {s}" for s in STATUS_ORDER if c.get(s) and s != "done")
-            + (f" · filter: {self.filter}" if self.filter else ""))
+            + (f" · filter: {self.filter}" if self.filter else "") + (f" · find: {self.find}" if self.find else "")
+            + (f" · sort: {self.sort} {'▼' if self.descending else '▲'}" if self.sort else ""))
         self.names = {t.id: task_name(t) for t in snap.tasks}
         self.update_table(snap)
         self.update_curves(series, overlay)
@@ -226,23 +197,25 @@ class RunnerApp(App):
     def update_table(self, snap: Snapshot) -> None:
         table = self.query_one("#tasks", DataTable)
         now = time.time()
-        visible = [t for t in snap.tasks if self.filter is None or t.status == self.filter]
+        visible = shown_tasks(snap.tasks, self.filter, self.find, self.sort, self.descending, now)
         ids = [t.id for t in visible]
         rebuild = ids != [k for k in self.rows if k in set(ids)] or bool(set(self.rows) - set(ids))
-        # the rows shown change (a filter, a task finishing under one): rebuilt in plan order
+        # the rows shown change (a filter, a sort, a task finishing under one): rebuilt in that order
         # a selected task still shown keeps the cursor; one a filter hides gives way to the row the cursor lands on
         quiet = rebuild and self.selected in set(ids)
+        index = [COLUMNS.index(c) for c in self.columns]
         with table.prevent(DataTable.RowHighlighted) if quiet else contextlib.nullcontext():
             if rebuild:
                 table.clear()
                 self.rows.clear()
             for t in visible:
-                cells = task_cells(t, now)
+                full = task_cells(t, now)
+                cells = tuple(full[i] for i in index)
                 old = self.rows.get(t.id)
                 if old is None:
                     table.add_row(*cells, key=t.id)
                 else:
-                    for col, a, b in zip(COLUMNS, old, cells):
+                    for col, a, b in zip(self.columns, old, cells):
                         if a != b:
                             table.update_cell(t.id, col, b, update_width=True)  # "15/40", "2.4612": never cut to the header's width
                 self.rows[t.id] = cells
@@ -251,28 +224,7 @@ class RunnerApp(App):
 
     def update_curves(self, series: dict, overlay: dict) -> None:
         plot = self.query_one("#curves", PlotextPlot)
-        plt = plot.plt
-        plt.clear_data()
-        plt.clear_figure()
-        if not series:
-            plt.title("select a task in the queue (enter) to see its curves")
-            plot.refresh()
-            return
-        for name in ("loss", "val_loss"):
-            if name in series:
-                xs, ys = zip(*series[name])
-                plt.plot(list(xs), list(ys), label=f"{name} ({self.names.get(self.selected, self.selected)})")
-        for tid, other in overlay.items():
-            if "loss" in other:
-                xs, ys = zip(*other["loss"])
-                plt.plot(list(xs), list(ys), label=f"loss ({self.names.get(tid, tid)})")
-        if "proj_std" in series:  # alone on the right axis: its own scale, so a fall towards 0 (collapse) shows
-            xs, ys = zip(*series["proj_std"])
-            plt.plot(list(xs), list(ys), label="proj std, right axis (collapse monitor: near 0 = collapsed)", yside="right")
-        # τ follows a fixed schedule from tau_base to 1: its current value, not a flat line on a shared axis
-        tau = f" · τ {series['tau'][-1][1]:.4f}" if "tau" in series else ""
-        plt.xlabel("step")
-        plt.title("loss by optimizer step (x axis)" + tau + (" · overlay: same kind and dataset" if self.overlay else ""))
+        draw_curves(plot.plt, series, overlay, self.names, self.selected, self.overlay)
         plot.refresh()
 
     def update_results(self, snap: Snapshot) -> None:
@@ -280,19 +232,8 @@ class RunnerApp(App):
         if key == self.report_key:
             return  # metrics.json files change only when a task finishes
         self.report_key = key
-        from runner import report as R
-
-        rep = R.build(self.results, snap.run["name"], snap.tasks, snap.run.get("arch", "ResNet50"), figures=False, bootstrap=0,
-                      compare=snap.run.get("compare", (None, None)))
-        text = R.to_markdown(rep)
-        if self.extended:
-            lines = ["| Dataset | Labels | Method | Seeds | Accuracy | AUROC | Balanced accuracy |", "|---|---|---|---|---|---|---|"]
-            for a in rep["arms"]:
-                f = lambda s: "—" if s["mean"] is None else f"{s['mean']:.3f}"  # noqa: E731
-                lines.append(f"| {a['dataset']} | {a['labels']} | {a['method']} | {a['accuracy']['n']} | {f(a['accuracy'])} | "
-                             f"{f(a['auroc'])} | {f(a['balanced_accuracy'])} |")
-            text += "\n" + "\n".join(lines) + "\n"
-        self.query_one("#table", Markdown).update(text)
+        self.results_markdown = results_markdown(self.results, snap, self.extended)
+        self.query_one("#table", Static).update(rich_markdown(self.results_markdown))  # tables as wide as their content
 
     # ---- actions -------------------------------------------------------------------------
 
@@ -308,7 +249,74 @@ class RunnerApp(App):
 
     @on(DataTable.HeaderSelected)
     def sort_by(self, event: DataTable.HeaderSelected) -> None:
-        event.data_table.sort(event.column_key)
+        """A click on a header sorts by it (▲); a second click reverses (▼)."""
+        column = event.column_key.value
+        self.descending = not self.descending if column == self.sort else False
+        self.resort(column)
+
+    def resort(self, column: str | None) -> None:
+        self.sort = column
+        self.set_columns(self.columns)
+        self.update_table(self.snapshot)
+        self.poll()
+
+    def action_cycle_sort(self) -> None:
+        sorts = [c for c in SORTS if c is None or c in self.columns]
+        self.descending = False
+        self.resort(sorts[(sorts.index(self.sort) + 1) % len(sorts)] if self.sort in sorts else sorts[1])
+
+    def action_reverse_sort(self) -> None:
+        if self.sort is None:
+            self.notify("sorted in the plan's order: `s` picks a column first", severity="warning")
+            return
+        self.descending = not self.descending
+        self.resort(self.sort)
+
+    def action_help(self) -> None:
+        self.push_screen(Help())
+
+    def action_find(self) -> None:
+        self.action_pane("queue")
+        box = self.query_one("#find", Input)
+        box.add_class("shown")
+        box.focus()
+
+    @on(Input.Changed, "#find")
+    def find_changed(self, event: Input.Changed) -> None:
+        self.find = event.value.strip()
+        self.update_table(self.snapshot)
+        self.poll()
+
+    @on(Input.Submitted, "#find")
+    def find_kept(self) -> None:
+        self.query_one("#tasks", DataTable).focus()
+        if not self.find:
+            self.query_one("#find", Input).remove_class("shown")
+
+    def action_escape(self) -> None:
+        """Esc closes what is open: the key panel, then the find box (clearing it)."""
+        if self.screen.query("HelpPanel"):
+            self.action_hide_help_panel()
+            return
+        box = self.query_one("#find", Input)
+        if box.has_class("shown"):
+            box.value = ""
+            box.remove_class("shown")
+            self.query_one("#tasks", DataTable).focus()
+
+    def action_move(self, delta: int) -> None:
+        """j / k: down and up the queue (and scroll the results and detail)."""
+        pane = self.query_one(TabbedContent).active
+        if pane == "queue":
+            table = self.query_one("#tasks", DataTable)
+            table.action_cursor_down() if delta > 0 else table.action_cursor_up()
+        elif pane == "results":
+            self.query_one("#results-scroll", VerticalScroll).scroll_relative(y=delta * 3)
+
+    @on(TabbedContent.TabActivated)
+    def tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id == "queue":  # the keys act on the table at once, no Tab needed
+            self.query_one("#tasks", DataTable).focus()
 
     def _selected_task(self) -> TaskRow | None:
         return next((t for t in self.snapshot.tasks if t.id == self.selected), None)
@@ -349,6 +357,8 @@ class RunnerApp(App):
 
     def action_pane(self, pane: str) -> None:
         self.query_one(TabbedContent).active = "curves-pane" if pane == "curves" else pane
+        if pane == "queue":
+            self.query_one("#tasks", DataTable).focus()
 
     def action_cycle_filter(self) -> None:
         self.filter = FILTERS[(FILTERS.index(self.filter) + 1) % len(FILTERS)]
