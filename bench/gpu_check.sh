@@ -2,6 +2,12 @@
 # The training engine's GPU check, run once on a lent H100/H200 (see the issue note):
 #   bash bench/gpu_check.sh smoke   # environment, eager bench, a 1-epoch study: about a minute
 #   bash bench/gpu_check.sh full    # the chest X-ray study at real scale, then the compiled bench
+#   bash bench/gpu_check.sh product # the product itself: `byol-runner doctor`, then `byol-runner run` of a
+#                                   # small real-data manifest (head CT and chest X-ray, 1 seed, 10%/100%) on the
+#                                   # GPU with the local executor (CUDA slot, bf16, channels_last, compile on);
+#                                   # BYOL_DATA: the folder holding head_ct/ and chest_xray/. Tested on the CPU
+#                                   # with DEVICE=cpu PRECISION=fp32 COMPILE=false ARCH=resnet18 SIZE=32
+#                                   # PRE_STEPS=4 FT_STEPS=4 (and OUT=...)
 #   bash bench/gpu_check.sh speed   # only the speed goals: eager bench, then compiled (networks and
 #                                   # augmentation; compiling takes minutes), then the compiled
 #                                   # augmentation's kernels (bench/augment_kernels.py); no data needed
@@ -15,9 +21,49 @@ if ! python3 -c "import pydantic" 2>/dev/null || [ -d .whl ]; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
-nvidia-smi -L
-python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
-if [ "$mode" = speed ]; then
+nvidia-smi -L || [ "${DEVICE:-cuda}" = cpu ]
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+if [ "$mode" = product ]; then
+  export BYOL_DATA=${BYOL_DATA:-data}
+  cat > "$OUT/gpu-product.yaml" <<EOF
+name: gpu-product
+datasets:
+  hemorrhage:
+    source: csv
+    root: \${BYOL_DATA}/head_ct
+    labels_csv: labels.csv
+    image_column: id
+    label_column: hemorrhage
+    image_pattern: '{}.png'
+    classes: {normal: ['0'], hemorrhage: ['1']}
+    positive: hemorrhage
+    split: {strategy: stratified, val: 0.2, test: 0.2}
+    image_size: ${SIZE:-128}
+  pneumonia:
+    source: imagefolder
+    root: \${BYOL_DATA}/chest_xray
+    split_dirs: {train: train, val: val, test: test}
+    classes: {normal: [NORMAL], pneumonia: [PNEUMONIA]}
+    positive: pneumonia
+    split: {strategy: stratified, val: 0.15, test: 0.15, group_pattern: '(person\d+)_|((?:NORMAL2-)?IM-\d+)-'}
+    image_size: ${SIZE:-128}
+methods: [byol-finetune, byol-linear, supervised, random-linear]
+labels: {fractions: [0.1, 1.0]}
+seeds: [0]
+model: {arch: ${ARCH:-resnet50}}
+pretrain: {epochs: 1, min_steps: ${PRE_STEPS:-300}, batch_size: 256, warmup_epochs: 0.5}
+finetune: {epochs: 1, min_steps: ${FT_STEPS:-100}, batch_size: 64}
+run: {device: ${DEVICE:-cuda}, precision: ${PRECISION:-bf16}, compile: ${COMPILE:-true}, channels_last: true}
+executor: {kind: local, max_parallel: 1}
+EOF
+  python3 -m runner.cli doctor "$OUT/gpu-product.yaml" 2>&1 | tee "$OUT/doctor.txt"
+  start=$(date +%s)
+  timeout "${RUN_TIMEOUT:-480}" python3 -m runner.cli run "$OUT/gpu-product.yaml" --results /tmp/gpu-results > "$OUT/product_run.log" 2>&1
+  echo "exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/product_run.log"
+  tail -40 "$OUT/product_run.log"
+  python3 -m runner.cli status --results /tmp/gpu-results > "$OUT/product_status.txt" 2>&1
+  cp /tmp/gpu-results/gpu-product/results.md /tmp/gpu-results/gpu-product/results.json "$OUT/" 2>/dev/null
+elif [ "$mode" = speed ]; then
   python3 -m runner.cli bench --arch resnet50 --size 224 --batch 256 --steps 30 --warmup 10 | tee "$OUT/bench_eager_r50_224.json"
   timeout 420 python3 -m runner.cli bench --arch resnet50 --size 224 --batch 256 --steps 30 --warmup 10 --compile \
     | tee "$OUT/bench_compiled_r50_224.json"
