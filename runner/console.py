@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -129,16 +130,17 @@ def rich_markdown(text: str):  # noqa: ANN201 - a rich renderable
     rows: list[list[str]] = []
 
     def table() -> None:
-        header, body = rows[0], [r for r in rows[1:] if not set("".join(r)) <= set("-: ")]
+        separator = len(rows) > 1 and all(re.fullmatch(r":?-+:?", c) for c in rows[1])
+        header, body = rows[0], rows[2:] if separator else rows[1:]
         t = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False, show_edge=False)
         for i, name in enumerate(header):
             cells = [r[i] for r in body if i < len(r)]
             numeric = i > 0 and cells and all(NUMBER.match(c) for c in cells)
             # words stay whole: a cell wraps at its spaces ("0.708 [0.583, 0.833]" over two lines)
             longest = max((len(w) for c in cells for w in c.split()), default=4)
-            t.add_column(name, justify="right" if numeric else "left", min_width=min(longest, 24))
+            t.add_column(Text(name), justify="right" if numeric else "left", min_width=min(longest, 24))
         for r in body:
-            t.add_row(*r)
+            t.add_row(*(Text(c) for c in r))  # a cell's "[...]" is text (an interval), never rich markup
         parts.append(t)
         rows.clear()
 

@@ -95,13 +95,15 @@ def readme_markers(readme: Path, lines: list[str] | None = None, run: str | None
         if len(starts) == 1 and len(ends) == 1 and starts[0] < ends[0]:
             return starts[0], ends[0]
         if starts or ends:
+            order = "; the start line must come before the end line" if len(starts) == len(ends) == 1 else ""
             raise UserError(f"{readme}: needs exactly one pair of marker lines for run {run}, {named_start} then "
-                            f"{named_end}, each on a line of its own (found {len(starts)} and {len(ends)})")
+                            f"{named_end}, each on a line of its own (found {len(starts)} and {len(ends)}{order})")
     starts, ends = pair(MARK_START, MARK_END)
     if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
         named = "" if run is None else f" (or {run_marks(run)[0]} then {run_marks(run)[1]}, for a README with several runs)"
+        order = "; the start line must come before the end line" if len(starts) == len(ends) == 1 else ""
         raise UserError(f"{readme}: needs exactly one pair of marker lines, {MARK_START} then {MARK_END}{named}, each on a "
-                        f"line of its own, where the results go (found {len(starts)} and {len(ends)})")
+                        f"line of its own, where the results go (found {len(starts)} and {len(ends)}{order})")
     return starts[0], ends[0]
 
 
@@ -111,52 +113,53 @@ def readme_figure_dir(readme: Path, run: str) -> Path:
 
 def readme_figures(readme: Path, report: dict, results: Path) -> str:
     """Copy the README's figures (per data set: label efficiency, the pretraining loss, the confusion
-    matrices per budget) into docs/<run>/ beside the README, replacing what an earlier report put
-    there, and return their markdown: images a repository page shows, not links into results/,
-    which is never committed."""
+    matrices per budget) into docs/<run>/ beside the README, replacing the ones an earlier report put
+    there (other files there are left alone), and return their markdown: images a repository page
+    shows, not links into results/, which is never committed."""
     import shutil
 
     from runner.figures import slug
 
     run = report["run"]
     figs = {Path(f).name: results / run / f for f in report.get("figures", [])}
-    wanted = [name for name in figs if name.startswith(README_FIGURES)]
     out = readme_figure_dir(readme, run)
-    if out.is_dir():
-        for stale in out.glob("*.png"):
-            if stale.name not in wanted:
-                stale.unlink()
-    if not wanted:
-        return ""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in wanted:
-        shutil.copyfile(figs[name], out / name)
     rel = Path(os.path.relpath(out, readme.parent)).as_posix()
     datasets = list(dict.fromkeys(e["dataset"] for e in report.get("extended", [])))
     budgets = sorted({e["labels"] for e in report.get("extended", [])}, key=_budget_order)
+    shown: list[str] = []
 
     def img(name: str, alt: str, width: str) -> str:
-        return f'<img src="{rel}/{name}" alt="{alt}" width="{width}">' if name in wanted else ""
+        if name not in figs:
+            return ""
+        shown.append(name)
+        return f'<img src="{rel}/{name}" alt="{alt}" width="{width}">'
 
-    text = (f"Figures (copied into `{rel}/` by the report; every figure, the training curves too, is in the run's "
-            f"results.html: `byol-runner report --run {run} --format html`):\n")
+    blocks = []
     for ds in datasets:
         s = slug(ds)
         top = [img(f"label_efficiency_{s}.png", f"{ds}: label efficiency", "49%"),
                img(f"pretrain_loss_{s}.png", f"{ds}: pretraining loss", "49%")]
-        mats = [(b, f"confusion_{s}_{slug(b)}.png") for b in budgets]
-        mats = [(b, name) for b, name in mats if name in wanted]
+        mats = [(b, f"confusion_{s}_{slug(b)}.png") for b in budgets if f"confusion_{s}_{slug(b)}.png" in figs]
         if not any(top) and not mats:
             continue
         parts = [w for w, i in zip(("label efficiency", "pretraining loss"), top) if i]
         if mats:
             parts.append(f"test confusion matrices (all seeds summed) at {', '.join(b for b, _ in mats)} labels")
-        text += f"\n**{ds}**: {'; '.join(parts)}.\n\n"
-        if any(top):
-            text += " ".join(i for i in top if i) + "\n"
+        block = f"\n**{ds}**: {'; '.join(parts)}.\n\n" + (" ".join(i for i in top if i) + "\n" if any(top) else "")
         if mats:
-            text += " ".join(img(name, f"{ds}: confusion matrices, {b} labels", "49%") for b, name in mats) + "\n"
-    return text
+            block += " ".join(img(name, f"{ds}: confusion matrices, {b} labels", "49%") for b, name in mats) + "\n"
+        blocks.append(block)
+    if out.is_dir():  # an earlier report's figures that this one does not show
+        for stale in out.glob("*.png"):
+            if stale.name.startswith(README_FIGURES) and stale.name not in shown:
+                stale.unlink()
+    if not shown:
+        return ""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in shown:
+        shutil.copyfile(figs[name], out / name)
+    return (f"Figures (copied into `{rel}/` by the report; every figure, the training curves too, is in the run's "
+            f"results.html: `byol-runner report --run {run} --format html`):\n" + "".join(blocks))
 
 
 def publish_readme(readme: Path, report: dict, results: Path) -> str:

@@ -320,8 +320,10 @@ def test_run_on_a_terminal_prints_tables_and_piped_the_markdown(tiny_reference, 
     import fcntl
     import os
     import pty
+    import select
     import struct
     import termios
+    import time
 
     manifest, results, piped = tiny_reference
     assert "| Dataset | Model 1 accuracy | Model 1 loss |" in piped and "|---|" in piped
@@ -331,8 +333,10 @@ def test_run_on_a_terminal_prints_tables_and_piped_the_markdown(tiny_reference, 
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(manifest), "--results", str(finished)], cwd=REPO,
                             stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "TERM": "xterm-256color"})
     os.close(slave)
-    chunks = []
-    while True:
+    chunks, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline:  # a hung child fails the test instead of hanging it
+        if not select.select([master], [], [], 1.0)[0]:
+            continue
         try:
             data = os.read(master, 65536)
         except OSError:  # the child closed the terminal

@@ -134,6 +134,7 @@ def test_a_readme_with_several_runs_gets_each_run_in_its_own_named_section(finis
     (tmp_path / "docs" / "demo" / "keep.png").write_bytes(b"demo's")
     (tmp_path / "docs" / "tiny").mkdir()
     (tmp_path / "docs" / "tiny" / "confusion_gone_1pct.png").write_bytes(b"stale")
+    (tmp_path / "docs" / "tiny" / "screenshot.png").write_bytes(b"the user's")
     r = run_cli("report", "--results", str(finished), "--readme", str(readme))
     assert r.returncode == 0, r.stderr
     text = readme.read_text()
@@ -142,6 +143,7 @@ def test_a_readme_with_several_runs_gets_each_run_in_its_own_named_section(finis
     assert section.startswith("| Dataset | Model 1 accuracy |") and 'src="docs/tiny/label_efficiency_syn.png"' in section
     assert (tmp_path / "docs" / "demo" / "keep.png").read_bytes() == b"demo's"
     assert not (tmp_path / "docs" / "tiny" / "confusion_gone_1pct.png").exists()
+    assert (tmp_path / "docs" / "tiny" / "screenshot.png").read_bytes() == b"the user's"  # not a figure of a report
     # named sections for other runs only, and no plain pair: refused, naming the pair this run needs
     readme.write_text(other)
     r = run_cli("report", "--results", str(finished), "--readme", str(readme))

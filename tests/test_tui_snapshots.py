@@ -215,6 +215,7 @@ def test_keys_as_in_htop_and_k9s(fixed_results):
             await pilot.pause(0.3)
             assert app.sort == "status" and keys()[:2] == ["sup0000000000002", "lin0000000000002"]
             assert str(table.columns["status"].label) == "status ▲"
+            assert table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value == app.selected == "fin0000000000001"
             await pilot.press("S")
             await pilot.pause(0.3)
             assert keys()[-2:] == ["lin0000000000002", "sup0000000000002"] and str(table.columns["status"].label) == "status ▼"
@@ -231,6 +232,14 @@ def test_keys_as_in_htop_and_k9s(fixed_results):
             await pilot.press("escape")
             await pilot.pause(0.3)
             assert len(keys()) == 6 and app.find == "" and not app.query_one("#find").has_class("shown")
+            await pilot.press("3", "slash")  # from another tab: the queue shows, and the find box takes the typing
+            await pilot.pause(0.3)
+            assert app.query_one("TabbedContent").active == "queue" and app.focused is app.query_one("#find")
+            await pilot.press(*"zzz")
+            await pilot.pause(0.3)
+            assert keys() == [] and app.selected is None and app.sort == "status"  # nothing shown: nothing selected
+            await pilot.press("escape")
+            await pilot.pause(0.3)
             app.action_show_help_panel()
             await pilot.pause(0.3)
             assert app.screen.query("HelpPanel")
@@ -240,6 +249,24 @@ def test_keys_as_in_htop_and_k9s(fixed_results):
             await pilot.press("q")
 
     asyncio.run(scenario())
+
+
+def test_sorting_compares_numbers_budgets_and_puts_blank_cells_last():
+    """s/S and header clicks: numbers as numbers (seed 10 after 2), budgets from the smallest
+    (5/class before 1%), and a blank cell last whether ascending or descending."""
+    from runner.store import TaskRow
+    from runner.tui.queue import shown_tasks
+
+    def row(tid: str, seed: int, budget: str | None, loss: float | None, attempts: int) -> TaskRow:
+        return TaskRow(tid, "finetune", "ct", "byol-finetune", seed, budget, [], "done", None, None, loss, None, None, attempts)
+
+    tasks = [row("a", 10, "100%", 0.3, 1), row("b", 2, None, None, 3), row("c", 1, "5/class", 0.1, 2), row("d", 2, "1%", 0.2, 0)]
+    ids = lambda column, down=False: [t.id for t in shown_tasks(tasks, None, "", column, down, 0.0)]  # noqa: E731
+    assert ids("seed") == ["c", "b", "d", "a"] and ids("seed", True) == ["a", "b", "d", "c"]
+    assert ids("labels") == ["c", "d", "a", "b"] and ids("labels", True) == ["a", "d", "c", "b"]
+    assert ids("loss") == ["c", "d", "a", "b"] and ids("loss", True) == ["a", "d", "c", "b"]
+    assert ids("try") == ["d", "a", "c", "b"]
+    assert ids(None) == ["a", "b", "c", "d"] and [t.id for t in shown_tasks(tasks, None, "5/class", None, False, 0.0)] == ["c"]
 
 
 def test_results_tables_keep_their_width_on_a_wide_terminal(fixed_results):

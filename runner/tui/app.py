@@ -79,6 +79,7 @@ class RunnerApp(App):
         self.rows: dict[str, tuple] = {}
         self.filter: str | None = None
         self.find = ""  # the `/` text filter
+        self.finding = False  # `/` was pressed: the find box, not the table, takes the keys
         self.sort: str | None = None  # a column, or None: the plan's order
         self.descending = False
         self.columns: tuple[str, ...] = COLUMNS
@@ -221,6 +222,8 @@ class RunnerApp(App):
                 self.rows[t.id] = cells
             if rebuild and self.selected in self.rows:
                 table.move_cursor(row=table.get_row_index(self.selected))
+        if not visible:  # nothing shown: r, c and l act on no hidden task
+            self.selected = None
 
     def update_curves(self, series: dict, overlay: dict) -> None:
         plot = self.query_one("#curves", PlotextPlot)
@@ -276,9 +279,10 @@ class RunnerApp(App):
         self.push_screen(Help())
 
     def action_find(self) -> None:
-        self.action_pane("queue")
         box = self.query_one("#find", Input)
         box.add_class("shown")
+        self.finding = True  # the tab switch below must not hand the keys back to the table
+        self.action_pane("queue")
         box.focus()
 
     @on(Input.Changed, "#find")
@@ -305,7 +309,7 @@ class RunnerApp(App):
             self.query_one("#tasks", DataTable).focus()
 
     def action_move(self, delta: int) -> None:
-        """j / k: down and up the queue (and scroll the results and detail)."""
+        """j / k: down and up the queue (and scroll the results)."""
         pane = self.query_one(TabbedContent).active
         if pane == "queue":
             table = self.query_one("#tasks", DataTable)
@@ -315,8 +319,9 @@ class RunnerApp(App):
 
     @on(TabbedContent.TabActivated)
     def tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        if event.pane.id == "queue":  # the keys act on the table at once, no Tab needed
-            self.query_one("#tasks", DataTable).focus()
+        if event.pane.id == "queue":  # the keys act on the table at once (or the find box `/` opened), no Tab needed
+            self.query_one("#find" if self.finding else "#tasks").focus()
+        self.finding = False
 
     def _selected_task(self) -> TaskRow | None:
         return next((t for t in self.snapshot.tasks if t.id == self.selected), None)
@@ -357,7 +362,7 @@ class RunnerApp(App):
 
     def action_pane(self, pane: str) -> None:
         self.query_one(TabbedContent).active = "curves-pane" if pane == "curves" else pane
-        if pane == "queue":
+        if pane == "queue" and not self.finding:
             self.query_one("#tasks", DataTable).focus()
 
     def action_cycle_filter(self) -> None:

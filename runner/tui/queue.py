@@ -62,39 +62,39 @@ def matches(t: TaskRow, text: str) -> bool:
     return all(w in hay for w in text.lower().split())
 
 
-def _budget(b: str | None) -> float:
-    try:
-        return float((b or "").rstrip("%"))
-    except ValueError:
-        return -1.0
+# a column's value on a task: the attribute it shows (numbers compared as numbers)
+FIELDS = {"dataset": "dataset", "method": "method", "seed": "seed", "kind": "kind", "slot": "slot", "epoch": "epoch",
+          "step": "step", "loss": "loss", "img/s": "img_per_s", "try": "attempts"}
 
 
-def sort_key(column: str, now: float):  # noqa: ANN201 - a key function
-    """How a column orders tasks: numbers as numbers, statuses as the summary lists them, blanks last."""
+def sort_value(t: TaskRow, column: str, now: float):  # noqa: ANN201 - a comparable, or None for a blank cell
+    """What a column sorts a task by: the number or name its cell shows, statuses in the summary's
+    order, budgets from the smallest; None where the cell is blank (those rows go last, either way)."""
+    from runner.report import _budget_order
     from runner.tui.state import STATUS_ORDER
 
-    def key(t: TaskRow) -> tuple:
-        if column == "status":
-            return (STATUS_ORDER.index(t.status) if t.status in STATUS_ORDER else 99,)
-        if column == "labels":
-            return (_budget(t.budget),)
-        if column == "step":
-            return (t.step is None, t.step or 0)
-        if column == "loss":
-            return (t.loss is None, t.loss or 0.0)
-        if column in ("time", "ETA"):
-            spent = (now - t.started if t.status == "running" else (t.ended or 0) - t.started) if t.started else None
-            if column == "ETA":
-                spent = spent * (t.total - t.step) / t.step if spent and t.total and t.step and t.total > t.step else None
-            return (spent is None, spent or 0.0)
-        return (str(getattr(t, column, "") or ""),)
-
-    return key
+    if column == "status":
+        return STATUS_ORDER.index(t.status) if t.status in STATUS_ORDER else len(STATUS_ORDER)
+    if column == "labels":
+        return _budget_order(t.budget) if t.budget else None
+    if column in ("time", "ETA"):
+        if not t.started or (t.status != "running" and not t.ended):
+            return None
+        spent = (now if t.status == "running" else t.ended) - t.started
+        if column == "time":
+            return spent
+        return spent * (t.total - t.step) / t.step if t.status == "running" and t.total and t.step and t.total > t.step else None
+    value = getattr(t, FIELDS.get(column, column), None)
+    return None if value in (None, "") else value
 
 
 def shown_tasks(tasks: list[TaskRow], status: str | None, text: str, sort: str | None, descending: bool,
                 now: float) -> list[TaskRow]:
     """The rows the queue shows: the status filter, then the text filter, in the plan's order or sorted
-    (a stable sort: ties keep the plan's order)."""
+    by a column (a stable sort: ties keep the plan's order; blank cells last, ascending or not)."""
     rows = [t for t in tasks if (status is None or t.status == status) and (not text or matches(t, text))]
-    return sorted(rows, key=sort_key(sort, now), reverse=descending) if sort else rows
+    if not sort:
+        return rows
+    values = {t.id: sort_value(t, sort, now) for t in rows}
+    blank = [t for t in rows if values[t.id] is None]
+    return sorted((t for t in rows if values[t.id] is not None), key=lambda t: values[t.id], reverse=descending) + blank

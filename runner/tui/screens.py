@@ -18,7 +18,8 @@ KEYS = (
     ("l", "the selected task's detail: its data and budget in words, attempts, log and error lines"),
     ("/", "find: show the tasks whose name, kind, status or id hold the words typed (Esc clears)"),
     ("f", "filter by status: running, failed, pending, done, all"),
-    ("s  S", "sort by the next column (▲ ascending); S reverses (▼); the plan's order after the last"),
+    ("s  S", "sort by the next column (▲ ascending); S reverses (▼); the plan's order after the last; a click on a "
+             "header sorts by it, a second click reverses"),
     ("o", "curves: overlay the other tasks of the same kind and data set"),
     ("e", "results: the AUROC and balanced accuracy of every arm"),
     ("r", "retry the selected failed, blocked or interrupted task"),
