@@ -111,8 +111,7 @@ def _the_tuis_results_screen_shows_the_external_rows(results: Path) -> None:
                 await pilot.pause(0.1)
             await pilot.press("3")
             await pilot.pause(0.5)
-            md = app.query_one("#table")
-            text = md.source if hasattr(md, "source") else md._markdown
+            text = app.results_markdown
             assert "| syn (25% labels) |" in text and "| syn → shifted (external) (25% labels) |" in text
             await pilot.press("q")
 

@@ -183,7 +183,7 @@ def test_the_readme_study_section_is_what_the_product_writes(finished, tmp_path)
     pct = [f"{f * 100:g}%" for f in study["labels"]["fractions"]]
     rows = [line.split(" | ")[0] for line in section.splitlines()[2:] if line.startswith("| ") and line.split(" | ")[0].endswith(" labels)")]
     assert sorted(rows) == sorted(f"| {ds} ({b} labels)" for ds in study["datasets"] for b in pct)
-    extended = [line.split(" | ") for line in section.splitlines() if re.match(r"\| \w+ \| \d+% \| ", line)]
+    extended = [line.split(" | ") for line in section.splitlines() if re.match(r"\| \w+ \| \d+% \| [a-z-]+†? \| ", line)]
     assert len(extended) == len(study["datasets"]) * len(pct) * len(study["methods"])
     assert {cells[3] for cells in extended} == {str(len(study["seeds"]))}  # every arm over the three seeds
     shown = re.findall(r'<img src="([^"]+)"', section)

@@ -236,7 +236,7 @@ def test_the_difference_uses_the_same_draws_for_both_models():
 def test_the_tuis_results_screen_marks_a_degenerate_cell(tmp_path):
     import asyncio
 
-    from textual.widgets import Markdown
+    from textual.geometry import Region
 
     from runner.plan import PlannedTask
     from runner.store import Store
@@ -257,13 +257,16 @@ def test_the_tuis_results_screen_marks_a_degenerate_cell(tmp_path):
     store.close()
     app = RunnerApp(results, poll_s=3600)
 
-    async def results_screen() -> str:
+    async def results_screen() -> tuple[str, str]:
         async with app.run_test(size=(120, 40)) as pilot:
             await pilot.press("3")
             await pilot.pause(0.5)
-            return app.query_one("#table", Markdown).source
+            table = app.query_one("#table")
+            screen = "\n".join(line.text for line in table.render_lines(Region(0, 0, table.size.width, table.size.height)))
+            return app.results_markdown, screen
 
-    text = asyncio.run(results_screen())
+    text, screen = asyncio.run(results_screen())
+    assert "ds (10% labels)" in screen and "†" in screen  # drawn, not only computed
     row = next(line for line in text.splitlines() if line.startswith("| ds (10% labels)"))
     assert row.count("†") == 2  # Model 2's accuracy and loss
     assert "† ds 10% supervised (seed 0): selected step 0" in text and "constant test predictions" in text
