@@ -80,7 +80,7 @@ def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, s
         tasks = store.run_tasks(outcome.run_id)
         rep = R.build(results, manifest.name, tasks, R.arch_of(text), primary=manifest.report.primary,
                       compare=(manifest.compare.model1, manifest.compare.model2))
-        rep["meta"] = R.provenance(results, store.run(outcome.run_id), tasks, 1000)
+        rep["meta"] = R.provenance(results, store.run(outcome.run_id), tasks, 1000, store.attempt_span([t.id for t in tasks]))
         R.write(results, rep)
     finally:
         store.close()

@@ -262,7 +262,9 @@ def to_html(report: dict, results: Path) -> str:
     meta = report.get("meta") or {}
     when = lambda t: time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t)) if t else "—"  # noqa: E731
     facts = [("run", f"{report['run']} ({meta.get('run_status', '?')})"),
-             ("started / ended", f"{when(meta.get('run_started'))} / {when(meta.get('run_ended'))}"),
+             ("this run", f"{when(meta.get('run_started'))} to {when(meta.get('run_ended'))}"),
+             ("tasks trained", f"{when(meta.get('trained_from'))} to {when(meta.get('trained_to'))} (their attempts, in "
+                               "whichever run)"),
              ("manifest", meta.get("manifest_path") or "—"), ("executor", meta.get("executor") or "—"),
              ("devices", ", ".join(meta.get("devices", [])) or "—"), ("PyTorch", ", ".join(meta.get("torchs", [])) or "—"),
              ("engine version", str(meta.get("engine_version", "—"))),

@@ -202,19 +202,23 @@ def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000
     `figures`, its figures are drawn into results/<run>/figures."""
     with open_latest_run(results, run_name) as (store, run):
         tasks = store.run_tasks(run["id"])
+        span = store.attempt_span([t.id for t in tasks])
     rep = build(results, run["name"], tasks, arch_of(run["manifest"]), bootstrap=bootstrap, primary=primary_of(run["manifest"]),
                 compare=compare_of(run["manifest"]), figures=figures)
-    rep["meta"] = provenance(results, run, tasks, bootstrap)
+    rep["meta"] = provenance(results, run, tasks, bootstrap, span)
     return rep
 
 
-def provenance(results: Path, run, tasks: list[TaskRow], bootstrap: int) -> dict:  # noqa: ANN001 - a runs row
-    """Where the numbers come from, for a methods section: the run, its manifest, the engine, and the
-    devices and library versions its tasks recorded."""
+def provenance(results: Path, run, tasks: list[TaskRow], bootstrap: int,  # noqa: ANN001 - a runs row
+               span: tuple[float | None, float | None] = (None, None)) -> dict:
+    """Where the numbers come from, for a methods section: the run, when its tasks trained (`span`,
+    Store.attempt_span: a run that found every task done trained nothing itself), its manifest, the
+    engine, and the devices and library versions its tasks recorded."""
     from runner.contracts import ENGINE_VERSION
 
     envs = [((_load_metrics(results, t.id) or {}).get("environment") or {}) for t in tasks if t.status == "done"]
     return {"run_started": run["started"], "run_ended": run["ended"], "run_status": run["status"],
+            "trained_from": span[0], "trained_to": span[1],
             "manifest_path": run["manifest_path"], "manifest": run["manifest"], "executor": run["executor"],
             "engine_version": ENGINE_VERSION, "bootstrap": bootstrap,
             **{f"{k}s": sorted({e[k] for e in envs if e.get(k)}) for k in ("device", "torch", "python", "host")}}

@@ -234,6 +234,15 @@ class Store:
             for r in rows
         ]
 
+    def attempt_span(self, task_ids: list[str]) -> tuple[float | None, float | None]:
+        """When these tasks trained: their first attempt's start and last attempt's end, in any run
+        (a later run that found them done trained nothing)."""
+        if not task_ids:
+            return None, None
+        row = self.db.execute("SELECT MIN(started), MAX(ended) FROM attempts WHERE task_id IN (%s)" % ",".join("?" * len(task_ids)),
+                              task_ids).fetchone()
+        return row[0], row[1]
+
     def attempts(self, task_id: str) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM attempts WHERE task_id=? ORDER BY id", (task_id,)).fetchall()
 

@@ -28,6 +28,19 @@ def finished(tmp_path_factory) -> Path:
     return results
 
 
+def test_a_rerun_that_trains_nothing_keeps_when_the_tasks_trained(finished, tmp_path):
+    """A second `run` of a finished study starts no worker; its report's provenance still says when the
+    tasks trained (their attempts), not only when this run started and ended."""
+    copy = tmp_path / "results"
+    shutil.copytree(finished, copy)
+    r = run_cli("run", str(finished.parent / "tiny.yaml"), "--results", str(copy))
+    assert r.returncode == 0 and "0 workers started" in r.stdout, r.stdout + r.stderr
+    meta = json.loads((copy / "tiny" / "results.json").read_text())["meta"]
+    assert meta["trained_from"] < meta["trained_to"] <= meta["run_started"] <= meta["run_ended"]
+    page = (copy / "tiny" / "results.html").read_text()
+    assert "<dt>tasks trained</dt>" in page and "<dt>this run</dt>" in page
+
+
 def test_hand_made_predictions_give_the_known_metrics_and_intervals():
     labels = np.array([0] * 50 + [1] * 50)
     # model A: right on 45 of each class; model B: right on 40 of each class, on a subset of A's
