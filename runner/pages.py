@@ -113,7 +113,7 @@ def readme_figure_dir(readme: Path, run: str) -> Path:
 
 def readme_figures(readme: Path, report: dict, results: Path) -> str:
     """Copy the README's figures (per data set: label efficiency, the pretraining loss, the confusion
-    matrices per budget) into docs/<run>/ beside the README, replacing the ones an earlier report put
+    matrices at the largest budget) into docs/<run>/ beside the README, replacing the ones an earlier report put
     there (other files there are left alone), and return their markdown: images a repository page
     shows, not links into results/, which is never committed."""
     import shutil
@@ -139,12 +139,15 @@ def readme_figures(readme: Path, report: dict, results: Path) -> str:
         s = slug(ds)
         top = [img(f"label_efficiency_{s}.png", f"{ds}: label efficiency", "49%"),
                img(f"pretrain_loss_{s}.png", f"{ds}: pretraining loss", "49%")]
-        mats = [(b, f"confusion_{s}_{slug(b)}.png") for b in budgets if f"confusion_{s}_{slug(b)}.png" in figs]
+        # the confusion matrices of the largest budget (every arm, Model 1 and Model 2 among them); the
+        # other budgets' are in results.html: a README stays readable, and its PNGs few
+        mats = [(b, f"confusion_{s}_{slug(b)}.png") for b in budgets if f"confusion_{s}_{slug(b)}.png" in figs][-1:]
         if not any(top) and not mats:
             continue
         parts = [w for w, i in zip(("label efficiency", "pretraining loss"), top) if i]
         if mats:
-            parts.append(f"test confusion matrices (all seeds summed) at {', '.join(b for b, _ in mats)} labels")
+            parts.append(f"test confusion matrices of every arm at {mats[0][0]} labels (all seeds summed; the other budgets' "
+                         "are in results.html)")
         block = f"\n**{ds}**: {'; '.join(parts)}.\n\n" + (" ".join(i for i in top if i) + "\n" if any(top) else "")
         if mats:
             block += " ".join(img(name, f"{ds}: confusion matrices, {b} labels", "49%") for b, name in mats) + "\n"
