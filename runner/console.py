@@ -100,10 +100,15 @@ def duration(seconds: float) -> str:
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def eta_seconds(spent: float, step: int | None, total: int | None) -> float | None:
+    """The seconds a training has left at its pace so far (steps done over the time taken); None
+    before its first step or without a known total."""
+    return spent * (total - step) / step if total and step and total > step else None
+
+
 def eta(spent: float, step: int | None, total: int | None) -> str:
-    """The time a training has left at its pace so far (steps done over the time taken); blank before
-    its first step or without a known total."""
-    return duration(spent * (total - step) / step) if total and step and total > step else ""
+    left = eta_seconds(spent, step, total)
+    return "" if left is None else duration(left)
 
 
 def print_markdown(text: str) -> None:

@@ -267,6 +267,14 @@ def test_sorting_compares_numbers_budgets_and_puts_blank_cells_last():
     assert ids("loss") == ["c", "d", "a", "b"] and ids("loss", True) == ["a", "d", "c", "b"]
     assert ids("try") == ["d", "a", "c", "b"]
     assert ids(None) == ["a", "b", "c", "d"] and [t.id for t in shown_tasks(tasks, None, "5/class", None, False, 0.0)] == ["c"]
+    # time and ETA as the cells show them: a running task's ETA at its pace, a finished one has none
+    fast = TaskRow("f", "finetune", "ct", "supervised", 0, "1%", [], "running", 1, 30, 0.5, None, None, 1, started=70.0, total=40)
+    slow = TaskRow("s", "finetune", "ct", "supervised", 1, "1%", [], "running", 1, 10, 0.5, None, None, 1, started=40.0, total=40)
+    ended = TaskRow("e", "finetune", "ct", "supervised", 2, "1%", [], "done", 1, 40, 0.5, None, None, 1, started=0.0, total=40,
+                    ended=90.0)
+    eta_order = [t.id for t in shown_tasks([ended, slow, fast], None, "", "ETA", False, 100.0)]
+    time_order = [t.id for t in shown_tasks([ended, slow, fast], None, "", "time", False, 100.0)]
+    assert eta_order == ["f", "s", "e"] and time_order == ["f", "s", "e"]  # ETA 10 s < 180 s, blank last; time 30 < 60 < 90
 
 
 def test_results_tables_keep_their_width_on_a_wide_terminal(fixed_results):

@@ -4,7 +4,7 @@ tested alone."""
 
 from __future__ import annotations
 
-from runner.console import duration, eta
+from runner.console import duration, eta, eta_seconds
 from runner.store import TaskRow
 
 
@@ -83,7 +83,7 @@ def sort_value(t: TaskRow, column: str, now: float):  # noqa: ANN201 - a compara
         spent = (now if t.status == "running" else t.ended) - t.started
         if column == "time":
             return spent
-        return spent * (t.total - t.step) / t.step if t.status == "running" and t.total and t.step and t.total > t.step else None
+        return eta_seconds(spent, t.step, t.total) if t.status == "running" else None
     value = getattr(t, FIELDS.get(column, column), None)
     return None if value in (None, "") else value
 
