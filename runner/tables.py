@@ -106,7 +106,7 @@ def to_csv(report: dict) -> str:
 
 LEARNED = {
     "Model 1 better": "yes: the linear probe on {name} beats {control}",
-    "no difference detected": "no gain detected: the frozen features of {name} did not beat {control_features}",
+    "no difference detected": "no gain detected: the frozen features of {name} were not shown to beat {control_features}",
     "Model 2 better": "no: {control_features} beat those of {name}",
 }
 CONTROL_WORDS = {  # (as the control, as its features)
