@@ -142,7 +142,7 @@ def _evaluate(task: TaskSpec, results: Path, ctx, log: EventLog) -> dict:  # noq
     calibrated probabilities and metrics as that task's own test split."""
     from runner.data.dataset import prepare
     from runner.ml import saved
-    from runner.ml.metrics import apply_temperature, classification_metrics, prior_loss
+    from runner.ml.metrics import apply_temperature, classification_metrics, prior_loss, stored_probs
 
     if task.model is None or not _inside(results / task.model, results):
         raise StartError(f"task {task.id}: model {task.model!r} is not a model.pt inside the results dir {results}")
@@ -180,7 +180,7 @@ def _evaluate(task: TaskSpec, results: Path, ctx, log: EventLog) -> dict:  # noq
         "classifier_kind": model["kind"],
         "class_names": model["class_names"],
         "positive": model["positive"],
-        "predictions": {"test_probs": np.round(probs, 6).tolist(), "test_labels": labels.tolist(), **_test_groups(ds, test)},
+        "predictions": {"test_probs": stored_probs(probs), "test_labels": labels.tolist(), **_test_groups(ds, test)},
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -272,7 +272,7 @@ def _score(task: TaskSpec, ds, labels: Labels, val_probs, probs, selection: dict
     """Test metrics, calibrated by a temperature fitted on the budget's validation labels (no
     prediction changes; the raw loss is kept beside it), and the label accounting; and the
     temperature as applied (metrics.json rounds it: model.pt keeps it whole)."""
-    from runner.ml.metrics import apply_temperature, classification_metrics, fit_temperature, prior_loss
+    from runner.ml.metrics import apply_temperature, classification_metrics, fit_temperature, prior_loss, stored_probs
 
     positive = ds.class_names.index(ds.spec.positive) if ds.spec.positive else (1 if labels.k == 2 else None)
     if not np.isfinite(probs).all():
@@ -294,7 +294,7 @@ def _score(task: TaskSpec, ds, labels: Labels, val_probs, probs, selection: dict
         "validation": task.budget.validation,
         "class_names": ds.class_names,
         "positive": positive,
-        "predictions": {"test_probs": np.round(probs, 6).tolist(), "test_labels": test_labels.tolist(),
+        "predictions": {"test_probs": stored_probs(probs), "test_labels": test_labels.tolist(),
                         **_test_groups(ds, labels.test)},
     }, temperature
 

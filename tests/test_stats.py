@@ -392,3 +392,16 @@ def test_the_manifest_chooses_model_1_and_model_2(tmp_path):
     assert R.compare_of("compare: {model1: supervised}\n") == ("supervised", None)
     default = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=0)
     assert (default["model1_method"], default["model2_method"]) == ("byol-finetune", "supervised")
+
+
+def test_stored_test_probabilities_keep_a_confident_miss_and_its_loss():
+    """metrics.json's test probabilities feed the extended table's loss: a confident miss (1e-9 on the
+    true class) must survive storage, not become 0 and cost -log(1e-12) = 27.6."""
+    from runner.ml.metrics import stored_probs
+
+    probs = np.array([[1 - 1e-9, 1e-9], [0.3, 0.7], [0.999999, 1e-6]])
+    labels = np.array([1, 1, 0])
+    kept = np.asarray(stored_probs(probs))
+    assert kept[0, 1] > 0 and json.loads(json.dumps(stored_probs(probs))) == stored_probs(probs)
+    true = -np.log(probs[np.arange(3), labels]).mean()
+    assert abs(-np.log(kept[np.arange(3), labels]).mean() - true) < 1e-5
