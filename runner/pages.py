@@ -4,6 +4,7 @@ marker lines, and the self-contained HTML page. The tables and numbers are `runn
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -23,10 +24,65 @@ def _events(results: Path, tid: str) -> list[dict]:
     return read_events(results / "tasks" / tid / "events.jsonl")[0]
 
 
-def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict) -> list[str]:
-    from runner import figures as F
+FIGURE_MEMO = ".drawn.json"  # in figures/: what each figure was drawn from, so an unchanged one is not drawn again
 
+
+def _figure_code() -> str:
+    """What the figures look like besides their data: the drawing code, the arms' labels and colours,
+    matplotlib's version (read without importing matplotlib)."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+
+    h = hashlib.sha256(importlib.metadata.version("matplotlib").encode())
+    for module in ("runner.figures", "runner.arms"):
+        h.update(Path(importlib.util.find_spec(module).origin).read_bytes())
+    return h.hexdigest()
+
+
+class _Drawer:
+    """Draws a figure only when its data or the drawing code changed since it was drawn into `out`: a
+    rerun of a finished study (or `report` again) then skips matplotlib, which is most of a small
+    report's time. A figure whose file is missing or differs from what was drawn is drawn again."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.code = _figure_code()
+        try:
+            memo = json.loads((out / FIGURE_MEMO).read_text())
+            self.memo = memo if isinstance(memo, dict) else {}
+        except (OSError, ValueError):
+            self.memo = {}
+        self.used: dict[str, dict] = {}
+
+    def __call__(self, name: str, *args) -> Path:  # noqa: ANN002
+        import hashlib
+        import pickle
+
+        key = hashlib.sha256(pickle.dumps((self.code, name, args), protocol=4)).hexdigest()
+        seen = self.memo.get(key)
+        if isinstance(seen, dict) and isinstance(seen.get("file"), str) and "/" not in seen["file"]:
+            path = self.out / seen["file"]
+            try:
+                if hashlib.sha256(path.read_bytes()).hexdigest() == seen.get("sha256"):
+                    self.used[key] = seen
+                    return path
+            except OSError:
+                pass
+        from runner import figures as F
+
+        path = getattr(F, name)(self.out, *args)
+        self.used[key] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        return path
+
+    def save(self) -> None:
+        if self.used != self.memo and self.out.is_dir():
+            atomic_write_text(self.out / FIGURE_MEMO, json.dumps(self.used, indent=1, sort_keys=True) + "\n")
+
+
+def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict) -> list[str]:
     out = results / report["run"] / "figures"
+    draw = _Drawer(out)
     paths: list[Path] = []
     external = report.get("external", {})
     tasks = [dataclasses.replace(t, dataset=shown(t.dataset, external)) for t in tasks]  # as the tables name them
@@ -36,7 +92,7 @@ def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict)
                   [(e["epoch"], e["loss"]) for e in _events(results, t.id) if e.get("kind") == "metric" and "loss" in e]
                   for t in tasks if t.dataset == ds and t.kind == "pretrain"}
         if any(curves.values()):
-            paths.append(F.pretrain_loss(out, ds, curves))
+            paths.append(draw("pretrain_loss", ds, curves))
         budgets = sorted({t.budget for t in tasks if t.dataset == ds and t.budget}, key=_budget_order)
         for budget in budgets:
             mats, names = {}, None
@@ -45,7 +101,7 @@ def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict)
                     mats[method] = np.sum([np.asarray(e["confusion"]) for e in entries], axis=0)
                     names = entries[0]["class_names"]
             if mats:
-                paths.append(F.confusion(out, ds, budget, mats, names))
+                paths.append(draw("confusion", ds, budget, mats, names))
             ft = defaultdict(dict)
             for t in tasks:
                 if t.dataset == ds and t.budget == budget and t.kind in A.CLASSIFIER_KINDS:
@@ -53,13 +109,14 @@ def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict)
                     if pts:
                         ft[t.method][t.seed] = pts
             if ft:
-                paths.append(F.finetune_loss(out, ds, budget, ft))
+                paths.append(draw("finetune_loss", ds, budget, ft))
         series = defaultdict(dict)
         for e in report["extended"]:
             if e["dataset"] == ds:
                 series[e["method"]][e["labels"]] = e
         if series:
-            paths.append(F.label_efficiency(out, ds, budgets, dict(sorted(series.items()))))
+            paths.append(draw("label_efficiency", ds, budgets, dict(sorted(series.items()))))
+    draw.save()
     return [str(p.relative_to(results / report["run"])) for p in paths]
 
 

@@ -109,6 +109,43 @@ def test_finished_run_has_every_table_row_and_figure(finished):
     assert '<td class="num">0.' in page  # numbers right-aligned, text left
 
 
+def test_a_figure_is_drawn_again_only_when_what_it_shows_or_its_file_changed(finished, tmp_path, monkeypatch):
+    """`report` (and every `run`) draws the figures; one whose data, drawing code and file are as they
+    were drawn is kept, not drawn again (matplotlib is most of a small report's time)."""
+    from runner import pages
+
+    results = shutil.copytree(finished, tmp_path / "results")
+    figures = results / "tiny" / "figures"
+
+    def stamps() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in figures.glob("*.png")}
+
+    first = R.report_for(results)["figures"]
+    before = stamps()
+    assert len(before) == 6 and json.loads((figures / pages.FIGURE_MEMO).read_text())
+    assert R.report_for(results)["figures"] == first and stamps() == before  # nothing drawn
+    (figures / "label_efficiency_syn.png").write_bytes(b"damaged")  # a file changed since: drawn again
+    (figures / "pretrain_loss_syn.png").unlink()  # a file gone: drawn again
+    R.report_for(results)
+    after = stamps()
+    assert {k for k in after if after[k] != before.get(k)} == {"label_efficiency_syn.png", "pretrain_loss_syn.png"}
+    with Image.open(figures / "label_efficiency_syn.png") as im:
+        im.verify()
+    # what a figure shows changed (here: one task's recorded pretraining losses): that figure only
+    pre = next(d for d in (results / "tasks").iterdir() if json.loads((d / "task.json").read_text())["kind"] == "pretrain")
+    lines = (pre / "events.jsonl").read_text().splitlines()
+    changed = [json.dumps({**e, "loss": e["loss"] + 1.0}) if e.get("kind") == "metric" and "loss" in e else json.dumps(e)
+               for e in map(json.loads, lines)]
+    (pre / "events.jsonl").write_text("\n".join(changed) + "\n")
+    R.report_for(results)
+    again = stamps()
+    assert {k for k in again if again[k] != after[k]} == {"pretrain_loss_syn.png"}
+    # new drawing code (or matplotlib): every figure drawn again
+    monkeypatch.setattr(pages, "_figure_code", lambda: "another version")
+    R.report_for(results)
+    assert all(v != again[k] for k, v in stamps().items())
+
+
 def test_readme_rewrite_touches_only_the_marked_section_and_is_idempotent(finished, tmp_path):
     before = "# My study\n\nIntro text.\n\n<!-- byol-runner results start -->\nold table\n<!-- byol-runner results end -->\n\nOutro: keep me.\n"
     readme = tmp_path / "README.md"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from runner import report as R
-from runner.stats import bootstrap_metrics, holm, paired_difference, verdict
+from runner.stats import bootstrap_metrics, holm, paired_difference, seed_t_test, verdict
 from runner.store import TaskRow
 
 
@@ -79,6 +79,19 @@ def test_seed_to_seed_variation_widens_the_interval():
     assert lo < 0.65 and hi > 0.85
     one = bootstrap_metrics([seed_with(0.75)], positive=1, b=1000)
     assert one["accuracy"]["ci"][1] - one["accuracy"]["ci"][0] < 0.1
+
+
+def test_the_seed_t_test_is_students_one_sample_test():
+    """The per-seed t-test, written on Student's t CDF (scipy.special), gives scipy.stats' p-values."""
+    from scipy import stats as sps
+
+    rng = np.random.default_rng(4)
+    for n in (2, 3, 5, 10):
+        for shift in (0.0, 0.02, 0.3):
+            d = rng.normal(shift, 0.05, n)
+            assert seed_t_test(list(d)) == pytest.approx(sps.ttest_1samp(d, 0.0).pvalue, rel=1e-9, abs=1e-15)
+    assert seed_t_test([0.1, None]) is None and seed_t_test([]) is None  # under two seeds: no test
+    assert seed_t_test([0.2, 0.2, 0.2]) == 0.0 and seed_t_test([0.0, 0.0]) == 1.0  # no spread
 
 
 def test_holm_adjusts_step_down():
