@@ -126,3 +126,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def cli_here(*args: str) -> subprocess.CompletedProcess:
+    """`byol-runner ARGS` called in this process: its exit code, stdout and stderr, as `run_cli` gives
+    them. For commands whose process is not what a test checks (`report`, `predict`): a fresh Python
+    spends seconds importing what this one has loaded. Never for `run`, which starts workers."""
+    import contextlib
+    import io
+
+    from runner.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(["byol-runner", *args], rc, out.getvalue(), err.getvalue())

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_results, run_cli, tiny
+from tests.conftest import cli_here, copy_results, run_cli, tiny
 
 
 def _one_error_line(r: subprocess.CompletedProcess) -> str:
@@ -35,7 +36,7 @@ def test_a_damaged_runner_db_says_how_to_rebuild_it_and_the_rebuild_loses_no_fin
     for cmd in (("status",), ("report",), ("run", str(manifest))):
         line = _one_error_line(run_cli(*cmd, "--results", str(results)))
         assert "runner.db is damaged" in line and "--rebuild-store" in line, line
-    plan = run_cli("plan", str(manifest), "--results", str(results))
+    plan = cli_here("plan", str(manifest), "--results", str(results))
     assert plan.returncode == 0 and "Traceback" not in plan.stderr, plan.stderr  # the plan needs no history
     assert "runner.db is damaged" in plan.stderr
 
@@ -44,7 +45,7 @@ def test_a_damaged_runner_db_says_how_to_rebuild_it_and_the_rebuild_loses_no_fin
     assert "5 done; 0 workers started" in rebuilt.stdout  # every finished task was found in its folder
     assert "moved the damaged runner.db aside" in rebuilt.stderr
     assert len(list(results.glob("runner.db.damaged-*"))) == 1
-    st = run_cli("status", "--results", str(results), "--json")
+    st = cli_here("status", "--results", str(results), "--json")
     assert st.returncode == 0 and all(t["status"] == "done" for t in json.loads(st.stdout)["tasks"])
     assert json.loads((results / "tiny" / "results.json").read_text())["rows"] == \
         json.loads((reference / "tiny" / "results.json").read_text())["rows"]
@@ -60,7 +61,7 @@ def test_a_damaged_cache_entry_is_decoded_again(tiny_reference, tmp_path, damage
     else:
         images = entry / "images.npy"
         images.write_bytes(images.read_bytes()[:1000])
-    plan = run_cli("plan", str(manifest), "--results", str(results))
+    plan = cli_here("plan", str(manifest), "--results", str(results))
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert "damaged cache entry" in plan.stderr and "decoded again" in plan.stderr
     again = run_cli("run", str(manifest), "--results", str(results))
@@ -88,13 +89,13 @@ def test_a_read_only_results_dir_serves_status_report_and_plan_and_run_says_why(
     results = copy_results(reference, tmp_path / "results")
     undo = _read_only(results)
     try:
-        st = run_cli("status", "--results", str(results), "--json")
+        st = cli_here("status", "--results", str(results), "--json")
         assert st.returncode == 0, st.stderr
         assert {t["status"] for t in json.loads(st.stdout)["tasks"]} == {"done"}
-        rep = run_cli("report", "--results", str(results), "--format", "csv")
+        rep = cli_here("report", "--results", str(results), "--format", "csv")
         assert rep.returncode == 0 and rep.stdout.startswith("dataset,labels,method"), rep.stderr
         assert "not written" in rep.stderr and "read-only" in rep.stderr
-        plan = run_cli("plan", str(manifest), "--results", str(results))
+        plan = cli_here("plan", str(manifest), "--results", str(results))
         assert plan.returncode == 0 and "Traceback" not in plan.stderr, plan.stderr
         changed = tmp_path / "changed.yaml"
         changed.write_text(manifest.read_text().replace("min_steps: 5", "min_steps: 6"))
@@ -120,8 +121,13 @@ def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_temporary_file(tmp
         text = r.stdout + r.stderr
         assert "no space left" in text and "free" in text, text
         assert not list((disk / "results").rglob(".*.tmp-*"))
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    finally:  # a worker told to stop when the run ended may still be closing its files for a moment
+        for _ in range(50):
+            if subprocess.run(["umount", str(disk)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            subprocess.run(["umount", str(disk)], check=True)
 
 
 def _task_of(results: Path, kind: str, **match) -> Path:
@@ -167,9 +173,9 @@ def test_undecodable_event_lines_are_skipped(tiny_reference, tmp_path):
     good = (pre / "events.jsonl").read_text()
     with open(pre / "events.jsonl", "ab") as f:
         f.write(b"\xff\xfe\x00garbage\n" + os.urandom(300) + b"\n{\"kind\": \"metric\", \"loss\": \n")
-    r = run_cli("report", "--results", str(results), "--format", "csv")
+    r = cli_here("report", "--results", str(results), "--format", "csv")
     assert r.returncode == 0 and r.stdout.startswith("dataset,labels,method") and "Traceback" not in r.stderr, r.stderr
-    assert run_cli("status", "--results", str(results)).returncode == 0
+    assert cli_here("status", "--results", str(results)).returncode == 0
     from runner.contracts import read_events
 
     assert read_events(pre / "events.jsonl")[0] == read_events_text(good)

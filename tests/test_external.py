@@ -12,7 +12,7 @@ import pytest
 
 from runner.errors import DataError, ManifestError
 from runner.manifest import parse_manifest
-from tests.conftest import copy_results, run_cli
+from tests.conftest import cli_here, copy_results, run_cli
 
 EXTERNAL = """\
   shifted:
@@ -215,7 +215,7 @@ run: {{device: cpu}}
     assert sorted(m["kind"] for m in scored.values()) == ["linear", "random-linear", "supervised"]
     for tid, m in scored.items():
         assert m["temperature"] is not None  # the calibration is part of what predict must reproduce
-        out = run_cli("predict", tid[:8], *files, str(tmp_path / "broken.png"), "--results", str(results), "--json",
+        out = cli_here("predict", tid[:8], *files, str(tmp_path / "broken.png"), "--results", str(results), "--json",
                       "--csv", str(tmp_path / f"{tid}.csv"))
         assert out.returncode == 1, out.stderr
         assert "1 of 9 images could not be scored" in out.stderr
@@ -226,7 +226,7 @@ run: {{device: cpu}}
         probs = np.array([[r["probs"]["class0"], r["probs"]["class1"]] for r in rows[:-1]])
         assert stored_probs(probs) == m["predictions"]["test_probs"], m["kind"]  # as metrics.json stores them
         assert (tmp_path / f"{tid}.csv").read_text().count("\n") == 10  # header + 9 rows
-    plain = run_cli("predict", tid, files[0], "--results", str(results))
+    plain = cli_here("predict", tid, files[0], "--results", str(results))
     assert plain.returncode == 0 and re.match(rf"{re.escape(files[0])}\tclass[01]\tp\(class1\) 0\.\d{{4}}$", plain.stdout.strip())
-    unknown = run_cli("predict", "zzzz", files[0], "--results", str(results))
+    unknown = cli_here("predict", "zzzz", files[0], "--results", str(results))
     assert unknown.returncode == 2 and "0 tasks under" in unknown.stderr and "start with 'zzzz'" in unknown.stderr

@@ -13,7 +13,7 @@ from PIL import Image
 
 from runner import report as R
 from runner.stats import bootstrap_metrics, paired_difference
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import REPO, TINY, cli_here, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_readme_rewrite_touches_only_the_marked_section_and_is_idempotent(finish
     before = "# My study\n\nIntro text.\n\n<!-- byol-runner results start -->\nold table\n<!-- byol-runner results end -->\n\nOutro: keep me.\n"
     readme = tmp_path / "README.md"
     readme.write_text(before)
-    r = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    r = cli_here("report", "--results", str(finished), "--readme", str(readme))
     assert r.returncode == 0, r.stderr
     once = readme.read_text()
     head, tail = before.split("<!-- byol-runner results start -->")[0], before.split("<!-- byol-runner results end -->")[1]
@@ -163,10 +163,10 @@ def test_readme_rewrite_touches_only_the_marked_section_and_is_idempotent(finish
     assert sorted(Path(s).name for s in shown) == ["confusion_syn_100pct.png", "label_efficiency_syn.png", "pretrain_loss_syn.png"]
     assert all(s.startswith("docs/tiny/") and (readme.parent / s).is_file() for s in shown)
     assert sorted(p.name for p in (readme.parent / "docs" / "tiny").iterdir()) == sorted(Path(s).name for s in shown)
-    r2 = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    r2 = cli_here("report", "--results", str(finished), "--readme", str(readme))
     assert "already up to date" in r2.stderr and readme.read_text() == once
     readme.write_text("no markers here\n")
-    r3 = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    r3 = cli_here("report", "--results", str(finished), "--readme", str(readme))
     assert r3.returncode == 2 and "marker lines" in r3.stderr
 
 
@@ -184,7 +184,7 @@ def test_a_readme_with_several_runs_gets_each_run_in_its_own_named_section(finis
     (tmp_path / "docs" / "tiny").mkdir()
     (tmp_path / "docs" / "tiny" / "confusion_gone_1pct.png").write_bytes(b"stale")
     (tmp_path / "docs" / "tiny" / "screenshot.png").write_bytes(b"the user's")
-    r = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    r = cli_here("report", "--results", str(finished), "--readme", str(readme))
     assert r.returncode == 0, r.stderr
     text = readme.read_text()
     assert "not run yet" not in text and text.endswith("\n" + other + "\nEnd.\n") and "demo table" in text
@@ -195,7 +195,7 @@ def test_a_readme_with_several_runs_gets_each_run_in_its_own_named_section(finis
     assert (tmp_path / "docs" / "tiny" / "screenshot.png").read_bytes() == b"the user's"  # not a figure of a report
     # named sections for other runs only, and no plain pair: refused, naming the pair this run needs
     readme.write_text(other)
-    r = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    r = cli_here("report", "--results", str(finished), "--readme", str(readme))
     assert r.returncode == 2 and "<!-- byol-runner results start: tiny -->" in r.stderr, r.stderr
     assert readme.read_text() == other
 
@@ -221,7 +221,7 @@ def test_the_readme_study_section_is_what_the_product_writes(finished, tmp_path)
     section = _section(readme, "study-cpu")
     fresh_readme = tmp_path / "README.md"
     fresh_readme.write_text("<!-- byol-runner results start: tiny -->\n<!-- byol-runner results end: tiny -->\n")
-    r = run_cli("report", "--results", str(finished), "--readme", str(fresh_readme))
+    r = cli_here("report", "--results", str(finished), "--readme", str(fresh_readme))
     assert r.returncode == 0, r.stderr
     fresh = _section(fresh_readme.read_text(), "tiny")
 
@@ -247,12 +247,12 @@ def test_markers_quoted_inline_are_not_markers(finished, tmp_path):
                "`<!-- byol-runner results end -->` | 0 |\n\nNo results yet.\n")
     readme = tmp_path / "README.md"
     readme.write_text(quoting)
-    r = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    r = cli_here("report", "--results", str(finished), "--readme", str(readme))
     assert r.returncode == 2 and "line of its own" in r.stderr
     assert readme.read_text() == quoting  # nothing spliced into the table row
     both = quoting + "\n<!-- byol-runner results start -->\nold\n<!-- byol-runner results end -->\nAfter.\n"
     readme.write_text(both)
-    r = run_cli("report", "--results", str(finished), "--readme", str(readme))
+    r = cli_here("report", "--results", str(finished), "--readme", str(readme))
     assert r.returncode == 0, r.stderr
     text = readme.read_text()
     assert text.startswith(quoting) and text.endswith("<!-- byol-runner results end -->\nAfter.\n")
@@ -269,7 +269,7 @@ def test_partial_run_reports_what_is_finished_and_marks_the_rest(finished, tmp_p
     assert len(victims) == 2
     for v in victims:
         v.unlink()
-    r = run_cli("report", "--results", str(partial))
+    r = cli_here("report", "--results", str(partial))
     assert r.returncode == 0, r.stderr
     assert "(1/2 seeds)" in r.stdout
     data = R.report_for(partial, bootstrap=50)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REFERENCE, REPO, copy_results, run_cli, tiny
+from tests.conftest import REFERENCE, REPO, cli_here, copy_results, run_cli, tiny
 
 def attempts(results: Path) -> list[tuple]:
     with sqlite3.connect(results / "runner.db") as db:
@@ -52,7 +52,7 @@ def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tiny_ref
 
     # change one finetune setting: only the tasks that use it (finetune, supervised) run again
     manifest.write_text(manifest.read_text().replace("min_steps: 5", "min_steps: 6"))
-    plan = run_cli("plan", str(manifest), "--results", str(results), "--json")
+    plan = cli_here("plan", str(manifest), "--results", str(results), "--json")
     view = json.loads(plan.stdout)
     pending = {t["kind"] for t in view["tasks"] if t["state"] == "pending"}
     assert pending == {"finetune", "supervised"}
@@ -62,10 +62,10 @@ def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tiny_ref
     new = attempts(results)[n_attempts:]
     assert sorted(k for _, k, _, _ in new) == ["finetune", "finetune", "supervised", "supervised"]
 
-    st = run_cli("status", "--results", str(results), "--json")
+    st = cli_here("status", "--results", str(results), "--json")
     status = json.loads(st.stdout)
     assert status["run"]["name"] == "tiny" and all(t["status"] == "done" for t in status["tasks"])
-    rep = run_cli("report", "--results", str(results), "--format", "csv")
+    rep = cli_here("report", "--results", str(results), "--format", "csv")
     assert rep.returncode == 0 and rep.stdout.startswith("dataset,labels,method")
 
 
@@ -208,7 +208,7 @@ def test_run_refuses_a_broken_manifest_with_exit_2_and_one_line(tmp_path, text, 
 
 def test_status_and_report_without_runs_say_so(tmp_path):
     for cmd in (("status",), ("report",)):
-        r = run_cli(*cmd, "--results", str(tmp_path))
+        r = cli_here(*cmd, "--results", str(tmp_path))
         assert r.returncode == 2 and "no runs in" in r.stderr
 
 
