@@ -59,20 +59,19 @@ class _Drawer:
         import hashlib
         import pickle
 
+        from runner.data.cache import file_sha  # a missing or unreadable file matches no recorded digest
+
         key = hashlib.sha256(pickle.dumps((self.code, name, args), protocol=4)).hexdigest()
         seen = self.memo.get(key)
         if isinstance(seen, dict) and isinstance(seen.get("file"), str) and "/" not in seen["file"]:
             path = self.out / seen["file"]
-            try:
-                if hashlib.sha256(path.read_bytes()).hexdigest() == seen.get("sha256"):
-                    self.used[key] = seen
-                    return path
-            except OSError:
-                pass
+            if file_sha(path) == seen.get("sha256"):
+                self.used[key] = seen
+                return path
         from runner import figures as F
 
         path = getattr(F, name)(self.out, *args)
-        self.used[key] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        self.used[key] = {"file": path.name, "sha256": file_sha(path)}
         return path
 
     def save(self) -> None:
