@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-quick clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: $(RUNTIME)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# the suite less its end-to-end tests (real runs, containers, Ray): a few minutes, for the edit-test loop
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e"
 
 clean:
 	rm -rf $(VENV) results/cache

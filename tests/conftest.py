@@ -21,6 +21,20 @@ def real_data(name: str) -> Path:
     return path
 
 
+# fixtures that start real runs or a real engine: a test that takes one is end-to-end (`-m e2e`)
+E2E_FIXTURES = {"tiny_reference", "finished", "pretrained", "client", "cluster"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test-quick` (`-m "not e2e"`) must not start a real run behind a test's back: a test that takes
+    one of E2E_FIXTURES has to say it is end-to-end, or the session stops before any test runs."""
+    unmarked = [item.nodeid for item in items
+                if E2E_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("e2e") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that take a real run's fixture but are not marked @pytest.mark.e2e:\n  "
+                                + "\n  ".join(unmarked))
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One image cache for the whole session: each real data set is decoded once per test run."""

@@ -24,6 +24,7 @@ def _one_error_line(r: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("damage", ["random bytes", "truncated"])
+@pytest.mark.e2e
 def test_a_damaged_runner_db_says_how_to_rebuild_it_and_the_rebuild_loses_no_finished_task(tiny_reference, tmp_path, damage):
     manifest, reference, _ = tiny_reference
     results = copy_results(reference, tmp_path / "results")
@@ -52,6 +53,7 @@ def test_a_damaged_runner_db_says_how_to_rebuild_it_and_the_rebuild_loses_no_fin
 
 
 @pytest.mark.parametrize("damage", ["index junk", "images truncated"])
+@pytest.mark.e2e
 def test_a_damaged_cache_entry_is_decoded_again(tiny_reference, tmp_path, damage):
     manifest, reference, _ = tiny_reference
     results = copy_results(reference, tmp_path / "results")
@@ -84,6 +86,7 @@ def _read_only(path: Path):  # noqa: ANN202
     return lambda: [p.chmod(m) for p, m in modes.items()]
 
 
+@pytest.mark.e2e
 def test_a_read_only_results_dir_serves_status_report_and_plan_and_run_says_why(tiny_reference, tmp_path):
     manifest, reference, _ = tiny_reference
     results = copy_results(reference, tmp_path / "results")
@@ -105,6 +108,7 @@ def test_a_read_only_results_dir_serves_status_report_and_plan_and_run_says_why(
         undo()
 
 
+@pytest.mark.e2e
 def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_temporary_file(tmp_path):
     if os.getuid() != 0:
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
@@ -138,6 +142,7 @@ def _task_of(results: Path, kind: str, **match) -> Path:
     raise AssertionError(f"no {kind} task {match}")
 
 
+@pytest.mark.e2e
 def test_a_damaged_encoder_reopens_its_pretraining_and_a_damaged_checkpoint_is_set_aside(tiny_reference, tmp_path):
     """encoder.pt overwritten: the pretraining's recorded checksum no longer matches, so it is computed
     again (not its dependants, whose results stand), with a line saying so. A checkpoint that cannot be
@@ -164,6 +169,7 @@ def test_a_damaged_encoder_reopens_its_pretraining_and_a_damaged_checkpoint_is_s
     assert got["test"] == ref["test"] and got["predictions"] == ref["predictions"]
 
 
+@pytest.mark.e2e
 def test_undecodable_event_lines_are_skipped(tiny_reference, tmp_path):
     """Random bytes appended to a task's events.jsonl (a disk error, a hand): the report and status read
     around them (the curves lose only those lines)."""

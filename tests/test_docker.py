@@ -135,6 +135,7 @@ def _local_worker(task_dir: Path, results: Path, encoder: Path | None = None) ->
     return m
 
 
+@pytest.mark.e2e
 def test_a_matrix_runs_in_containers_survives_docker_kill_and_a_killed_runner_and_equals_local(client, denv, tmp_path):
     """The tiny matrix (Model 1 fine-tuned and linear, Model 2) with --executor docker. `docker kill` of the pretraining's container: that attempt
     fails as killed and is retried from its checkpoint; then the runner is SIGKILLed while the retry
@@ -192,6 +193,7 @@ def test_a_matrix_runs_in_containers_survives_docker_kill_and_a_killed_runner_an
     assert _local_worker(results / "tasks" / lin, local, encoder=pre_dir / "encoder.pt") == in_docker[lin]
 
 
+@pytest.mark.e2e
 def test_containers_that_ended_while_no_runner_watched_are_recorded_not_rerun(client, denv, tmp_path):
     results = tmp_path / "results"
     manifest = tiny(tmp_path, pre_epochs=4, ft_steps=5)
@@ -220,6 +222,7 @@ def test_containers_that_ended_while_no_runner_watched_are_recorded_not_rerun(cl
     assert ours(client, results) == []
 
 
+@pytest.mark.e2e
 def test_a_task_on_real_images_reads_its_data_set_mounted_read_only(client, denv, tmp_path):
     """Head CT (Kaggle layout: a labels CSV and PNGs) mounted at /data/hemorrhage; the task.json still
     names the host's folder, which does not exist inside the container."""
@@ -264,6 +267,7 @@ def _pretrain_only(tmp_path: Path, executor: str) -> Path:
     return manifest
 
 
+@pytest.mark.e2e
 def test_the_wall_clock_limit_and_ctrl_c_stop_the_container(client, denv, tmp_path):
     limited = _pretrain_only(tmp_path, "executor: {kind: docker, retries: 0, timeout_s: 6, stop_grace_s: 5}")
     r = run_cli("run", str(limited), "--executor", "docker", "--results", str(tmp_path / "limited"), env=denv)
@@ -291,6 +295,7 @@ def test_the_wall_clock_limit_and_ctrl_c_stop_the_container(client, denv, tmp_pa
     assert "stopped by SIGTERM" in events  # the worker got SIGTERM through the container's init
 
 
+@pytest.mark.e2e
 def test_a_failing_worker_s_error_and_output_come_back_from_its_container(client, denv, tmp_path):
     manifest = tiny(tmp_path)
     text = manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]")
@@ -309,6 +314,7 @@ def test_a_failing_worker_s_error_and_output_come_back_from_its_container(client
     assert ours(client, results) == []
 
 
+@pytest.mark.e2e
 def test_a_container_over_its_memory_limit_is_reported_as_killed_for_memory(client, denv, tmp_path):
     manifest = tiny(tmp_path)
     text = manifest.read_text().replace("methods: [byol-finetune, supervised]", "methods: [supervised]")
@@ -325,6 +331,7 @@ def test_a_container_over_its_memory_limit_is_reported_as_killed_for_memory(clie
     assert kept.attrs["State"]["OOMKilled"] is True and kept.labels[f"{LABEL}.task"] == tid
 
 
+@pytest.mark.e2e
 def test_the_container_spec_for_a_two_gpu_host_is_accepted_by_the_engine(client, tmp_path):
     """Without a GPU here, the spec of each slot's container is created (not started) and read back."""
     from runner.executors.base import Slot
@@ -383,6 +390,7 @@ def test_the_container_spec_for_a_two_gpu_host_is_accepted_by_the_engine(client,
     assert ours(client, results) == []
 
 
+@pytest.mark.e2e
 def test_doctor_and_run_say_what_is_missing(client, denv, tmp_path):
     ok = run_cli("doctor", "--image", CI_IMAGE, "--json")
     assert ok.returncode == 0, ok.stdout + ok.stderr

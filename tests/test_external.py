@@ -46,6 +46,7 @@ def _tasks(results: Path, kind: str | None = None) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.e2e
 def test_an_external_set_added_to_a_finished_study_scores_each_saved_classifier_and_trains_nothing(tiny_reference, tmp_path):
     """The finished reference run (1 pretraining, 4 classifiers) gets an external test set: the next
     run starts one evaluate task per classifier and nothing else, except the classifiers whose
@@ -183,6 +184,7 @@ def _png_folder(root: Path, per_class: int = 16, size: int = 36) -> Path:
     return root
 
 
+@pytest.mark.e2e
 def test_predict_gives_the_probabilities_the_task_scored_and_names_what_it_could_not_read(tmp_path):
     """A supervised classifier, a linear probe on a pretrained encoder (its model.pt names the encoder)
     and the random-init control (its model.pt holds the network), on a folder of PNGs: `predict` on their test split's

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REFERENCE, REPO, tiny
 
 KILLS = 10
@@ -118,6 +120,7 @@ def _kill_round(manifest: Path, results: Path, rng: random.Random, want: int, lo
     return kills
 
 
+@pytest.mark.e2e
 def test_seeded_kills_of_workers_and_the_runner_leave_the_reference_results(tiny_reference, tmp_path):
     seed = int(os.environ.get("BYOL_RUNNER_KILL_SEED", "20261130"))
     rng = random.Random(seed)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from runner.manifest import parse_manifest
-from tests.conftest import REPO, copy_results, real_data, run_cli
+from tests.conftest import REPO, cli_here, copy_results, real_data, run_cli
 
 GOOD = """\
 name: t
@@ -189,7 +189,7 @@ def test_data_problems_exit_2_naming_the_problem(write_manifest, tmp_path):
     (tmp_path / "folder" / "a" / "x.png").write_bytes((src / "000.png").read_bytes())
     for name, (text, expected) in cases.items():
         path = write_manifest(text, f"{name.replace(' ', '_')}.yaml")
-        r = run_cli("data", "audit", str(path), "--results", str(tmp_path / "r"))
+        r = cli_here("data", "audit", str(path), "--results", str(tmp_path / "r"))
         assert r.returncode == 2, (name, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr, name
         assert re.search(expected, r.stderr), (name, r.stderr)
@@ -302,6 +302,7 @@ def test_repo_manifests_are_valid(monkeypatch):
     assert set(m.datasets) == {"pneumonia", "hemorrhage", "melanoma"}
 
 
+@pytest.mark.e2e
 def test_piped_status_and_plan_show_full_names(tiny_reference):
     """In a CI log (stdout is a pipe) the tables are as wide as their content: no `syn…`, `byo…`."""
     manifest, results, _ = tiny_reference
@@ -313,6 +314,7 @@ def test_piped_status_and_plan_show_full_names(tiny_reference):
         assert all(tid in r.stdout for tid in ids)
 
 
+@pytest.mark.e2e
 def test_run_on_a_terminal_prints_tables_and_piped_the_markdown(tiny_reference, tmp_path):
     """`run` ends with the results table: on a terminal (a real pty, 140x40) drawn as a table, not
     markdown pipes, and where the results went; piped (the reference run's stdout), the markdown
@@ -352,15 +354,16 @@ def test_run_on_a_terminal_prints_tables_and_piped_the_markdown(tiny_reference, 
     assert "results: " in shown and "results.md (also .csv, .json, .html" in shown.replace("\r\n", " "), shown
 
 
-def test_doctor_on_a_local_manifest_does_not_fail_for_docker(write_manifest, tmp_path):
+def test_doctor_on_a_local_manifest_does_not_fail_for_docker(write_manifest, tmp_path, monkeypatch):
     """Right after the demo ran on the local executor, `doctor experiments/demo.yaml` must not say FAIL
     for a Docker daemon that manifest never uses."""
     pytest.importorskip("docker")
     path = write_manifest(GOOD)
-    r = run_cli("doctor", str(path), "--no-gpu", env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"})
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    r = cli_here("doctor", str(path), "--no-gpu")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "not needed" in r.stdout and "local executor" in r.stdout and "FAIL" not in r.stdout
-    plain = run_cli("doctor", "--no-gpu", env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"})
+    plain = cli_here("doctor", "--no-gpu")
     assert plain.returncode == 1 and "FAIL" in plain.stdout  # without a manifest: every backend is checked
 
 

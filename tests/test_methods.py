@@ -190,6 +190,7 @@ executor: {max_parallel: 1}
 """
 
 
+@pytest.mark.e2e
 def test_byol_from_imagenet_weights_runs_end_to_end_and_is_model1_when_chosen(tmp_path):
     """Its pretrain task reads the generated weights, its two arms read that encoder, the report names it."""
     home = tmp_path / "torch_home"

@@ -65,6 +65,7 @@ def _env() -> dict:
     return {"RAY_AUTH_MODE": "disabled"}
 
 
+@pytest.mark.e2e
 def test_a_matrix_runs_on_both_nodes_and_equals_the_local_executor(cluster, tiny_reference, tmp_path):
     m = manifest(tmp_path, cluster)
     r = run_cli("run", str(m), "--results", str(tmp_path / "ray"), env=_env(), timeout=600)
@@ -95,6 +96,7 @@ def _ray_task_pids() -> list[int]:
     return [int(p) for p in out]
 
 
+@pytest.mark.e2e
 def test_killing_the_ray_worker_of_a_running_task_fails_that_attempt_and_it_is_retried(cluster, tmp_path):
     results = tmp_path / "results"
     m = manifest(tmp_path, cluster, pre_epochs=10)
@@ -118,6 +120,7 @@ def test_killing_the_ray_worker_of_a_running_task_fails_that_attempt_and_it_is_r
     assert len(failed) == 1 and "Ray" in failed[0][1], failed
 
 
+@pytest.mark.e2e
 def test_the_tui_shows_live_curves_of_a_task_running_on_ray(cluster, tmp_path):
     results = tmp_path / "results"
     m = manifest(tmp_path, cluster, pre_epochs=30)

@@ -28,6 +28,7 @@ def finished(tmp_path_factory) -> Path:
     return results
 
 
+@pytest.mark.e2e
 def test_a_rerun_that_trains_nothing_keeps_when_the_tasks_trained(finished, tmp_path):
     """A second `run` of a finished study starts no worker; its report's provenance still says when the
     tasks trained (their attempts), not only when this run started and ended."""
@@ -69,6 +70,7 @@ def test_hand_made_predictions_give_the_known_metrics_and_intervals():
         bootstrap_metrics([(pa, labels), (pa[:90], labels[:90])], positive=1, b=10)
 
 
+@pytest.mark.e2e
 def test_finished_run_has_every_table_row_and_figure(finished):
     rep = json.loads((finished / "tiny" / "results.json").read_text())
     assert [(r["dataset"], r["labels"]) for r in rep["rows"]] == [("syn", "25%"), ("syn", "100%")]
@@ -109,6 +111,7 @@ def test_finished_run_has_every_table_row_and_figure(finished):
     assert '<td class="num">0.' in page  # numbers right-aligned, text left
 
 
+@pytest.mark.e2e
 def test_a_figure_is_drawn_again_only_when_what_it_shows_or_its_file_changed(finished, tmp_path, monkeypatch):
     """`report` (and every `run`) draws the figures; one whose data, drawing code and file are as they
     were drawn is kept, not drawn again (matplotlib is most of a small report's time)."""
@@ -146,6 +149,7 @@ def test_a_figure_is_drawn_again_only_when_what_it_shows_or_its_file_changed(fin
     assert all(v != again[k] for k, v in stamps().items())
 
 
+@pytest.mark.e2e
 def test_readme_rewrite_touches_only_the_marked_section_and_is_idempotent(finished, tmp_path):
     before = "# My study\n\nIntro text.\n\n<!-- byol-runner results start -->\nold table\n<!-- byol-runner results end -->\n\nOutro: keep me.\n"
     readme = tmp_path / "README.md"
@@ -170,6 +174,7 @@ def test_readme_rewrite_touches_only_the_marked_section_and_is_idempotent(finish
     assert r3.returncode == 2 and "marker lines" in r3.stderr
 
 
+@pytest.mark.e2e
 def test_a_readme_with_several_runs_gets_each_run_in_its_own_named_section(finished, tmp_path):
     """The project's README holds the study's section and the demo's: each run's report goes between
     the marker lines named for it, the other section and its figures stay as they were, and a stale
@@ -204,6 +209,7 @@ def _section(text: str, run: str) -> str:
     return text.split(f"<!-- byol-runner results start: {run} -->\n")[1].split(f"<!-- byol-runner results end: {run} -->")[0]
 
 
+@pytest.mark.e2e
 def test_the_readme_study_section_is_what_the_product_writes(finished, tmp_path):
     """experiments/study-cpu.yaml is the README's study: matrix.yaml's data sets (at 64 px), and the
     README's section has the tables a report writes today (re-rendered here from a tiny finished run),
@@ -242,6 +248,7 @@ def test_the_readme_study_section_is_what_the_product_writes(finished, tmp_path)
     assert {p.name for p in (REPO / "docs" / "study-cpu").iterdir()} == {Path(s).name for s in shown}
 
 
+@pytest.mark.e2e
 def test_markers_quoted_inline_are_not_markers(finished, tmp_path):
     quoting = ("| `report --readme` | rewrites what stands between `<!-- byol-runner results start -->` and "
                "`<!-- byol-runner results end -->` | 0 |\n\nNo results yet.\n")
@@ -259,6 +266,7 @@ def test_markers_quoted_inline_are_not_markers(finished, tmp_path):
     assert "old\n" not in text and "| Dataset | Model 1 accuracy |" in text
 
 
+@pytest.mark.e2e
 def test_partial_run_reports_what_is_finished_and_marks_the_rest(finished, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(finished, partial)

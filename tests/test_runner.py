@@ -15,13 +15,36 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REFERENCE, REPO, cli_here, copy_results, run_cli, tiny
+from tests.conftest import REFERENCE, REPO, TINY, cli_here, copy_results, run_cli, tiny
 
 def attempts(results: Path) -> list[tuple]:
     with sqlite3.connect(results / "runner.db") as db:
         return db.execute("SELECT a.task_id, t.kind, a.status, a.error FROM attempts a JOIN tasks t ON t.id=a.task_id").fetchall()
 
 
+def test_one_task_trains_in_its_own_worker_process_and_the_run_ends_with_its_table(tmp_path):
+    """The one complete run in `make test-quick` (which leaves the e2e tests out): the runner starts a
+    worker process on the local executor, it trains and scores, and the run ends with the task done,
+    its files written and its row in the table."""
+    manifest = tmp_path / "one.yaml"
+    manifest.write_text(TINY.format(pre_epochs=1, ft_steps=2)
+                        .replace("methods: [byol-finetune, byol-linear, supervised, random-linear]", "methods: [supervised]")
+                        .replace("fractions: [0.25, 1.0]", "fractions: [1.0]"))
+    results = tmp_path / "results"
+    r = run_cli("run", str(manifest), "--results", str(results))
+    assert r.returncode == 0 and "1 done; 1 workers started" in r.stdout, r.stdout + r.stderr
+    [(task, kind, status, error)] = attempts(results)
+    assert (kind, status, error) == ("supervised", "done", None)
+    with sqlite3.connect(results / "runner.db") as db:
+        [(runner_pid, worker_pid)] = db.execute("SELECT r.pid, a.pid FROM attempts a JOIN runs r ON r.id=a.run_id").fetchall()
+    assert worker_pid not in (None, runner_pid)  # its own process
+    metrics = json.loads((results / "tasks" / task / "metrics.json").read_text())
+    assert (metrics["task"], metrics["kind"], metrics["budget"]["fraction"]) == (task, "supervised", 1.0)
+    assert 0 <= metrics["test"]["accuracy"] <= 1 and (results / "tasks" / task / "model.pt").stat().st_size > 0
+    assert "| syn (100% labels) | — | — | 0." in (results / "tiny" / "results.md").read_text()
+
+
+@pytest.mark.e2e
 def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tiny_reference, tmp_path):
     ref_manifest, ref_results, stdout = tiny_reference  # `byol-runner run` of the tiny matrix, finished
     results = copy_results(ref_results, tmp_path / "results")
@@ -86,6 +109,7 @@ def _wait_for_checkpoint(results: Path, timeout: float = 120) -> Path:
     pytest.fail("no checkpoint appeared")
 
 
+@pytest.mark.e2e
 def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tiny_reference, tmp_path):
     manifest = tiny(tmp_path, **REFERENCE)
     reference = tiny_reference[1]  # the same manifest, run without interruption
@@ -136,6 +160,7 @@ def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tiny_reference, t
         assert b["loss"]["mean"] == pytest.approx(a["loss"]["mean"], abs=1e-9)
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_workers_marks_them_interrupted_and_exits_130(tmp_path):
     """Ctrl-C twice, 0.3 s apart (an impatient user): the second does not cut the cleanup short."""
     results = tmp_path / "results"
@@ -155,6 +180,7 @@ def test_ctrl_c_stops_workers_marks_them_interrupted_and_exits_130(tmp_path):
     assert not any(p.poll() is None for p in [proc])
 
 
+@pytest.mark.e2e
 def test_a_second_runner_on_the_same_results_is_refused(tmp_path):
     results = tmp_path / "results"
     manifest = tiny(tmp_path, pre_epochs=40)
@@ -218,6 +244,7 @@ DEMO_SCHEDULES = {  # the demo's schedules, and the shorter ones its test runs (
 }
 
 
+@pytest.mark.e2e
 def test_demo_manifest_is_the_readme_main_job(tmp_path):
     """`make demo`: the demo matrix, whose run writes its table into the README between the marker
     lines (here a copy of the project's README) and changes nothing else in it. Its data sets, arms,
@@ -253,6 +280,7 @@ def test_demo_manifest_is_the_readme_main_job(tmp_path):
     assert "workers started" not in refused.stdout  # said before anything runs
 
 
+@pytest.mark.e2e
 def test_a_fresh_worker_process_computes_what_a_preloaded_fork_does(tiny_reference, tmp_path):
     """The local executor forks workers from a process with PyTorch loaded; `preload: false` starts a
     fresh Python per task. One task both ways: the same metrics, bit for bit (nothing ran before the

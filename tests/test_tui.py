@@ -6,6 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 from textual.widgets import Static
 
 from runner.tui.app import RunnerApp
@@ -29,6 +30,7 @@ async def wait_for(pilot, cond, timeout: float = 180.0) -> None:  # noqa: ANN001
     raise AssertionError("condition not reached in time")
 
 
+@pytest.mark.e2e
 def test_a_run_started_from_the_tui_moves_tasks_to_done_and_fills_the_table(tmp_path):
     results = tmp_path / "results"
     app = RunnerApp(results, tiny(tmp_path), poll_s=0.2)
@@ -60,6 +62,7 @@ def test_a_run_started_from_the_tui_moves_tasks_to_done_and_fills_the_table(tmp_
     assert app.proc is not None and app.proc.wait(timeout=120) == 0
 
 
+@pytest.mark.e2e
 def test_a_failed_task_is_retried_from_the_tui_and_ends_done(tmp_path):
     results = tmp_path / "results"
     manifest = tiny(tmp_path)  # only its two supervised tasks: the failing ones (and the fastest to fail)
@@ -90,6 +93,7 @@ def test_a_failed_task_is_retried_from_the_tui_and_ends_done(tmp_path):
     asyncio.run(scenario())
 
 
+@pytest.mark.e2e
 def test_attaching_to_a_finished_run_shows_its_final_table(tiny_reference, tmp_path):
     results = copy_results(tiny_reference[1], tmp_path / "results")
     final = (results / "tiny" / "results.md").read_text().split("\n\n")[0]
@@ -113,6 +117,7 @@ def test_the_headless_cli_refuses_tui_without_runs(tmp_path):
     assert r.returncode == 2 and "no runs in" in r.stderr
 
 
+@pytest.mark.e2e
 def test_cancel_and_retry_go_through_the_scheduler_and_quitting_asks_first(tmp_path):
     manifest = tmp_path / "long.yaml"
     manifest.write_text(TINY.format(pre_epochs=200, ft_steps=10))

@@ -139,6 +139,7 @@ def test_filtering_keeps_the_plan_order_and_the_selected_row(fixed_results):
     asyncio.run(scenario())
 
 
+@pytest.mark.e2e
 def test_a_running_task_shows_step_of_total_elapsed_and_eta_and_a_finished_one_its_time(tiny_reference):
     """Progress events carry the training's total steps; the queue shows step k/N, the time so far
     and the rest at the pace so far; a finished task keeps the time it took."""

@@ -78,6 +78,7 @@ def pretrained(tmp_path_factory) -> Path:
     return task
 
 
+@pytest.mark.e2e
 def test_byol_on_real_head_ct_lowers_the_loss_without_collapse(pretrained):
     ev = events(pretrained)
     epochs = [e for e in ev if e["kind"] == "metric"]
@@ -98,6 +99,7 @@ def test_byol_on_real_head_ct_lowers_the_loss_without_collapse(pretrained):
 
 
 @pytest.mark.parametrize("kind", ["finetune", "linear", "supervised", "random-linear"])
+@pytest.mark.e2e
 def test_every_evaluation_arm_scores_the_test_split_once(pretrained, kind):
     results = pretrained.parent.parent.parent
     task = head_ct_task(results, f"eval-{kind}", kind, budget={"fraction": 0.5}, encoder="tasks/pre/encoder.pt")
@@ -118,6 +120,7 @@ def test_every_evaluation_arm_scores_the_test_split_once(pretrained, kind):
         assert m["selection"]["backbone_lr_scale"] == (0.1 if kind == "finetune" else 1.0)
 
 
+@pytest.mark.e2e
 def test_two_labels_per_class_fine_tune_stays_near_the_prior_loss(pretrained):
     results = pretrained.parent.parent.parent
     for kind in ("finetune", "supervised"):
@@ -150,6 +153,7 @@ def test_start_errors_are_error_events_and_non_zero_exits(tmp_path):
     assert events(gpu)[-1]["kind"] == "error" and not (gpu.parent / "metrics.json").exists()
 
 
+@pytest.mark.e2e
 def test_sigkilled_fine_tune_resumes_from_its_checkpoint(pretrained):
     results = pretrained.parent.parent.parent
     task = head_ct_task(results, "ft-kill", "finetune", budget={"fraction": 1.0}, encoder="tasks/pre/encoder.pt",
