@@ -27,9 +27,10 @@ demo: $(RUNTIME)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# the suite less its end-to-end tests (real runs, containers, Ray): a few minutes, for the edit-test loop
+# the suite less its end-to-end tests (real runs, containers, Ray): a few minutes, for the edit-test loop;
+# more pytest arguments in PYTEST_ARGS (make test-quick PYTEST_ARGS="-x tests/test_wiring.py")
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -m "not e2e"
+	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) results/cache
