@@ -410,11 +410,16 @@ def test_doctor_and_run_say_what_is_missing(client, denv, tmp_path):
     assert no_image.returncode == 2 and "docker image 'byol-runner-test:no-such-tag' not found" in no_image.stderr
     assert "pulling docker image byol-runner-test:no-such-tag" in no_image.stderr  # pull: missing tried first
     assert "(pulling it failed: " in no_image.stderr  # no registry is reachable here
+    assert "Traceback" not in no_image.stderr
 
-    no_daemon = run_cli("run", str(manifest), "--executor", "docker", "--results", str(tmp_path / "r"),
-                        env={**denv, "DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
-    assert no_daemon.returncode == 2 and "cannot reach the Docker daemon" in no_daemon.stderr
-    assert "Traceback" not in no_daemon.stderr + no_image.stderr
+
+def test_run_on_docker_without_a_daemon_says_so_and_exits_2(tmp_path):
+    """Needs no engine (so it is in `make test-quick`): the Docker SDK pointed at a socket nobody serves."""
+    pytest.importorskip("docker")
+    no_daemon = run_cli("run", str(tiny(tmp_path)), "--executor", "docker", "--results", str(tmp_path / "r"),
+                        env={"BYOL_RUNNER_IMAGE": CI_IMAGE, "DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
+    assert no_daemon.returncode == 2 and "cannot reach the Docker daemon" in no_daemon.stderr, no_daemon.stderr
+    assert "Traceback" not in no_daemon.stderr and not (tmp_path / "r" / "tasks").exists()  # refused before any task
 
 
 def test_compose_file_runs_the_ci_job_headless_and_reserves_gpus_for_the_runner():
