@@ -144,9 +144,9 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 def cli_here(*args: str) -> subprocess.CompletedProcess:
     """`byol-runner ARGS` called in this process: its exit code, stdout and stderr, as `run_cli` gives
-    them. For commands whose process is not what a test checks (`report`, `status`, `plan`, `predict`, `doctor`,
-    `data audit`): a fresh Python
-    spends seconds importing what this one has loaded. Never for `run`, which starts workers."""
+    them. For commands whose process is not what a test checks (`report`, `status`, `plan`, `predict`,
+    `doctor`, `data audit`): a fresh Python spends seconds importing what this one has loaded. Never
+    for `run`, which starts workers."""
     import contextlib
     import io
 
