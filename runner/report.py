@@ -75,8 +75,8 @@ def degenerate_reasons(m: dict) -> list[str]:
         auroc = m.get("test", {}).get("auroc")
         guess = "its training labels' class frequencies" if m.get("prior") == "training labels" else "the test split's class frequencies"
         reasons.append(f"test loss {loss:.3f} ≥ {1 - PRIOR_MARGIN:g} × {prior:.3f}, the loss of always predicting {guess}: "
-                       "its probabilities are no better than a constant guess"
-                       + (f" (AUROC {auroc:.3f})" if auroc is not None else ""))
+                       "its log-loss is no better than a constant guess's"
+                       + (f" (AUROC, which measures ranking only, is {auroc:.3f})" if auroc is not None else ""))
     return reasons
 
 
