@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.data.cache import cpu_count, load_images
+from runner.data.cache import load_images
+from runner.system import cpu_count
 from runner.data.sources import ImageFolderSource, scan
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from runner.executors import make_executor
-from runner.executors.local import LocalSpec
+from runner.executors.registry import make_executor
+from runner.executors.specs import LocalSpec
 from runner.plan import Plan, PlannedTask, task_id
 from runner.scheduler import Scheduler
 from runner.store import Store

@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from runner.worker import main as run_worker
+from runner.worker.run import main as run_worker
 
 KERMANY_PATIENT = r"(person\d+)_|((?:NORMAL2-)?IM-\d+)-"
 ARMS = ("supervised", "finetune", "linear", "random-linear")

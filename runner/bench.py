@@ -37,6 +37,85 @@ def _rate(fn, steps: int, warmup: int, batch: int, device: torch.device) -> floa
     return batch * steps / (time.perf_counter() - t0)
 
 
+class _Bench:
+    """What every timed part shares: random uint8 images on the device, their batches, the views."""
+
+    def __init__(self, arch: str, size: int, batch: int, precision: str, device: str, compile: bool, channels: int) -> None:
+        from runner.ml.augment import preset_for
+        from runner.ml.config import RunSpec
+        from runner.ml.train import Context, IndexStream
+        from runner.system import resolve_device
+
+        self.arch, self.size, self.batch, self.channels = arch, size, batch, channels
+        self.dev = dev = resolve_device(device)
+        self.ctx = Context(device=dev, run=RunSpec(precision=precision, compile=compile), task_dir=None, seed=0,
+                           emit=lambda *a, **k: None)
+        torch.manual_seed(0)
+        n = batch * 4
+        self.images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, device=dev)
+        self.stream = IndexStream(n, batch, 0, dev)
+        self.g = torch.Generator(dev).manual_seed(0)
+        self.aug1, self.aug2 = preset_for("auto", channels, "pretrain")
+        self.ft_aug, _ = preset_for("auto", channels, "finetune")
+        self.k = 0
+
+    def next_batch(self) -> torch.Tensor:
+        from runner.ml.train import take
+
+        self.k += 1
+        return take(self.images, self.stream.batch_at(self.k), self.dev)
+
+    def views(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two BYOL views of one batch (of two batches when x is None, as the data path's cost is per view)."""
+        first = x if x is not None else self.next_batch()
+        second = x if x is not None else self.next_batch()
+        return self.ctx.view(first, self.aug1, self.size, self.g), self.ctx.view(second, self.aug2, self.size, self.g)
+
+    def rate(self, fn, steps: int, warmup: int) -> float:  # noqa: ANN001
+        return _rate(fn, steps, warmup, self.batch, self.dev)
+
+
+def _byol(b: _Bench, steps: int, warmup: int) -> dict:
+    from runner.ml.config import TrainSettings
+    from runner.ml.models import Backbone
+    from runner.ml.pretrain import make_method, pretrain_step
+
+    method = make_method("byol", Backbone(b.arch, b.channels), TrainSettings(), b.batch, b.ctx)
+    forward = b.ctx.maybe_compile(method.model)
+    fixed = b.views()
+
+    def step(views=None) -> None:  # noqa: ANN001
+        pretrain_step(method, forward, b.ctx, views if views is not None else b.views(b.next_batch()), 0.1, 1, 100)
+
+    out = {"byol_compute": b.rate(lambda: step(fixed), steps, warmup), "byol_end_to_end": b.rate(step, steps, warmup)}
+    out["byol_augment_share"] = 1 - out["byol_end_to_end"] / out["byol_compute"]
+    return out
+
+
+def _supervised(b: _Bench, steps: int, warmup: int) -> dict:
+    from runner.ml.models import Backbone, Classifier
+
+    clf = b.ctx.place(Classifier(Backbone(b.arch, b.channels), 2))
+    fused = b.dev.type == "cuda"
+    opt = torch.optim.AdamW(clf.parameters(), lr=1e-3, fused=fused, foreach=None if fused else True)
+    forward = b.ctx.maybe_compile(clf)
+    labels = torch.randint(0, 2, (b.batch,), device=b.dev)
+    fixed_x = b.ctx.view(b.next_batch(), b.ft_aug, b.size, b.g)
+
+    def step(x=None) -> None:  # noqa: ANN001
+        if x is None:
+            x = b.ctx.view(b.next_batch(), b.ft_aug, b.size, b.g)
+        with b.ctx.amp:
+            loss = F.cross_entropy(forward(x).float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    out = {"supervised_compute": b.rate(lambda: step(fixed_x), steps, warmup), "supervised_end_to_end": b.rate(step, steps, warmup)}
+    out["supervised_augment_share"] = 1 - out["supervised_end_to_end"] / out["supervised_compute"]
+    return out
+
+
 def run_bench(
     arch: str = "resnet50",
     size: int = 224,
@@ -49,28 +128,8 @@ def run_bench(
     channels: int = 3,
     parts: tuple[str, ...] = ("byol", "supervised", "augment"),
 ) -> dict:
-    from runner.ml.augment import preset_for
-    from runner.ml.config import RunSpec, TrainSettings
-    from runner.ml.models import Backbone, Classifier
-    from runner.ml.pretrain import make_method, pretrain_step
-    from runner.ml.train import Context, IndexStream, take
-    from runner.worker import resolve_device
-
-    dev = resolve_device(device)
-    ctx = Context(device=dev, run=RunSpec(precision=precision, compile=compile), task_dir=None, seed=0, emit=lambda *a, **k: None)
-    torch.manual_seed(0)
-    n = batch * 4
-    images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, device=dev)
-    stream = IndexStream(n, batch, 0, dev)
-    g = torch.Generator(dev).manual_seed(0)
-    aug1, aug2 = preset_for("auto", channels, "pretrain")
-    ft_aug, _ = preset_for("auto", channels, "finetune")
-    counter = {"k": 0}
-
-    def next_batch() -> torch.Tensor:
-        counter["k"] += 1
-        return take(images, stream.batch_at(counter["k"]), dev)
-
+    b = _Bench(arch, size, batch, precision, device, compile, channels)
+    dev = b.dev
     result: dict = {
         "arch": arch, "image_size": size, "batch_size": batch, "channels": channels, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
@@ -78,43 +137,11 @@ def run_bench(
         "compile": compile, "channels_last": True, "steps": steps, "warmup": warmup, "torch": torch.__version__,
     }
     if "augment" in parts:
-        result["augment_only"] = _rate(lambda: (ctx.view(next_batch(), aug1, size, g), ctx.view(next_batch(), aug2, size, g)),
-                                       steps, warmup, batch, dev)
+        result["augment_only"] = b.rate(b.views, steps, warmup)
     if "byol" in parts:
-        method = make_method("byol", Backbone(arch, channels), TrainSettings(), batch, ctx)
-        forward = ctx.maybe_compile(method.model)
-        fixed = (ctx.view(next_batch(), aug1, size, g), ctx.view(next_batch(), aug2, size, g))
-
-        def step(views=None) -> None:
-            if views is None:
-                x = next_batch()
-                views = (ctx.view(x, aug1, size, g), ctx.view(x, aug2, size, g))
-            pretrain_step(method, forward, ctx, views, 0.1, 1, 100)
-
-        result["byol_compute"] = _rate(lambda: step(fixed), steps, warmup, batch, dev)
-        result["byol_end_to_end"] = _rate(step, steps, warmup, batch, dev)
-        result["byol_augment_share"] = 1 - result["byol_end_to_end"] / result["byol_compute"]
-        del method, forward, fixed
+        result.update(_byol(b, steps, warmup))
     if "supervised" in parts:
-        clf = ctx.place(Classifier(Backbone(arch, channels), 2))
-        fused = dev.type == "cuda"
-        opt = torch.optim.AdamW(clf.parameters(), lr=1e-3, fused=fused, foreach=None if fused else True)
-        forward = ctx.maybe_compile(clf)
-        labels = torch.randint(0, 2, (batch,), device=dev)
-        fixed_x = ctx.view(next_batch(), ft_aug, size, g)
-
-        def sup_step(x=None) -> None:
-            if x is None:
-                x = ctx.view(next_batch(), ft_aug, size, g)
-            with ctx.amp:
-                loss = F.cross_entropy(forward(x).float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        result["supervised_compute"] = _rate(lambda: sup_step(fixed_x), steps, warmup, batch, dev)
-        result["supervised_end_to_end"] = _rate(sup_step, steps, warmup, batch, dev)
-        result["supervised_augment_share"] = 1 - result["supervised_end_to_end"] / result["supervised_compute"]
+        result.update(_supervised(b, steps, warmup))
     for k, v in list(result.items()):
         if isinstance(v, float):
             result[k] = round(v, 4 if "share" in k else 1)

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from runner import __version__
-from runner.errors import UNWRITABLE, UserError, os_error_line
-from runner.executors import EXECUTORS
+from runner.errors import UserError, os_error_line
+from runner.executors.specs import SPECS
 from runner.ml.config import ARCHS
 
 DEFAULT_RESULTS = "results"
@@ -137,20 +137,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from runner import report as R
-    from runner.commands import results_dir
+    from runner.commands import report
+    from runner.tables import extended_markdown, to_csv, to_markdown
 
-    results = results_dir(args.results)
-    try:
-        rep = R.report_for(results, args.run, bootstrap=args.bootstrap)
-        out = R.write(results, rep)
-    except OSError as e:  # a read-only results dir (a finished run on a shared or archived disk): print only
-        if e.errno not in UNWRITABLE or args.format == "html" or args.readme:
-            raise
-        rep = R.report_for(results, args.run, bootstrap=args.bootstrap, figures=False)
-        out = None
-        print(f"note: the report files and figures were not written ({e.strerror}: the results dir is read-only); "
-              "the report is printed only", file=sys.stderr)
+    results, rep, out = report(args.results, args.run, args.bootstrap, need_files=args.format == "html" or bool(args.readme))
+    if out is None:
+        print("note: the report files and figures were not written (the results dir is read-only); the report is printed only",
+              file=sys.stderr)
     if args.readme:
         from runner.pages import publish_readme
 
@@ -160,9 +153,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif args.format == "json" or args.json:
         print(json.dumps(rep, indent=2))
     elif args.format == "csv":
-        print(R.to_csv(rep), end="")
+        print(to_csv(rep), end="")
     else:
-        print(R.to_markdown(rep) + "\n" + R.extended_markdown(rep), end="")
+        print(to_markdown(rep) + "\n" + extended_markdown(rep), end="")
         if out is not None:
             print(f"\n(written to {out}/results.md, .csv, .json)", file=sys.stderr)
     return 0
@@ -208,47 +201,25 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from runner.worker import main as worker_main
+    from runner.worker.run import main as worker_main
 
     return worker_main(args.task_json, args.results, args.data_root)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from runner.bench import run_bench
-    from runner.worker import StartError
 
-    try:
-        result = run_bench(args.arch, args.size, args.batch, args.precision, args.device, args.steps, args.warmup,
-                           args.compile, args.channels, tuple(args.parts.split(",")))
-    except StartError as e:
-        raise UserError(str(e)) from None
+    result = run_bench(args.arch, args.size, args.batch, args.precision, args.device, args.steps, args.warmup,
+                       args.compile, args.channels, tuple(args.parts.split(",")))  # no GPU for cuda: a StartError, one line
     print(json.dumps(result, indent=2))
     return 0
 
 
-DOCKER_CHECKS = ("docker SDK", "Docker daemon", "image", "GPU runtime")
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from runner.commands import doctor
     from runner.console import print_doctor
-    from runner.doctor import as_dicts, run_checks
 
-    from runner.executors.docker_spec import task_image
-    from runner.executors import spec_for
-    from runner.executors.local import LocalSpec
-    from runner.manifest import load_manifest
-
-    # as `run --executor docker` would: the manifest's image unless BYOL_RUNNER_IMAGE overrides it; --image over both
-    given = load_manifest(args.manifest).executor if args.manifest is not None else None
-    spec, _ = spec_for(given or LocalSpec(), "docker")
-    image = args.image or task_image(spec)
-    checks = as_dicts(run_checks(image, gpu=not args.no_gpu))
-    if given is not None:  # what this manifest's executor does not use cannot fail it
-        for c in checks:
-            if c["status"] == "fail" and (c["name"] in DOCKER_CHECKS and given.kind != "docker" or
-                                          c["name"] == "Ray" and given.kind != "ray"):
-                c["status"] = "warn"
-                c["detail"] += f" (not needed: {args.manifest} runs on the {given.kind} executor)"
+    image, checks = doctor(args.manifest, args.image, gpu=not args.no_gpu)
     if args.json:
         print(json.dumps({"image": image, "checks": checks}, indent=2))
     else:
@@ -256,15 +227,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(c["status"] == "fail" for c in checks) else 0
 
 
+RESULTS_HELP = f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="byol-runner", description="BYOL vs supervised training on medical images.")
     p.add_argument("--version", action="version", version=f"byol-runner {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_plan, _add_status, _add_report, _add_predict, _add_tui, _add_schema, _add_data, _add_bench,
+                _add_doctor, _add_worker):
+        add(sub)
+    return p
 
+
+def _add_run(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
     r = sub.add_parser("run", help="run a manifest's whole matrix headless, resuming where it stopped")
     r.add_argument("manifest", type=Path, help="the YAML manifest, e.g. experiments/demo.yaml (`byol-runner schema` lists its keys)")
-    r.add_argument("--executor", choices=tuple(EXECUTORS), help="overrides the manifest's executor.kind")
-    r.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
+    r.add_argument("--executor", choices=tuple(SPECS), help="overrides the manifest's executor.kind")
+    r.add_argument("--results", help=RESULTS_HELP)
     r.add_argument("--max-parallel", type=int, help="tasks at once (default: one per GPU, 1 on the CPU)")
     r.add_argument("--retry-failed", action="store_true", help="run again the tasks an earlier run gave up on")
     r.add_argument("--rebuild-store", action="store_true",
@@ -274,18 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "(as `report --readme`): a README whose table the run itself produced")
     r.set_defaults(func=cmd_run)
 
+
+def _add_plan(sub) -> None:  # noqa: ANN001
     pl = sub.add_parser("plan", help="show the tasks, their dependencies and which are done; runs nothing")
     pl.add_argument("manifest", type=Path, help="the YAML manifest whose tasks to show")
-    pl.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
+    pl.add_argument("--results", help=RESULTS_HELP)
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=cmd_plan)
 
+
+def _add_status(sub) -> None:  # noqa: ANN001
     st = sub.add_parser("status", help="the queue of the latest (or named) run")
     st.add_argument("--results", help=f"results dir (default: {DEFAULT_RESULTS}/)")
     st.add_argument("--run", help="a run name (default: the latest run)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
 
+
+def _add_report(sub) -> None:  # noqa: ANN001
     rp = sub.add_parser("report", help="the results table of a run, rebuilt from what is on disk")
     rp.add_argument("--results", help=f"results dir (default: {DEFAULT_RESULTS}/)")
     rp.add_argument("--run", help="a run name (default: the latest run)")
@@ -296,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true", help="same as --format json")
     rp.set_defaults(func=cmd_report)
 
+
+def _add_predict(sub) -> None:  # noqa: ANN001
     pr = sub.add_parser("predict", help="a finished classifier task's calibrated probabilities for new images",
                         description="Score image files, folders of them, or CSV files of paths (a path column) with the "
                         "model.pt of a finished fine-tune, supervised or linear-probe task, prepared and calibrated as its "
@@ -308,15 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     pr.set_defaults(func=cmd_predict)
 
+
+def _add_tui(sub) -> None:  # noqa: ANN001
     tu = sub.add_parser("tui", help="the terminal UI: start MANIFEST's run and show it, or attach to the latest run")
     tu.add_argument("manifest", type=Path, nargs="?", help="start this manifest's run and show it (absent: attach to the latest run)")
-    tu.add_argument("--results", help=f"results dir (default: the manifest's, or {DEFAULT_RESULTS}/)")
+    tu.add_argument("--results", help=RESULTS_HELP)
     tu.add_argument("--run", help="attach to this run name (default: the latest run)")
     tu.set_defaults(func=cmd_tui)
 
-    s = sub.add_parser("schema", help="print the manifest's JSON schema")
-    s.set_defaults(func=cmd_schema)
 
+def _add_schema(sub) -> None:  # noqa: ANN001
+    sub.add_parser("schema", help="print the manifest's JSON schema").set_defaults(func=cmd_schema)
+
+
+def _add_data(sub) -> None:  # noqa: ANN001
     data = sub.add_parser("data", help="fetch the study's data sets; inspect the data sets of a manifest")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     a = data_sub.add_parser(
@@ -338,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--to", type=Path, help="where the data sets go (default: $BYOL_DATA, else data/)")
     f.set_defaults(func=cmd_data_fetch)
 
+
+def _add_bench(sub) -> None:  # noqa: ANN001
     b = sub.add_parser("bench", help="images/s of the BYOL and supervised training steps and of the augmentation (JSON)")
     b.add_argument("--arch", default="resnet50", choices=ARCHS, help="the backbone")
     b.add_argument("--size", type=int, default=224, help="image side in pixels")
@@ -351,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--parts", default="byol,supervised,augment", help="comma-separated subset of byol,supervised,augment")
     b.set_defaults(func=cmd_bench)
 
+
+def _add_doctor(sub) -> None:  # noqa: ANN001
     d = sub.add_parser("doctor", help="check the Docker daemon, the image, the GPU runtime, Ray and PyTorch; says how to fix each")
     d.add_argument("manifest", type=Path, nargs="?", help="take the image from this manifest's executor.image")
     d.add_argument("--image", help="the task image to check (default: BYOL_RUNNER_IMAGE, else the manifest's, else byol-runner:latest)")
@@ -358,12 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=cmd_doctor)
 
+
+def _add_worker(sub) -> None:  # noqa: ANN001
+    from runner.worker.entry import add_arguments
+
     w = sub.add_parser("worker", help="internal: train one task from its task.json (what a container or Ray task runs)")
-    w.add_argument("task_json", help="tasks/<id>/task.json, as the plan wrote it")
-    w.add_argument("--results", help="results dir (default: the task folder's grandparent)")
-    w.add_argument("--data-root", help="where this task's dataset is mounted, when not at the root in task.json")
+    add_arguments(w)
     w.set_defaults(func=cmd_worker)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ def load_plan(manifest_path: str | Path, results_cli: str | None, progress: Prog
 def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, plan: Plan, executor: str | None = None,
                  max_parallel: int | None = None, retry_failed: bool = False, display_factory=None,  # noqa: ANN001
                  retry_ids: tuple[str, ...] = (), rebuild_store: bool = False):
-    from runner.executors import make_executor, spec_for
+    from runner.executors.registry import make_executor, spec_for
 
     kind = executor or manifest.executor.kind
     try:
@@ -55,6 +55,7 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
 def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, slots, retry_failed: bool,  # noqa: ANN001
              display_factory, retry_ids: tuple[str, ...], lock):  # noqa: ANN001
     from runner import report as R
+    from runner.pages import publish
     from runner.scheduler import Scheduler
     from runner.store import Store
 
@@ -81,10 +82,30 @@ def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, s
         rep = R.build(results, manifest.name, tasks, R.arch_of(text), primary=manifest.report.primary,
                       compare=(manifest.compare.model1, manifest.compare.model2))
         rep["meta"] = R.provenance(results, store.run(outcome.run_id), tasks, 1000, store.attempt_span([t.id for t in tasks]))
-        R.write(results, rep)
+        publish(results, rep, tasks)
     finally:
         store.close()
     return outcome, rep
+
+
+def report(results_cli: str | None, run_name: str | None = None, bootstrap: int = 1000,
+           need_files: bool = False) -> tuple[Path, dict, Path | None]:
+    """The results dir, the report of its latest (or named) run, and the folder its files and figures
+    were written to; None there when the results dir is read-only (a finished run on a shared or
+    archived disk: the report is still made, to be printed) unless `need_files`."""
+    from runner import report as R
+    from runner.errors import UNWRITABLE
+    from runner.pages import publish
+
+    results = results_dir(results_cli)
+    rep, tasks = R.report_for(results, run_name, bootstrap=bootstrap)
+    try:
+        return results, rep, publish(results, rep, tasks)
+    except OSError as e:
+        if e.errno not in UNWRITABLE or need_files:
+            raise
+        rep["figures"] = []
+        return results, rep, None
 
 
 def plan_view(manifest_path: str | Path, results_cli: str | None = None, progress: Progress = no_progress) -> dict:
@@ -118,7 +139,7 @@ def plan_view(manifest_path: str | Path, results_cli: str | None = None, progres
 
 
 def status(results_cli: str | None, run_name: str | None = None) -> dict:
-    from runner.executors.base import pid_alive
+    from runner.system import pid_alive
     from runner.store import open_latest_run
 
     results = results_dir(results_cli)
@@ -154,3 +175,28 @@ def request(results: Path, action: str, task: str) -> Path:
     from runner.contracts import ControlRequest
 
     return ControlRequest(action=action, task=task).send(results)
+
+
+DOCKER_CHECKS = ("docker SDK", "Docker daemon", "image", "GPU runtime")
+
+
+def doctor(manifest_path: Path | None, image: str | None, gpu: bool = True) -> tuple[str, list[dict]]:
+    """The image `run --executor docker` would use, and every check of this machine (`runner.doctor`);
+    with a manifest, what its executor does not use is a warning, not a failure."""
+    from runner.doctor import as_dicts, run_checks
+    from runner.executors.docker_spec import task_image
+    from runner.executors.registry import spec_for
+    from runner.executors.specs import LocalSpec
+
+    # as `run --executor docker` would: the manifest's image unless BYOL_RUNNER_IMAGE overrides it; --image over both
+    given = load_manifest(manifest_path).executor if manifest_path is not None else None
+    spec, _ = spec_for(given or LocalSpec(), "docker")
+    image = image or task_image(spec)
+    checks = as_dicts(run_checks(image, gpu=gpu))
+    if given is not None:  # what this manifest's executor does not use cannot fail it
+        for c in checks:
+            if c["status"] == "fail" and (c["name"] in DOCKER_CHECKS and given.kind != "docker" or
+                                          c["name"] == "Ray" and given.kind != "ray"):
+                c["status"] = "warn"
+                c["detail"] += f" (not needed: {manifest_path} runs on the {given.kind} executor)"
+    return image, checks

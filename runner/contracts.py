@@ -21,8 +21,8 @@ from typing import Literal
 from pydantic import Field
 
 from runner.arms import KINDS
-from runner.choices import one_of
-from runner.data.sources import DatasetSpec, StrictModel
+from runner.choices import StrictModel, one_of
+from runner.data.sources import DatasetSpec
 from runner.ml.config import TrainSettings
 
 ENGINE_VERSION = 4  # bump when a code change alters results: it is part of every task id (4: RandomResizedCrop sampling)

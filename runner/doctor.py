@@ -21,7 +21,7 @@ class Check:
 
 
 def run_checks(image: str, gpu: bool = True) -> list[Check]:
-    from runner.executors.base import visible_gpus
+    from runner.system import visible_gpus
 
     checks: list[Check] = []
     host_gpus = visible_gpus()

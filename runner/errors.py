@@ -18,6 +18,11 @@ class DataError(UserError):
     """The data a manifest points at cannot be used as asked (missing files, one class left, ...)."""
 
 
+class StartError(UserError):
+    """A task cannot start (a bad task.json, a missing encoder, no GPU for a GPU task): the worker exits 2
+    with an error event that says why; a command that meets it (bench, predict) prints it as one line."""
+
+
 # ---- the disk, in one line ------------------------------------------------------------------
 
 UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)

@@ -18,12 +18,11 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from runner.arms import DEFAULT_METHODS, METHODS
-from runner.executors import executor_specs
-from runner.executors.local import LocalSpec
-from runner.choices import one_of
-from runner.data.sources import DatasetSpec, StrictModel
+from runner.choices import StrictModel, one_of
+from runner.data.sources import DatasetSpec
 from runner.data.splits import LabelBudget
 from runner.errors import ManifestError
+from runner.executors.specs import LocalSpec, executor_specs
 from runner.ml.config import TrainSettings
 
 RESERVED_NAMES = {"tasks", "cache", "control"}  # folders of the results dir that are not runs
@@ -292,7 +291,7 @@ def _message(err: dict) -> str:
             if owners:
                 has = f"only the {owners[0]} executor has it" if len(owners) == 1 else f"the {' and '.join(owners)} executors have it"
                 return f"not a setting of the {err['loc'][1]} executor ({has})"
-        close = difflib.get_close_matches(key, _all_field_names(), n=1)
+        close = difflib.get_close_matches(key, _all_field_names() - {key}, n=1)  # never the key it just rejected
         return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "; `byol-runner schema` lists the keys")
     if kind == "missing":
         return "required, but missing"

@@ -14,9 +14,9 @@ import numpy as np
 from runner import arms as A
 from runner.atomic import atomic_write_text
 from runner.contracts import read_events
-from runner.report import _budget_order, shown
+from runner.report import budget_order, shown
 from runner.tables import PRIMARY as PRIMARY_NAME
-from runner.tables import NUMBER, extended_markdown, to_markdown
+from runner.tables import NUMBER, extended_markdown, to_csv, to_markdown
 from runner.store import TaskRow
 
 
@@ -79,7 +79,19 @@ class _Drawer:
             atomic_write_text(self.out / FIGURE_MEMO, json.dumps(self.used, indent=1, sort_keys=True) + "\n")
 
 
-def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict) -> list[str]:
+def publish(results: Path, report: dict, tasks: list[TaskRow]) -> Path:
+    """Draw the report's figures (report["figures"]) and write results.md, .csv, .json and .html under
+    results/<run>/; that folder."""
+    report["figures"] = make_figures(results, report, tasks)
+    out = results / report["run"]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("results.md", to_markdown(report) + "\n" + extended_markdown(report)), ("results.csv", to_csv(report)),
+                       ("results.json", json.dumps(report, indent=1)), ("results.html", to_html(report, results))):
+        atomic_write_text(out / name, text)
+    return out
+
+
+def make_figures(results: Path, report: dict, tasks: list[TaskRow]) -> list[str]:
     out = results / report["run"] / "figures"
     draw = _Drawer(out)
     paths: list[Path] = []
@@ -92,13 +104,13 @@ def make_figures(results: Path, report: dict, tasks: list[TaskRow], preds: dict)
                   for t in tasks if t.dataset == ds and t.kind == "pretrain"}
         if any(curves.values()):
             paths.append(draw("pretrain_loss", ds, curves))
-        budgets = sorted({t.budget for t in tasks if t.dataset == ds and t.budget}, key=_budget_order)
+        budgets = sorted({t.budget for t in tasks if t.dataset == ds and t.budget}, key=budget_order)
         for budget in budgets:
             mats, names = {}, None
-            for (d, b_, method), entries in sorted(preds.items()):
-                if d == ds and b_ == budget:
-                    mats[method] = np.sum([np.asarray(e["confusion"]) for e in entries], axis=0)
-                    names = entries[0]["class_names"]
+            for c in report.get("confusion", []):
+                if c["dataset"] == ds and c["labels"] == budget:
+                    mats[c["method"]] = np.asarray(c["matrix"])
+                    names = c["class_names"]
             if mats:
                 paths.append(draw("confusion", ds, budget, mats, names))
             ft = defaultdict(dict)
@@ -181,7 +193,7 @@ def readme_figures(readme: Path, report: dict, results: Path) -> str:
     out = readme_figure_dir(readme, run)
     rel = Path(os.path.relpath(out, readme.parent)).as_posix()
     datasets = list(dict.fromkeys(e["dataset"] for e in report.get("extended", [])))
-    budgets = sorted({e["labels"] for e in report.get("extended", [])}, key=_budget_order)
+    budgets = sorted({e["labels"] for e in report.get("extended", [])}, key=budget_order)
     shown: list[str] = []
 
     def img(name: str, alt: str, width: str) -> str:
@@ -278,65 +290,90 @@ def _caption(path: str) -> str:
     return f"{what}: {rest.replace('-', ' ')}" if rest else what
 
 
-def to_html(report: dict, results: Path) -> str:
-    """One self-contained page (figures inlined): provenance, the README table with its notes, the
-    verdicts, every arm with intervals, the figures (label efficiency first), the manifest."""
-    import base64
+def _html_table(md: str, external: set[str]) -> str:
+    """A markdown table as HTML: numbers right-aligned, the rows of external test sets marked."""
     import html
-    import time
 
     esc = html.escape
-    external = set(report.get("external", {}).values())
+    rows = [r for r in md.splitlines() if r.startswith("|") and not r.startswith("|---")]
+    if not rows:
+        return ""
+    cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+    head = "".join(f"<th>{esc(c)}</th>" for c in cells[0])
+    body = []
+    for r in cells[1:]:
+        ext = any(r[0].startswith(e) for e in external)
+        tds = "".join(f'<td class="num">{esc(c)}</td>' if NUMBER.match(c) else f"<td>{esc(c)}</td>" for c in r)
+        body.append(f'<tr class="external">{tds}</tr>' if ext else f"<tr>{tds}</tr>")
+    wide = ' class="wide"' if len(cells[0]) > 9 else ""
+    return f'<div class="scroll"><table{wide}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
-    def table(md: str) -> str:
-        rows = [r for r in md.splitlines() if r.startswith("|") and not r.startswith("|---")]
-        if not rows:
-            return ""
-        cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
-        head = "".join(f"<th>{esc(c)}</th>" for c in cells[0])
-        body = []
-        for r in cells[1:]:
-            ext = any(r[0].startswith(e) for e in external)
-            tds = "".join(f'<td class="num">{esc(c)}</td>' if NUMBER.match(c) else f"<td>{esc(c)}</td>" for c in r)
-            body.append(f'<tr class="external">{tds}</tr>' if ext else f"<tr>{tds}</tr>")
-        wide = ' class="wide"' if len(cells[0]) > 9 else ""
-        return f'<div class="scroll"><table{wide}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
-    def prose(md: str) -> str:
-        out, items = [], []
-        for line in md.splitlines():
-            if line.startswith("|") or not line.strip():
-                continue
-            if line.startswith("- "):
-                items.append(f"<li>{esc(line[2:])}</li>")
-            else:
-                out.append(f'<p class="explain">{esc(line)}</p>')
-        return "".join(out) + (f'<ul class="notes">{"".join(items)}</ul>' if items else "")
+def _html_prose(md: str) -> str:
+    """The text lines of a markdown block as paragraphs, its `- ` lines as a list."""
+    import html
 
-    main_md, ext_md = to_markdown(report), extended_markdown(report)
-    parts = ext_md.split("\n\n")
-    arms_md = next((p for p in parts if p.lstrip().startswith("| Dataset | Labels | Method")), "")
-    delta_md = next((p for p in parts if p.lstrip().startswith("| Dataset | Labels | Seeds | Δ")), "")
-    ext_prose = "\n".join(p for p in parts if not p.lstrip().startswith("|"))
+    out, items = [], []
+    for line in md.splitlines():
+        if line.startswith("|") or not line.strip():
+            continue
+        if line.startswith("- "):
+            items.append(f"<li>{html.escape(line[2:])}</li>")
+        else:
+            out.append(f'<p class="explain">{html.escape(line)}</p>')
+    return "".join(out) + (f'<ul class="notes">{"".join(items)}</ul>' if items else "")
+
+
+def _facts(report: dict) -> list[tuple[str, str]]:
+    """Where the numbers come from, for the page's header."""
+    import time
+
     meta = report.get("meta") or {}
     when = lambda t: time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t)) if t else "—"  # noqa: E731
-    facts = [("run", f"{report['run']} ({meta.get('run_status', '?')})"),
-             ("this run", f"{when(meta.get('run_started'))} to {when(meta.get('run_ended'))}"),
-             ("tasks trained", f"{when(meta.get('trained_from'))} to {when(meta.get('trained_to'))} (their attempts, in "
-                               "whichever run)"),
-             ("manifest", meta.get("manifest_path") or "—"), ("executor", meta.get("executor") or "—"),
-             ("devices", ", ".join(meta.get("devices", [])) or "—"), ("PyTorch", ", ".join(meta.get("torchs", [])) or "—"),
-             ("engine version", str(meta.get("engine_version", "—"))),
-             ("tasks", f"{report['tasks_done']} of {report['tasks']} done"),
-             ("verdict metric", str(report.get("primary", PRIMARY_NAME))),
-             ("bootstrap replicates", str(meta.get("bootstrap", "—"))), ("report written", when(time.time()))]
-    dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts)
+    return [("run", f"{report['run']} ({meta.get('run_status', '?')})"),
+            ("this run", f"{when(meta.get('run_started'))} to {when(meta.get('run_ended'))}"),
+            ("tasks trained", f"{when(meta.get('trained_from'))} to {when(meta.get('trained_to'))} (their attempts, in "
+                              "whichever run)"),
+            ("manifest", meta.get("manifest_path") or "—"), ("executor", meta.get("executor") or "—"),
+            ("devices", ", ".join(meta.get("devices", [])) or "—"), ("PyTorch", ", ".join(meta.get("torchs", [])) or "—"),
+            ("engine version", str(meta.get("engine_version", "—"))),
+            ("tasks", f"{report['tasks_done']} of {report['tasks']} done"),
+            ("verdict metric", str(report.get("primary", PRIMARY_NAME))),
+            ("bootstrap replicates", str(meta.get("bootstrap", "—"))), ("report written", when(time.time()))]
+
+
+def _html_figures(report: dict, results: Path) -> list[str]:
+    """The run's figures inlined (label efficiency first), each with its caption."""
+    import base64
+    import html
+
+    esc = html.escape
     figs = sorted(report.get("figures", []), key=lambda f: next((i for i, k in enumerate(FIGURE_ORDER) if Path(f).stem.startswith(k)), 9))
     imgs = []
     for f in figs:
         data = base64.b64encode((results / report["run"] / f).read_bytes()).decode()
         imgs.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(_caption(f))}"><figcaption>{esc(_caption(f))} '
                     f'<span style="color:#9aa1ab">({esc(f)})</span></figcaption></figure>')
+    return imgs
+
+
+def to_html(report: dict, results: Path) -> str:
+    """One self-contained page (figures inlined): provenance, the README table with its notes, the
+    verdicts, every arm with intervals, the figures (label efficiency first), the manifest."""
+    import html
+
+    esc = html.escape
+    external = set(report.get("external", {}).values())
+    table = lambda md: _html_table(md, external)  # noqa: E731
+    prose = _html_prose
+    main_md, ext_md = to_markdown(report), extended_markdown(report)
+    parts = ext_md.split("\n\n")
+    arms_md = next((p for p in parts if p.lstrip().startswith("| Dataset | Labels | Method")), "")
+    delta_md = next((p for p in parts if p.lstrip().startswith("| Dataset | Labels | Seeds | Δ")), "")
+    ext_prose = "\n".join(p for p in parts if not p.lstrip().startswith("|"))
+    meta = report.get("meta") or {}
+    dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in _facts(report))
+    imgs = _html_figures(report, results)
     manifest = meta.get("manifest")
     return (
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.atomic import atomic_write_text
-from runner.data.cache import Progress, file_sha, no_progress
+from runner.data.cache import Progress, file_sha256, no_progress
 from runner.data.dataset import accounting, external_spec, prepare
 from runner.data.sources import RootedSource
 from runner.errors import DataError
@@ -223,18 +223,3 @@ def inspect_result(results: Path, tid: str, require: tuple[str, ...] = ()) -> tu
         if file_sha256(results / str(rel)) != digest:
             return "damaged", f"the classifier it scored ({rel}) has changed since (trained again, or damaged)"
     return "done", None
-
-
-_SHA_MEMO: dict[tuple, str | None] = {}
-
-
-def file_sha256(path: Path) -> str | None:
-    """sha256 of a file (None if it is not there), remembered by (path, size, mtime) within a process."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        _SHA_MEMO[key] = file_sha(path)
-    return _SHA_MEMO[key]

@@ -75,7 +75,7 @@ def predict(results: Path, task: str, images: list[str], device: str = "cpu") ->
     from runner.data.decode import ImageSettings, decode_file
     from runner.ml import saved
     from runner.ml.train import Context
-    from runner.worker import resolve_device
+    from runner.system import resolve_device
 
     folder = find_task(results, task)
     try:

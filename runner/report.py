@@ -24,9 +24,8 @@ import numpy as np
 
 from runner import arms as A
 from runner import stats
-from runner.atomic import atomic_write_text
 from runner.store import TaskRow, open_latest_run
-from runner.tables import MARK, PRIMARY, _flagged, extended_markdown, to_csv, to_markdown
+from runner.tables import MARK, PRIMARY, _flagged
 
 PRIOR_MARGIN = 0.01  # a test loss within 1% of the class prior's is no better than it
 MODEL1 = A.role_candidates("model1")  # the first present is Model 1
@@ -44,7 +43,7 @@ def _load_metrics(results: Path, tid: str) -> dict | None:
     return _load_json(results / "tasks" / tid / "metrics.json")
 
 
-def _budget_order(name: str) -> tuple:
+def budget_order(name: str) -> tuple:
     if name.endswith("/class"):
         return (0, int(name.split("/")[0]))
     return (1, float(name.rstrip("%")))
@@ -134,13 +133,14 @@ def collect(results: Path, tasks: list[TaskRow], external: dict[str, str] | None
             cells[(t.dataset, t.budget, t.method)]["balanced_accuracy"].append(m["test"].get("balanced_accuracy"))
     return {"cells": cells, "planned": planned, "preds": preds, "flags": flags, "validation": sorted(validation),
             "fixed": [{"dataset": d, "labels": b, "method": m, "seeds": sorted(seeds)}
-                      for (d, b, m), seeds in sorted(fixed.items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2]))]}
+                      for (d, b, m), seeds in sorted(fixed.items(), key=lambda kv: (kv[0][0], budget_order(kv[0][1]), kv[0][2]))]}
 
 
-def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNet50", figures: bool = True,
-          bootstrap: int = 1000, primary: str = PRIMARY, compare: tuple[str | None, str | None] = (None, None)) -> dict:
+def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNet50", bootstrap: int = 1000,
+          primary: str = PRIMARY, compare: tuple[str | None, str | None] = (None, None)) -> dict:
     """The report of a run's tasks: the README table, every arm with bootstrap intervals, the paired
-    Model 1 − Model 2 differences, and (figures=True) the figures under results/<run>/figures/."""
+    Model 1 − Model 2 differences, and each cell's confusion matrix (all seeds summed). Its figures and
+    pages are `runner.pages`'s (`publish`)."""
     accounts = _load_json(results / run_name / "data.json") or {}
     external = externals(results, tasks, accounts)
     data = collect(results, tasks, external)
@@ -154,7 +154,7 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
     m1 = compare[0] if compare[0] in methods else next((m for m in MODEL1 if m in methods and m != compare[1]), None)
     m2 = compare[1] if compare[1] in methods else next((m for m in MODEL2 if m in methods and m != m1), None)
     rows, arms = [], []
-    for ds, budget in sorted({(d, b) for (d, b, _) in planned}, key=lambda k: (k[0], _budget_order(k[1]))):
+    for ds, budget in sorted({(d, b) for (d, b, _) in planned}, key=lambda k: (k[0], budget_order(k[1]))):
         row = {"dataset": ds, "labels": budget}
         for tag, method in (("model1", m1), ("model2", m2)):
             for metric in ("accuracy", "loss"):
@@ -171,42 +171,29 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
     done = sum(1 for t in tasks if t.status == "done")
     degenerate = [{"dataset": d, "labels": b_, "method": m, "seeds": sorted(by_seed),
                    "reasons": list(dict.fromkeys(r for rs in by_seed.values() for r in rs))}
-                  for (d, b_, m), by_seed in sorted(data["flags"].items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2]))]
+                  for (d, b_, m), by_seed in sorted(data["flags"].items(), key=lambda kv: (kv[0][0], budget_order(kv[0][1]), kv[0][2]))]
     report = {"run": run_name, "legend": legend, "rows": rows, "arms": arms, "tasks_done": done, "tasks": len(tasks),
               "model1_method": m1, "model2_method": m2, "primary": primary, "degenerate": degenerate,
               "data": accounts, "pretrain_steps": pretrain_steps,
               "validation": data["validation"], "fixed_schedule": data["fixed"], "external": external}
     add_uncertainty(report, data["preds"], m1, m2, bootstrap)
-    if figures:
-        from runner.pages import make_figures
-
-        report["figures"] = make_figures(results, report, tasks, data["preds"])
-    else:
-        report["figures"] = []
+    report["confusion"] = [{"dataset": d, "labels": b_, "method": m, "class_names": entries[0]["class_names"],
+                            "matrix": np.sum([np.asarray(e["confusion"]) for e in entries], axis=0).tolist()}
+                           for (d, b_, m), entries in sorted(data["preds"].items())]
+    report["figures"] = []  # drawn by runner.pages
     return report
 
 
-def write(results: Path, report: dict) -> Path:
-    from runner.pages import to_html
-
-    out = results / report["run"]
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.md", to_markdown(report) + "\n" + extended_markdown(report)), ("results.csv", to_csv(report)),
-                       ("results.json", json.dumps(report, indent=1)), ("results.html", to_html(report, results))):
-        atomic_write_text(out / name, text)
-    return out
-
-
-def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000, figures: bool = True) -> dict:
-    """The report of the latest run (of that name), read from runner.db and the task folders; with
-    `figures`, its figures are drawn into results/<run>/figures."""
+def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000) -> tuple[dict, list[TaskRow]]:
+    """The report of the latest run (of that name), read from runner.db and the task folders, and the
+    run's tasks (what its figures are drawn from)."""
     with open_latest_run(results, run_name) as (store, run):
         tasks = store.run_tasks(run["id"])
         span = store.attempt_span([t.id for t in tasks])
     rep = build(results, run["name"], tasks, arch_of(run["manifest"]), bootstrap=bootstrap, primary=primary_of(run["manifest"]),
-                compare=compare_of(run["manifest"]), figures=figures)
+                compare=compare_of(run["manifest"]))
     rep["meta"] = provenance(results, run, tasks, bootstrap, span)
-    return rep
+    return rep, tasks
 
 
 def provenance(results: Path, run, tasks: list[TaskRow], bootstrap: int,  # noqa: ANN001 - a runs row
@@ -280,7 +267,7 @@ def add_uncertainty(report: dict, preds: dict, m1: str | None, m2: str | None, b
     metric, Holm-adjusted over the run's comparisons; and, as a family of its own, whether each
     pretraining's linear probe (from random init) beats the random-init control ("did pretraining learn?")."""
     report["extended"] = []
-    for (ds, budget, method), entries in sorted(preds.items(), key=lambda kv: (kv[0][0], _budget_order(kv[0][1]), kv[0][2])):
+    for (ds, budget, method), entries in sorted(preds.items(), key=lambda kv: (kv[0][0], budget_order(kv[0][1]), kv[0][2])):
         groups, units = _units(entries)
         res = stats.bootstrap_metrics(_pairs(entries), entries[0]["positive"], b=b, groups=groups)
         report["extended"].append({"dataset": ds, "labels": budget, "method": method, "seeds": len(entries), "units": units, **res})
@@ -304,7 +291,7 @@ def compare(report: dict, preds: dict, pairs: list[tuple[str, str]], b: int, fam
     verdicts on the primary metric Holm-adjusted over this family of comparisons."""
     out = []
     for a_method, b_method in pairs:
-        for ds, budget in sorted({(d, b_) for (d, b_, _) in preds}, key=lambda k: (k[0], _budget_order(k[1]))):
+        for ds, budget in sorted({(d, b_) for (d, b_, _) in preds}, key=lambda k: (k[0], budget_order(k[1]))):
             a, c = preds.get((ds, budget, a_method), []), preds.get((ds, budget, b_method), [])
             seeds = sorted({e["seed"] for e in a} & {e["seed"] for e in c})
             if not seeds:

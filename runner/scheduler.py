@@ -22,7 +22,8 @@ from runner.contracts import AttemptStatus as A
 from runner.contracts import TaskStatus as S
 from runner.contracts import ControlRequest, read_events
 from runner.errors import UserError
-from runner.executors import Executor, Handle, Slot, recover
+from runner.executors.base import Executor, Handle, Slot
+from runner.executors.registry import recover
 from runner.plan import Plan, PlannedTask, is_done, plan_state, write_task_files
 from runner.store import Store
 
@@ -109,6 +110,7 @@ class Scheduler:
         self.errors: dict[str, str | None] = {}  # each task's last error, as runner.db has it
         self.kills: dict[str, int] = {}  # attempts killed from outside, per task (not counted against retries)
         self.running: dict[str, Running] = {}
+        self.starting: tuple[str, int] | None = None  # (task, attempt) whose worker is being started
         self.started_workers = 0
         self.adopted: dict[int, Handle] = {}
         self.taken_over = 0
@@ -145,7 +147,7 @@ class Scheduler:
         full disk the reason the next run fails too): removed once their writer is gone. The folders of
         adopted attempts are left alone (their container's pids are not this machine's)."""
         from runner.atomic import stale_temp_files
-        from runner.executors.base import pid_alive
+        from runner.system import pid_alive
 
         busy = {h.task_id for h in self.adopted.values()}
         folders = [self.results / "tasks" / t.id for t in self.plan.tasks if t.id not in busy]
@@ -287,6 +289,9 @@ class Scheduler:
                 self.store.end_attempt(attempt, A.FAILED, None, str(e))
                 self.transition(t.id, S.FAILED, str(e))
                 raise
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM while its worker starts: _stop_all ends the attempt
+                self.starting = (t.id, attempt)
+                raise
             self.store.set_attempt_process(attempt, handle.pid, handle.node)
             self.running[t.id] = Running(t, handle, attempt, tail)
             self.status[t.id] = S.RUNNING  # runner.db says so since start_attempt (its row keeps its last error)
@@ -375,6 +380,11 @@ class Scheduler:
         return changed
 
     def _stop_all(self, status: S, why: str = "stopped by Ctrl-C") -> None:
+        if self.starting is not None:  # stopped while its worker started: no handle to cancel, the attempt ends too
+            tid, attempt = self.starting
+            self.store.end_attempt(attempt, status, None, why)
+            self.transition(tid, S.DONE if is_done(self.results, tid) else status)
+            self.starting = None
         for tid, r in list(self.running.items()):
             self.executor.cancel(r.handle, self.grace_s)
             self.store.add_points(tid, r.attempt_id, r.tail.read())

@@ -337,7 +337,8 @@ def test_the_container_spec_for_a_two_gpu_host_is_accepted_by_the_engine(client,
     from runner.executors.base import Slot
     from runner.contracts import TaskSpec
     from runner.executors.docker import DockerExecutor
-    from runner.executors.docker_spec import DockerSpec, container_spec
+    from runner.executors.specs import DockerSpec
+    from runner.executors.docker_spec import container_spec
 
     head_ct = real_data("head_ct")
     spec = DockerSpec(kind="docker", image=CI_IMAGE, memory="2g", env={"EXTRA": "1"}, user="1234:1234",
@@ -459,7 +460,8 @@ def test_bad_docker_settings_name_their_place(tmp_path, setting, expected):
 
 def test_tasks_run_as_root_only_when_asked_by_name(monkeypatch):
     from runner.errors import UserError
-    from runner.executors.docker_spec import DockerSpec, task_user
+    from runner.executors.specs import DockerSpec
+    from runner.executors.docker_spec import task_user
 
     monkeypatch.delenv("BYOL_RUNNER_USER", raising=False)
     monkeypatch.setattr(os, "getuid", lambda: 0)
@@ -477,7 +479,7 @@ def test_tasks_run_as_root_only_when_asked_by_name(monkeypatch):
 def test_each_executor_reads_its_own_section_and_an_override_keeps_the_shared_settings():
     """`run --executor KIND` on a manifest written for another kind: the shared settings carry over,
     the others are named as dropped; the manifest's own kind is read as written."""
-    from runner.executors import spec_for
+    from runner.executors.registry import spec_for
     from runner.manifest import parse_manifest
 
     docker = parse_manifest("name: t\ndatasets:\n  s: {source: synthetic}\n"

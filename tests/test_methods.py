@@ -281,7 +281,8 @@ def test_a_fine_tune_whose_loss_diverges_fails(tmp_path):
 
 def test_a_task_json_pointing_outside_the_results_dir_cannot_start(tmp_path):
     from runner.contracts import TaskSpec
-    from runner.worker import EventLog, StartError, run_task
+    from runner.errors import StartError
+    from runner.worker.run import EventLog, run_task
 
     for field_, value in (("cache_dir", "../../outside"), ("encoder", "../elsewhere/encoder.pt")):
         spec = TaskSpec.model_validate({"id": "t", "kind": "finetune" if field_ == "encoder" else "supervised", "dataset": "d",

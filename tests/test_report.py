@@ -123,13 +123,15 @@ def test_a_figure_is_drawn_again_only_when_what_it_shows_or_its_file_changed(fin
     def stamps() -> dict[str, int]:
         return {p.name: p.stat().st_mtime_ns for p in figures.glob("*.png")}
 
-    first = R.report_for(results)["figures"]
+    from runner.commands import report
+
+    first = report(str(results))[1]["figures"]
     before = stamps()
     assert len(before) == 6 and json.loads((figures / pages.FIGURE_MEMO).read_text())
-    assert R.report_for(results)["figures"] == first and stamps() == before  # nothing drawn
+    assert report(str(results))[1]["figures"] == first and stamps() == before  # nothing drawn
     (figures / "label_efficiency_syn.png").write_bytes(b"damaged")  # a file changed since: drawn again
     (figures / "pretrain_loss_syn.png").unlink()  # a file gone: drawn again
-    R.report_for(results)
+    report(str(results))
     after = stamps()
     assert {k for k in after if after[k] != before.get(k)} == {"label_efficiency_syn.png", "pretrain_loss_syn.png"}
     with Image.open(figures / "label_efficiency_syn.png") as im:
@@ -140,12 +142,12 @@ def test_a_figure_is_drawn_again_only_when_what_it_shows_or_its_file_changed(fin
     changed = [json.dumps({**e, "loss": e["loss"] + 1.0}) if e.get("kind") == "metric" and "loss" in e else json.dumps(e)
                for e in map(json.loads, lines)]
     (pre / "events.jsonl").write_text("\n".join(changed) + "\n")
-    R.report_for(results)
+    report(str(results))
     again = stamps()
     assert {k for k in again if again[k] != after[k]} == {"pretrain_loss_syn.png"}
     # new drawing code (or matplotlib): every figure drawn again
     monkeypatch.setattr(pages, "_figure_code", lambda: "another version")
-    R.report_for(results)
+    report(str(results))
     assert all(v != again[k] for k, v in stamps().items())
 
 
@@ -280,7 +282,7 @@ def test_partial_run_reports_what_is_finished_and_marks_the_rest(finished, tmp_p
     r = cli_here("report", "--results", str(partial))
     assert r.returncode == 0, r.stderr
     assert "(1/2 seeds)" in r.stdout
-    data = R.report_for(partial, bootstrap=50)
+    data, _ = R.report_for(partial, bootstrap=50)
     sup = [e for e in data["extended"] if e["method"] == "supervised"]
     assert all(e["seeds"] == 1 for e in sup)
     assert all(d["seeds"] == 1 for d in data["differences"])  # paired on the seed both models have

@@ -17,7 +17,7 @@ import pytest
 
 from runner.contracts import AttemptStatus, TaskStatus, event_line
 from runner.errors import UserError
-from runner.executors import Executor, Handle, Slot
+from runner.executors.base import Executor, Handle, Slot
 from runner.plan import Plan, PlannedTask
 from runner.scheduler import Scheduler
 from runner.store import Store

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from runner import report as R
+from runner import tables
 from runner.stats import bootstrap_metrics, holm, paired_difference, seed_t_test, verdict
 from runner.store import TaskRow
 
@@ -158,7 +159,7 @@ def _run(results: Path, model2_probs, seeds=(0, 1, 2), **model2) -> dict:
         p1 = np.clip(np.where(labels == 1, 0.75, 0.25) + rng.normal(0, 0.15, 60), 0.01, 0.99)
         tasks.append(_task(results, f"ft{s}", "byol-finetune", "finetune", s, two_class(p1), labels))
         tasks.append(_task(results, f"su{s}", "supervised", "supervised", s, model2_probs(labels), labels, **model2))
-    return R.build(results, "t", tasks, "ResNet18", figures=False, bootstrap=300)
+    return R.build(results, "t", tasks, "ResNet18", bootstrap=300)
 
 
 def test_a_constant_prediction_cell_is_flagged_and_never_a_win(tmp_path):
@@ -171,7 +172,7 @@ def test_a_constant_prediction_cell_is_flagged_and_never_a_win(tmp_path):
     assert ("ds", "10%", "byol-finetune") not in flags
     diff = rep["differences"][0]
     assert diff["verdict"] in ("Model 1 better (over a degenerate cell †)", "no difference detected († a degenerate cell)")
-    md = R.to_markdown(rep) + R.extended_markdown(rep)
+    md = tables.to_markdown(rep) + tables.extended_markdown(rep)
     row = next(line for line in md.splitlines() if line.startswith("| ds (10% labels)"))
     assert "†" in row  # the README-format row carries the mark
     assert "constant" in md and "step 0" in md  # and the footnote says what happened
@@ -185,7 +186,7 @@ def test_the_report_decides_on_the_primary_metric_with_holm_and_names_it(tmp_pat
     assert diff["primary"] == "auroc" and diff["comparisons"] == 1
     assert diff["p_adjusted"] == pytest.approx(diff["auroc"]["p"])
     assert diff["verdict"] in ("Model 1 better", "Model 2 better", "no difference detected")
-    md = R.extended_markdown(rep)
+    md = tables.extended_markdown(rep)
     assert "Holm" in md and "| Verdict" in md and diff["verdict"] in md
     assert "seeds and test images" in md
 
@@ -193,7 +194,7 @@ def test_the_report_decides_on_the_primary_metric_with_holm_and_names_it(tmp_pat
 def test_one_seed_reports_say_what_the_interval_leaves_out(tmp_path):
     rep = _run(tmp_path, lambda labels: two_class(np.where(labels == 1, 0.65, 0.35)), seeds=(0,))
     assert rep["differences"][0]["verdict"].startswith("not decided: one seed")
-    md = R.extended_markdown(rep)
+    md = tables.extended_markdown(rep)
     assert "one seed" in md and "not covered" in md
 
 
@@ -204,15 +205,15 @@ def test_groups_in_the_predictions_are_the_resampled_units(tmp_path):
     tasks = [_task(tmp_path, f"su{s}", "supervised", "supervised", s,
                    two_class(np.clip(np.where(labels == 1, 0.7, 0.3) + rng.normal(0, 0.2, 60), 0.01, 0.99)), labels,
                    groups=groups) for s in (0, 1)]
-    rep = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=100)
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=100)
     assert rep["extended"][0]["units"] == "10 groups"
-    assert "10 groups" in R.extended_markdown(rep)
+    assert "10 groups" in tables.extended_markdown(rep)
 
 
 def test_the_worker_records_test_groups_only_when_the_data_set_has_them():
     from types import SimpleNamespace
 
-    from runner.worker import _test_groups
+    from runner.worker.kinds import test_groups as _test_groups
 
     keys = ["a/1.png", "a/2.png", "b/1.png", "c/1.png"]
     grouped = SimpleNamespace(keys=keys, groups=["a", "a", "b", "c"])
@@ -294,10 +295,10 @@ def test_the_manifest_names_the_primary_metric(tmp_path):
     labels = np.r_[np.zeros(30, int), np.ones(30, int)]
     tasks = [_task(tmp_path, f"{m_}{s}", m_, k, s, two_class(np.where(labels == 1, p, 1 - p)), labels)
              for s in (0, 1) for m_, k, p in (("byol-finetune", "finetune", 0.8), ("supervised", "supervised", 0.6))]
-    rep = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=200, primary="loss")
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=200, primary="loss")
     d = rep["differences"][0]
     assert d["primary"] == "loss" and d["p_adjusted"] == d["loss"]["p"]
-    assert "Verdict on loss" in R.extended_markdown(rep)
+    assert "Verdict on loss" in tables.extended_markdown(rep)
 
 
 def test_perfect_rankers_read_auroc_one_in_every_output(tmp_path):
@@ -305,12 +306,12 @@ def test_perfect_rankers_read_auroc_one_in_every_output(tmp_path):
     base = np.r_[np.linspace(0.0, 0.1, 20), np.linspace(0.15, 0.25, 20)]
     tasks = [_task(tmp_path, f"su{s}", "supervised", "supervised", s, two_class(base + 0.3 * s), labels, prior_loss=5.0)
              for s in range(3)]
-    rep = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=100)
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=100)
     assert rep["arms"][0]["auroc"]["mean"] == pytest.approx(1.0)
     assert rep["extended"][0]["auroc"]["value"] == pytest.approx(1.0)
-    csv_row = R.to_csv(rep).splitlines()[1].split(",")
+    csv_row = tables.to_csv(rep).splitlines()[1].split(",")
     assert float(csv_row[8]) == pytest.approx(1.0)  # auroc_mean
-    assert "| 1.000 [1.000, 1.000] |" in R.extended_markdown(rep)
+    assert "| 1.000 [1.000, 1.000] |" in tables.extended_markdown(rep)
 
 
 def test_did_pretraining_learn_is_answered_each_way(tmp_path):
@@ -329,13 +330,13 @@ def test_did_pretraining_learn_is_answered_each_way(tmp_path):
         pre.mkdir()
         (pre / "metrics.json").write_text(json.dumps({"pretrain": {"steps": 120}}))
         tasks.append(TaskRow("pre", "pretrain", "ds", "byol-pretrain", 0, None, [], "done", None, None, None, None, None))
-        return R.build(folder, "t", tasks, "ResNet18", figures=False, bootstrap=400)
+        return R.build(folder, "t", tasks, "ResNet18", bootstrap=400)
 
     learned = run(tmp_path / "a", byol=0.6, control=0.05)
     assert learned["pretraining_learned"][0]["verdict"] == "Model 1 better"
-    assert "Did pretraining learn? ds 10%: yes" in R.to_markdown(learned)
+    assert "Did pretraining learn? ds 10%: yes" in tables.to_markdown(learned)
     not_learned = run(tmp_path / "b", byol=0.3, control=0.3)
-    line = next(x for x in R.to_markdown(not_learned).splitlines() if "Did pretraining learn?" in x)
+    line = next(x for x in tables.to_markdown(not_learned).splitlines() if "Did pretraining learn?" in x)
     assert "no gain detected" in line and "120 optimizer steps" in line and "pretrain.epochs" in line
 
 
@@ -356,12 +357,12 @@ def test_every_pretraining_is_held_against_its_own_control_in_one_family(tmp_pat
         for tid, method, strength in (("b", "byol-linear", 0.6), ("s", "simsiam-linear", 0.6), ("i", "byol-imagenet-linear", 0.6),
                                       ("c", "random-linear", 0.05), ("n", "imagenet-linear", 0.6)):
             tasks.append(_task(tmp_path, f"{tid}{s}", method, kinds[method], s, probe(strength), labels, prior_loss=5.0))
-    rep = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=200)
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=200)
     learned = rep["pretraining_learned"]
     assert [(d["method"], d["against"]) for d in learned] == [
         ("byol-linear", "random-linear"), ("byol-imagenet-linear", "imagenet-linear"), ("simsiam-linear", "random-linear")]
     assert all(d["comparisons"] == 3 for d in learned)
-    lines = [x for x in R.to_markdown(rep).splitlines() if "Did pretraining learn?" in x]
+    lines = [x for x in tables.to_markdown(rep).splitlines() if "Did pretraining learn?" in x]
     assert len(lines) == 3 and ("random-init control" in lines[0] or "untrained network" in lines[0])
     assert "BYOL from ImageNet weights" in lines[1] and "the ImageNet features it started from" in lines[1]
     assert "SimSiam" in lines[2] and "ImageNet" not in lines[2]
@@ -373,11 +374,11 @@ def test_the_report_says_what_chose_and_where_nothing_could(tmp_path):
     m = json.loads((tmp_path / "tasks" / "su0" / "metrics.json").read_text())
     m |= {"validation": "budget", "selection": {"mode": "fixed schedule", "selected_step": 40, "steps": 40}}
     (tmp_path / "tasks" / "su0" / "metrics.json").write_text(json.dumps(m))
-    md = R.to_markdown(R.build(tmp_path, "t", [t], "ResNet18", figures=False, bootstrap=0))
+    md = tables.to_markdown(R.build(tmp_path, "t", [t], "ResNet18", bootstrap=0))
     assert "drawn at each budget's rate" in md and "Fixed schedule" in md and "ds 10% supervised" in md
     m["validation"] = "full"
     (tmp_path / "tasks" / "su0" / "metrics.json").write_text(json.dumps(m))
-    md = R.to_markdown(R.build(tmp_path, "t", [t], "ResNet18", figures=False, bootstrap=0))
+    md = tables.to_markdown(R.build(tmp_path, "t", [t], "ResNet18", bootstrap=0))
     assert "optimistic" in md and "labels.validation: full" in md
 
 
@@ -398,12 +399,12 @@ def test_the_manifest_chooses_model_1_and_model_2(tmp_path):
     tasks = [_task(tmp_path, f"{m_}{s}", m_, k, s, two_class(np.where(labels == 1, p, 1 - p)), labels)
              for s in (0, 1) for m_, k, p in (("byol-finetune", "finetune", 0.8), ("supervised", "supervised", 0.6),
                                               ("supervised-imagenet", "supervised-imagenet", 0.7))]
-    rep = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=50, compare=(None, "supervised-imagenet"))
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=50, compare=(None, "supervised-imagenet"))
     assert (rep["model1_method"], rep["model2_method"]) == ("byol-finetune", "supervised-imagenet")
     assert rep["legend"]["model2"] == "supervised ResNet18 from ImageNet weights"
     assert rep["rows"][0]["model2_accuracy"]["mean"] == pytest.approx(rep["arms"][2]["accuracy"]["mean"])
     assert R.compare_of("compare: {model1: supervised}\n") == ("supervised", None)
-    default = R.build(tmp_path, "t", tasks, "ResNet18", figures=False, bootstrap=0)
+    default = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=0)
     assert (default["model1_method"], default["model2_method"]) == ("byol-finetune", "supervised")
 
 

@@ -6,7 +6,8 @@ import sqlite3
 
 import pytest
 
-from runner.executors.base import make_slots, visible_gpus
+from runner.executors.base import make_slots
+from runner.system import visible_gpus
 from runner.plan import PlannedTask
 from runner.store import SCHEMA_VERSION, Store
 

@@ -489,7 +489,7 @@ def _run(results: Path, kind: str, scrambled: str | None, monkeypatch, encoder: 
     budget (for pretraining, only the labels: it may read every train image, no label)."""
     from runner.data import dataset as D
     from runner.contracts import TaskSpec
-    from runner.worker import EventLog, run_task
+    from runner.worker.run import EventLog, run_task
 
     real = D.prepare
 

@@ -28,6 +28,7 @@ from runner.atomic import atomic_write_text, temp_path
 from runner.data.arrays import SYNTHETIC_VERSION, load_npz_images, synthetic_images
 from runner.data.decode import DECODE_VERSION, Decoded, ImageSettings, decode_array, decode_file
 from runner.data.sources import DatasetBase, Item, NpzSource, RootedSource, SyntheticSource, expand_path
+from runner.system import cpu_count
 
 Progress = Callable[[int, int, str], None]
 GRAY_DATASET_SHARE = 0.75  # channels: auto -> 1 when at least this share of the images is grayscale content
@@ -53,13 +54,6 @@ class ImageTable:
     @property
     def errors(self) -> dict[str, str]:
         return {k: r["error"] for k, r in zip(self.keys, self.records) if r["error"]}
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def content_fingerprint(spec: DatasetBase, items: Sequence[Item], cache_dir: Path | None = None) -> str:
@@ -125,6 +119,21 @@ def file_sha(path: Path) -> str:
     except OSError as e:
         h.update(f"unreadable:{e.errno}".encode())  # decoding will name the file and the reason
     return h.hexdigest()
+
+
+_SHA_MEMO: dict[tuple, str | None] = {}
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file (None if it is not there), remembered by (path, size, mtime) within a process."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = file_sha(path)
+    return _SHA_MEMO[key]
 
 
 def cache_key(fingerprint: str, settings: ImageSettings, channels: str | int) -> str:

@@ -155,7 +155,43 @@ def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress, 
     warnings = [f"skipped unreadable image {_where(spec, k)}: {v}" for k, v in errors.items()]
     keep, audit = audit_and_filter(items, table.records, spec.on_conflict, spec.dedupe, skipped,
                                    published_test=spec.split.strategy == "given")
+    sel = _select_classes(spec, items, keep, classes_of)
+    kept = sel.kept
+    keys = [it.key for it in kept]
+    groups = [it.group if it.group is not None else it.key for it in kept]
+    if spec.external_test_of is not None:  # all of it is test
+        none = np.zeros(0, dtype=np.int64)
+        splits = {"train": none, "val": none, "test": np.arange(len(kept), dtype=np.int64)}
+        leaks = []
+        shared = _shared_images(table, sel.rows, trained) if trained is not None else []
+        warnings += shared
+    else:
+        splits = _checked_split(spec, kept, keys, sel.labels, groups, sel.class_names)
+        leaks = group_leaks(groups, splits) if spec.split.group_pattern or any(it.group for it in kept) else []
+        shared = []
+    if leaks:
+        warnings.append(f"{len(leaks)} groups span two splits (e.g. {leaks[0]!r}): the given split folders leak")
+    return PreparedDataset(name=name, spec=spec, class_names=sel.class_names, keys=keys, labels=sel.labels, groups=groups,
+                           splits=splits, table=table, rows=np.array(sel.rows, dtype=np.int64), audit=audit,
+                           not_selected=dict(sorted(sel.not_selected.items())), excluded=dict(sorted(sel.excluded.items())),
+                           group_leaks=leaks, warnings=warnings, shared=shared)
 
+
+@dataclass
+class _Selected:
+    """The images kept for the task's classes, their labels (indices into class_names), and the counts left out."""
+
+    kept: list[Item]
+    rows: list[int]
+    class_names: list[str]
+    labels: np.ndarray
+    not_selected: Counter
+    excluded: Counter
+
+
+def _select_classes(spec: DatasetBase, items: list[Item], keep: list[int], classes_of: list[str] | None) -> _Selected:
+    """The audited images whose label maps to a class of the task (for an external test set: the
+    classes of the data set it tests, in that classifier's order); two classes at least, none empty."""
     to_class = map_classes(spec, [it.label for it in items])
     external = spec.external_test_of is not None
     if external and classes_of is None:
@@ -186,44 +222,20 @@ def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress, 
         raise DataError(f"class {empty[0]!r} has no images left after filtering")
     if spec.positive is not None and spec.positive not in class_names:
         raise DataError(f"positive: {spec.positive!r} is not one of the classes {class_names}")
+    return _Selected(kept, rows, class_names, labels, not_selected, excluded)
 
-    keys = [it.key for it in kept]
-    groups = [it.group if it.group is not None else it.key for it in kept]
-    if external:  # all of it is test
-        none = np.zeros(0, dtype=np.int64)
-        splits = {"train": none, "val": none, "test": np.arange(len(kept), dtype=np.int64)}
-        leaks = []
-        shared = _shared_images(table, rows, trained) if trained is not None else []
-        warnings += shared
-    else:
-        splits = _split(spec, kept, keys, labels, groups)
-        for s, idx in splits.items():
-            if len(idx) == 0 and (s != "val" or spec.split.val > 0):
-                raise DataError(f"the {s} split is empty; give it more images or a larger fraction")
-        missing = [class_names[c] for c in range(len(class_names)) if not (labels[splits["train"]] == c).any()]
-        if missing:
-            raise DataError(f"class {missing[0]!r} has no image in the train split")
-        leaks = group_leaks(groups, splits) if spec.split.group_pattern or any(it.group for it in kept) else []
-        shared = []
-    if leaks:
-        warnings.append(f"{len(leaks)} groups span two splits (e.g. {leaks[0]!r}): the given split folders leak")
-    return PreparedDataset(
-        name=name,
-        spec=spec,
-        class_names=class_names,
-        keys=keys,
-        labels=labels,
-        groups=groups,
-        splits=splits,
-        table=table,
-        rows=np.array(rows, dtype=np.int64),
-        audit=audit,
-        not_selected=dict(sorted(not_selected.items())),
-        excluded=dict(sorted(excluded.items())),
-        group_leaks=leaks,
-        warnings=warnings,
-        shared=shared,
-    )
+
+def _checked_split(spec: DatasetBase, kept: list[Item], keys: list[str], labels: np.ndarray, groups: list[str],
+                   class_names: list[str]) -> dict[str, np.ndarray]:
+    """The train/val/test split, refused when a split is empty or a class has no training image."""
+    splits = _split(spec, kept, keys, labels, groups)
+    for s, idx in splits.items():
+        if len(idx) == 0 and (s != "val" or spec.split.val > 0):
+            raise DataError(f"the {s} split is empty; give it more images or a larger fraction")
+    missing = [class_names[c] for c in range(len(class_names)) if not (labels[splits["train"]] == c).any()]
+    if missing:
+        raise DataError(f"class {missing[0]!r} has no image in the train split")
+    return splits
 
 
 def _shared_images(table: ImageTable, rows: list[int], trained: PreparedDataset) -> list[str]:

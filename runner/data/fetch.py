@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.errors import UserError
-from runner.executors.base import pid_alive
+from runner.system import pid_alive
 
 JUNK_DIRS = {"__MACOSX"}
 JUNK_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}

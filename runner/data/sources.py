@@ -13,18 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from runner.choices import StrictModel
 from runner.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 SPLITS = ("train", "val", "test")
 REST = "*"  # in a class mapping: every source class not named elsewhere
-
-
-class StrictModel(BaseModel):
-    # no inf or nan anywhere: `base_lr: .inf` must fail at plan time, not train a NaN model to "done"
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -4,16 +4,12 @@ handle until it has an exit code, and `cancel`s it on Ctrl-C or a timeout."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
 
-from pydantic import Field
-
-from runner.data.sources import StrictModel
+from runner.executors.specs import ExecutorSettings
+from runner.system import cpu_count, pid_alive, stop_group, visible_gpus
 
 
 @dataclass(frozen=True)
@@ -32,22 +28,6 @@ class Handle:
     pid: int | None = None
     node: str = field(default_factory=lambda: os.uname().nodename)
     state: object = None  # the backend's own (a Popen, a container, an ObjectRef)
-
-
-class ExecutorSettings(StrictModel):
-    """What every backend's section of the manifest has; a backend's `Spec` adds `kind` and its own."""
-
-    max_parallel: int | None = Field(None, ge=1, description="tasks at once (default: one per GPU, or 1 on the CPU)")
-    retries: int = Field(1, ge=0, le=10, description="attempts after the first, for a task whose worker fails")
-    timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one attempt, enforced by the runner")
-
-
-class MachineSettings(ExecutorSettings):
-    """A backend that runs tasks on this machine's GPUs (or CPU slots)."""
-
-    gpus: Literal["auto"] | Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] = Field(
-        "auto", description="auto: every visible GPU; N: the first N; [ids]: those; one task per GPU at a time"
-    )
 
 
 class Executor(ABC):
@@ -72,8 +52,6 @@ class Executor(ABC):
     def stop_leftovers(cls, attempts: list, results: Path, grace_s: float) -> None:  # noqa: ANN001
         """Stop whatever is left of these attempts of this backend that a dead runner started and no
         executor adopted: by default, a worker process still alive on this machine."""
-        from runner.executors.local import stop_group
-
         for a in attempts:
             pid = a["pid"]
             if pid and pid_alive(pid) and a["node"] == os.uname().nodename:
@@ -104,25 +82,8 @@ def append_error_event(folder: Path, task_id: str, message: str, error_type: str
         f.write(event_line(task_id, EventKind.ERROR, message=message, error_type=error_type))
 
 
-def visible_gpus() -> list[int]:
-    """GPU indices this process may use, without importing torch: CUDA_VISIBLE_DEVICES if set, else
-    what `nvidia-smi -L` lists, else none."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [i for i, part in enumerate(p for p in env.split(",") if p.strip() and p.strip() != "-1")]
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [i for i, line in enumerate(line for line in out.splitlines() if line.startswith("GPU "))]
-
-
 def this_machine(spec, limit: int | None) -> tuple[list[Slot], int | None]:  # noqa: ANN001
     """Slots on this machine (one per GPU, or CPU slots) and the threads each CPU slot gets."""
-    from runner.data.cache import cpu_count
-
     slots = make_slots(spec.gpus, limit)
     cpu_slots = sum(1 for s in slots if s.gpu is None)
     return slots, max(1, cpu_count() // cpu_slots) if cpu_slots else None
@@ -146,15 +107,3 @@ def make_slots(gpus: str | int | list[int], max_parallel: int | None) -> list[Sl
         slots = [Slot(f"gpu{g}", g) for g in chosen]
         return slots[:max_parallel] if max_parallel else slots
     return [Slot(f"cpu{i}") for i in range(max_parallel or 1)]
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -28,8 +28,8 @@ from pathlib import Path
 from runner.contracts import TaskSpec
 from runner.errors import UserError
 from runner.executors.base import Executor, Handle, Slot, append_error_event, this_machine
-
-from runner.executors.docker_spec import L_ATTEMPT_ID, L_RESULTS, L_SLOT, DockerSpec, container_spec, task_image, task_user
+from runner.executors.docker_spec import L_ATTEMPT_ID, L_RESULTS, L_SLOT, container_spec, docker_sdk, task_image, task_user
+from runner.executors.specs import DockerSpec
 
 DAEMON_PATIENCE_S = 60.0  # a daemon that stops answering for this long fails the attempts it ran
 
@@ -38,14 +38,6 @@ DAEMON_FIX = ("start the Docker daemon (`sudo systemctl start docker`, or `docke
 GPU_FIX = ("install the NVIDIA Container Toolkit and restart the daemon "
            "(`sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker`); "
            "`byol-runner doctor` checks it")
-
-
-def _docker():
-    try:
-        import docker
-    except ImportError:
-        raise UserError("the docker executor needs the docker SDK: pip install docker") from None
-    return docker
 
 
 class DaemonUnreachable(UserError):
@@ -58,7 +50,7 @@ class DaemonUnreachable(UserError):
 
 def connect(timeout: float = 30.0):  # noqa: ANN201
     """A docker client that has answered a ping, or DaemonUnreachable saying how to get one."""
-    docker = _docker()
+    docker = docker_sdk()
     try:
         client = docker.from_env(timeout=timeout)
         client.ping()
@@ -90,7 +82,7 @@ class DockerExecutor(Executor):
     Spec = DockerSpec
 
     def __init__(self, spec, cpu_threads: int | None = None) -> None:  # noqa: ANN001 - the manifest's DockerSpec
-        self.docker = _docker()
+        self.docker = docker_sdk()
         self.spec = spec
         self.cpu_threads = cpu_threads
         self.client = connect()
@@ -294,7 +286,7 @@ def stop_orphans(results: Path, attempt_ids: set[int], grace_s: float = 10.0) ->
     """Stop the containers of these attempts (a run on another executor finds a docker run's leftovers);
     returns how many were stopped. Best effort: no daemon, no containers."""
     try:
-        docker = _docker()
+        docker = docker_sdk()
         client = docker.from_env(timeout=10)
         found = client.containers.list(all=True, filters={"label": f"{L_RESULTS}={results.resolve()}"})
     except Exception:  # noqa: BLE001 - no docker here: nothing of ours can be running in it

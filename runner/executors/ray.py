@@ -18,24 +18,14 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Literal
-
-from pydantic import Field
 
 from runner.atomic import atomic_write_text, temp_path
 from runner.contracts import TaskSpec
 from runner.errors import UserError
-from runner.executors.base import Executor, ExecutorSettings, Handle, Slot, append_error_event
+from runner.executors.base import Executor, Handle, Slot, append_error_event
+from runner.executors.specs import RaySpec
 
 ARTIFACTS = ("encoder.pt", "model.pt")  # what a worker leaves beside its metrics.json, brought back to the driver
-
-
-class RaySpec(ExecutorSettings):
-    """ray: one Ray task per cell, on whichever node of a Ray cluster has the resources."""
-
-    kind: Literal["ray"] = "ray"
-    address: str | None = Field(None, description="the cluster's address (default: RAY_ADDRESS, or a local Ray)")
-    cpus_per_task: float = Field(1.0, gt=0, description="CPUs a task reserves")
 
 
 def _ray():

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from runner.ml.config import TrainSettings
-from runner.ml.models import Backbone
+from runner.ml.models import Backbone, projection_std
 from runner.ml.optim import lars_for, scaled_lr
-from runner.ml.pretrain import projection_std
 
 
 class MLPHead(nn.Module):

@@ -8,8 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from runner.choices import one_of
-from runner.data.sources import StrictModel
+from runner.choices import StrictModel, one_of
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 Arch = one_of(ARCHS, "backbone")

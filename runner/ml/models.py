@@ -170,3 +170,10 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+def projection_std(z: torch.Tensor) -> torch.Tensor:
+    """Collapse monitor: the mean per-dimension std, across the batch, of the L2-normalized
+    projections. About 1/sqrt(d) for a healthy representation spread over d dimensions, 0 for a
+    collapsed one (Chen & He 2021, section 4.1)."""
+    return torch.nn.functional.normalize(z.float(), dim=-1).std(dim=0).mean()

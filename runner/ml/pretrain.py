@@ -43,13 +43,6 @@ class Method(Protocol):
         """A collapse monitor of the projections the forward returned (0 when collapsed)."""
 
 
-def projection_std(z: torch.Tensor) -> torch.Tensor:
-    """Collapse monitor: the mean per-dimension std, across the batch, of the L2-normalized
-    projections. About 1/sqrt(d) for a healthy representation spread over d dimensions, 0 for a
-    collapsed one (Chen & He 2021, section 4.1)."""
-    return torch.nn.functional.normalize(z.float(), dim=-1).std(dim=0).mean()
-
-
 def metric_interval(steps_per_epoch: int, total: int) -> int:
     """Steps between the per-epoch metric events (each a read-back from the device): once an epoch,
     but at most about 200 times a run, so a data set of one batch an epoch does not wait on the
@@ -80,62 +73,89 @@ def pretrain(pixels: np.ndarray, settings: TrainSettings, method_name: str, init
              ctx: Context) -> dict:
     """Pretrain on all of `pixels` (N, C, S, S uint8, no labels) from `init` weights ("random" or
     "imagenet", from the torch hub cache); writes encoder.pt; resumes from checkpoint.pt when one is there."""
-    spec = settings.pretrain
-    n, channels = pixels.shape[0], pixels.shape[1]
-    bs = min(spec.batch_size, n)
-    steps_per_epoch = n // bs
-    # epochs, but at least min_steps optimizer steps: a small data set would otherwise get a few hundred
-    total = max(spec.epochs * steps_per_epoch, spec.min_steps)
-    total = total if spec.max_steps is None else min(spec.max_steps, total)
-    backbone = Backbone(arch, channels, weights="DEFAULT" if init == "imagenet" else None)
-    method = make_method(method_name, backbone, settings, bs, ctx)
-    own = getattr(method, "warmup_epochs", None)  # a method's own warm-up (SimSiam: none at batch 256), else pretrain's
-    warmup = min(int(round((spec.warmup_epochs if own is None else own) * steps_per_epoch)), total // 2)
-    metric_every = metric_interval(steps_per_epoch, total)
-    aug1, aug2 = preset_for(spec.augment, channels, "pretrain")
-    images = to_device_images(pixels, ctx.device)
-    stream = IndexStream(n, bs, ctx.seed, images.device)  # indices where the images are: no read-back
-    dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed)
-    ckpt_path = ctx.task_dir / "checkpoint.pt"
-    state = resume(ckpt_path, method.model, method.optimizer, dev_gen, ctx, steps_per_epoch, total)
-    step = int(state["step"]) if state else 0
-    forward = ctx.maybe_compile(method.model)
-    start = "ImageNet weights" if init == "imagenet" else "random init"
-    ctx.emit("log", epoch=step // steps_per_epoch, step=step,
-             message=f"{method.name} {arch} from {start} on {n} images, batch {bs}, {total} steps, lr {method.peak_lr:g}")
-    progress = Progress(ctx, bs, total)
-    run_loss, run_count = torch.zeros((), device=ctx.device), 0
-    epoch_loss, epoch_count = torch.zeros((), device=ctx.device), 0
-    z = None
-    method.model.train()
-    with CheckpointWriter() as ckpt:  # written in the background; the block waits for the last one
-        while step < total:
-            epoch = step // steps_per_epoch
-            x = take(images, stream.batch_at(step), ctx.device)
-            views = (ctx.view(x, aug1, size, dev_gen), ctx.view(x, aug2, size, dev_gen))
-            lr = warmup_cosine(step, total, warmup, method.peak_lr)
-            loss, z, rates = pretrain_step(method, forward, ctx, views, lr, step, total)
-            step += 1
-            run_loss += loss
-            epoch_loss += loss
-            run_count += 1
-            epoch_count += 1
-            if progress.due(step == total):
-                progress.emit(step, epoch, loss=round(float(run_loss) / run_count, 5), lr=lr, **rates,
-                              proj_std=round(float(method.monitor(z)), 5))
-                run_loss.zero_()
-                run_count = 0
-            if step % metric_every == 0 or step == total:
-                mean = float(epoch_loss) / epoch_count
-                if not math.isfinite(mean):
-                    raise RuntimeError(f"{method.name} loss is {mean} at step {step} of {total} (training diverged): lower "
-                                       "the learning rate (pretrain.base_lr, simsiam.base_lr) and rerun")
-                ctx.emit("metric", epoch=epoch, step=step, loss=mean, proj_std=float(method.monitor(z)))
-                epoch_loss.zero_()
-                epoch_count = 0
-            if step % ctx.run.checkpoint_every_steps == 0 or step == total:
-                ckpt.save({"model": method.model.state_dict(), "optimizer": method.optimizer.state_dict(), "step": step,
-                           "rng": rng_state(dev_gen)}, ckpt_path)
-    atomic_save({"arch": arch, "in_channels": channels, "state_dict": method.encoder().state_dict()}, ctx.task_dir / "encoder.pt")
-    return {"method": method.name, "init": init, "steps": total, "batch_size": bs, "images": n,
-            "final_proj_std": float(method.monitor(z)) if z is not None else None}
+    run = _Pretraining(pixels, settings, method_name, init, arch, size, ctx)
+    run.fit()
+    return run.finish()
+
+
+class _Pretraining:
+    """One pretraining, in its phases: set up and resume (`__init__`), the steps (`fit`, `_report` after
+    each: progress, the per-epoch metric, the checkpoint), the encoder and its summary (`finish`)."""
+
+    def __init__(self, pixels: np.ndarray, settings: TrainSettings, method_name: str, init: str, arch: str, size: int,
+                 ctx: Context) -> None:
+        spec = settings.pretrain
+        self.ctx, self.init, self.arch, self.size = ctx, init, arch, size
+        self.n, self.channels = n, channels = pixels.shape[0], pixels.shape[1]
+        self.bs = bs = min(spec.batch_size, n)
+        self.steps_per_epoch = steps_per_epoch = n // bs
+        # epochs, but at least min_steps optimizer steps: a small data set would otherwise get a few hundred
+        total = max(spec.epochs * steps_per_epoch, spec.min_steps)
+        self.total = total = total if spec.max_steps is None else min(spec.max_steps, total)
+        backbone = Backbone(arch, channels, weights="DEFAULT" if init == "imagenet" else None)
+        self.method = method = make_method(method_name, backbone, settings, bs, ctx)
+        own = getattr(method, "warmup_epochs", None)  # a method's own warm-up (SimSiam: none at batch 256), else pretrain's
+        self.warmup = min(int(round((spec.warmup_epochs if own is None else own) * steps_per_epoch)), total // 2)
+        self.metric_every = metric_interval(steps_per_epoch, total)
+        self.aug1, self.aug2 = preset_for(spec.augment, channels, "pretrain")
+        self.images = to_device_images(pixels, ctx.device)
+        self.stream = IndexStream(n, bs, ctx.seed, self.images.device)  # indices where the images are: no read-back
+        self.dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed)
+        self.ckpt_path = ctx.task_dir / "checkpoint.pt"
+        state = resume(self.ckpt_path, method.model, method.optimizer, self.dev_gen, ctx, steps_per_epoch, total)
+        self.step = int(state["step"]) if state else 0
+        self.last_proj_std = state.get("proj_std") if state else None  # a resume at the last step runs no step
+        self.forward = ctx.maybe_compile(method.model)
+        start = "ImageNet weights" if init == "imagenet" else "random init"
+        ctx.emit("log", epoch=self.step // steps_per_epoch, step=self.step,
+                 message=f"{method.name} {arch} from {start} on {n} images, batch {bs}, {total} steps, lr {method.peak_lr:g}")
+        self.progress = Progress(ctx, bs, total)
+        self.z = None
+
+    def fit(self) -> None:
+        ctx, method = self.ctx, self.method
+        self.run_loss, self.run_count = torch.zeros((), device=ctx.device), 0
+        self.epoch_loss, self.epoch_count = torch.zeros((), device=ctx.device), 0
+        method.model.train()
+        with CheckpointWriter() as ckpt:  # written in the background; the block waits for the last one
+            while self.step < self.total:
+                epoch = self.step // self.steps_per_epoch
+                x = take(self.images, self.stream.batch_at(self.step), ctx.device)
+                views = (ctx.view(x, self.aug1, self.size, self.dev_gen), ctx.view(x, self.aug2, self.size, self.dev_gen))
+                lr = warmup_cosine(self.step, self.total, self.warmup, method.peak_lr)
+                loss, self.z, rates = pretrain_step(method, self.forward, ctx, views, lr, self.step, self.total)
+                self.step += 1
+                self.run_loss += loss
+                self.epoch_loss += loss
+                self.run_count += 1
+                self.epoch_count += 1
+                self._report(epoch, lr, rates, ckpt)
+
+    def _report(self, epoch: int, lr: float, rates: dict[str, float], ckpt: CheckpointWriter) -> None:
+        """After a step: progress when due, the metric event every `metric_every` steps (a non-finite
+        loss stops the task), a checkpoint every checkpoint_every_steps and at the end."""
+        step, total, method, ctx = self.step, self.total, self.method, self.ctx
+        if self.progress.due(step == total):
+            self.progress.emit(step, epoch, loss=round(float(self.run_loss) / self.run_count, 5), lr=lr, **rates,
+                               proj_std=round(float(method.monitor(self.z)), 5))
+            self.run_loss.zero_()
+            self.run_count = 0
+        if step % self.metric_every == 0 or step == total:
+            mean = float(self.epoch_loss) / self.epoch_count
+            if not math.isfinite(mean):
+                raise RuntimeError(f"{method.name} loss is {mean} at step {step} of {total} (training diverged): lower "
+                                   "the learning rate (pretrain.base_lr, simsiam.base_lr) and rerun")
+            ctx.emit("metric", epoch=epoch, step=step, loss=mean, proj_std=float(method.monitor(self.z)))
+            self.epoch_loss.zero_()
+            self.epoch_count = 0
+        if step % ctx.run.checkpoint_every_steps == 0 or step == total:
+            ckpt.save({"model": method.model.state_dict(), "optimizer": method.optimizer.state_dict(), "step": step,
+                       "rng": rng_state(self.dev_gen), "proj_std": float(method.monitor(self.z))}, self.ckpt_path)
+
+    def finish(self) -> dict:
+        """encoder.pt (atomically), and the pretraining's summary for metrics.json."""
+        method = self.method
+        atomic_save({"arch": self.arch, "in_channels": self.channels, "state_dict": method.encoder().state_dict()},
+                    self.ctx.task_dir / "encoder.pt")
+        return {"method": method.name, "init": self.init, "steps": self.total, "batch_size": self.bs, "images": self.n,
+                "final_proj_std": float(method.monitor(self.z)) if self.z is not None else self.last_proj_std}

@@ -112,7 +112,7 @@ class Scorer:
         else:
             state = saved["backbone"]
             if state is None:  # a linear probe: its pretraining's encoder, checked against the sha256 it was scored with
-                from runner.plan import file_sha256
+                from runner.data.cache import file_sha256
 
                 enc = results / saved["encoder"]["path"]
                 if file_sha256(enc) != saved["encoder"]["sha256"]:

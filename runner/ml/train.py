@@ -206,21 +206,131 @@ def train_classifier(
     that only overfits a handful of labels ends no worse on val than the prior. With `val` None (too
     few validation labels under the budget to choose anything) it trains the fixed schedule and keeps
     the last step."""
+    run = _ClassifierTraining(backbone, pretrained, train, val, num_classes, spec, size, ctx)
+    run.fit(run.start())
+    return run.result()
+
+
+def prior_head_classifier(backbone: Backbone, num_classes: int, labels: np.ndarray) -> Classifier:
+    """A classifier whose head predicts the labels' class frequencies: zero weights, the log prior as
+    its bias (+1 per class: no -inf for a class with no label)."""
     classifier = Classifier(backbone, num_classes)
-    prior = np.bincount(train[1], minlength=num_classes) + 1.0  # +1: no -inf for a class with no label
+    prior = np.bincount(labels, minlength=num_classes) + 1.0
     with torch.no_grad():
         classifier.head.weight.zero_()
         classifier.head.bias.copy_(torch.log(torch.as_tensor(prior / prior.sum(), dtype=torch.float32)))
-    model = ctx.place(classifier)
-    n = len(train[1])
-    bs = spec.batch_size
-    steps_per_epoch = max(1, math.ceil(n / bs))
-    total = max(spec.epochs * steps_per_epoch, spec.min_steps)
-    total = min(total, spec.max_steps) if spec.max_steps else total
-    # once an epoch, but at least every 5 steps' worth of a tiny set and at most ~50 times a run
-    eval_every = spec.eval_every_steps or max(5, steps_per_epoch, total // 50)
-    warmup = int(spec.warmup_frac * total)
-    bb_scale = spec.backbone_lr_scale if pretrained else 1.0
+    return classifier
+
+
+class _ClassifierTraining:
+    """One classifier's training, in its phases: set up (`__init__`), resume or score step 0
+    (`start`), the steps (`fit`, `_evaluate` at each validation), the kept model (`result`)."""
+
+    def __init__(self, backbone: Backbone, pretrained: bool, train: tuple[np.ndarray, np.ndarray],
+                 val: tuple[np.ndarray, np.ndarray] | None, num_classes: int, spec: FinetuneSpec, size: int, ctx: Context) -> None:
+        self.spec, self.size, self.ctx = spec, size, ctx
+        self.model = model = ctx.place(prior_head_classifier(backbone, num_classes, train[1]))
+        n = len(train[1])
+        self.bs = bs = spec.batch_size
+        self.steps_per_epoch = max(1, math.ceil(n / bs))
+        total = max(spec.epochs * self.steps_per_epoch, spec.min_steps)
+        self.total = total = min(total, spec.max_steps) if spec.max_steps else total
+        # once an epoch, but at least every 5 steps' worth of a tiny set and at most ~50 times a run
+        self.eval_every = spec.eval_every_steps or max(5, self.steps_per_epoch, total // 50)
+        self.warmup = int(spec.warmup_frac * total)
+        self.bb_scale = spec.backbone_lr_scale if pretrained else 1.0
+        self.opt = _adamw(model, spec, self.bb_scale, ctx)
+        self.aug, _ = preset_for(spec.augment, train[0].shape[1], "finetune")
+        self.images = to_device_images(train[0], ctx.device)
+        self.labels = torch.from_numpy(train[1]).to(self.images.device)
+        self.selecting = val is not None
+        if self.selecting:
+            self.val_images = to_device_images(val[0], ctx.device)
+            self.val_labels = torch.from_numpy(val[1])
+        self.stream = IndexStream(n, bs, ctx.seed, self.images.device)
+        self.dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed + 17)
+        self.forward = ctx.maybe_compile(model)
+        self.progress = Progress(ctx, bs, total)
+        self.ckpt_path = ctx.task_dir / "checkpoint.pt"
+        self.best: dict | None = None
+
+    def _validate(self) -> tuple[float, float]:
+        probs = predict(self.model, self.val_images, self.size, self.ctx)
+        return ce_from_probs(probs, self.val_labels), float((probs.argmax(1) == self.val_labels).float().mean())
+
+    def _keep(self, step: int, val_loss: float, val_acc: float) -> None:
+        self.best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": step,
+                     "state": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+
+    def start(self) -> int:
+        """The step to train from: a checkpoint's (with its best so far), else 0, scored when selecting."""
+        state = resume(self.ckpt_path, self.model, self.opt, self.dev_gen, self.ctx, self.steps_per_epoch, self.total)
+        if state:
+            self.best = state["best"]
+            return int(state["step"])
+        if self.selecting:
+            val_loss, val_acc = self._validate()
+            self.ctx.emit("metric", epoch=0, step=0, val_loss=val_loss, val_acc=val_acc)
+            self._keep(0, val_loss, val_acc)
+        return 0
+
+    def fit(self, start: int) -> None:
+        ctx, spec = self.ctx, self.spec
+        self.last_saved = start
+        self.run_loss, self.run_count = torch.zeros((), device=ctx.device), 0
+        with CheckpointWriter() as ckpt:
+            for step in range(start, self.total):
+                self.model.train()
+                idx = self.stream.batch_at(step)
+                x, y = ctx.view(take(self.images, idx, ctx.device), self.aug, self.size, self.dev_gen), take(self.labels, idx, ctx.device)
+                set_lr(self.opt, warmup_cosine(step, self.total, self.warmup, spec.lr))
+                with ctx.amp:
+                    loss = F.cross_entropy(self.forward(x).float(), y, label_smoothing=spec.label_smoothing)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                self.run_loss += loss.detach()
+                self.run_count += 1
+                done, epoch = step + 1, step // self.steps_per_epoch
+                if done % self.eval_every == 0 or done == self.total:
+                    self._evaluate(done, epoch, ckpt)
+                elif self.progress.due(False):
+                    self.progress.emit(done, epoch, loss=round(float(self.run_loss) / max(self.run_count, 1), 5),
+                                       lr=self.opt.param_groups[-1]["lr"])
+
+    def _evaluate(self, done: int, epoch: int, ckpt: CheckpointWriter) -> None:
+        """At a validation step: the training loss so far (a non-finite one stops the task), the val
+        score and the best step, and a checkpoint when one is due (here, so `best` is current)."""
+        train_loss = float(self.run_loss) / max(self.run_count, 1)
+        if not math.isfinite(train_loss):
+            raise RuntimeError(f"training loss is {train_loss} at step {done} of {self.total} (training diverged): lower "
+                               "finetune.lr and rerun")
+        self.run_loss.zero_()
+        self.run_count = 0
+        if not self.selecting:
+            self.ctx.emit("metric", epoch=epoch, step=done, loss=train_loss)
+        else:
+            val_loss, val_acc = self._validate()
+            self.ctx.emit("metric", epoch=epoch, step=done, loss=train_loss, val_loss=val_loss, val_acc=val_acc)
+            if val_loss < self.best["val_loss"]:
+                self._keep(done, val_loss, val_acc)
+        if done - self.last_saved >= self.ctx.run.checkpoint_every_steps and done < self.total:
+            ckpt.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": done, "best": self.best,
+                       "rng": rng_state(self.dev_gen)}, self.ckpt_path)
+            self.last_saved = done
+
+    def result(self) -> tuple[nn.Module, dict]:
+        common = {"steps": self.total, "batch_size": self.bs, "backbone_lr_scale": self.bb_scale}
+        if not self.selecting:
+            return self.model, {"mode": "fixed schedule", "selected_step": self.total, "val_loss": None, "val_accuracy": None, **common}
+        self.model.load_state_dict(self.best["state"])
+        return self.model, {"mode": "validation", "selected_step": self.best["step"], "val_loss": self.best["val_loss"],
+                            "val_accuracy": self.best["val_accuracy"], **common}
+
+
+def _adamw(model: nn.Module, spec: FinetuneSpec, bb_scale: float, ctx: Context) -> torch.optim.Optimizer:
+    """AdamW over the backbone (its learning rate scaled by bb_scale) and the head; no weight decay on
+    biases and BatchNorm."""
     decay, no_decay = split_decay_groups([model.backbone])
     head_decay, head_no_decay = split_decay_groups([model.head])
     groups = [
@@ -230,79 +340,7 @@ def train_classifier(
         {"params": head_no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
     ]
     fused = ctx.device.type == "cuda"
-    opt = torch.optim.AdamW(groups, lr=spec.lr, fused=fused, foreach=None if fused else True)
-    aug, _ = preset_for(spec.augment, train[0].shape[1], "finetune")
-    images = to_device_images(train[0], ctx.device)
-    labels = torch.from_numpy(train[1]).to(images.device)
-    selecting = val is not None
-    if selecting:
-        val_images = to_device_images(val[0], ctx.device)
-        val_labels = torch.from_numpy(val[1])
-    stream = IndexStream(n, bs, ctx.seed, images.device)
-    dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed + 17)
-    forward = ctx.maybe_compile(model)
-    progress = Progress(ctx, bs, total)
-
-    def validate() -> tuple[float, float]:
-        probs = predict(model, val_images, size, ctx)
-        return ce_from_probs(probs, val_labels), float((probs.argmax(1) == val_labels).float().mean())
-
-    ckpt_path = ctx.task_dir / "checkpoint.pt"
-    state = resume(ckpt_path, model, opt, dev_gen, ctx, steps_per_epoch, total)
-    start = int(state["step"]) if state else 0
-    if state:
-        best = state["best"]
-    elif not selecting:
-        best = None
-    else:
-        val_loss, val_acc = validate()
-        ctx.emit("metric", epoch=0, step=0, val_loss=val_loss, val_acc=val_acc)
-        best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": 0,
-                "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    last_saved = start
-    run_loss, run_count = torch.zeros((), device=ctx.device), 0
-    with CheckpointWriter() as ckpt:
-        for step in range(start, total):
-            model.train()
-            idx = stream.batch_at(step)
-            x, y = ctx.view(take(images, idx, ctx.device), aug, size, dev_gen), take(labels, idx, ctx.device)
-            set_lr(opt, warmup_cosine(step, total, warmup, spec.lr))
-            with ctx.amp:
-                loss = F.cross_entropy(forward(x).float(), y, label_smoothing=spec.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            run_loss += loss.detach()
-            run_count += 1
-            done = step + 1
-            epoch = step // steps_per_epoch
-            if done % eval_every == 0 or done == total:
-                train_loss = float(run_loss) / max(run_count, 1)
-                if not math.isfinite(train_loss):
-                    raise RuntimeError(f"training loss is {train_loss} at step {done} of {total} (training diverged): lower "
-                                       "finetune.lr and rerun")
-                run_loss.zero_()
-                run_count = 0
-                if not selecting:
-                    ctx.emit("metric", epoch=epoch, step=done, loss=train_loss)
-                else:
-                    val_loss, val_acc = validate()
-                    ctx.emit("metric", epoch=epoch, step=done, loss=train_loss, val_loss=val_loss, val_acc=val_acc)
-                    if val_loss < best["val_loss"]:
-                        best = {"val_loss": val_loss, "val_accuracy": val_acc, "step": done,
-                                "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-                if done - last_saved >= ctx.run.checkpoint_every_steps and done < total:  # at a validation, so `best` is current
-                    ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done, "best": best,
-                               "rng": rng_state(dev_gen)}, ckpt_path)
-                    last_saved = done
-            elif progress.due(False):
-                progress.emit(done, epoch, loss=round(float(run_loss) / max(run_count, 1), 5), lr=opt.param_groups[-1]["lr"])
-    common = {"steps": total, "batch_size": bs, "backbone_lr_scale": bb_scale}
-    if not selecting:
-        return model, {"mode": "fixed schedule", "selected_step": total, "val_loss": None, "val_accuracy": None, **common}
-    model.load_state_dict(best["state"])
-    return model, {"mode": "validation", "selected_step": best["step"], "val_loss": best["val_loss"],
-                   "val_accuracy": best["val_accuracy"], **common}
+    return torch.optim.AdamW(groups, lr=spec.lr, fused=fused, foreach=None if fused else True)
 
 
 # ---- linear probe ----------------------------------------------------------------------------

@@ -37,10 +37,11 @@ def results_markdown(results: Path, snap: Snapshot, extended: bool) -> str:
     """The README table of what has finished (no bootstrap: it is redrawn as tasks end); with
     `extended`, every arm's accuracy, AUROC and balanced accuracy."""
     from runner import report as R
+    from runner.tables import to_markdown
 
-    rep = R.build(results, snap.run["name"], snap.tasks, snap.run.get("arch", "ResNet50"), figures=False, bootstrap=0,
+    rep = R.build(results, snap.run["name"], snap.tasks, snap.run.get("arch", "ResNet50"), bootstrap=0,
                   compare=snap.run.get("compare", (None, None)))
-    text = R.to_markdown(rep)
+    text = to_markdown(rep)
     if extended:
         lines = ["| Dataset | Labels | Method | Seeds | Accuracy | AUROC | Balanced accuracy |", "|---|---|---|---|---|---|---|"]
         for a in rep["arms"]:

@@ -70,13 +70,13 @@ FIELDS = {"dataset": "dataset", "method": "method", "seed": "seed", "kind": "kin
 def sort_value(t: TaskRow, column: str, now: float):  # noqa: ANN201 - a comparable, or None for a blank cell
     """What a column sorts a task by: the number or name its cell shows, statuses in the summary's
     order, budgets from the smallest; None where the cell is blank (those rows go last, either way)."""
-    from runner.report import _budget_order
+    from runner.report import budget_order
     from runner.tui.state import STATUS_ORDER
 
     if column == "status":
         return STATUS_ORDER.index(t.status) if t.status in STATUS_ORDER else len(STATUS_ORDER)
     if column == "labels":
-        return _budget_order(t.budget) if t.budget else None
+        return budget_order(t.budget) if t.budget else None
     if column in ("time", "ETA"):
         if not t.started or (t.status != "running" and not t.ended):
             return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.contracts import read_events
-from runner.executors.base import pid_alive
+from runner.system import pid_alive
 from runner.store import Store, TaskRow
 
 STATUS_ORDER = ("running", "failed", "blocked", "interrupted", "pending", "done")

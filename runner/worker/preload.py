@@ -1,6 +1,6 @@
 """Workers forked from a process that has already loaded PyTorch (the local executor's default).
 
-A fresh `python -m runner.cli worker` spends about two seconds importing PyTorch (and torch._dynamo,
+A fresh `python -m runner.worker` spends about two seconds importing PyTorch (and torch._dynamo,
 which its optimizers import at their first step) before it reads its task: on a matrix of many short
 tasks, or a two-core laptop's demo, that is a large share of the run. The local executor therefore
 starts one *preloader* per run: a single-threaded process that imports what a worker imports and
@@ -16,7 +16,10 @@ child sets torch's thread count again. The preloader dies with the runner (PR_SE
 children then get SIGTERM the same way (also when it exits at the end of a run with workers still
 going) and stop after their last checkpoint, as a fresh worker would.
 
-Protocol (JSON lines): runner -> preloader `{"argv": [...], "env": {...}, "log": path, "cwd": path}`;
+The runner's side of it is `runner.worker.launch.Preloader`.
+
+Protocol (JSON lines): runner -> preloader `{"argv": [...], "env": {...}, "log": path, "cwd": path}`
+(argv: the worker's arguments, `runner.worker.entry`);
 preloader -> runner `{"ready": pid}` once, `{"spawned": pid}` or `{"error": text}` per request, and
 `{"exited": pid, "code": c}` whenever a child ends (c < 0: killed by signal -c, as Popen reports it).
 """
@@ -27,113 +30,8 @@ import json
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
-
-
-# ---- the runner's side ---------------------------------------------------------------------
-
-
-class PreloadFailed(RuntimeError):
-    pass
-
-
-class Preloader:
-    """The runner's handle on its preloader process."""
-
-    def __init__(self, env: dict[str, str] | None = None, log: Path | None = None, timeout_s: float = 120.0) -> None:
-        """`env`: what the workers' environment sets beyond the runner's (their thread counts); `log`:
-        where the preloader's own output goes (an import error, a child that failed before its log)."""
-        env = {**os.environ, **(env or {}), "BYOL_RUNNER_PARENT_PID": str(os.getpid())}
-        err = open(log, "ab") if log is not None else subprocess.DEVNULL
-        try:
-            # its own session: a Ctrl-C at the terminal goes to the runner, which stops the tasks itself
-            self.proc = subprocess.Popen([sys.executable, "-m", "runner.executors.preload"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=err, env=env, start_new_session=True)
-        finally:
-            if log is not None:
-                err.close()
-        self._buf = b""
-        self.codes: dict[int, int] = {}
-        try:
-            reply = self._reply(timeout_s)
-            if "ready" not in reply:
-                raise PreloadFailed(f"the preloader did not start: {reply.get('error', reply)}")
-        except PreloadFailed:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def _lines(self, timeout_s: float) -> list[dict]:
-        fd = self.proc.stdout.fileno()
-        ready, _, _ = select.select([fd], [], [], timeout_s)
-        if not ready:
-            return []
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            raise PreloadFailed("the preloader exited")
-        self._buf += chunk
-        *lines, self._buf = self._buf.split(b"\n")
-        out = []
-        for line in lines:
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if "exited" in msg:
-                self.codes[msg["exited"]] = msg["code"]
-            else:
-                if "spawned" in msg:  # a pid the system reuses must not inherit an earlier worker's exit code
-                    self.codes.pop(msg["spawned"], None)
-                out.append(msg)
-        return out
-
-    def _reply(self, timeout_s: float) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            replies = self._lines(max(0.0, deadline - time.monotonic()))
-            if replies:
-                return replies[0]
-        raise PreloadFailed(f"no answer from the preloader in {timeout_s:.0f} s")
-
-    def spawn(self, argv: list[str], env: dict[str, str], log: str, cwd: str) -> int:
-        """Fork a worker: `argv` as `byol-runner` arguments; its pid."""
-        try:
-            self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "log": log, "cwd": cwd}).encode() + b"\n")
-            self.proc.stdin.flush()
-        except OSError as e:
-            raise PreloadFailed(f"the preloader is gone ({e})") from None
-        reply = self._reply(30.0)
-        if "spawned" not in reply:
-            raise PreloadFailed(reply.get("error", str(reply)))
-        return int(reply["spawned"])
-
-    def poll(self, pid: int) -> int | None:
-        """The worker's exit code once it has ended, else None."""
-        if pid not in self.codes:
-            try:  # every line there is, also after the preloader died (its last exit codes are in the pipe)
-                while self._lines(0.0):
-                    pass
-            except PreloadFailed:
-                pass
-        if pid in self.codes:
-            return self.codes[pid]
-        if self.proc.poll() is not None:  # the preloader died: its children are nobody's to reap
-            from runner.executors.base import pid_alive
-
-            return None if pid_alive(pid) else 1
-        return None
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()  # end of input: it exits on its own
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # ---- the preloader ------------------------------------------------------------------------
@@ -173,8 +71,8 @@ def _child(req: dict, inherited: list[int], preloader: int) -> None:
             import torch
 
             torch.set_num_threads(int(threads))
-        sys.argv = ["byol-runner", *req["argv"]]
-        from runner.cli import main
+        sys.argv = ["python -m runner.worker", *req["argv"]]
+        from runner.worker.entry import main
 
         code = main(req["argv"])
     except SystemExit as e:
@@ -227,19 +125,55 @@ def _wait_for_session(pid: int, timeout_s: float = 5.0) -> None:
         time.sleep(0.001)
 
 
-def serve() -> None:
-    import runner.data.dataset  # noqa: F401 - what a worker imports, loaded once
-    import runner.ml.pretrain  # noqa: F401
-    import runner.ml.train  # noqa: F401
-    import runner.worker  # noqa: F401
-    import torch
+def _load() -> None:
+    """Import what a worker imports, once: each forked worker finds it loaded."""
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
     import torch._dynamo  # noqa: F401 - imported by torch.optim at a worker's first step
 
+    import runner.data.dataset  # noqa: F401
+    import runner.ml.pretrain  # noqa: F401
+    import runner.ml.train  # noqa: F401
+    import runner.worker.entry  # noqa: F401
+    import runner.worker.run  # noqa: F401
+
+
+def _reap() -> None:
+    """Report every child that ended."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def _fork(line: bytes, wake: list[int], preloader: int) -> None:
+    """One request: fork its worker and say its pid (or why not)."""
     import numpy as np
+
+    try:
+        req = json.loads(line)
+        pid = os.fork()
+    except (ValueError, OSError) as e:
+        _send({"error": f"{type(e).__name__}: {e}"})
+        return
+    if pid == 0:
+        np.random.seed()  # numpy's global generator was seeded at import: each worker gets its own
+        _child(req, wake, preloader)
+    _wait_for_session(pid)  # a cancel right after the answer reaches the worker's whole group
+    _send({"spawned": pid})
+
+
+def serve() -> None:
     import threading
 
-    del torch
-    runner.worker._die_with_parent()
+    from runner.worker.run import die_with_parent
+
+    _load()
+    die_with_parent()
     if threading.active_count() != 1:  # forking is only safe from a process with one (Python) thread
         _send({"error": f"{threading.active_count()} threads after the imports"})
         return
@@ -258,14 +192,7 @@ def serve() -> None:
             continue
         if wake_r in ready:
             os.read(wake_r, 4096)
-        while True:  # reap every child that ended
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            _send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+        _reap()
         if 0 in ready:
             chunk = os.read(0, 65536)
             if not chunk:
@@ -273,17 +200,7 @@ def serve() -> None:
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
-                try:
-                    req = json.loads(line)
-                    pid = os.fork()
-                except (ValueError, OSError) as e:
-                    _send({"error": f"{type(e).__name__}: {e}"})
-                    continue
-                if pid == 0:
-                    np.random.seed()  # numpy's global generator was seeded at import: each worker gets its own
-                    _child(req, [wake_r, wake_w], preloader)
-                _wait_for_session(pid)  # a cancel right after the answer reaches the worker's whole group
-                _send({"spawned": pid})
+                _fork(line, [wake_r, wake_w], preloader)
 
 
 if __name__ == "__main__":

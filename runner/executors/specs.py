@@ -1,0 +1,118 @@
+"""Every executor's section of the manifest (`executor: {kind: ..., ...}`), and the registry of backends.
+
+A leaf of the executors: it imports nothing of theirs, so the manifest can read every backend's
+settings without loading a backend (nor its SDK). A backend is one entry in `SPECS`: its settings
+model, a pydantic model with `kind: Literal[name]` (the manifest's `executor` is the discriminated
+union of them) whose `executor` names its `Executor` class as "module:Class" (`registry` imports it
+when a run needs it).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from runner.choices import StrictModel
+
+
+class ExecutorSettings(StrictModel):
+    """What every backend's section of the manifest has; a backend's `Spec` adds `kind` and its own."""
+
+    executor: ClassVar[str] = ""  # "module:Class" of the backend's Executor
+    max_parallel: int | None = Field(None, ge=1, description="tasks at once (default: one per GPU, or 1 on the CPU)")
+    retries: int = Field(1, ge=0, le=10, description="attempts after the first, for a task whose worker fails")
+    timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one attempt, enforced by the runner")
+
+
+class MachineSettings(ExecutorSettings):
+    """A backend that runs tasks on this machine's GPUs (or CPU slots)."""
+
+    gpus: Literal["auto"] | Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] = Field(
+        "auto", description="auto: every visible GPU; N: the first N; [ids]: those; one task per GPU at a time"
+    )
+
+
+class LocalSpec(MachineSettings):
+    """local: one subprocess per task on this machine (the default)."""
+
+    executor: ClassVar[str] = "runner.executors.local:LocalExecutor"
+    kind: Literal["local"] = "local"
+    preload: bool = Field(True, description="fork each task's worker from a process that has PyTorch loaded (about "
+                          "two seconds less per task); false: a fresh Python per task (BYOL_RUNNER_PRELOAD=0 sets it)")
+
+
+_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$")
+
+
+def _size(v: str | None) -> str | None:
+    if v is not None and not _SIZE.match(v):
+        raise ValueError(f"{v!r} is not a size: a number with an optional unit b, k, m or g, e.g. 8g or 512m")
+    return v
+
+
+class DockerSpec(MachineSettings):
+    """docker: one container per task attempt on this machine's Docker engine."""
+
+    executor: ClassVar[str] = "runner.executors.docker:DockerExecutor"
+    kind: Literal["docker"] = "docker"
+    image: str = Field("byol-runner:latest", description="the image with byol-runner installed (see Dockerfile); "
+                       "BYOL_RUNNER_IMAGE overrides it")
+    pull: Literal["missing", "always", "never"] = Field(
+        "missing", description="pull the image from its registry: when it is not on this machine, before every run, or never")
+    shm_size: str = Field("8g", description="/dev/shm of a task container (Docker's 64m is too small for PyTorch)")
+    memory: str | None = Field(None, description="memory limit of a task container, e.g. 32g (default: none); "
+                               "a container over it is reported as killed for memory")
+    network: bool = Field(False, description="give task containers a network (training needs none)")
+    user: str | None = Field(None, description="uid:gid the tasks run as (default: the user running byol-runner; when "
+                             "that is root, tasks run as root only if this says '0:0'); BYOL_RUNNER_USER overrides it")
+    pids_limit: int = Field(4096, ge=64, description="processes and threads a task container may have")
+    keep_containers: bool = Field(False, description="leave ended containers for inspection instead of removing them")
+    stop_grace_s: float = Field(10.0, ge=0, description="seconds between SIGTERM and SIGKILL when a container is stopped")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment of task containers")
+    mounts: list[str] = Field(default_factory=list, description="extra bind mounts, '/host:/container[:ro|rw]', "
+                              "read-only unless ':rw' is written")
+    host_venv: bool = Field(
+        False, description="run this machine's byol-runner virtualenv, bind-mounted read-only, instead of the image's "
+        "own install (for a bare CI image; BYOL_RUNNER_HOST_VENV=1 sets it)")
+
+    @field_validator("shm_size", "memory")
+    @classmethod
+    def _sizes(cls, v: str | None) -> str | None:
+        return _size(v)
+
+    @field_validator("mounts")
+    @classmethod
+    def _mounts(cls, v: list[str]) -> list[str]:
+        for m in v:
+            parts = m.split(":")
+            if len(parts) not in (2, 3) or not parts[0].startswith("/") or not parts[1].startswith("/") or \
+                    (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+                raise ValueError(f"{m!r}: a mount is '/host/path:/container/path' with an optional ':ro' or ':rw'")
+        return v
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[0-9]+(:[0-9]+)?$", v):
+            raise ValueError(f"{v!r}: give a numeric uid or uid:gid, e.g. 1000:1000")
+        return v
+
+
+
+class RaySpec(ExecutorSettings):
+    """ray: one Ray task per cell, on whichever node of a Ray cluster has the resources."""
+
+    executor: ClassVar[str] = "runner.executors.ray:RayExecutor"
+    kind: Literal["ray"] = "ray"
+    address: str | None = Field(None, description="the cluster's address (default: RAY_ADDRESS, or a local Ray)")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs a task reserves")
+
+
+SPECS: dict[str, type[ExecutorSettings]] = {"local": LocalSpec, "docker": DockerSpec, "ray": RaySpec}
+
+
+def executor_specs() -> tuple[type[ExecutorSettings], ...]:
+    """Every backend's manifest section, in registry order."""
+    return tuple(SPECS.values())
