@@ -2,7 +2,10 @@
 task (BYOL_RUNNER_PRELOAD=0) and with the local executor's preloader, alternately, into fresh results
 dirs; the wall time of each `byol-runner run` and of its tasks, and whether both give the same numbers.
 
-    python bench/preload.py [MANIFEST] [--repeats 2]
+    python bench/preload.py [MANIFEST] [--repeats 2] [--against DIR]
+
+`--against DIR`: a checkout of another commit (`git worktree add DIR REF`), run the same way in turns
+with this one (its own code: cwd and PYTHONPATH point at it), to compare two versions in one run.
 
 Default manifest: the runner tests' tiny matrix (5 tasks: a BYOL pretraining, its two fine-tunes, two
 supervised baselines; resnet18 at 24 px on the CPU), where start-up is a large share of each task.
@@ -22,10 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(manifest: Path, results: Path, preload: bool) -> dict:
-    env = {**os.environ, "BYOL_RUNNER_PRELOAD": "1" if preload else "0"}
+def run(manifest: Path, results: Path, preload: bool, tree: Path = REPO) -> dict:
+    env = {**os.environ, "BYOL_RUNNER_PRELOAD": "1" if preload else "0", "PYTHONPATH": str(tree)}
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(manifest), "--results", str(results)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(manifest), "--results", str(results)], cwd=tree,
                        env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
@@ -41,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("manifest", nargs="?", type=Path)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--against", type=Path, help="another checkout to time in turns with this one")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         manifest = args.manifest
@@ -49,16 +53,22 @@ def main() -> None:
             from tests.conftest import REFERENCE, tiny
 
             manifest = tiny(Path(tmp), **REFERENCE)
-        rows: dict[str, list[dict]] = {"fresh": [], "preloaded": []}
+        trees = {"this": REPO, **({"against": args.against.resolve()} if args.against else {})}
+        rows: dict[str, list[dict]] = {f"{t}/{name}": [] for t in trees for name in ("fresh", "preloaded")}
         for i in range(args.repeats):
-            for name in ("fresh", "preloaded"):
-                rows[name].append(run(manifest, Path(tmp) / f"{name}{i}", preload=name == "preloaded"))
-        same = all(r["metrics"] == rows["fresh"][0]["metrics"] for rs in rows.values() for r in rs)
-        out = {name: {"wall_s": [round(r["wall_s"], 2) for r in rs], "tasks_s": [r["tasks_s"] for r in rs]}
-               for name, rs in rows.items()}
-        best = {name: min(v["tasks_s"]) for name, v in out.items()}
-        out["tasks_ratio_preloaded_to_fresh"] = round(best["preloaded"] / best["fresh"], 3)
-        out["same_metrics"] = same
+            for t, tree in trees.items():
+                for name in ("fresh", "preloaded"):
+                    rows[f"{t}/{name}"].append(run(manifest, Path(tmp) / f"{t}-{name}{i}", name == "preloaded", tree))
+        first = rows["this/fresh"][0]["metrics"]
+        out = {key: {"wall_s": [round(r["wall_s"], 2) for r in rs], "tasks_s": [r["tasks_s"] for r in rs]}
+               for key, rs in rows.items()}
+        best = {key: min(v["tasks_s"]) for key, v in out.items()}
+        for t in trees:
+            out[f"{t}/tasks_ratio_preloaded_to_fresh"] = round(best[f"{t}/preloaded"] / best[f"{t}/fresh"], 3)
+            out[f"{t}/same_metrics"] = all(r["metrics"] == first for key, rs in rows.items() if key.startswith(t) for r in rs)
+        if args.against:
+            out["against"] = str(args.against)
+            out["preloaded_tasks_ratio_this_to_against"] = round(best["this/preloaded"] / best["against/preloaded"], 3)
         out["manifest"] = str(args.manifest or "tests tiny matrix (5 tasks)")
         out["cpus"] = os.cpu_count()
         print(json.dumps(out, indent=2))
