@@ -77,8 +77,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runner.console import RunDisplay, print_markdown, progress_reporter
     from runner.tables import to_markdown, verdict_lines
 
+    from runner.commands import power_warnings
+
     with progress_reporter("data") as progress:
         manifest, results, plan = load_plan(args.manifest, args.results, progress)
+    for line in power_warnings(manifest, results):  # before anything runs
+        print(f"warning: {line}", file=sys.stderr)
     if args.readme:  # a README without its marker lines: said now, not after an hour of training
         from runner.pages import readme_markers
 

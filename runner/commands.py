@@ -79,8 +79,7 @@ def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, s
         else:
             outcome = sched.run(text, str(Path(manifest_path).resolve()), lock)
         tasks = store.run_tasks(outcome.run_id)
-        rep = R.build(results, manifest.name, tasks, R.arch_of(text), primary=manifest.report.primary,
-                      compare=(manifest.compare.model1, manifest.compare.model2))
+        rep = R.build(results, manifest.name, tasks, R.arch_of(text), **R.judging_of(text))
         rep["meta"] = R.provenance(results, store.run(outcome.run_id), tasks, 1000, store.attempt_span([t.id for t in tasks]))
         publish(results, rep, tasks)
     finally:
@@ -108,6 +107,62 @@ def report(results_cli: str | None, run_name: str | None = None, bootstrap: int 
         return results, rep, None
 
 
+def power_warnings(manifest: Manifest, results: Path) -> list[str]:
+    """What the manifest's seeds can decide, said before anything runs: one seed decides nothing; with
+    compare.margin, whether a difference of that size is detectable (80% power, at the family's
+    strictest Holm level) on each data set and budget, and how many seeds would make it so. The
+    seed-to-seed SD of the difference is an earlier run's where this results dir holds one (its
+    per-seed differences and test-sample SE), else compare.expected_sd."""
+    from runner import stats
+    from runner.arms import role_candidates
+
+    seeds = len(manifest.seeds)
+    m1_methods = [m for m in manifest.methods if m in role_candidates("model1")] if manifest.compare.model1 is None else [manifest.compare.model1]
+    if not m1_methods:
+        return []
+    if seeds < 2:
+        return [f"{seeds} seed: no Model 1 − Model 2 comparison can be decided (training and label-draw variation are "
+                "not measured); give 3 or more seeds (the default is 5)"]
+    margin = manifest.compare.margin
+    if margin is None:
+        return []
+    cells = [(d, b.name) for d, spec in manifest.datasets.items() if spec.external_test_of is None for b in manifest.labels.budgets()]
+    measured = _measured_spread(results / manifest.name / "results.json", manifest.report.primary)
+    out = []
+    for ds, budget in cells:
+        sd, test_se = measured.get((ds, budget), (manifest.compare.expected_sd, 0.0))
+        var = sd ** 2 / seeds + test_se ** 2
+        df = var ** 2 / ((sd ** 2 / seeds) ** 2 / (seeds - 1)) if sd > 0 else float("inf")
+        mdd = stats.detectable(var ** 0.5, df, stats.ALPHA / len(cells))
+        if mdd is not None and mdd > margin:
+            need = stats.seeds_needed(margin, sd, test_se, len(cells))
+            source = "measured by the last run" if (ds, budget) in measured else f"assumed (compare.expected_sd {sd:g})"
+            fix = (f"{need} seeds would" if need else "no number of seeds would: the test split's own variation is too large "
+                   "(a larger test split would help)")
+            metric = {"auroc": "AUROC", "auprc": "AUPRC"}.get(manifest.report.primary, manifest.report.primary.replace("_", " "))
+            out.append(f"{ds} {budget}: with {seeds} seeds and {len(cells)} comparisons the smallest detectable Δ {metric} is "
+                       f"about {mdd:.3f} (seed SD {sd:.3f} {source}), more than the margin {margin:g}; {fix}")
+    return out
+
+
+def _measured_spread(results_json: Path, primary: str) -> dict[tuple[str, str], tuple[float, float]]:
+    """(dataset, budget) -> (SD of the per-seed differences, test-sample SE) from an earlier report."""
+    import json
+    import statistics
+
+    try:
+        rep = json.loads(results_json.read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for d in rep.get("differences", []) if isinstance(rep, dict) else []:
+        est = d.get(primary) or {}
+        per_seed = [v for v in est.get("per_seed") or [] if isinstance(v, (int, float))]
+        if d.get("family", "internal") == "internal" and len(per_seed) >= 2:
+            out[(d["dataset"], d["labels"])] = (statistics.stdev(per_seed), est.get("se_test") or 0.0)
+    return out
+
+
 def plan_view(manifest_path: str | Path, results_cli: str | None = None, progress: Progress = no_progress) -> dict:
     """The DAG: every task with its dependencies and state (done / pending), and the tasks of the
     previous run of this manifest that the current settings no longer produce (invalidated)."""
@@ -126,7 +181,8 @@ def plan_view(manifest_path: str | Path, results_cli: str | None = None, progres
             store = Store(db, readonly=True)
         except StoreDamaged as e:  # the plan needs no history: it is shown without the invalidated tasks
             print(f"note: {e}", file=sys.stderr)
-            return {"name": manifest.name, "results": str(results), "tasks": tasks, "invalidated": []}
+            return {"name": manifest.name, "results": str(results), "tasks": tasks, "invalidated": [],
+                    "warnings": power_warnings(manifest, results)}
         try:
             prev = store.latest_run(manifest.name)
             if prev is not None:
@@ -135,7 +191,8 @@ def plan_view(manifest_path: str | Path, results_cli: str | None = None, progres
                                 "budget": r.budget} for r in store.run_tasks(prev["id"]) if r.id not in current]
         finally:
             store.close()
-    return {"name": manifest.name, "results": str(results), "tasks": tasks, "invalidated": invalidated}
+    return {"name": manifest.name, "results": str(results), "tasks": tasks, "invalidated": invalidated,
+            "warnings": power_warnings(manifest, results)}
 
 
 def status(results_cli: str | None, run_name: str | None = None) -> dict:

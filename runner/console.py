@@ -245,6 +245,7 @@ class RunDisplay:
 
 
 def print_plan(view: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"{view['name']}: {len(view['tasks'])} tasks", title_justify="left")
@@ -261,6 +262,8 @@ def print_plan(view: dict) -> None:
         out.print(f"[yellow]{len(view['invalidated'])} tasks of the previous run are invalidated by a changed setting:[/]")
         for task in view["invalidated"]:
             out.print(f"  {task['id']} {task['kind']} {task['dataset']} {task['method']} {task['budget'] or ''} seed {task['seed']}")
+    for line in view.get("warnings", []):
+        out.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
 
 
 def print_status(st: dict) -> None:
@@ -273,14 +276,15 @@ def print_status(st: dict) -> None:
         t.add_column(col)
     for task in st["tasks"]:
         c = colours.get(task["status"], "white")
-        flag = " [yellow]† degenerate[/]" if task.get("degenerate") else ""
+        kinds = dict.fromkeys(r.split(":")[0] for r in task.get("degenerate") or [])  # "‡ untrained", "† miscalibrated"
+        flag = "".join(f" [yellow]{k}[/]" for k in kinds)
         t.add_row(task["id"], task["dataset"], task["method"], task["budget"] or "", str(task["seed"]), f"[{c}]{task['status']}[/]{flag}",
                   "" if task["epoch"] is None else str(task["epoch"]), "" if task["step"] is None else str(task["step"]),
                   "" if task["loss"] is None else f"{task['loss']:.4f}", str(task["attempts"]), (task["error"] or "")[:80])
     out.print(t)
     for task in st["tasks"]:
         if task.get("degenerate"):
-            out.print(f"† {task['id']} ({task['method']} {task['budget']} seed {task['seed']}): " + "; ".join(task["degenerate"]),
+            out.print(f"{task['id']} ({task['method']} {task['budget']} seed {task['seed']}): " + "; ".join(task["degenerate"]),
                       soft_wrap=True)
 
 

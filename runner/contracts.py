@@ -148,6 +148,8 @@ class TaskSpec(StrictModel):
     pretraining: str | None = Field(None, description="a pretrain task's entry of runner.arms.PRETRAININGS (default byol)")
     encoder: str | None = Field(None, description="the pretrain task's encoder.pt, relative to the results dir")
     model: str | None = Field(None, description="an evaluate task: the classifier task's model.pt, relative to the results dir")
+    imagenet_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="the sha256 of the ImageNet weights file "
+                                        "a task that starts from them was planned with (part of its id); the worker loads no other")
     cache_dir: str = "cache"
     engine_version: int = ENGINE_VERSION
 

@@ -104,8 +104,13 @@ ExecutorSpec = Annotated[
 class ReportSpec(StrictModel):
     """How the results are judged (no task depends on it: changing it reruns nothing)."""
 
-    primary: Literal["auroc", "accuracy", "balanced_accuracy", "loss"] = Field(
-        "auroc", description="the metric a verdict (Model 1 better / Model 2 better / no detectable difference) is decided on")
+    primary: Literal["auroc", "auprc", "accuracy", "balanced_accuracy", "loss"] = Field(
+        "auroc", description="the metric a verdict (Model 1 better / Model 2 better / equivalent / not worse / inconclusive) "
+        "is decided on")
+    target_sensitivity: float | None = Field(
+        None, gt=0, lt=1, description="the operating point's rule: the highest threshold whose sensitivity on the budget's "
+        "validation labels reaches this (e.g. 0.9 for screening); default: the largest Youden's J (sensitivity + "
+        "specificity − 1). Sensitivity and specificity at 0.5 are reported beside it")
 
 
 class CompareSpec(StrictModel):
@@ -115,6 +120,13 @@ class CompareSpec(StrictModel):
 
     model1: Method | None = Field(None, description="e.g. byol-finetune")
     model2: Method | None = Field(None, description="e.g. supervised-imagenet, the strongest baseline when ImageNet weights are at hand")
+    margin: float | None = Field(
+        None, gt=0, le=1, description="equivalence margin m on the primary metric, in its units (e.g. 0.02 AUROC): with it a "
+        "comparison can also read 'equivalent within ±m' (two one-sided tests) or 'Model 1 not worse than −m'; `plan` "
+        "warns when the seeds cannot detect a difference of m")
+    expected_sd: float = Field(
+        0.03, gt=0, le=1, description="the seed-to-seed SD of the per-seed Model 1 − Model 2 difference on the primary metric "
+        "that `plan` assumes to say how many seeds reach the margin, until an earlier run in the results dir measured it")
 
 
 class Manifest(TrainSettings):
@@ -128,8 +140,10 @@ class Manifest(TrainSettings):
         "hub cache; simsiam-* pretrain with SimSiam",
     )
     labels: LabelsSpec = LabelsSpec()
-    seeds: list[Annotated[int, Field(strict=True)]] = Field(default_factory=lambda: [0], min_length=1,
-                                                              description="one run of every cell per seed")
+    seeds: list[Annotated[int, Field(strict=True)]] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4], min_length=1,
+        description="one run of every cell per seed (default 5: one seed decides nothing, and 3 rarely do; `plan` says what "
+        "the margin needs)")
     # and the training settings sections (model, run, pretrain, simsiam, finetune, probe): TrainSettings's
     executor: ExecutorSpec = Field(
         default_factory=lambda: LocalSpec(),

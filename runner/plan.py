@@ -67,24 +67,69 @@ def data_spec(spec) -> dict:
     return data
 
 
-def _check_imagenet_weights(arch: str, arms: list[str]) -> None:
-    from runner.ml.models import IMAGENET_URLS, imagenet_weights_path
+def _check_imagenet_weights(arch: str, arms: list[str], file: str | None = None) -> str:
+    """The sha256 of the ImageNet weights these arms start from, verified (`verify_imagenet_weights`)."""
+    from runner.ml.models import IMAGENET_URLS, WeightsError, imagenet_weights_path, verify_imagenet_weights
 
     path = imagenet_weights_path(arch)
-    if not path.is_file():
+    if file is None and not path.is_file():
         raise DataError(
             f"methods: {', '.join(arms)} start from the ImageNet weights of {arch}, expected at {path} (byol-runner never "
             f"downloads during a run): fetch {IMAGENET_URLS[arch]} there once (or set TORCH_HOME to where it is), or drop "
             f"{'the method' if len(arms) == 1 else 'those methods'}"
         )
+    try:
+        return verify_imagenet_weights(arch, file)
+    except WeightsError as e:
+        raise DataError(f"methods: {', '.join(arms)}: {e}") from None
+
+
+@dataclass
+class _TaskMaker:
+    """What every task of one data set shares, and how one task of it is made (its identity and spec)."""
+
+    manifest: Manifest
+    name: str
+    fingerprint: str
+    data: dict
+    settings: dict  # the manifest's training settings, as the worker gets them
+    hashed: dict  # the same as the ids hash them: not the ImageNet weights file's path (its sha256 is)
+    imagenet: str | None  # that sha256, where some arm starts from ImageNet weights
+
+    def __call__(self, seed: int, kind: str, method: str, budget=None, deps: tuple[PlannedTask, ...] = (),  # noqa: ANN001
+                 pretraining: str | None = None) -> PlannedTask:
+        labels = self.manifest.labels
+        sections = PRETRAININGS[pretraining].settings if pretraining else KIND_SETTINGS[kind]
+        identity = {
+            "kind": kind, "data": self.fingerprint, "seed": seed, "engine": ENGINE_VERSION,
+            "budget": None if budget is None else {"fraction": budget.fraction, "per_class": budget.per_class,
+                                                   "validation": labels.validation,
+                                                   "min_validation_per_class": labels.min_validation_per_class},
+            "settings": {k: self.hashed[k] for k in sections}, "deps": [d.id for d in deps],
+        }
+        if pretraining and pretraining != "byol":  # BYOL from random init hashes as it always has
+            identity["pretraining"] = pretraining
+        starts_imagenet = kind in ("supervised-imagenet", "imagenet-linear") or bool(pretraining and PRETRAININGS[pretraining].init == "imagenet")
+        if starts_imagenet:  # another weights file is another result
+            identity["imagenet_sha256"] = self.imagenet
+        tid = task_id(identity)
+        spec_json = {
+            "id": tid, "kind": kind, "dataset": self.name, "data": self.data, "seed": seed,
+            "budget": identity["budget"], "settings": self.settings, "cache_dir": "cache",
+            "encoder": f"tasks/{deps[0].id}/encoder.pt" if deps else None,
+            **({"pretraining": pretraining} if pretraining else {}),
+            **({"imagenet_sha256": self.imagenet} if starts_imagenet else {}),
+        }
+        return PlannedTask(tid, kind, self.name, method, seed, budget.name if budget else None, [d.id for d in deps], spec_json)
 
 
 def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progress) -> Plan:
     """The tasks of a manifest. Prepares (decodes, caches, audits, splits) every data set, so bad data
     and too-small label budgets fail here, before anything runs."""
-    if needs_imagenet(manifest.methods):
-        _check_imagenet_weights(manifest.model.arch, needs_imagenet(manifest.methods))
+    arms = needs_imagenet(manifest.methods)
+    imagenet = _check_imagenet_weights(manifest.model.arch, arms, manifest.model.imagenet_weights) if arms else None
     settings = {k: getattr(manifest, k).model_dump(mode="json") for k in TrainSettings.model_fields}
+    hashed = {**settings, "model": {k: v for k, v in settings["model"].items() if k != "imagenet_weights"}}
     budgets = manifest.labels.budgets()
     tasks: list[PlannedTask] = []
     accounts: dict[str, dict] = {}
@@ -95,42 +140,20 @@ def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progres
         ds = prepare(name, spec, results / "cache", progress)
         trained[name] = (ds, [])
         accounts[name] = accounting(ds)
-        fingerprint = ds.fingerprint
-        data = data_spec(spec)
+        make = _TaskMaker(manifest, name, ds.fingerprint, data_spec(spec), settings, hashed, imagenet)
         for seed in manifest.seeds:
             for b in budgets:
                 ds.labeled(b, seed)  # a budget too small for a class fails now, naming both
-
-            def make(kind: str, method: str, budget=None, deps: tuple[PlannedTask, ...] = (), pretraining: str | None = None) -> PlannedTask:
-                sections = PRETRAININGS[pretraining].settings if pretraining else KIND_SETTINGS[kind]
-                identity = {
-                    "kind": kind, "data": fingerprint, "seed": seed, "engine": ENGINE_VERSION,
-                    "budget": None if budget is None else {"fraction": budget.fraction, "per_class": budget.per_class,
-                                                           "validation": manifest.labels.validation,
-                                                           "min_validation_per_class": manifest.labels.min_validation_per_class},
-                    "settings": {k: settings[k] for k in sections}, "deps": [d.id for d in deps],
-                }
-                if pretraining and pretraining != "byol":  # BYOL from random init hashes as it always has
-                    identity["pretraining"] = pretraining
-                tid = task_id(identity)
-                spec_json = {
-                    "id": tid, "kind": kind, "dataset": name, "data": data, "seed": seed,
-                    "budget": identity["budget"], "settings": settings, "cache_dir": "cache",
-                    "encoder": f"tasks/{deps[0].id}/encoder.pt" if deps else None,
-                    **({"pretraining": pretraining} if pretraining else {}),
-                }
-                return PlannedTask(tid, kind, name, method, seed, budget.name if budget else None, [d.id for d in deps], spec_json)
-
             pre: dict[str, PlannedTask] = {}  # one pretraining per entry the arms evaluate, shared by them
             for method in manifest.methods:
                 p = pretraining_of(method)
                 if p and p.name not in pre:
-                    pre[p.name] = make("pretrain", f"{p.name}-pretrain", pretraining=p.name)
+                    pre[p.name] = make(seed, "pretrain", f"{p.name}-pretrain", pretraining=p.name)
                     tasks.append(pre[p.name])
             for b in budgets:
                 for method in manifest.methods:
                     p = pretraining_of(method)
-                    tasks.append(make(ARMS[method].kind, method, b, (pre[p.name],) if p else ()))
+                    tasks.append(make(seed, ARMS[method].kind, method, b, (pre[p.name],) if p else ()))
                     trained[name][1].append(tasks[-1])
     for name, spec in manifest.datasets.items():
         if spec.external_test_of is not None:

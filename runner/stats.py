@@ -1,5 +1,5 @@
-"""Test metrics across seeds with bootstrap 95% intervals, the paired Model 1 − Model 2 difference, and
-the run's verdicts adjusted for the number of comparisons.
+"""Test metrics across seeds with 95% intervals, the paired Model 1 − Model 2 difference, its power,
+and the run's verdicts adjusted for the number of comparisons.
 
 Every seed of an arm scores the same test images (the split seed is fixed; the seeds vary the
 labeled subset and the training). So a result varies along two crossed axes: the seed (which labels
@@ -7,29 +7,45 @@ were drawn, how training went) and the test sample (which patients happened to b
 point estimate of a metric is the mean over seeds of that seed's metric: rank metrics (AUROC) are
 computed per seed and never over pooled seeds, whose scores need not share a scale.
 
-The interval resamples both axes at once, the "pigeonhole" bootstrap of a crossed design (Owen 2007,
-"The pigeonhole bootstrap", Ann. Appl. Stat. 1(2):386-411): a replicate draws S seeds with
-replacement and, independently, the test split's G groups (patients where the data set names them,
-images otherwise; a cluster bootstrap, Field & Welsh 2007) with replacement, and takes the mean over
-the drawn seeds of each seed's metric on the drawn groups. With one seed only the test-sample axis
-is resampled, and training and label-draw variation are in no interval: the report says so and
-decides no difference on one seed.
+The standard error adds the two axes' variances: the seeds' (the sample variance of the per-seed
+values over S, with S − 1 degrees of freedom) and the test sample's (the variance of the seed-mean
+under a cluster bootstrap of the test units, seeds held fixed: patients where the data set names
+them, images otherwise; Field & Welsh 2007, "Bootstrapping clustered data", JRSS B 69:369-390). The
+interval is mean ± t × SE with Welch–Satterthwaite degrees of freedom (Satterthwaite 1946,
+"An approximate distribution of estimates of variance components", Biometrics Bulletin 2:110-114):
+with few seeds whose disagreement dominates, that is Student's t with S − 1 degrees of freedom,
+which keeps its coverage at 3 seeds where a bootstrap over seeds does not (its variance shrinks by
+(S − 1)/S and 3 seeds allow 10 distinct draws); where the test sample dominates it tends to the
+normal interval of the cluster bootstrap. `bench/coverage.py` shows the coverage by simulation
+through this module. A proportion whose estimate is exactly 0 or 1 gets the exact (Clopper–Pearson)
+interval of its units instead of a zero-width one.
 
-The paired difference uses the same draws for both models (seeds paired by seed: the same label
-draw), so what the two share cancels. Its two-sided bootstrap p-value, twice the smaller share of
-replicates on either side of 0, is adjusted over the run's comparisons with Holm's step-down method
-(Holm 1979, "A simple sequentially rejective multiple test procedure", Scand. J. Statist. 6:65-70).
-Intervals are percentile intervals of B replicates; a replicate where a metric is undefined (one
-class drawn, for AUROC) is left out of that metric's interval.
+The paired difference uses the same bootstrap draws for both models and pairs seeds by seed (the
+same label draw), so what the two share cancels. Its p-value comes from the same t statistic (no
+bootstrap floor: a family of any size can decide). Verdicts (`decide`): the two-sided test that the
+difference is 0, Holm-adjusted over the run's comparisons (Holm 1979, "A simple sequentially
+rejective multiple test procedure", Scand. J. Statist. 6:65-70); with an equivalence margin m, two
+one-sided tests that it lies within ±m (TOST, Schuirmann 1987, J. Pharmacokinet. Biopharm.
+15:657-680) and the one-sided test that Model 1 is not worse than −m, each Holm-adjusted over the
+same family. Each comparison states the smallest difference it could detect (80% power, at the
+family's strictest Holm level α/m, exact under the noncentral t).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-METRICS = ("accuracy", "loss", "auroc", "balanced_accuracy", "sensitivity", "specificity")
-LOWER_IS_BETTER = {"loss"}
+from runner.scoring import seed_metrics
+
+METRICS = ("accuracy", "loss", "auroc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "sensitivity_op",
+           "specificity_op", "brier", "ece")
+LOWER_IS_BETTER = {"loss", "brier", "ece"}
+LOSS_TYPE = {"loss", "brier", "ece"}  # what calibration changes: a miscalibrated cell blocks verdicts on these only
+PROPORTIONS = {"accuracy": None, "sensitivity": "pos", "specificity": "neg", "sensitivity_op": "pos", "specificity_op": "neg"}
 ALPHA = 0.05
+POWER = 0.8
 
 
 def stack(per_seed: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -41,42 +57,7 @@ def stack(per_seed: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np
     return np.stack([np.asarray(p, dtype=np.float64) for p, _ in per_seed]), labels
 
 
-def auroc_weighted(scores: np.ndarray, is_pos: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """AUROC (ties count half) of one set of scores under B weightings at once: w is (B, M).
-
-    The Mann-Whitney form: for every positive, the weight of the negatives scored below it plus
-    half of those tied with it, over the product of the total weights. Sorted once for all B."""
-    order = np.argsort(scores, kind="mergesort")
-    s, pos, wt = scores[order], is_pos[order], w[:, order]
-    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]  # groups of tied scores
-    gp = np.add.reduceat(wt * pos, starts, axis=1)
-    gn = np.add.reduceat(wt * ~pos, starts, axis=1)
-    below = np.cumsum(gn, axis=1) - gn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (gp * (below + 0.5 * gn)).sum(1) / (gp.sum(1) * gn.sum(1))
-
-
-def seed_metrics(probs: np.ndarray, labels: np.ndarray, w: np.ndarray, positive: int | None) -> dict[str, np.ndarray]:
-    """Metrics of ONE seed's (N, K) predictions under B weightings of its images (w: (B, N) counts)."""
-    n, k = probs.shape
-    pred = probs.argmax(-1)
-    correct = (pred == labels).astype(np.float64)
-    p_true = np.clip(probs[np.arange(n), labels], 1e-12, 1)
-    total = w.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = {"accuracy": w @ correct / total, "loss": w @ -np.log(p_true) / total}
-        recalls = [w @ (correct * (labels == c)) / (w @ (labels == c).astype(np.float64)) for c in range(k)]
-        out["balanced_accuracy"] = np.nanmean(np.stack(recalls), axis=0)
-        if k == 2:
-            pos = 1 if positive is None else positive
-            out["auroc"] = auroc_weighted(probs[:, pos], labels == pos, w)
-            out["sensitivity"], out["specificity"] = recalls[pos], recalls[1 - pos]
-        else:  # one-vs-rest, macro average over the classes (as sklearn's multi_class="ovr")
-            out["auroc"] = np.mean([auroc_weighted(probs[:, c], labels == c, w) for c in range(k)], axis=0)
-    return out
-
-
-def _group_index(groups: list | np.ndarray | None, n: int) -> np.ndarray:
+def group_index(groups: list | np.ndarray | None, n: int) -> np.ndarray:
     """Each image's group number 0..G-1; every image its own group when there are none."""
     if groups is None:
         return np.arange(n)
@@ -85,112 +66,173 @@ def _group_index(groups: list | np.ndarray | None, n: int) -> np.ndarray:
     return np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1]
 
 
-class Draws:
-    """B bootstrap replicates of a crossed design: seed counts (B, S) and image weights (B, N), the
-    latter from group counts. Replicate 0 of `with_point()` is the point estimate (all ones)."""
-
-    def __init__(self, n_seeds: int, groups: np.ndarray, b: int, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        g = int(groups.max()) + 1 if len(groups) else 0
-        self.group_counts = rng.multinomial(g, np.full(g, 1.0 / g), size=b).astype(np.float64) if b else np.zeros((0, g))
-        self.images = self.group_counts[:, groups]
-        if n_seeds > 1 and b:
-            self.seeds = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=b).astype(np.float64)
-        else:
-            self.seeds = np.ones((b, n_seeds))
-
-    def with_point(self) -> tuple[np.ndarray, np.ndarray]:
-        """(seed weights, image weights) with the all-ones point estimate as row 0."""
-        s, n = self.seeds.shape[1], self.images.shape[1]
-        return np.vstack([np.ones((1, s)), self.seeds]), np.vstack([np.ones((1, n)), self.images])
+def image_weights(groups: np.ndarray, b: int, seed: int) -> np.ndarray:
+    """(B + 1, N): row 0 all ones (the test split as it is), then B cluster-bootstrap draws of the
+    test units (each unit's count given to all its images)."""
+    rng = np.random.default_rng(seed)
+    g = int(groups.max()) + 1 if len(groups) else 0
+    counts = rng.multinomial(g, np.full(g, 1.0 / g), size=b).astype(np.float64) if b and g else np.zeros((0, g))
+    return np.vstack([np.ones((1, len(groups))), counts[:, groups]])
 
 
-def _per_seed(probs: np.ndarray, labels: np.ndarray, w: np.ndarray, positive: int | None) -> dict[str, np.ndarray]:
-    """{metric: (S, B+1)}: each seed's metric under each weighting of the images."""
-    per = [seed_metrics(p, labels, w, positive) for p in probs]
-    return {m: np.stack([d[m] for d in per]) for m in per[0]}
+def per_seed_values(probs: np.ndarray, labels: np.ndarray, w: np.ndarray, positive: int | None,
+                    thresholds: list[float | None] | None = None) -> dict[str, np.ndarray]:
+    """{metric: (S, B+1)}: each seed's metric under each weighting of the images; a metric some seed
+    lacks (an operating point without a threshold) is left out."""
+    thresholds = thresholds or [None] * len(probs)
+    per = [seed_metrics(p, labels, w, positive, t) for p, t in zip(probs, thresholds)]
+    return {m: np.stack([d[m] for d in per]) for m in per[0] if all(m in d for d in per)}
 
 
-def _over_seeds(values: np.ndarray, seed_w: np.ndarray) -> np.ndarray:
-    """(B+1,) the seed-weighted mean of (S, B+1) per-seed values; NaN where a drawn seed has none."""
-    drawn = seed_w.T > 0  # an undrawn seed's NaN must not spoil the mean
-    with np.errstate(invalid="ignore"):
-        return np.where(drawn, seed_w.T * values, 0.0).sum(0) / seed_w.sum(1)
+# ---- the t distribution (scipy.special: scipy.stats would cost every report 1-2 s to import) ------
 
 
-def _interval(values: np.ndarray) -> tuple[float, float] | None:
-    v = values[np.isfinite(values)]
-    if len(v) < 10:
+def t_cdf(x: float, df: float) -> float:
+    from scipy.special import ndtr, stdtr
+
+    return float(ndtr(x) if math.isinf(df) else stdtr(df, x))
+
+
+def t_quantile(p: float, df: float) -> float:
+    from scipy.special import ndtri, stdtrit
+
+    return float(ndtri(p) if math.isinf(df) else stdtrit(df, p))
+
+
+def _power(nc: float, df: float, crit: float, nodes: int = 4000) -> float:
+    """P(|T| > crit) for T noncentral t (df, nc): the normal CDF averaged over the chi-square's quantiles
+    (scipy.special.nctdtr returns NaN for nc ≥ 7 at small df)."""
+    from scipy.special import chdtri, ndtr
+
+    if math.isinf(df):
+        return float(1 - ndtr(crit - nc) + ndtr(-crit - nc))
+    scale = crit * np.sqrt(chdtri(df, (np.arange(nodes) + 0.5) / nodes) / df)
+    return float(np.mean(ndtr(nc - scale) + ndtr(-nc - scale)))
+
+
+def detectable(se: float | None, df: float, alpha: float = ALPHA, power: float = POWER) -> float | None:
+    """The smallest |difference| a two-sided t test at level `alpha` detects with probability `power`
+    (the noncentral t; Cohen 1988, "Statistical Power Analysis", ch. 2)."""
+    if se is None or not math.isfinite(se):
         return None
-    lo, hi = np.percentile(v, [2.5, 97.5])
-    return float(lo), float(hi)
+    if se == 0:
+        return 0.0
+    crit = t_quantile(1 - alpha / 2, df)
+    lo, hi = 0.0, crit + 10.0
+    while _power(hi, df, crit) < power:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _power(mid, df, crit) < power else (lo, mid)
+    return float(hi * se)
+
+
+# ---- estimates -------------------------------------------------------------------------------------
+
+
+def combine(values: np.ndarray) -> dict:
+    """An estimate from (S, B+1) per-seed values (column 0: the test split as it is; the rest:
+    cluster-bootstrap replicates, seeds fixed): mean over seeds, SE of both axes, t interval."""
+    per_seed = values[:, 0]
+    out = {"value": None, "ci": None, "se": None, "df": None, "se_seeds": None, "se_test": None,
+           "per_seed": [_num(v) for v in per_seed]}
+    if not np.isfinite(per_seed).all():
+        return out
+    s = len(per_seed)
+    out["value"] = float(per_seed.mean())
+    reps = values[:, 1:].mean(0)
+    reps = reps[np.isfinite(reps)]
+    v_test = float(reps.var(ddof=1)) if len(reps) >= 10 else None
+    v_seed = float(per_seed.var(ddof=1)) / s if s >= 2 else None
+    if v_seed is None and v_test is None:
+        return out
+    var = (v_seed or 0.0) + (v_test or 0.0)
+    df = math.inf if not v_seed else var ** 2 / (v_seed ** 2 / (s - 1))
+    se = math.sqrt(var)
+    half = t_quantile(1 - ALPHA / 2, df) * se
+    out.update(ci=(out["value"] - half, out["value"] + half), se=se, df=df,
+               se_seeds=None if v_seed is None else math.sqrt(v_seed), se_test=None if v_test is None else math.sqrt(v_test))
+    return out
+
+
+def clopper_pearson(x: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
+    """The exact binomial interval of x successes in n (Clopper & Pearson 1934, Biometrika 26:404-413)."""
+    from scipy.special import betaincinv
+
+    lo = 0.0 if x == 0 else float(betaincinv(x, n - x + 1, alpha / 2))
+    hi = 1.0 if x == n else float(betaincinv(x + 1, n - x, 1 - alpha / 2))
+    return lo, hi
+
+
+def _units_of(metric: str, labels: np.ndarray, groups: np.ndarray, positive: int | None) -> int:
+    """How many test units a proportion counts: all of them, or those of the positive or negative class."""
+    side = PROPORTIONS[metric]
+    pos = 1 if positive is None else positive
+    keep = np.ones(len(labels), bool) if side is None else (labels == pos) if side == "pos" else (labels != pos)
+    return len(np.unique(groups[keep]))
 
 
 def bootstrap_metrics(per_seed: list[tuple[np.ndarray, np.ndarray]], positive: int | None, b: int = 1000, seed: int = 0,
-                      groups: list | np.ndarray | None = None) -> dict:
-    """{metric: {"value": mean over seeds of the seed's metric, "ci": (lo, hi) or None,
-    "per_seed": [each seed's value]}}, resampling seeds and test groups (see the module's doc)."""
+                      groups: list | np.ndarray | None = None, thresholds: list[float | None] | None = None) -> dict:
+    """{metric: {"value": mean over seeds of the seed's metric, "ci": (lo, hi) or None, "se", "df",
+    "per_seed"}} with the seeds' and the test units' variation (see the module's doc)."""
     probs, labels = stack(per_seed)
-    draws = Draws(len(probs), _group_index(groups, len(labels)), b, seed)
-    seed_w, image_w = draws.with_point()
-    per = _per_seed(probs, labels, image_w, positive)
+    gi = group_index(groups, len(labels))
+    values = per_seed_values(probs, labels, image_weights(gi, b, seed), positive, thresholds)
     out = {}
-    for m, values in per.items():
-        est = _over_seeds(values, seed_w)
-        out[m] = {"value": _num(est[0]), "ci": _interval(est[1:]), "per_seed": [_num(v) for v in values[:, 0]]}
+    for m, v in values.items():
+        est = combine(v)
+        if m in PROPORTIONS and est["value"] is not None and est["value"] in (0.0, 1.0):
+            n = _units_of(m, labels, gi, positive)
+            est["ci"] = clopper_pearson(int(round(est["value"] * n)), n) if n else None
+            est["exact"] = True
+        elif est["ci"] is not None and (m in PROPORTIONS or m in ("auroc", "auprc", "balanced_accuracy", "brier", "ece")):
+            est["ci"] = (max(0.0, est["ci"][0]), min(1.0, est["ci"][1]))
+        out[m] = est
     return out
 
 
 def paired_difference(model1: list[tuple[np.ndarray, np.ndarray]], model2: list[tuple[np.ndarray, np.ndarray]],
                       positive: int | None, b: int = 1000, seed: int = 0, groups: list | np.ndarray | None = None,
-                      groups2: list | np.ndarray | None = None) -> dict:
-    """{metric: {"value": Model 1 − Model 2, "ci", "p": two-sided bootstrap p-value}}; the i-th seed of
-    one model is paired with the i-th of the other, and both use the same draws of seeds and groups."""
+                      groups2: list | np.ndarray | None = None, thresholds1: list | None = None,
+                      thresholds2: list | None = None) -> dict:
+    """{metric: Model 1 − Model 2 as `combine` gives it, plus "p" (two-sided, that it is 0)}; the i-th
+    seed of one model is paired with the i-th of the other, and both use the same bootstrap draws."""
     p1, y1 = stack(model1)
     p2, y2 = stack(model2)
     if not np.array_equal(y1, y2) or len(p1) != len(p2):
         raise ValueError("the two models were not scored on the same seeds and test images")
     if groups2 is not None and (groups is None or not np.array_equal(np.asarray(groups, dtype=str), np.asarray(groups2, dtype=str))):
         raise ValueError("the two models' test groups differ: they cannot be paired")
-    draws = Draws(len(p1), _group_index(groups, len(y1)), b, seed)
-    seed_w, image_w = draws.with_point()
-    a, c = _per_seed(p1, y1, image_w, positive), _per_seed(p2, y2, image_w, positive)
+    w = image_weights(group_index(groups, len(y1)), b, seed)
+    a, c = per_seed_values(p1, y1, w, positive, thresholds1), per_seed_values(p2, y2, w, positive, thresholds2)
     out = {}
     for m in a:
-        d = _over_seeds(a[m] - c[m], seed_w)
-        per_seed = [_num(x) for x in (a[m] - c[m])[:, 0]]
-        p_boot, p_seeds = _p_value(d[1:]), seed_t_test(per_seed)
-        # a difference must stand out from the test sample's variation (bootstrap) AND from the seeds'
-        # (t-test on the per-seed differences): the larger p is an intersection-union test of both
-        p = None if p_boot is None or p_seeds is None else max(p_boot, p_seeds)
-        out[m] = {"value": _num(d[0]), "ci": _interval(d[1:]), "per_seed": per_seed, "p_bootstrap": p_boot,
-                  "p_seeds": p_seeds, "p": p}
+        if m in c:
+            est = combine(a[m] - c[m])
+            est["p"] = p_zero(est)
+            out[m] = est
     return out
 
 
-def _p_value(reps: np.ndarray) -> float | None:
-    """Two-sided: twice the smaller share of replicates at or beyond 0 on either side, counted as
-    (1 + k) / (B + 1) so that it is never 0 (Davison & Hinkley 1997, ch. 4); at most 1."""
-    v = reps[np.isfinite(reps)]
-    if len(v) < 10:
+def p_zero(est: dict) -> float | None:
+    """Two-sided p that the difference is 0; None without an interval or with one seed (a single seed
+    never yields a difference: training and label-draw variation are not in its SE)."""
+    if est.get("se") is None or est.get("value") is None or len([v for v in est["per_seed"] if v is not None]) < 2:
         return None
-    k = min(int((v <= 0).sum()), int((v >= 0).sum()))
-    return float(min(1.0, 2 * (1 + k) / (len(v) + 1)))
+    if est["se"] == 0:
+        return 0.0 if abs(est["value"]) > 1e-12 else 1.0
+    return float(min(1.0, 2 * (1 - t_cdf(abs(est["value"]) / est["se"], est["df"]))))
 
 
-def seed_t_test(per_seed: list[float | None]) -> float | None:
-    """Two-sided p of a one-sample t-test that the mean per-seed difference is 0: the seed-to-seed
-    variation alone, which a bootstrap over 2-5 seeds underestimates (its variance shrinks by (S-1)/S
-    and S seeds allow few distinct draws). None under two seeds."""
-    from scipy.special import stdtr  # Student's t CDF; scipy.stats would cost every report 1-2 s to import
-
-    d = np.asarray([x for x in per_seed if x is not None], dtype=np.float64)
-    if len(d) < 2:
+def one_sided_p(est: dict, bound: float, above: bool) -> float | None:
+    """p of H0: difference ≤ bound (above=True) or ≥ bound (above=False), by the same t statistic."""
+    if p_zero(est) is None:
         return None
-    if np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(d).max())):  # no spread: the t statistic is undefined
-        return 0.0 if abs(d[0]) > 1e-12 else 1.0
-    t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
-    return float(min(1.0, 2.0 * stdtr(len(d) - 1, -abs(t))))
+    if est["se"] == 0:
+        return 0.0 if (est["value"] > bound if above else est["value"] < bound) else 1.0
+    t = (est["value"] - bound) / est["se"]
+    return float(1 - t_cdf(t, est["df"])) if above else float(t_cdf(t, est["df"]))
 
 
 def holm(p_values: list[float | None]) -> list[float | None]:
@@ -205,23 +247,60 @@ def holm(p_values: list[float | None]) -> list[float | None]:
     return out
 
 
-def verdict(diff: dict | None, adjusted_p: float | None, seeds: int, metric: str, degenerate: tuple[bool, bool] = (False, False)) -> str:
-    """One line a reader can act on, for Model 1 − Model 2 on the primary metric. `degenerate`: whether
-    Model 1's and Model 2's cells are degenerate; a degenerate cell never wins, and a win over one is
-    marked."""
-    if diff is None or diff.get("value") is None:
-        return "not decided: no paired result"
-    if seeds < 2:
-        return "not decided: one seed (training and label-draw variation not covered)"
-    if adjusted_p is None:
-        return "not decided: too few bootstrap replicates"
-    if adjusted_p >= ALPHA:
-        return "no difference detected" + (" († a degenerate cell)" if any(degenerate) else "")
-    better = diff["value"] < 0 if metric in LOWER_IS_BETTER else diff["value"] > 0
-    winner, loser = (0, 1) if better else (1, 0)
-    if degenerate[winner]:
-        return "not decided: the better-looking cell is degenerate (see its footnote)"
-    return ("Model 1 better" if better else "Model 2 better") + (" (over a degenerate cell †)" if degenerate[loser] else "")
+def _oriented(est: dict, metric: str) -> dict:
+    """The estimate with its sign turned so that positive means Model 1 is better."""
+    if metric not in LOWER_IS_BETTER or est.get("value") is None:
+        return est
+    return {**est, "value": -est["value"], "per_seed": [None if v is None else -v for v in est["per_seed"]]}
+
+
+def decide(estimates: list[dict], metric: str, margin: float | None = None, blocked: list[str | None] | None = None) -> list[dict]:
+    """The verdict of each comparison of a family, on `metric`: "model1" or "model2" (better), and
+    with a margin m, "equivalent" (within ±m, TOST) or "not_worse" (Model 1 not worse than −m);
+    else "inconclusive"; "not_decided" where `blocked` gives a reason or the estimate cannot be
+    tested. Every test is Holm-adjusted over the family's testable comparisons; each comparison gets
+    the smallest difference detectable at the strictest Holm level (α / m) with 80% power."""
+    blocked = blocked or [None] * len(estimates)
+    oriented = [_oriented(e, metric) for e in estimates]
+    testable = [b is None and p_zero(e) is not None for e, b in zip(oriented, blocked)]
+    pick = lambda ps: holm([p if t else None for p, t in zip(ps, testable)])  # noqa: E731
+    p_diff = pick([p_zero(e) for e in oriented])
+    p_eq = p_ni = [None] * len(oriented)
+    if margin:
+        p_eq = pick([None if p_zero(e) is None else max(one_sided_p(e, -margin, True), one_sided_p(e, margin, False))
+                     for e in oriented])
+        p_ni = pick([one_sided_p(e, -margin, True) for e in oriented])
+    family = sum(testable)
+    out = []
+    for i, e in enumerate(oriented):
+        d = {"p_adjusted": p_diff[i], "p_equivalence": p_eq[i], "p_not_worse": p_ni[i], "comparisons": family, "margin": margin,
+             "detectable": detectable(e.get("se"), e.get("df") or math.inf, ALPHA / max(family, 1)) if testable[i] else None}
+        if not testable[i]:
+            d["decision"], d["reason"] = "not_decided", blocked[i] or "one seed (training and label-draw variation not covered)"
+        elif p_diff[i] < ALPHA:
+            d["decision"] = "model1" if e["value"] > 0 else "model2"
+        elif margin and p_eq[i] < ALPHA:
+            d["decision"] = "equivalent"
+        elif margin and p_ni[i] < ALPHA:
+            d["decision"] = "not_worse"
+        else:
+            d["decision"] = "inconclusive"
+        out.append(d)
+    return out
+
+
+def seeds_needed(margin: float, seed_sd: float, test_se: float = 0.0, comparisons: int = 1, most: int = 50) -> int | None:
+    """The fewest seeds with which a difference of `margin` is detectable (80% power, level α / comparisons),
+    given the per-seed difference's SD and the test sample's SE of it; None when no number of seeds up to
+    `most` reaches it (the test split's own variation is too large: a larger test split would)."""
+    for s in range(2, most + 1):
+        v_seed = seed_sd ** 2 / s
+        var = v_seed + test_se ** 2
+        df = math.inf if v_seed == 0 else var ** 2 / (v_seed ** 2 / (s - 1))
+        mdd = detectable(math.sqrt(var), df, ALPHA / max(comparisons, 1))
+        if mdd is not None and mdd <= margin:
+            return s
+    return None
 
 
 def _num(x: float) -> float | None:

@@ -1,5 +1,11 @@
-"""The report's words: the README table, the extended table with intervals, the Δ table, their
-footnotes, and the CSV, rendered from the dict `runner.report.build` makes. Nothing here reads disk."""
+"""The report's words: the README table, the extended tables with intervals, the Δ table, their notes,
+and the CSV, rendered from the dict `runner.report.build` makes. Nothing here reads disk.
+
+One symbol per meaning: ‡ untrained (no verdict on any metric), † miscalibrated (no verdict on a
+loss-type metric), ° a loss without a temperature (a fixed schedule: too few validation labels to fit
+one), § an external test set that shares images with the data set it tests. Notes are grouped: one
+line per reason, naming its cells and their seeds.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,14 @@ import re
 
 from runner import arms as A
 from runner import stats
+from runner.verdicts import MISCALIBRATED, SYMBOLS, UNCALIBRATED_MARK, UNTRAINED
 
 # a cell that reads as a number (or a count of units, or "—"): right-aligned in the HTML page and the terminal
 NUMBER = re.compile(r"^[−\-–]?[0-9.]+|^—$|^[0-9]+ (images|groups)$")
 
 PRIMARY = "auroc"  # the metric a verdict is decided on
-MARK = "†"  # a degenerate cell
+NAMES = {"accuracy": "accuracy", "loss": "loss", "auroc": "AUROC", "auprc": "AUPRC", "balanced_accuracy": "balanced accuracy",
+         "sensitivity": "sensitivity", "specificity": "specificity", "brier": "Brier", "ece": "ECE"}
 
 
 def _fmt(s: dict) -> str:
@@ -24,8 +32,29 @@ def _fmt(s: dict) -> str:
     return text + (f" ({s['n']}/{s['planned']} seeds)" if s["n"] < s["planned"] else "")
 
 
-def _flagged(report: dict) -> set[tuple[str, str, str]]:
-    return {(f["dataset"], f["labels"], f["method"]) for f in report.get("degenerate", [])}
+def cell_flags(report: dict) -> dict[tuple[str, str, str], set[str]]:
+    """(dataset, budget, method) -> its flags (untrained, miscalibrated)."""
+    out: dict[tuple[str, str, str], set[str]] = {}
+    for f in report.get("flags", []):
+        for c in f["cells"]:
+            out.setdefault((c["dataset"], c["labels"], c["method"]), set()).add(f["flag"])
+    return out
+
+
+def _uncalibrated(report: dict) -> set[tuple[str, str, str]]:
+    return {(f["dataset"], f["labels"], f["method"]) for f in report.get("fixed_schedule", [])}
+
+
+def marks(report: dict, cell: tuple[str, str, str], metric: str) -> str:
+    """The symbols a value of `metric` in `cell` carries: ‡ on every metric of an untrained cell, † on
+    its loss-type ones when miscalibrated, ° on a loss some seed of which had no temperature."""
+    flags = cell_flags(report).get(cell, set())
+    out = SYMBOLS[UNTRAINED] if UNTRAINED in flags else ""
+    if MISCALIBRATED in flags and metric in stats.LOSS_TYPE:
+        out += SYMBOLS[MISCALIBRATED]
+    if metric == "loss" and cell in _uncalibrated(report):
+        out += UNCALIBRATED_MARK
+    return out
 
 
 def to_markdown(report: dict) -> str:
@@ -33,25 +62,24 @@ def to_markdown(report: dict) -> str:
         "| Dataset | Model 1 accuracy | Model 1 loss | Model 2 accuracy | Model 2 loss |",
         "|---|---|---|---|---|",
     ]
-    flagged = _flagged(report)
     for r in report["rows"]:
         cells = []
         for k in ("model1_accuracy", "model1_loss", "model2_accuracy", "model2_loss"):
             method = report[f"{k.split('_')[0]}_method"]
-            mark = MARK if (r["dataset"], r["labels"], method) in flagged else ""
-            cells.append((_fmt(r[k]) if r[k] else "—") + mark)
+            cells.append((_fmt(r[k]) if r[k] else "—") + marks(report, (r["dataset"], r["labels"], method), k.split("_")[1]))
         lines.append(f"| {r['dataset']} ({r['labels']} labels) | " + " | ".join(cells) + " |")
     lg = report["legend"]
     lines += [
         "",
         f"Model 1 = {lg['model1'] or 'not in this run'}; Model 2 = {lg['model2'] or 'not in this run'}. "
         f"Test split; {_over_seeds(report)}; loss = cross-entropy, after a temperature fitted on the budget's "
-        "validation labels where there were enough to choose one.",
+        "validation labels" + (f" ({UNCALIBRATED_MARK}: some seed had too few to fit one, its loss is uncalibrated)."
+                               if report.get("fixed_schedule") else "."),
     ]
     if report["tasks_done"] < report["tasks"]:
         lines.append(f"Partial: {report['tasks_done']} of {report['tasks']} tasks done; '—' marks what is missing.")
     notes = [f"Data: {accounting_line(name, acc)}." for name, acc in report.get("data", {}).items()]
-    notes += validation_lines(report) + learned_lines(report) + degenerate_notes(report)
+    notes += unit_lines(report) + validation_lines(report) + learned_lines(report) + flag_notes(report)
     if notes:  # one list item each, so a renderer keeps them apart
         lines += ["", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
@@ -64,9 +92,15 @@ def _over_seeds(report: dict) -> str:
 
 def verdict_lines(report: dict) -> list[str]:
     """Model 1 vs Model 2 per dataset and budget, in words (what `run` prints under the table)."""
-    return [f"{d['dataset']} {d['labels']}: {d['verdict']} (Δ {d['primary']} {_ci(d.get(d['primary']))}, "
-            f"{d['seeds']} seed{'s' if d['seeds'] != 1 else ''}, p (Holm) {_p(d['p_adjusted'], d['seeds'])})"
-            for d in report.get("differences", []) if "verdict" in d]
+    out = []
+    for d in report.get("differences", []):
+        if "verdict" not in d:
+            continue
+        det = f"; detectable |Δ| ≥ {d['detectable']:.3f}" if d.get("detectable") is not None else ""
+        out.append(f"{d['dataset']} {d['labels']}: {d['verdict']} (Δ {NAMES.get(d['primary'], d['primary'])} "
+                   f"{_ci(d.get(d['primary']))}, {d['seeds']} seed{'s' if d['seeds'] != 1 else ''}, "
+                   f"p (Holm) {_p(d.get('p_adjusted'))}{det})")
+    return out
 
 
 def accounting_line(name: str, acc: dict) -> str:
@@ -78,56 +112,51 @@ def accounting_line(name: str, acc: dict) -> str:
         text += "; kept in the published test split: " + ", ".join(f"{n} {r}" for r, n in acc["test_kept"].items())
     if acc.get("external_test_of"):
         text += f"; all of them an external test set of {acc['external_test_of']}"
-        text += "".join(f"; {MARK} {w}" for w in acc.get("shared", []))
+        text += "".join(f"; § {w}" for w in acc.get("shared", []))
     return text
 
 
-def degenerate_notes(report: dict) -> list[str]:
-    """One footnote line per degenerate cell: what happened, in which seeds, what to change."""
+def unit_lines(report: dict) -> list[str]:
+    """What each data set's intervals resample, and the warning where images stand in for patients."""
     out = []
-    for f in report.get("degenerate", []):
-        seeds = ", ".join(map(str, f["seeds"]))
-        out.append(f"{MARK} {f['dataset']} {f['labels']} {f['method']} (seed {seeds}): " + "; ".join(f["reasons"]) + ".")
+    for ds, u in report.get("units", {}).items():
+        unit = "patient groups" if u["unit"] == "groups" else "images"
+        out.append(f"Units: {ds}: the intervals resample {u['count']} test {unit}" + (f"; {u['warning']}" if u.get("warning") else "")
+                   + ".")
     return out
 
 
-def to_csv(report: dict) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["dataset", "labels", "method", "n_seeds", "accuracy_mean", "accuracy_std", "loss_mean", "loss_std",
-                "auroc_mean", "balanced_accuracy_mean", "degenerate"])
-    flagged = _flagged(report)
-    for a in report["arms"]:
-        w.writerow([a["dataset"], a["labels"], a["method"], a["accuracy"]["n"], a["accuracy"]["mean"], a["accuracy"]["std"],
-                    a["loss"]["mean"], a["loss"]["std"], a["auroc"]["mean"], a["balanced_accuracy"]["mean"],
-                    int((a["dataset"], a["labels"], a["method"]) in flagged)])
-    return buf.getvalue()
+def _cells_text(cells: list[dict]) -> str:
+    def seeds(c: dict) -> str:
+        return f"seed{'s' if len(c['seeds']) > 1 else ''} {', '.join(map(str, c['seeds']))}"
+
+    return "; ".join(f"{c['dataset']} {c['labels']} {c['method']} ({seeds(c)})" for c in cells)
 
 
-LEARNED = {
-    "Model 1 better": "yes: the linear probe on {name} beats {control}",
-    "no difference detected": "no gain detected: the frozen features of {name} were not shown to beat {control_features}",
-    "Model 2 better": "no: {control_features} beat those of {name}",
-}
-CONTROL_WORDS = {  # (as the control, as its features)
-    "random-linear": ("the random-init control", "an untrained network's features"),
-    "imagenet-linear": ("the ImageNet features it started from", "the ImageNet features it started from"),
-}
+def flag_notes(report: dict) -> list[str]:
+    """One note per flag and reason, naming the cells and seeds it holds for, and what it blocks."""
+    out = []
+    for f in report.get("flags", []):
+        blocks = ("no verdict on any metric" if f["flag"] == UNTRAINED else
+                  "no verdict on loss, Brier or ECE; AUROC and accuracy stand")
+        out.append(f"{SYMBOLS[f['flag']]} {f['flag']} ({blocks}): {f['reason']}: {_cells_text(f['cells'])}. {f['fix'][0].upper()}"
+                   f"{f['fix'][1:]}.")
+    return out
 
 
 def validation_lines(report: dict) -> list[str]:
-    """What chose the selection steps, probe strengths and temperatures, in one or two lines."""
+    """What chose the selection steps, probe strengths, temperatures and thresholds, in one or two lines."""
     out = []
     if "full" in report.get("validation", []):
-        out.append("Validation: the whole validation split chose steps, probe strengths and temperatures at every budget "
-                   "(labels.validation: full): its labels are not in the budget, so low-budget results are optimistic.")
+        out.append("Validation: the whole validation split chose steps, probe strengths, temperatures and thresholds at every "
+                   "budget (labels.validation: full): its labels are not in the budget, so low-budget results are optimistic.")
     elif report.get("validation"):
-        out.append("Validation: the labels used for any choice (selection step, probe strength, temperature) were drawn at "
-                   "each budget's rate and are counted in it.")
-    cells = [f"{f['dataset']} {f['labels']} {f['method']}" for f in report.get("fixed_schedule", [])]
+        out.append("Validation: the labels used for any choice (selection step, probe strength, temperature, operating "
+                   "threshold) were drawn at each budget's rate and are counted in it.")
+    cells = report.get("fixed_schedule", [])
     if cells:
-        out.append("Fixed schedule (too few validation labels under the budget to choose anything: last step, the probe's "
-                   "fixed_c, no temperature): " + ", ".join(cells) + ".")
+        out.append(f"{UNCALIBRATED_MARK} Fixed schedule (too few validation labels under the budget to choose anything: last "
+                   "step, the probe's fixed_c, no temperature, no operating threshold): " + _cells_text(cells) + ".")
     return out
 
 
@@ -137,64 +166,107 @@ def learned_lines(report: dict) -> list[str]:
     for d in report.get("pretraining_learned", []):
         p = A.pretraining_of(d.get("method", "byol-linear"))
         name = p.label if p else "BYOL"
-        control, control_features = CONTROL_WORDS.get(d.get("against", A.CONTROL), CONTROL_WORDS[A.CONTROL])
-        text = LEARNED.get(d["verdict"], d["verdict"]).format(name=name, control=control, control_features=control_features)
-        if d["verdict"] in ("no difference detected", "Model 2 better"):
+        text = d["verdict"]
+        if d.get("decision") in ("inconclusive", "model2"):
             steps = report.get("pretrain_steps", {}).get(f"{d['dataset']}/{p.name if p else 'byol'}")
             ran = f"pretraining ran {steps} optimizer steps; " if steps else ""
-            text += (f" ({ran}{name} is usually trained for far longer: raise pretrain.epochs or pretrain.min_steps "
-                     f"before reading its fine-tuned arm as the effect of {name})")
+            text += f" ({ran}{name} is usually trained for far longer: raise pretrain.epochs or pretrain.min_steps)"
         out.append(f"Did pretraining learn? {d['dataset']} {d['labels']}: {text} "
-                   f"(Δ {d['primary']} {_ci(d.get(d['primary']))}, p (Holm) {_p(d['p_adjusted'], d['seeds'])}).")
+                   f"(linear probes, Δ {NAMES.get(d['primary'], d['primary'])} {_ci(d.get(d['primary']))}, p (Holm) "
+                   f"{_p(d.get('p_adjusted'))}).")
     return out
 
 
-def _p(p: float | None, seeds: int = 2) -> str:
-    """An adjusted p-value as printed: none where one seed decides nothing (its p would read as a finding)."""
-    return "—" if p is None or seeds < 2 else f"{p:.3f}"
+def _p(p: float | None) -> str:
+    """An adjusted p-value as printed: none where nothing was tested (one seed, a blocked cell)."""
+    if p is None:
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _ci(r: dict | None, digits: int = 3) -> str:
-    if not r or r["value"] is None:
+    if not r or r.get("value") is None:
         return "—"
     text = f"{r['value']:.{digits}f}"
-    return text + (f" [{r['ci'][0]:.{digits}f}, {r['ci'][1]:.{digits}f}]" if r["ci"] else "")
+    return text + (f" [{r['ci'][0]:.{digits}f}, {r['ci'][1]:.{digits}f}]" if r.get("ci") else "")
+
+
+DISCRIMINATION = ("accuracy", "auroc", "auprc", "balanced_accuracy", "sensitivity", "specificity")
+CALIBRATION = ("loss", "brier", "ece", "sensitivity_op", "specificity_op")
+
+
+def _arm_table(report: dict, metrics: tuple[str, ...], heads: list[str]) -> list[str]:
+    lines = ["| Dataset | Labels | Method | Seeds | Units | " + " | ".join(heads) + " |",
+             "|---|---|---|---|---|" + "---|" * len(heads)]
+    for e in report["extended"]:
+        cell = (e["dataset"], e["labels"], e["method"])
+        lines.append(f"| {e['dataset']} | {e['labels']} | {e['method']} | {e['seeds']} | {e.get('units', '')} | " + " | ".join(
+            _ci(e.get(m)) + marks(report, cell, m) for m in metrics) + " |")
+    return lines
 
 
 def extended_markdown(report: dict) -> str:
     if not report.get("extended"):
         return ""
-    flagged = _flagged(report)
-    lines = ["| Dataset | Labels | Method | Seeds | Units | Accuracy | AUROC | Balanced accuracy | Sensitivity | Specificity | Loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for e in report["extended"]:
-        mark = MARK if (e["dataset"], e["labels"], e["method"]) in flagged else ""
-        lines.append(f"| {e['dataset']} | {e['labels']} | {e['method']}{mark} | {e['seeds']} | {e.get('units', '')} | " + " | ".join(
-            _ci(e.get(m)) for m in ("accuracy", "auroc", "balanced_accuracy", "sensitivity", "specificity", "loss")) + " |")
+    lines = _arm_table(report, DISCRIMINATION, ["Accuracy", "AUROC", "AUPRC", "Balanced accuracy", "Sensitivity", "Specificity"])
+    lines += [""] + _arm_table(report, CALIBRATION, ["Loss", "Brier", "ECE", "Sensitivity at threshold", "Specificity at threshold"])
+    target = report.get("target_sensitivity")
+    rule = f"the highest with validation sensitivity ≥ {target:g}" if target else "the largest Youden's J"
     text = "\n".join(lines) + (
-        "\n\nMean over seeds of each seed's metric (AUROC per seed, never over pooled seeds); [95% bootstrap interval "
-        "resampling seeds and test images at once: the test split's groups (patients) where the data set has them, "
-        "Owen's pigeonhole bootstrap].\n")
+        "\n\nMean over seeds of each seed's metric (AUROC per seed, never over pooled seeds) [95% interval: mean ± t × SE, "
+        "the SE adding the seeds' variation (S − 1 degrees of freedom) and the test sample's (a bootstrap of the test units, "
+        "patients where the data set names them), Welch–Satterthwaite degrees of freedom; a proportion at 0 or 1: the exact "
+        "Clopper–Pearson interval of its units]. Sensitivity and specificity at the argmax (0.5); 'at threshold': at the "
+        f"operating threshold chosen on each seed's budgeted validation labels ({rule}).\n")
     if any(e["seeds"] < 2 for e in report["extended"]):
         text += ("Rows with one seed: their interval covers the test sample only; training and label-draw variation "
                  "are not covered, and no difference is decided on one seed.\n")
     if report.get("differences"):
-        d_lines = ["\n| Dataset | Labels | Seeds | Δ accuracy | Δ AUROC | Δ balanced accuracy | Δ loss | p (Holm) | Verdict |",
-                   "|---|---|---|---|---|---|---|---|---|"]
-        for d in report["differences"]:
-            p = _p(d.get("p_adjusted"), d["seeds"])
-            d_lines.append(f"| {d['dataset']} | {d['labels']} | {d['seeds']} | " + " | ".join(
-                _ci(d.get(m)) for m in ("accuracy", "auroc", "balanced_accuracy", "loss")) + f" | {p} | {d.get('verdict', '')} |")
-        fam = {f: next((d.get("comparisons", 0) for d in report["differences"] if d.get("family", "internal") == f), None)
-               for f in ("internal", "external")}
-        n, n_ext = fam["internal"] or 0, fam["external"]
-        text += "\n".join(d_lines) + (
-            f"\n\nΔ = Model 1 ({report['model1_method']}) − Model 2 ({report['model2_method']}), on the same draws of seeds "
-            f"(paired by seed) and test images. Verdict on {report.get('primary', PRIMARY)}: a difference must stand out from "
-            "the test sample's variation (two-sided bootstrap p) and from the seeds' (t-test on the per-seed differences); "
-            + (f"the larger p, Holm-adjusted over this run's {n} Model 1 − Model 2 comparison{'s' if n != 1 else ''} on that "
-               f"metric, below {stats.ALPHA}." if n else "with one seed no comparison is tested.")
-            + (f" The external test sets' rows are a family of their own ({n_ext} comparison{'s' if n_ext != 1 else ''} "
-               "tested): adding one leaves the internal verdicts as they were." if n_ext is not None else "")
-            + " One seed never decides. The other metrics' intervals are not adjusted for multiplicity.\n")
+        text += "\n" + delta_markdown(report)
     return text
+
+
+def delta_markdown(report: dict) -> str:
+    primary = report.get("primary", PRIMARY)
+    lines = [f"| Dataset | Labels | Seeds | Δ accuracy | Δ AUROC | Δ AUPRC | Δ loss | p (Holm) | Detectable Δ {NAMES.get(primary, primary)} "
+             "| Verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for d in report["differences"]:
+        det = "—" if d.get("detectable") is None else f"{d['detectable']:.3f}"
+        lines.append(f"| {d['dataset']} | {d['labels']} | {d['seeds']} | " + " | ".join(
+            _ci(d.get(m)) for m in ("accuracy", "auroc", "auprc", "loss")) + f" | {_p(d.get('p_adjusted'))} | {det} | {d.get('verdict', '')} |")
+    fam = {f: next((d.get("comparisons", 0) for d in report["differences"] if d.get("family", "internal") == f), None)
+           for f in ("internal", "external")}
+    n, n_ext = fam["internal"] or 0, fam["external"]
+    margin = report.get("margin")
+    return "\n".join(lines) + (
+        f"\n\nΔ = Model 1 ({report['model1_method']}) − Model 2 ({report['model2_method']}), seeds paired by seed, the same "
+        f"bootstrap draws of test units for both. Verdict on {NAMES.get(primary, primary)}: the t test that Δ = 0 (the SE of both "
+        f"axes, as above), Holm-adjusted over this run's {n} tested comparison{'s' if n != 1 else ''}, below {stats.ALPHA}"
+        + (f"; else, with the margin ±{margin:g}, equivalence by two one-sided tests (TOST) and 'not worse by more than "
+           f"{margin:g}' by one, each Holm-adjusted over the same comparisons" if margin else
+           "; no margin was set (compare.margin), so no comparison can conclude equivalence")
+        + f". Detectable Δ: the smallest |Δ| this run finds with 80% probability at the strictest Holm level ({stats.ALPHA}/{max(n, 1)})."
+        + (f" The external test sets' rows are a family of their own ({n_ext} comparison{'s' if n_ext != 1 else ''} tested): "
+           "adding one leaves the internal verdicts as they were." if n_ext is not None else "")
+        + " One seed, and an untrained cell, never decide. The other metrics' intervals are not adjusted for multiplicity.\n")
+
+
+def to_csv(report: dict) -> str:
+    """Every arm: seeds, units, each metric's value and 95% interval, its flags."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    metrics = DISCRIMINATION + CALIBRATION
+    w.writerow(["dataset", "labels", "method", "n_seeds", "units"] + [f"{m}{s}" for m in metrics for s in ("", "_lo", "_hi")]
+               + ["accuracy_std", "loss_std", "flags", "uncalibrated_loss"])
+    arms = {(a["dataset"], a["labels"], a["method"]): a for a in report["arms"]}
+    flags = cell_flags(report)
+    for e in report.get("extended", []):
+        cell = (e["dataset"], e["labels"], e["method"])
+        vals = []
+        for m in metrics:
+            r = e.get(m) or {}
+            vals += [r.get("value"), *(r.get("ci") or (None, None))]
+        arm = arms.get(cell, {})
+        w.writerow([*cell, e["seeds"], e.get("units", ""), *vals, (arm.get("accuracy") or {}).get("std"),
+                    (arm.get("loss") or {}).get("std"), " ".join(sorted(flags.get(cell, ()))), int(cell in _uncalibrated(report))])
+    return buf.getvalue()

@@ -105,23 +105,29 @@ def write_manifest(tmp_path: Path):
     return write
 
 
-def fake_imagenet_weights(home: Path, arch: str = "resnet18", loadable: bool = True) -> dict | None:
-    """A weights file where torchvision keeps ImageNet weights (`home` as TORCH_HOME; nothing is
-    downloaded): with the right keys when `loadable` (its state dict is returned), else empty (the
-    plan only checks that it is there)."""
+def fake_imagenet_weights(home: Path, arch: str = "resnet18", loadable: bool = True) -> tuple[Path, dict | None]:
+    """A weights file of `arch`'s ImageNet layout (random values; nothing is downloaded) for
+    `model.imagenet_weights`, and its state dict: with the right keys when `loadable`, else a few
+    bytes (the plan only hashes it). torchvision's own file cannot be faked: its name carries its hash."""
     import torch
     import torchvision
 
-    url = torchvision.models.get_model_weights(arch).DEFAULT.url
-    path = home / "hub" / "checkpoints" / Path(url).name
+    path = home / f"fake-{arch}-imagenet.pth"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not loadable:
-        path.touch()
-        return None
+        path.write_bytes(b"not weights")
+        return path, None
     torch.manual_seed(11)
     state = getattr(torchvision.models, arch)().state_dict()
     torch.save(state, path)
-    return state
+    return path, state
+
+
+def torchvision_weights_path(home: Path, arch: str = "resnet18") -> Path:
+    """Where torchvision keeps `arch`'s ImageNet weights under TORCH_HOME=home."""
+    import torchvision
+
+    return home / "hub" / "checkpoints" / Path(torchvision.models.get_model_weights(arch).DEFAULT.url).name
 
 
 def fault_env(kind: str) -> dict[str, str]:

@@ -165,7 +165,7 @@ labels: {fractions: [1.0]}
                    "classes: {normal: [class0], finding: [class1, class2]}}")
     evaluate = [t for t in plan.tasks if t.kind == "evaluate"]
     classifiers = [t for t in plan.tasks if t.kind not in ("pretrain", "evaluate")]
-    assert len(evaluate) == len(classifiers) == 4 and {t.deps[0] for t in evaluate} == {t.id for t in classifiers}
+    assert len(evaluate) == len(classifiers) == 4 * 5 and {t.deps[0] for t in evaluate} == {t.id for t in classifiers}  # 5 seeds, the default
     spec = evaluate[0].spec["data"]
     assert (spec["image_size"], spec["channels"], spec["positive"]) == (24, 1, "finding")  # prepared as syn's images
     assert plan.data["ext"]["used"] == 30 and plan.data["ext"]["external_test_of"] == "syn"

@@ -22,7 +22,7 @@ from runner.ml.optim import set_lr, warmup_cosine
 from runner.ml.pretrain import make_method, pretrain
 from runner.ml.simsiam import SimSiam, negative_cosine
 from runner.ml.train import Context
-from tests.conftest import fake_imagenet_weights, run_cli
+from tests.conftest import fake_imagenet_weights, run_cli, torchvision_weights_path
 
 
 def small_simsiam(channels: int = 1) -> SimSiam:
@@ -149,12 +149,14 @@ def test_the_pretraining_loop_runs_simsiam_and_saves_its_encoder(tmp_path):
 # ---- BYOL continued from ImageNet weights --------------------------------------------------------
 
 
-def test_imagenet_initialised_pretraining_starts_from_the_hub_cache_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    weights = fake_imagenet_weights(tmp_path / "torch_home")
+def test_imagenet_initialised_pretraining_starts_from_the_weights_file(tmp_path, monkeypatch):
+    from runner.ml.config import ModelSpec
+
+    path, weights = fake_imagenet_weights(tmp_path / "torch_home")
     ctx, events = cpu_context(tmp_path)
     # a rate so small that the weights after two steps are the ones the run started from
-    settings = TrainSettings(pretrain=PretrainSpec(epochs=1, min_steps=2, batch_size=8, base_lr=1e-12, warmup_epochs=0,
+    settings = TrainSettings(model=ModelSpec(arch="resnet18", imagenet_weights=str(path)),
+                             pretrain=PretrainSpec(epochs=1, min_steps=2, batch_size=8, base_lr=1e-12, warmup_epochs=0,
                                                    proj_hidden=16, proj_dim=8, pred_hidden=16))
     pixels = np.random.default_rng(0).integers(0, 256, (8, 1, 16, 16), dtype=np.uint8)
     summary = pretrain(pixels, settings, "byol", "imagenet", "resnet18", 16, ctx)
@@ -202,7 +204,17 @@ def test_byol_from_imagenet_weights_runs_end_to_end_and_is_model1_when_chosen(tm
     assert "byol-imagenet-finetune, byol-imagenet-linear" in r.stderr and "resnet18-" in r.stderr and str(home) in r.stderr
     assert not (results / "tasks").exists() or not any((results / "tasks").glob("*/metrics.json"))
 
-    fake_imagenet_weights(home)
+    # a file at torchvision's place that is not torchvision's: refused in one line, before anything runs
+    bogus = torchvision_weights_path(home)
+    bogus.parent.mkdir(parents=True)
+    bogus.write_bytes(b"random bytes, not weights")
+    r = run_cli("run", str(tmp_path / "inet.yaml"), "--results", str(results), env={"TORCH_HOME": str(home)})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not the ImageNet weights file torchvision publishes" in r.stderr
+    assert not (results / "tasks").exists() or not any((results / "tasks").glob("*/metrics.json"))
+
+    path, _ = fake_imagenet_weights(home)  # a file of the user's own, named in the manifest
+    (tmp_path / "inet.yaml").write_text(IMAGENET_MANIFEST.replace("model: {arch: resnet18}",
+                                                                  f"model: {{arch: resnet18, imagenet_weights: {path}}}"))
     r = run_cli("run", str(tmp_path / "inet.yaml"), "--results", str(results), env={"TORCH_HOME": str(home)})
     assert r.returncode == 0, r.stdout + r.stderr
     tasks = {json.loads(p.read_text())["id"]: json.loads(p.read_text()) for p in results.glob("tasks/*/task.json")}
@@ -216,7 +228,8 @@ def test_byol_from_imagenet_weights_runs_end_to_end_and_is_model1_when_chosen(tm
     assert {a["method"] for a in report["arms"]} == {"byol-imagenet-finetune", "byol-imagenet-linear"}
     assert all(a["accuracy"]["n"] == 1 for a in report["arms"])
     # with no arm of the default roles, the one named by `compare` is Model 1, under its own name
-    (tmp_path / "inet.yaml").write_text(IMAGENET_MANIFEST + "compare: {model1: byol-imagenet-finetune}\n")
+    (tmp_path / "inet.yaml").write_text(IMAGENET_MANIFEST.replace("model: {arch: resnet18}", f"model: {{arch: resnet18, imagenet_weights: {path}}}")
+                                        + "compare: {model1: byol-imagenet-finetune}\n")
     r = run_cli("run", str(tmp_path / "inet.yaml"), "--results", str(results), env={"TORCH_HOME": str(home)})
     assert r.returncode == 0 and "0 workers started" in r.stdout, r.stdout + r.stderr  # `compare` changes no task
     report = json.loads((results / "inet" / "results.json").read_text())
@@ -236,9 +249,9 @@ def test_every_arm_is_complete_and_each_pretraining_is_planned_once_per_seed(tmp
         assert arm.pretraining is None or arm.pretraining in arms.PRETRAININGS
     for p in arms.PRETRAININGS.values():
         assert (Path(__file__).parents[1] / "runner" / "ml" / f"{p.method}.py").is_file()
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    fake_imagenet_weights(tmp_path / "torch_home")
-    manifest = yaml.safe_load(IMAGENET_MANIFEST) | {"methods": list(arms.METHODS), "seeds": [0, 1], "compare": {}}
+    path, _ = fake_imagenet_weights(tmp_path / "torch_home", loadable=False)
+    manifest = yaml.safe_load(IMAGENET_MANIFEST) | {"methods": list(arms.METHODS), "seeds": [0, 1], "compare": {},
+                                                    "model": {"arch": "resnet18", "imagenet_weights": str(path)}}
     plan = make_plan(parse_manifest(yaml.safe_dump(manifest)), tmp_path / "results")
     pre = [t for t in plan.tasks if t.kind == "pretrain"]
     assert sorted((t.method, t.seed) for t in pre) == sorted((f"{p}-pretrain", s) for p in arms.PRETRAININGS for s in (0, 1))

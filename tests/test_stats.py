@@ -12,7 +12,8 @@ import pytest
 
 from runner import report as R
 from runner import tables
-from runner.stats import bootstrap_metrics, holm, paired_difference, seed_t_test, verdict
+from runner import stats
+from runner.stats import bootstrap_metrics, decide, holm, paired_difference
 from runner.store import TaskRow
 
 
@@ -82,17 +83,47 @@ def test_seed_to_seed_variation_widens_the_interval():
     assert one["accuracy"]["ci"][1] - one["accuracy"]["ci"][0] < 0.1
 
 
-def test_the_seed_t_test_is_students_one_sample_test():
-    """The per-seed t-test, written on Student's t CDF (scipy.special), gives scipy.stats' p-values."""
+def test_with_seeds_only_the_p_is_students_one_sample_t_test():
+    """Per-seed differences and no test-sample replicates: the p-value is scipy's one-sample t-test
+    (written on scipy.special's Student t CDF, no scipy.stats import)."""
     from scipy import stats as sps
 
     rng = np.random.default_rng(4)
     for n in (2, 3, 5, 10):
         for shift in (0.0, 0.02, 0.3):
             d = rng.normal(shift, 0.05, n)
-            assert seed_t_test(list(d)) == pytest.approx(sps.ttest_1samp(d, 0.0).pvalue, rel=1e-9, abs=1e-15)
-    assert seed_t_test([0.1, None]) is None and seed_t_test([]) is None  # under two seeds: no test
-    assert seed_t_test([0.2, 0.2, 0.2]) == 0.0 and seed_t_test([0.0, 0.0]) == 1.0  # no spread
+            est = stats.combine(d[:, None])
+            assert stats.p_zero(est) == pytest.approx(sps.ttest_1samp(d, 0.0).pvalue, rel=1e-9, abs=1e-15)
+            lo, hi = sps.t.interval(0.95, n - 1, loc=d.mean(), scale=sps.sem(d))
+            assert est["ci"] == (pytest.approx(lo), pytest.approx(hi)) and est["df"] == pytest.approx(n - 1)
+    assert stats.p_zero(stats.combine(np.array([[0.1]]))) is None  # one seed: no test
+    assert stats.p_zero(stats.combine(np.array([[0.2], [0.2], [0.2]]))) == 0.0  # no spread, a difference
+    assert stats.p_zero(stats.combine(np.array([[0.0], [0.0]]))) == 1.0
+
+
+def test_the_test_sample_and_the_seeds_add_up_with_satterthwaite_degrees_of_freedom():
+    """SE² = s²/S + the bootstrap variance of the seed mean; df = SE⁴ / ((s²/S)² / (S − 1))."""
+    rng = np.random.default_rng(8)
+    per_seed = np.array([0.10, 0.14, 0.12])
+    reps = per_seed[:, None] + rng.normal(0, 0.02, (1, 500))  # the test-sample draws shift every seed alike
+    est = stats.combine(np.hstack([per_seed[:, None], reps]))
+    v_seed, v_test = per_seed.var(ddof=1) / 3, reps.mean(0).var(ddof=1)
+    assert est["se"] == pytest.approx(np.sqrt(v_seed + v_test))
+    assert est["df"] == pytest.approx((v_seed + v_test) ** 2 / (v_seed ** 2 / 2))
+    half = stats.t_quantile(0.975, est["df"]) * est["se"]
+    assert est["ci"] == (pytest.approx(0.12 - half), pytest.approx(0.12 + half))
+
+
+def test_detectable_difference_has_80_percent_power():
+    """The detectable Δ, simulated: a true difference of that size is found by the t test 80% of the time."""
+    rng = np.random.default_rng(1)
+    se, df, alpha = 0.01, 4, 0.05 / 9
+    mdd = stats.detectable(se, df, alpha)
+    crit = stats.t_quantile(1 - alpha / 2, df)
+    # the t statistic under that difference: (mdd + se·Z) / (se·sqrt(χ²_df/df))
+    t = (mdd / se + rng.normal(size=200_000)) / np.sqrt(rng.chisquare(df, 200_000) / df)
+    assert np.mean(np.abs(t) > crit) == pytest.approx(0.8, abs=0.005)
+    assert stats.detectable(se, np.inf, 0.05) == pytest.approx(se * (1.959964 + 0.841621), rel=1e-3)
 
 
 def test_holm_adjusts_step_down():
@@ -104,31 +135,65 @@ def test_a_lucky_single_seed_is_never_called_a_difference():
     labels = np.r_[np.zeros(200, int), np.ones(200, int)]
     good, bad = two_class(np.where(labels == 1, 0.9, 0.1)), two_class(0.5 + np.random.default_rng(0).uniform(-0.01, 0.01, 400))
     d = paired_difference([(good, labels)], [(bad, labels)], positive=1, b=500)
-    assert d["auroc"]["value"] > 0.4 and d["auroc"]["p_bootstrap"] < 0.01  # on the test sample alone it looks decisive
-    assert verdict(d["auroc"], d["auroc"]["p_bootstrap"], seeds=1, metric="auroc").startswith("not decided: one seed")
+    assert d["auroc"]["value"] > 0.4 and d["auroc"]["ci"][0] > 0.3  # on the test sample alone it looks decisive
     assert d["auroc"]["p"] is None  # no seed-level test on one seed
+    (one,) = decide([d["auroc"]], "auroc")
+    assert one["decision"] == "not_decided" and one["reason"].startswith("one seed")
     three = paired_difference([(good, labels)] * 3, [(bad, labels)] * 3, positive=1, b=500)
-    assert three["auroc"]["p_bootstrap"] == pytest.approx(2 / 501)  # no replicate at or below 0: (1 + 0) / (B + 1), twice
-    assert verdict(three["auroc"], three["auroc"]["p"], seeds=3, metric="auroc") == "Model 1 better"
-    assert verdict(three["loss"], three["loss"]["p"], seeds=3, metric="loss") == "Model 1 better"
-    assert verdict(three["auroc"], 0.2, seeds=3, metric="auroc") == "no difference detected"
-    # a degenerate cell never wins; a win over one is marked
-    assert verdict(three["auroc"], 0.001, 3, "auroc", (True, False)).startswith("not decided: the better-looking cell is degenerate")
-    assert verdict(three["auroc"], 0.001, 3, "auroc", (False, True)) == "Model 1 better (over a degenerate cell †)"
+    assert decide([three["auroc"]], "auroc")[0]["decision"] == "model1"
+    assert decide([three["loss"]], "loss")[0]["decision"] == "model1"  # lower loss is better: Model 1's
+    # an untrained cell decides nothing, on either side
+    (blocked,) = decide([three["auroc"]], "auroc", blocked=["Model 2 (supervised) is untrained ‡"])
+    assert blocked["decision"] == "not_decided" and "untrained" in blocked["reason"] and blocked["p_adjusted"] is None
 
 
 def test_consistent_test_sample_but_disagreeing_seeds_decide_nothing():
-    """Two seeds, Δ AUROC +0.01 and +0.03 on 2,000 images: the bootstrap alone would call it; the
-    per-seed differences (df = 1) do not."""
+    """Two seeds, Δ AUROC +0.01 and +0.03 on 2,000 images: the test sample alone would call it; the
+    per-seed differences (one degree of freedom) do not."""
     rng = np.random.default_rng(9)
     labels = rng.integers(0, 2, 2000)
     base = np.clip(0.5 + 0.25 * (labels - 0.5) + rng.normal(0, 0.15, 2000), 0.01, 0.99)
     m2 = [(two_class(base), labels)] * 2
     m1 = [(two_class(np.clip(base + (labels - 0.5) * shift, 0.01, 0.99)), labels) for shift in (0.012, 0.04)]
     d = paired_difference(m1, m2, positive=1, b=1000)["auroc"]
-    assert all(x > 0 for x in d["per_seed"]) and d["p_bootstrap"] < 0.01
-    assert d["p_seeds"] > 0.05 and d["p"] == max(d["p_bootstrap"], d["p_seeds"])
-    assert verdict(d, d["p"], seeds=2, metric="auroc") == "no difference detected"
+    assert all(x > 0 for x in d["per_seed"]) and d["se_test"] < d["value"] / 3
+    assert d["p"] > 0.05 and decide([d], "auroc")[0]["decision"] == "inconclusive"
+
+
+def test_a_margin_decides_equivalence_and_not_worse_with_tost():
+    """Δ near 0 measured tightly: equivalent within ±0.05 (both one-sided tests reject), not within
+    ±0.005; Δ = +0.03 ± 0.02: not worse than −0.05, but perhaps more than +0.05 better, so not
+    equivalent. Each test is Holm-adjusted over the family."""
+    def est(value: float, se: float, s: int = 5) -> dict:
+        d = np.full(s, value) + np.linspace(-1, 1, s) * se * np.sqrt(s) / np.linspace(-1, 1, s).std(ddof=1)
+        return stats.combine(d[:, None])
+
+    close, unsure = est(0.001, 0.004), est(0.03, 0.02)  # the second: surely above −0.05, perhaps above +0.05
+    out = decide([close, unsure], "auroc", margin=0.05)
+    assert [d["decision"] for d in out] == ["equivalent", "not_worse"]
+    assert out[0]["p_equivalence"] < 0.05 and out[0]["comparisons"] == 2
+    assert decide([close], "auroc", margin=0.005)[0]["decision"] == "inconclusive"
+    assert decide([close], "auroc")[0]["decision"] == "inconclusive"  # no margin: never "equivalent"
+    # for a lower-is-better metric the margin guards Model 1 being higher
+    assert decide([est(0.01, 0.004)], "loss", margin=0.05)[0]["decision"] in ("not_worse", "equivalent")
+    assert decide([est(0.08, 0.004)], "loss", margin=0.05)[0]["decision"] == "model2"
+
+
+def test_a_large_family_decides_an_overwhelming_difference():
+    """27 comparisons (three pretrainings × three data sets × three budgets), one overwhelming: the
+    p-value has no floor, so Holm over 27 still decides it (a bootstrap of 1,000 replicates could not
+    go below 0.002, and 27 × 0.002 > 0.05)."""
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.zeros(100, int), np.ones(100, int)]
+    noise = lambda: rng.normal(0, 0.1, 200)  # noqa: E731
+    weak = lambda: two_class(np.clip(0.5 + 0.02 * (labels - 0.5) + noise(), 0.01, 0.99))  # noqa: E731
+    strong = [two_class(np.clip(0.5 + 0.9 * (labels - 0.5) + noise(), 0.01, 0.99)) for _ in range(3)]
+    family = [paired_difference([(strong[s], labels) for s in range(3)], [(weak(), labels) for _ in range(3)], 1, b=1000)["auroc"]]
+    for _ in range(26):
+        family.append(paired_difference([(weak(), labels) for _ in range(3)], [(weak(), labels) for _ in range(3)], 1, b=200)["auroc"])
+    out = decide(family, "auroc")
+    assert family[0]["value"] > 0.4 and out[0]["comparisons"] == 27 and out[0]["decision"] == "model1", out[0]
+    assert out[0]["p_adjusted"] < 0.05 and all(d["decision"] in ("inconclusive", "model1", "model2") for d in out)
 
 
 # ---- the report of a run, from metrics.json files ---------------------------------------------------
@@ -162,22 +227,57 @@ def _run(results: Path, model2_probs, seeds=(0, 1, 2), **model2) -> dict:
     return R.build(results, "t", tasks, "ResNet18", bootstrap=300)
 
 
-def test_a_constant_prediction_cell_is_flagged_and_never_a_win(tmp_path):
+def test_a_constant_prediction_cell_is_flagged_untrained_and_decides_nothing(tmp_path):
     prior = np.mean([0, 1])
     rep = _run(tmp_path, lambda labels: two_class(np.full(len(labels), prior)), selected_step=0, prior_loss=0.6931)
-    flags = {(f["dataset"], f["labels"], f["method"]): f["reasons"] for f in rep["degenerate"]}
-    reasons = flags[("ds", "10%", "supervised")]
-    assert any("step 0" in r for r in reasons) and any("constant" in r for r in reasons)
-    assert any("class frequencies" in r for r in reasons)
-    assert ("ds", "10%", "byol-finetune") not in flags
+    by_key = {f["key"]: f for f in rep["flags"]}
+    assert by_key["step0"]["flag"] == by_key["constant"]["flag"] == "untrained" and by_key["prior"]["flag"] == "miscalibrated"
+    assert all(f["cells"] == [{"dataset": "ds", "labels": "10%", "method": "supervised", "seeds": [0, 1, 2]}] for f in rep["flags"])
     diff = rep["differences"][0]
-    assert diff["verdict"] in ("Model 1 better (over a degenerate cell †)", "no difference detected († a degenerate cell)")
+    assert diff["decision"] == "not_decided" and "Model 2 (supervised) is untrained" in diff["verdict"]
+    assert diff["p_adjusted"] is None and diff["comparisons"] == 0
     md = tables.to_markdown(rep) + tables.extended_markdown(rep)
     row = next(line for line in md.splitlines() if line.startswith("| ds (10% labels)"))
-    assert "†" in row  # the README-format row carries the mark
-    assert "constant" in md and "step 0" in md  # and the footnote says what happened
+    assert row.endswith("| 0.500 ± 0.000‡ | 0.693 ± 0.000‡† |")  # accuracy untrained; loss untrained and miscalibrated
+    notes = [line for line in md.splitlines() if line.startswith("- ‡") or line.startswith("- †")]
+    assert len(notes) == 3 and all("ds 10% supervised (seeds 0, 1, 2)" in n for n in notes)  # one line per reason, seeds listed once
     saved = json.loads(json.dumps(rep))
-    assert saved["degenerate"][0]["method"] == "supervised"
+    assert saved["flags"][0]["cells"][0]["method"] == "supervised"
+
+
+def test_a_miscalibrated_cell_can_still_win_on_auroc_but_not_on_loss(tmp_path):
+    """AUROC 0.93 with a log-loss worse than the prior's (over-confident and shifted): † blocks a loss
+    verdict, not an AUROC one, which calibration cannot change."""
+    rng = np.random.default_rng(12)
+    labels = np.r_[np.zeros(60, int), np.ones(60, int)]
+    tasks = []
+    for s in (0, 1, 2, 3, 4):
+        score = labels * 2.2 + rng.normal(0, 0.8, 120)
+        bad = two_class(np.clip(1 / (1 + np.exp(-(6 * score - 14))), 1e-6, 1 - 1e-6))  # ranks well, calls nearly all negative
+        weak = two_class(np.clip(0.5 + 0.08 * (labels - 0.5) + rng.normal(0, 0.1, 120), 0.01, 0.99))
+        tasks.append(_task(tmp_path, f"ft{s}", "byol-finetune", "finetune", s, bad, labels, prior_loss=0.6931))
+        tasks.append(_task(tmp_path, f"su{s}", "supervised", "supervised", s, weak, labels, prior_loss=0.6931))
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=300)
+    assert [f["key"] for f in rep["flags"]] == ["prior"]
+    ft = next(e for e in rep["extended"] if e["method"] == "byol-finetune")
+    assert ft["auroc"]["value"] > 0.9
+    assert rep["differences"][0]["decision"] == "model1"
+    on_loss = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=300, primary="loss")["differences"][0]
+    assert on_loss["decision"] == "not_decided" and "miscalibrated" in on_loss["reason"]
+
+
+def test_a_selected_step_0_cell_cannot_win_on_anything(tmp_path):
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    rng = np.random.default_rng(3)
+    tasks = []
+    for s in (0, 1, 2):
+        good = two_class(np.clip(np.where(labels == 1, 0.9, 0.1) + rng.normal(0, 0.05, 60), 0.01, 0.99))
+        weak = two_class(np.clip(0.5 + 0.05 * (labels - 0.5) + rng.normal(0, 0.1, 60), 0.01, 0.99))
+        tasks.append(_task(tmp_path, f"ft{s}", "byol-finetune", "finetune", s, good, labels, selected_step=0 if s == 1 else 12))
+        tasks.append(_task(tmp_path, f"su{s}", "supervised", "supervised", s, weak, labels))
+    for primary in ("auroc", "accuracy", "loss", "balanced_accuracy"):
+        d = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=100, primary=primary)["differences"][0]
+        assert d["decision"] == "not_decided" and "Model 1 (byol-finetune) is untrained" in d["reason"], primary
 
 
 def test_the_report_decides_on_the_primary_metric_with_holm_and_names_it(tmp_path):
@@ -185,10 +285,10 @@ def test_the_report_decides_on_the_primary_metric_with_holm_and_names_it(tmp_pat
     diff = rep["differences"][0]
     assert diff["primary"] == "auroc" and diff["comparisons"] == 1
     assert diff["p_adjusted"] == pytest.approx(diff["auroc"]["p"])
-    assert diff["verdict"] in ("Model 1 better", "Model 2 better", "no difference detected")
+    assert diff["decision"] in ("model1", "model2", "inconclusive") and diff["detectable"] > 0
     md = tables.extended_markdown(rep)
-    assert "Holm" in md and "| Verdict" in md and diff["verdict"] in md
-    assert "seeds and test images" in md
+    assert "Holm" in md and "| Verdict" in md and diff["verdict"] in md and "Detectable Δ AUROC" in md
+    assert "the seeds' variation" in md and "bootstrap of the test units" in md
 
 
 def test_one_seed_reports_say_what_the_interval_leaves_out(tmp_path):
@@ -280,10 +380,11 @@ def test_the_tuis_results_screen_marks_a_degenerate_cell(tmp_path):
             return app.results_markdown, screen
 
     text, screen = asyncio.run(results_screen())
-    assert "ds (10% labels)" in screen and "†" in screen  # drawn, not only computed
+    assert "ds (10% labels)" in screen and "‡" in screen  # drawn, not only computed
     row = next(line for line in text.splitlines() if line.startswith("| ds (10% labels)"))
-    assert row.count("†") == 2  # Model 2's accuracy and loss
-    assert "† ds 10% supervised (seed 0): selected step 0" in text and "constant test predictions" in text
+    assert row.endswith("| 0.500‡ | 0.693‡† |")  # Model 2's accuracy and loss untrained; its loss no better than the prior's
+    assert "‡ untrained (no verdict on any metric): selected step 0" in text and "ds 10% supervised (seed 0)" in text
+    assert "constant test predictions" in text
 
 
 def test_the_manifest_names_the_primary_metric(tmp_path):
@@ -333,11 +434,14 @@ def test_did_pretraining_learn_is_answered_each_way(tmp_path):
         return R.build(folder, "t", tasks, "ResNet18", bootstrap=400)
 
     learned = run(tmp_path / "a", byol=0.6, control=0.05)
-    assert learned["pretraining_learned"][0]["verdict"] == "Model 1 better"
-    assert "Did pretraining learn? ds 10%: yes" in tables.to_markdown(learned)
+    assert learned["pretraining_learned"][0]["decision"] == "model1"
+    assert "Did pretraining learn? ds 10%: BYOL better than the random-init control" in tables.to_markdown(learned)
     not_learned = run(tmp_path / "b", byol=0.3, control=0.3)
     line = next(x for x in tables.to_markdown(not_learned).splitlines() if "Did pretraining learn?" in x)
-    assert "no gain detected" in line and "120 optimizer steps" in line and "pretrain.epochs" in line
+    assert "inconclusive: BYOL was not shown to beat the random-init control" in line and "detectable |Δ| ≥" in line
+    assert "120 optimizer steps" in line and "pretrain.epochs" in line
+    lost = run(tmp_path / "c", byol=0.05, control=0.6)
+    assert "the random-init control better than BYOL" in lost["pretraining_learned"][0]["verdict"]  # never "Model 2 better"
 
 
 def test_every_pretraining_is_held_against_its_own_control_in_one_family(tmp_path):
@@ -419,3 +523,57 @@ def test_stored_test_probabilities_keep_a_confident_miss_and_its_loss():
     assert kept[0, 1] > 0 and json.loads(json.dumps(stored_probs(probs))) == stored_probs(probs)
     true = -np.log(probs[np.arange(3), labels]).mean()
     assert abs(-np.log(kept[np.arange(3), labels]).mean() - true) < 1e-5
+
+
+def test_the_report_pairs_each_seed_of_model_2_with_the_same_seed_of_model_1(tmp_path):
+    """Seeds that differ a lot (a good and a bad label draw) but shift both models alike: paired by seed
+    the difference is tight; paired any other way it would not be. The report's Δ is the seed-paired one."""
+    rng = np.random.default_rng(6)
+    labels = np.r_[np.zeros(40, int), np.ones(40, int)]
+    noise = rng.normal(0, 0.1, 80)
+    tasks, m1, m2 = [], [], []
+    for s, strength in zip((0, 1, 2, 3), (0.1, 0.5, 0.2, 0.4)):  # the seed's label draw
+        p1 = two_class(np.clip(0.5 + (strength + 0.05) * (labels - 0.5) + noise, 0.01, 0.99))
+        p2 = two_class(np.clip(0.5 + strength * (labels - 0.5) + noise, 0.01, 0.99))
+        tasks += [_task(tmp_path, f"ft{s}", "byol-finetune", "finetune", s, p1, labels),
+                  _task(tmp_path, f"su{s}", "supervised", "supervised", s, p2, labels)]
+        m1.append((p1, labels))
+        m2.append((p2, labels))
+    tasks.reverse()  # the order the store lists tasks in must not matter
+    d = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=200)["differences"][0]["auroc"]
+    paired = paired_difference(m1, m2, positive=1, b=200)["auroc"]
+    crossed = paired_difference(m1, m2[::-1], positive=1, b=200)["auroc"]
+    assert d["per_seed"] == pytest.approx(paired["per_seed"]) and d["se"] == pytest.approx(paired["se"])
+    assert crossed["se"] > 3 * paired["se"]  # what a wrong pairing would have shown
+
+
+def test_the_readme_table_takes_each_column_from_its_own_arm(tmp_path):
+    """Model 1 and Model 2 at clearly different accuracies and losses: each README cell is its arm's mean."""
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    tasks = [_task(tmp_path, f"{m}{s}", m, k, s, two_class(np.where(labels == 1, p, 1 - p)), labels, prior_loss=5.0)
+             for s in (0, 1) for m, k, p in (("byol-finetune", "finetune", 0.9), ("supervised", "supervised", 0.6))]
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=0)
+    arms = {a["method"]: a for a in rep["arms"]}
+    row = next(line for line in tables.to_markdown(rep).splitlines() if line.startswith("| ds (10% labels)"))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    want = [arms["byol-finetune"]["accuracy"], arms["byol-finetune"]["loss"], arms["supervised"]["accuracy"], arms["supervised"]["loss"]]
+    assert [float(c.split()[0]) for c in cells] == [pytest.approx(w["mean"], abs=5e-4) for w in want]
+    assert want[1]["mean"] < want[3]["mean"] - 0.2  # Model 1's loss (p = 0.9) is far below Model 2's (p = 0.6)
+
+
+def test_the_run_prints_an_equivalence_verdict_and_what_it_could_detect(tmp_path):
+    """Two seeds of two arms that rank the test images alike: with compare.margin 0.05 the printed
+    line says "equivalent within ±0.05" and the smallest difference the run could have detected."""
+    rng = np.random.default_rng(7)
+    labels = np.r_[np.zeros(60, int), np.ones(60, int)]
+    tasks = []
+    for s in (0, 1):
+        p = np.clip(0.5 + 0.6 * (labels - 0.5) + rng.normal(0, 0.15, 120), 0.01, 0.99)
+        tasks += [_task(tmp_path, f"ft{s}", "byol-finetune", "finetune", s, two_class(p), labels, prior_loss=5.0),
+                  _task(tmp_path, f"su{s}", "supervised", "supervised", s, two_class(np.clip(p + 0.001, 0.01, 0.99)), labels,
+                        prior_loss=5.0)]
+    rep = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=300, margin=0.05)
+    (line,) = tables.verdict_lines(rep)
+    assert line.startswith("ds 10%: equivalent within ±0.05 (Δ AUROC 0.000") and "2 seeds" in line and "detectable |Δ| ≥ 0.0" in line
+    wide = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=300)  # no margin: never "equivalent"
+    assert wide["differences"][0]["verdict"] == "inconclusive" and "no margin was set" in tables.extended_markdown(wide)

@@ -483,7 +483,7 @@ BUDGET = {"fraction": 0.5, "min_validation_per_class": 2}  # 6 of 12 train and 3
 
 
 def _run(results: Path, kind: str, scrambled: str | None, monkeypatch, encoder: str | None = None,
-         budget: dict = BUDGET) -> tuple[dict, Path]:
+         budget: dict = BUDGET, data: dict = SYNTHETIC) -> tuple[dict, Path]:
     """run_task in this process. `scrambled`: "test", the test split's images are noise and its labels
     flipped; "outside budget", so are those of every train and validation image outside the task's
     budget (for pretraining, only the labels: it may read every train image, no label)."""
@@ -530,12 +530,13 @@ def _run(results: Path, kind: str, scrambled: str | None, monkeypatch, encoder: 
 
     monkeypatch.setattr(D, "prepare", prepare)
     b_part = "none" if kind == "pretrain" else f"{budget.get('fraction')}-{budget.get('per_class')}"
-    tid = f"{kind}-{scrambled.replace(' ', '-') if scrambled else 'clean'}-{b_part}"
+    tid = f"{kind}-{scrambled.replace(' ', '-') if scrambled else 'clean'}-{b_part}" + ("" if data is SYNTHETIC else "-other-data")
     task_dir = results / "tasks" / tid
     task_dir.mkdir(parents=True, exist_ok=True)
-    spec = TaskSpec.model_validate({"id": tid, "kind": kind, "dataset": "syn", "data": SYNTHETIC, "seed": 1,
+    spec = TaskSpec.model_validate({"id": tid, "kind": kind, "dataset": "syn", "data": data, "seed": 1,
                                     "budget": None if kind == "pretrain" else budget,
-                                    "settings": TINY_SETTINGS, "encoder": encoder})
+                                    "settings": TINY_SETTINGS | {"model": {**TINY_SETTINGS["model"], "imagenet_weights": str(
+                                        results / "torch_home" / "fake-resnet18-imagenet.pth")}}, "encoder": encoder})
     log = EventLog(task_dir / "events.jsonl", tid)
     try:
         return run_task(spec, task_dir, results, log), task_dir
@@ -573,7 +574,6 @@ def test_pretraining_reads_no_test_image_and_no_label(scramble_results, monkeypa
 def test_no_choice_of_a_classifier_task_reads_the_test_split(scramble_results, monkeypatch, kind):
     """Selection step, probe strength and temperature are the same whatever the test split holds;
     only the test metrics move."""
-    monkeypatch.setenv("TORCH_HOME", str(scramble_results / "torch_home"))
     encoder = _pretrained(scramble_results, monkeypatch) if kind in ("finetune", "linear") else None
     clean, _ = _run(scramble_results, kind, None, monkeypatch, encoder)
     scrambled, _ = _run(scramble_results, kind, "test", monkeypatch, encoder)
@@ -644,9 +644,14 @@ AFFECTED = {
 }
 
 
-def _plan_ids(manifest: dict, results: Path) -> dict[str, str]:
+def _plan_ids(manifest: dict, results: Path, weights_content: bytes | None = None) -> dict[str, str]:
     from runner.manifest import parse_manifest
     from runner.plan import make_plan
+
+    weights, _ = fake_imagenet_weights(results / "torch_home", loadable=False)
+    if weights_content is not None:
+        weights.write_bytes(weights_content)
+    manifest = {**manifest, "model": {"imagenet_weights": str(weights), **manifest.get("model", {})}}
 
     plan = make_plan(parse_manifest(yaml.safe_dump(manifest)), results)
     ids = {t.method: t.id for t in plan.tasks}
@@ -657,20 +662,29 @@ def _plan_ids(manifest: dict, results: Path) -> dict[str, str]:
 def test_a_new_engine_version_changes_every_id(tmp_path, monkeypatch):
     import runner.plan
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    fake_imagenet_weights(tmp_path / "torch_home", loadable=False)
     base = _plan_ids(PLAN_BASE, tmp_path)
     monkeypatch.setattr(runner.plan, "ENGINE_VERSION", runner.plan.ENGINE_VERSION + 1)
     new = _plan_ids(PLAN_BASE, tmp_path)
     assert all(new[m] != base[m] for m in ALL)
 
 
+def test_another_imagenet_weights_file_changes_exactly_the_ids_that_start_from_it(tmp_path):
+    """The ImageNet weights' sha256 is part of the id of what loads them: another file (of the same
+    name and place) is another result; its path is not (moving the file changes nothing)."""
+    base = _plan_ids(PLAN_BASE, tmp_path)
+    other = _plan_ids(PLAN_BASE, tmp_path, weights_content=b"other weights")
+    assert {m for m in ALL if other[m] != base[m]} == BYOL_IMAGENET | {"supervised-imagenet", "imagenet-linear"}
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "w.pth").write_bytes(b"not weights")  # the first file's bytes, elsewhere
+    again = _plan_ids({**PLAN_BASE, "model": {**PLAN_BASE["model"], "imagenet_weights": str(moved / "w.pth")}}, tmp_path / "r2")
+    assert again == base
+
+
 @pytest.mark.parametrize("part", sorted(AFFECTED))
 def test_each_setting_changes_exactly_the_ids_that_depend_on_it(part, tmp_path, monkeypatch):
     import copy
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    fake_imagenet_weights(tmp_path / "torch_home", loadable=False)
     path, value, affected = AFFECTED[part]
     base = _plan_ids(PLAN_BASE, tmp_path)
     assert set(base) == ALL
@@ -682,3 +696,95 @@ def test_each_setting_changes_exactly_the_ids_that_depend_on_it(part, tmp_path, 
     new = _plan_ids(changed, tmp_path)
     moved = {m for m in ALL if new[m] != base[m]}
     assert moved == affected, part
+
+
+# ---- what the table is made of: faults a snapshot or an end-to-end run was needed to see -----------
+
+
+IMBALANCED = {**SYNTHETIC, "num_classes": 3, "classes": {"normal": ["class0"], "finding": ["class1", "class2"]}}  # 1 : 2
+
+
+def test_a_classifiers_bar_is_its_test_splits_class_frequencies_not_its_labeled_subsets(scramble_results, monkeypatch):
+    """A budget of 4 labels a class (balanced) on a 1 : 2 data set: † compares the test loss with the
+    constant guess of the test split's frequencies (1 : 2), not of the labeled subset (1 : 1)."""
+    from runner.ml.metrics import prior_loss
+
+    m, _ = _run(scramble_results, "supervised", None, monkeypatch, budget={"per_class": 4, "min_validation_per_class": 2},
+                data=IMBALANCED)
+    test = np.asarray(m["predictions"]["test_labels"])
+    assert np.bincount(test).tolist()[1] == 2 * np.bincount(test).tolist()[0]
+    assert m["prior_loss"] == pytest.approx(prior_loss(test, test, 2))
+    assert m["prior_loss"] < prior_loss(np.array([0, 1]), test, 2) - 0.05  # the labeled subset's 1 : 1 guess
+
+
+def test_an_external_set_is_scored_with_the_classifiers_temperature_and_held_against_its_training_prior(
+        scramble_results, monkeypatch):
+    """The evaluate task's stored probabilities are the classifier's raw ones with its temperature
+    applied, and its † bar is the constant guess of the classifier's training labels (1 : 1 here),
+    not the external set's own frequencies (1 : 2)."""
+    from runner.contracts import TaskSpec
+    from runner.data.dataset import prepare
+    from runner.ml import saved as S
+    from runner.ml.metrics import apply_temperature, prior_loss
+    from runner.worker.run import EventLog, run_task
+
+    _, clf_dir = _run(scramble_results, "supervised", None, monkeypatch)
+    model = S.load(clf_dir / "model.pt")
+    assert model["temperature"] not in (None, 1.0)  # a temperature that, left out, would change every probability
+    ext = {**IMBALANCED, "seed": 9, "external_test_of": "syn"}
+    ext.pop("split")
+    tid = "evaluate-ext"
+    task_dir = scramble_results / "tasks" / tid
+    task_dir.mkdir(parents=True, exist_ok=True)
+    spec = TaskSpec.model_validate({"id": tid, "kind": "evaluate", "dataset": "ext", "data": ext, "seed": 1,
+                                    "settings": TINY_SETTINGS, "model": f"tasks/{clf_dir.name}/model.pt"})
+    log = EventLog(task_dir / "events.jsonl", tid)
+    try:
+        m = run_task(spec, task_dir, scramble_results, log)
+    finally:
+        log.close()
+    ds = prepare("ext", spec.data, scramble_results / "cache", classes_of=model["class_names"])
+    test = ds.splits["test"]
+    ctx, _ = _cpu(scramble_results)
+    raw = S.Scorer(model, scramble_results, torch.device("cpu"), ctx).raw(ds.pixels(test))
+    assert np.allclose(m["predictions"]["test_probs"], apply_temperature(raw, model["temperature"]), atol=1e-5)
+    assert not np.allclose(m["predictions"]["test_probs"], raw, atol=1e-3)
+    labels = ds.labels[test]
+    trained = np.repeat(np.arange(2), model["train_counts"])
+    assert model["train_counts"][0] == model["train_counts"][1]
+    assert m["prior_loss"] == pytest.approx(prior_loss(trained, labels, 2))
+    assert m["prior_loss"] > prior_loss(labels, labels, 2) + 0.05  # the external set's own 1 : 2 guess
+
+
+def _cpu(folder: Path):  # noqa: ANN202 - a train.Context and its events
+    from runner.ml.config import RunSpec
+    from runner.ml.train import Context
+
+    events: list[dict] = []
+    run = RunSpec(device="cpu", progress_every_s=60, checkpoint_every_steps=10_000)
+    return Context(torch.device("cpu"), run, folder, 0, lambda kind, **v: events.append({"kind": kind, **v})), events
+
+
+@pytest.mark.parametrize("from_pretraining", [True, False])
+def test_a_pretrained_backbone_fine_tunes_at_its_scaled_rate(tmp_path, monkeypatch, from_pretraining):
+    """backbone_lr_scale (0.1) times the head's learning rate for a pretrained backbone, at every
+    step; the same rate as the head's from random init."""
+    from runner.ml import train as T
+    from runner.ml.config import FinetuneSpec
+    from runner.ml.models import Backbone
+
+    seen: list[tuple[float, float]] = []
+    real = T.set_lr
+
+    def spy(opt, lr):  # noqa: ANN001
+        real(opt, lr)
+        seen.append((opt.param_groups[0]["lr"], opt.param_groups[-1]["lr"]))  # a backbone group, a head group
+
+    monkeypatch.setattr(T, "set_lr", spy)
+    rng = np.random.default_rng(0)
+    train = (rng.integers(0, 256, (16, 1, 16, 16), dtype=np.uint8), np.r_[np.zeros(8, int), np.ones(8, int)])
+    spec = FinetuneSpec(epochs=1, min_steps=4, batch_size=8, eval_every_steps=2, warmup_frac=0.0)
+    ctx, _ = _cpu(tmp_path)
+    T.train_classifier(Backbone("resnet18", 1), from_pretraining, train, None, 2, spec, 16, ctx)
+    assert len(seen) == 4 and all(head > 0 for _, head in seen)
+    assert all(bb == pytest.approx(head * (spec.backbone_lr_scale if from_pretraining else 1.0)) for bb, head in seen)

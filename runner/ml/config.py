@@ -21,6 +21,10 @@ Width = Annotated[int, Field(ge=1, le=65536)]  # a head's width: a zero, a negat
 class ModelSpec(StrictModel):
     arch: Arch = Field("resnet50", description="the ResNet backbone (torchvision's architectures and weights); resnet50 is the study's")
     image_size: int | None = Field(None, ge=16, le=1024, description="training crop side; default: the data set's image_size")
+    imagenet_weights: str | None = Field(
+        None, description="the arms that start from ImageNet weights load this file instead of torchvision's published one "
+        "in the torch hub cache (which is checked against the hash its name carries); either way the file's sha256 is "
+        "recorded in the task and is part of its id")
 
 
 class RunSpec(StrictModel):

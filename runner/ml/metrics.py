@@ -1,6 +1,8 @@
-"""Test-split metrics from predicted probabilities: accuracy, cross-entropy, AUROC (one-vs-rest for
-more than two classes), balanced accuracy, sensitivity and specificity of the positive class, and
-the confusion matrix (rows: true class, columns: predicted)."""
+"""Test-split metrics from predicted probabilities: accuracy, cross-entropy, AUROC and AUPRC (one-vs-rest
+for more than two classes), balanced accuracy, sensitivity and specificity of the positive class, the
+Brier score and the expected calibration error, and the confusion matrix (rows: true class, columns:
+predicted). The same definitions as the report's (`runner.scoring`), which recomputes them from the
+stored probabilities."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def balanced_accuracy(cm: np.ndarray) -> float:
 
 def auroc(scores: np.ndarray, is_pos: np.ndarray) -> float:
     """Area under the ROC curve, ties counting half (the Mann-Whitney U over n_pos * n_neg)."""
-    from runner.stats import auroc_weighted
+    from runner.scoring import auroc_weighted
 
     return float(auroc_weighted(np.asarray(scores, dtype=np.float64), np.asarray(is_pos, dtype=bool),
                                 np.ones((1, len(scores))))[0])
@@ -56,6 +58,11 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, positive: int 
         out["auroc"] = auroc(probs[:, pos], labels == pos)
     else:  # one-vs-rest, the macro mean over the classes present
         out["auroc"] = float(np.mean([auroc(probs[:, c], labels == c) for c in present]))
+    from runner.scoring import seed_metrics
+
+    extra = seed_metrics(probs, labels, np.ones((1, n)), positive)
+    for m in ("auprc", "brier", "ece"):
+        out[m] = float(extra[m][0]) if len(present) >= 2 or m != "auprc" else None
     if k == 2:
         pos = 1 if positive is None else positive
         tp = int(((pred == pos) & (labels == pos)).sum())

@@ -42,6 +42,36 @@ def imagenet_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_URLS[arch]).name
 
 
+class WeightsError(ValueError):
+    """The ImageNet weights file is missing or not the one torchvision publishes."""
+
+
+def verify_imagenet_weights(arch: str, file: str | None = None) -> str:
+    """The sha256 of `arch`'s ImageNet weights file. torchvision's (file None) must be the file it
+    publishes: its name carries the first hex digits of its sha256 (`resnet18-f37072fd.pth`), which
+    torch.hub checks on download; a file put there by other means is checked here the same way. A
+    file of the user's own (`model.imagenet_weights`) is only hashed: its digest is what identifies it."""
+    import hashlib
+    import re
+
+    path = Path(file).expanduser() if file else imagenet_weights_path(arch)
+    if not path.is_file():
+        where = "" if file else f": fetch {IMAGENET_URLS[arch]} there"
+        raise WeightsError(f"the ImageNet weights of {arch} are not at {path}{where}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if file:
+        return digest
+    prefix = re.search(r"-([a-f0-9]+)\.", path.name).group(1)
+    if not digest.startswith(prefix):
+        raise WeightsError(f"{path} is not the ImageNet weights file torchvision publishes (its sha256 starts {digest[:8]}, "
+                           f"its name says {prefix}): delete it and fetch {IMAGENET_URLS[arch]} again")
+    return digest
+
+
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
@@ -132,15 +162,23 @@ class ResNet(nn.Module):
 class Backbone(nn.Module):
     """A ResNet without its fc layer: images (B, C, H, W) -> features (B, D)."""
 
-    def __init__(self, arch: str = "resnet50", in_channels: int = 3, weights: str | None = None) -> None:
+    def __init__(self, arch: str = "resnet50", in_channels: int = 3, weights: str | None = None,
+                 weights_sha256: str | None = None) -> None:
+        """`weights`: "DEFAULT" for torchvision's ImageNet weights from the torch hub cache (checked
+        against the hash their file name carries), or the path of a weights file; when given, the file
+        must have the sha256 `weights_sha256` (what the task was planned with)."""
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown backbone {arch!r}; one of {', '.join(ARCHS)}")
         net = ResNet(arch)
-        if weights is not None:  # "DEFAULT": the ImageNet weights, from the torch hub cache
-            path = imagenet_weights_path(arch)
-            if not path.is_file():
-                raise FileNotFoundError(f"the ImageNet weights of {arch} are not at {path}: fetch {IMAGENET_URLS[arch]} there")
+        if weights is not None:
+            file = None if weights == "DEFAULT" else weights
+            digest = verify_imagenet_weights(arch, file)
+            if weights_sha256 is not None and digest != weights_sha256:
+                raise WeightsError(f"the ImageNet weights file of {arch} changed since this task was planned (sha256 "
+                                   f"{digest[:12]}…, planned with {weights_sha256[:12]}…): run `byol-runner run` again to plan "
+                                   "with the file there now")
+            path = Path(file).expanduser() if file else imagenet_weights_path(arch)
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         if in_channels == 1:
             old = net.conv1

@@ -70,10 +70,11 @@ def pretrain_step(method: Method, forward, ctx: Context, views: tuple[torch.Tens
 
 
 def pretrain(pixels: np.ndarray, settings: TrainSettings, method_name: str, init: str, arch: str, size: int,
-             ctx: Context) -> dict:
+             ctx: Context, weights_sha256: str | None = None) -> dict:
     """Pretrain on all of `pixels` (N, C, S, S uint8, no labels) from `init` weights ("random" or
-    "imagenet", from the torch hub cache); writes encoder.pt; resumes from checkpoint.pt when one is there."""
-    run = _Pretraining(pixels, settings, method_name, init, arch, size, ctx)
+    "imagenet", from the torch hub cache, checked against `weights_sha256`); writes encoder.pt; resumes
+    from checkpoint.pt when one is there."""
+    run = _Pretraining(pixels, settings, method_name, init, arch, size, ctx, weights_sha256)
     run.fit()
     return run.finish()
 
@@ -83,7 +84,7 @@ class _Pretraining:
     each: progress, the per-epoch metric, the checkpoint), the encoder and its summary (`finish`)."""
 
     def __init__(self, pixels: np.ndarray, settings: TrainSettings, method_name: str, init: str, arch: str, size: int,
-                 ctx: Context) -> None:
+                 ctx: Context, weights_sha256: str | None = None) -> None:
         spec = settings.pretrain
         self.ctx, self.init, self.arch, self.size = ctx, init, arch, size
         self.n, self.channels = n, channels = pixels.shape[0], pixels.shape[1]
@@ -92,7 +93,8 @@ class _Pretraining:
         # epochs, but at least min_steps optimizer steps: a small data set would otherwise get a few hundred
         total = max(spec.epochs * steps_per_epoch, spec.min_steps)
         self.total = total = total if spec.max_steps is None else min(spec.max_steps, total)
-        backbone = Backbone(arch, channels, weights="DEFAULT" if init == "imagenet" else None)
+        weights = (settings.model.imagenet_weights or "DEFAULT") if init == "imagenet" else None
+        backbone = Backbone(arch, channels, weights=weights, weights_sha256=weights_sha256)
         self.method = method = make_method(method_name, backbone, settings, bs, ctx)
         own = getattr(method, "warmup_epochs", None)  # a method's own warm-up (SimSiam: none at batch 256), else pretrain's
         self.warmup = min(int(round((spec.warmup_epochs if own is None else own) * steps_per_epoch)), total // 2)

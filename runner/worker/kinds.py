@@ -87,6 +87,11 @@ def inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _imagenet(task: TaskSpec) -> str:
+    """Where a task's ImageNet weights come from: the manifest's file, else torchvision's ("DEFAULT")."""
+    return task.settings.model.imagenet_weights or "DEFAULT"
+
+
 def input_size(task: TaskSpec) -> int:
     return task.settings.model.image_size or task.data.image_size
 
@@ -95,7 +100,8 @@ def pretrain(task: TaskSpec, ds, ctx) -> dict:  # noqa: ANN001 - a PreparedDatas
     from runner.ml.pretrain import pretrain as run_pretraining
 
     p = PRETRAININGS[task.pretraining or "byol"]
-    summary = run_pretraining(ds.pixels(ds.splits["train"]), task.settings, p.method, p.init, task.settings.model.arch, input_size(task), ctx)
+    summary = run_pretraining(ds.pixels(ds.splits["train"]), task.settings, p.method, p.init, task.settings.model.arch, input_size(task),
+                              ctx, weights_sha256=task.imagenet_sha256)
     # what the dependants read, with its checksum: a damaged encoder.pt reopens this task instead of failing them
     return {"pretrain": summary, "artifacts": {"encoder.pt": file_sha(ctx.task_dir / "encoder.pt")}}
 
@@ -131,7 +137,8 @@ def classifier(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, ct
     if task.kind == "finetune":
         backbone = T.load_encoder(encoder_path, ctx.device)
     else:
-        backbone = Backbone(task.settings.model.arch, ds.channels, weights="DEFAULT" if task.kind == "supervised-imagenet" else None)
+        backbone = Backbone(task.settings.model.arch, ds.channels, weights=_imagenet(task) if task.kind == "supervised-imagenet" else None,
+                            weights_sha256=task.imagenet_sha256)
     model, selection = T.train_classifier(
         backbone, task.kind != "supervised", (ds.pixels(labels.train), ds.labels[labels.train]),
         (ds.pixels(labels.val), ds.labels[labels.val]) if labels.selecting else None, labels.k, task.settings.finetune, size, ctx,
@@ -151,7 +158,8 @@ def probe(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, ctx) ->
     if task.kind == "linear":
         backbone = T.load_encoder(encoder_path, ctx.device)
     else:  # the controls: a random-init network, or its ImageNet weights (the torch hub cache; the plan checked)
-        backbone = Backbone(task.settings.model.arch, ds.channels, weights="DEFAULT" if task.kind == "imagenet-linear" else None)
+        backbone = Backbone(task.settings.model.arch, ds.channels, weights=_imagenet(task) if task.kind == "imagenet-linear" else None,
+                            weights_sha256=task.imagenet_sha256)
     feats = {name: T.extract_features(backbone, ds.pixels(idx), input_size(task), ctx)
              for name, idx in (("train", labels.train), ("val", labels.val), ("test", labels.test)) if labels.selecting or name != "val"}
     proba, selection, (scaler, clf) = T.linear_probe(feats, {"train": ds.labels[labels.train], "val": ds.labels[labels.val]}, task.settings.probe, labels.k)
@@ -192,8 +200,18 @@ def score(task: TaskSpec, ds, labels: Labels, val_probs, probs, selection: dict)
         "class_names": ds.class_names,
         "positive": positive,
         "predictions": {"test_probs": stored_probs(probs), "test_labels": test_labels.tolist(),
-                        **test_groups(ds, labels.test)},
+                        **test_groups(ds, labels.test), **_validation_predictions(ds, labels, val_probs, temperature)},
     }, temperature
+
+
+def _validation_predictions(ds, labels: Labels, val_probs, temperature: float) -> dict:  # noqa: ANN001
+    """The budget's validation probabilities (calibrated as the test ones) and labels: what the report
+    chooses an operating threshold on. Nothing when too few validation labels chose anything."""
+    from runner.ml.metrics import apply_temperature, stored_probs
+
+    if not labels.selecting or val_probs is None:
+        return {}
+    return {"val_probs": stored_probs(apply_temperature(val_probs, temperature)), "val_labels": ds.labels[labels.val].tolist()}
 
 
 def test_groups(ds, test: np.ndarray) -> dict:  # noqa: ANN001 - a PreparedDataset
