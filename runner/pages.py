@@ -368,7 +368,7 @@ def to_html(report: dict, results: Path) -> str:
     prose = _html_prose
     main_md, ext_md = to_markdown(report), extended_markdown(report)
     parts = ext_md.split("\n\n")
-    arms_md = next((p for p in parts if p.lstrip().startswith("| Dataset | Labels | Method")), "")
+    arms_html = "".join(table(p) for p in parts if p.lstrip().startswith("| Dataset | Labels | Method"))  # discrimination, calibration
     delta_md = next((p for p in parts if p.lstrip().startswith("| Dataset | Labels | Seeds | Δ")), "")
     ext_prose = "\n".join(p for p in parts if not p.lstrip().startswith("|"))
     meta = report.get("meta") or {}
@@ -383,7 +383,7 @@ def to_html(report: dict, results: Path) -> str:
         f"<dl class='meta'>{dl}</dl>"
         f"<h2>Results</h2>{table(main_md)}{prose(main_md)}"
         + (f"<h2>Model 1 − Model 2: verdicts</h2>{table(delta_md)}" if delta_md else "")
-        + (f"<h2>Every arm, with 95% intervals</h2>{table(arms_md)}{prose(ext_prose)}" if arms_md else "")
+        + (f"<h2>Every arm, with 95% intervals</h2>{arms_html}{prose(ext_prose)}" if arms_html else "")
         + ("<h2>Figures</h2>" + "".join(imgs) if imgs else "")
         + (f"<h2>Manifest</h2><details><summary>{esc(meta.get('manifest_path') or 'the manifest of this run')}</summary>"
            f"<pre>{esc(manifest)}</pre></details>" if manifest else "")

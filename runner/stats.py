@@ -7,11 +7,13 @@ were drawn, how training went) and the test sample (which patients happened to b
 point estimate of a metric is the mean over seeds of that seed's metric: rank metrics (AUROC) are
 computed per seed and never over pooled seeds, whose scores need not share a scale.
 
-The standard error adds the two axes' variances: the seeds' (the sample variance of the per-seed
-values over S, with S − 1 degrees of freedom) and the test sample's (the variance of the seed-mean
-under a cluster bootstrap of the test units, seeds held fixed: patients where the data set names
-them, images otherwise; Field & Welsh 2007, "Bootstrapping clustered data", JRSS B 69:369-390). The
-interval is mean ± t × SE with Welch–Satterthwaite degrees of freedom (Satterthwaite 1946,
+The standard error adds two independent parts: the seeds' (the sample variance of the per-seed
+values over S, with S − 1 degrees of freedom: seed effects and each seed's own test-sample noise) and
+the test-sample error all seeds share (from a cluster bootstrap of the test units, seeds held fixed:
+patients where the data set names them, images otherwise; Field & Welsh 2007, "Bootstrapping
+clustered data", JRSS B 69:369-390; `combine` says how the shared part is separated, and its G − 1
+degrees of freedom for G units). The interval is mean ± t × SE with Welch–Satterthwaite degrees of
+freedom (Satterthwaite 1946,
 "An approximate distribution of estimates of variance components", Biometrics Bulletin 2:110-114):
 with few seeds whose disagreement dominates, that is Student's t with S − 1 degrees of freedom,
 which keeps its coverage at 3 seeds where a bootstrap over seeds does not (its variance shrinks by
@@ -130,9 +132,19 @@ def detectable(se: float | None, df: float, alpha: float = ALPHA, power: float =
 # ---- estimates -------------------------------------------------------------------------------------
 
 
-def combine(values: np.ndarray) -> dict:
+def combine(values: np.ndarray, units: int | None = None) -> dict:
     """An estimate from (S, B+1) per-seed values (column 0: the test split as it is; the rest:
-    cluster-bootstrap replicates, seeds fixed): mean over seeds, SE of both axes, t interval."""
+    cluster-bootstrap replicates, seeds fixed): the mean over seeds, its SE and t interval.
+
+    Each seed's value is δ + u_s + c + d_s: its seed effect u_s, a test-sample error c that every seed
+    shares (the same images are hard for all of them) and one d_s that is its own. The per-seed sample
+    variance s² estimates Var(u + d) with S − 1 degrees of freedom; the bootstrap gives C, the variance
+    of the seed mean, and D, a single seed's (their mean), whence the shared part Var(c) = (S·C − D) /
+    (S − 1). Var(mean) = s²/S + Var(c), the two parts independent, so Welch–Satterthwaite's degrees of
+    freedom apply to it: S − 1 for the first, G − 1 for the second when the bootstrap resampled G
+    units (`units`; its variance is scaled by G / (G − 1), the bootstrap's bias for a mean). (Adding C
+    whole would count the seeds' own test noise twice and give the degrees of freedom of a variance
+    that is not there.)"""
     per_seed = values[:, 0]
     out = {"value": None, "ci": None, "se": None, "df": None, "se_seeds": None, "se_test": None,
            "per_seed": [_num(v) for v in per_seed]}
@@ -140,18 +152,23 @@ def combine(values: np.ndarray) -> dict:
         return out
     s = len(per_seed)
     out["value"] = float(per_seed.mean())
-    reps = values[:, 1:].mean(0)
-    reps = reps[np.isfinite(reps)]
-    v_test = float(reps.var(ddof=1)) if len(reps) >= 10 else None
+    reps = values[:, 1:]
+    reps = reps[:, np.isfinite(reps).all(0)]
+    c = float(reps.mean(0).var(ddof=1)) if reps.shape[1] >= 10 else None
+    d = float(reps.var(axis=1, ddof=1).mean()) if reps.shape[1] >= 10 else None
     v_seed = float(per_seed.var(ddof=1)) / s if s >= 2 else None
-    if v_seed is None and v_test is None:
+    if v_seed is None and c is None:
         return out
-    var = (v_seed or 0.0) + (v_test or 0.0)
-    df = math.inf if not v_seed else var ** 2 / (v_seed ** 2 / (s - 1))
+    shared = None if c is None else (c if s < 2 else max(0.0, (s * c - d) / (s - 1)))
+    if shared is not None and units and units > 1:
+        shared *= units / (units - 1)
+    var = (v_seed or 0.0) + (shared or 0.0)
+    parts = (v_seed ** 2 / (s - 1) if v_seed else 0.0) + (shared ** 2 / (units - 1) if shared and units and units > 1 else 0.0)
+    df = var ** 2 / parts if parts > 0 else math.inf
     se = math.sqrt(var)
     half = t_quantile(1 - ALPHA / 2, df) * se
     out.update(ci=(out["value"] - half, out["value"] + half), se=se, df=df,
-               se_seeds=None if v_seed is None else math.sqrt(v_seed), se_test=None if v_test is None else math.sqrt(v_test))
+               se_seeds=None if v_seed is None else math.sqrt(v_seed), se_test=None if shared is None else math.sqrt(shared))
     return out
 
 
@@ -181,7 +198,7 @@ def bootstrap_metrics(per_seed: list[tuple[np.ndarray, np.ndarray]], positive: i
     values = per_seed_values(probs, labels, image_weights(gi, b, seed), positive, thresholds)
     out = {}
     for m, v in values.items():
-        est = combine(v)
+        est = combine(v, int(gi.max()) + 1)
         if m in PROPORTIONS and est["value"] is not None and est["value"] in (0.0, 1.0):
             n = _units_of(m, labels, gi, positive)
             est["ci"] = clopper_pearson(int(round(est["value"] * n)), n) if n else None
@@ -204,12 +221,13 @@ def paired_difference(model1: list[tuple[np.ndarray, np.ndarray]], model2: list[
         raise ValueError("the two models were not scored on the same seeds and test images")
     if groups2 is not None and (groups is None or not np.array_equal(np.asarray(groups, dtype=str), np.asarray(groups2, dtype=str))):
         raise ValueError("the two models' test groups differ: they cannot be paired")
-    w = image_weights(group_index(groups, len(y1)), b, seed)
+    gi = group_index(groups, len(y1))
+    w = image_weights(gi, b, seed)
     a, c = per_seed_values(p1, y1, w, positive, thresholds1), per_seed_values(p2, y2, w, positive, thresholds2)
     out = {}
     for m in a:
         if m in c:
-            est = combine(a[m] - c[m])
+            est = combine(a[m] - c[m], int(gi.max()) + 1)
             est["p"] = p_zero(est)
             out[m] = est
     return out

@@ -6,11 +6,9 @@ must cover about 95%, so replacing it by the old construction fails this test.""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from tests.simulate import SETTINGS, coverage, pigeonhole_method
 
-SEEDS_DISAGREE = replace(SETTINGS["seed-dominated"], patients=400)  # the bench's 1,000 test images, fewer: seconds, not minutes
+SEEDS_DISAGREE = SETTINGS["seed-dominated"]
 
 
 def test_three_seeds_keep_95_percent_coverage_where_the_seeds_disagree_most():

@@ -102,7 +102,9 @@ def test_with_seeds_only_the_p_is_students_one_sample_t_test():
 
 
 def test_the_test_sample_and_the_seeds_add_up_with_satterthwaite_degrees_of_freedom():
-    """SE² = s²/S + the bootstrap variance of the seed mean; df = SE⁴ / ((s²/S)² / (S − 1))."""
+    """SE² = s²/S + the test-sample variance the seeds share; df = SE⁴ / ((s²/S)² / (S − 1)) (no unit
+    count given: the bootstrap's part has infinite degrees of freedom). Test noise a seed has on its
+    own is in s² already and is not counted twice."""
     rng = np.random.default_rng(8)
     per_seed = np.array([0.10, 0.14, 0.12])
     reps = per_seed[:, None] + rng.normal(0, 0.02, (1, 500))  # the test-sample draws shift every seed alike
@@ -112,6 +114,12 @@ def test_the_test_sample_and_the_seeds_add_up_with_satterthwaite_degrees_of_free
     assert est["df"] == pytest.approx((v_seed + v_test) ** 2 / (v_seed ** 2 / 2))
     half = stats.t_quantile(0.975, est["df"]) * est["se"]
     assert est["ci"] == (pytest.approx(0.12 - half), pytest.approx(0.12 + half))
+    own = per_seed[:, None] + rng.normal(0, 0.02, (3, 20_000))  # each seed's test noise its own: nothing shared
+    alone = stats.combine(np.hstack([per_seed[:, None], own]))
+    assert alone["se"] == pytest.approx(np.sqrt(v_seed), rel=0.02) and alone["df"] == pytest.approx(2, rel=0.05)
+    with_units = stats.combine(np.hstack([per_seed[:, None], reps]), units=41)  # 41 resampled units: 40 more df, var × 41/40
+    assert with_units["se"] == pytest.approx(np.sqrt(v_seed + v_test * 41 / 40))
+    assert with_units["df"] == pytest.approx((v_seed + v_test * 41 / 40) ** 2 / (v_seed ** 2 / 2 + (v_test * 41 / 40) ** 2 / 40))
 
 
 def test_detectable_difference_has_80_percent_power():
