@@ -161,6 +161,13 @@ def rich_markdown(text: str):  # noqa: ANN201 - a rich renderable
     return Group(*parts)
 
 
+def knn_text(auroc: float, base: float | None, short: bool = False) -> str:
+    """The pretraining monitor's score beside the untrained network's: "0.712 (untrained 0.640)"."""
+    if base is None:
+        return f"{auroc:.3f}"
+    return f"{auroc:.3f} ({base:.3f})" if short else f"kNN AUROC {auroc:.3f} (untrained network {base:.3f}, {auroc - base:+.3f})"
+
+
 class RunDisplay:
     """What `run` shows while it works: a live rich table of the running tasks and the counts on a
     terminal (refreshed at most 4 times a second), one plain line per state change otherwise."""
@@ -187,11 +194,14 @@ class RunDisplay:
     def __call__(self, sched, changed: bool) -> None:  # noqa: ANN001 - a Scheduler
         import time as _time
 
+        now = _time.monotonic()
         if self.live is None:
             if changed:
                 self._plain(sched)
+            if now - self.last_draw > 1.0:  # the pretraining monitor's new scores, at most once a second
+                self.last_draw = now
+                self._monitor_lines(sched)
             return
-        now = _time.monotonic()
         if changed or now - self.last_draw > 0.5:
             self.last_draw = now
             self.live.update(self._table(sched))
@@ -219,13 +229,23 @@ class RunDisplay:
             self.summary = summary
             print(summary, flush=True)
 
+    def _monitor_lines(self, sched) -> None:  # noqa: ANN001
+        import time as _time
+
+        by_id = sched.plan.by_id()
+        for tid, (step, auroc, base) in sched.store.latest_knn(list(sched.running)).items():
+            if self.last.get(f"knn:{tid}") != str(step):
+                self.last[f"knn:{tid}"] = str(step)
+                print(f"[{_time.strftime('%H:%M:%S')}] monitor  {by_id[tid].label} step {step}: {knn_text(auroc, base)}", flush=True)
+
     def _table(self, sched):  # noqa: ANN001
         from rich.console import Group
         from rich.table import Table
 
         info = sched.store.progress(list(sched.running))
+        knn = sched.store.latest_knn(list(sched.running))
         t = Table(title=None, expand=False)
-        for col in ("task", "kind", "slot", "epoch", "step", "loss", "img/s", "elapsed", "ETA"):
+        for col in ("task", "kind", "slot", "epoch", "step", "loss", "kNN AUROC", "img/s", "elapsed", "ETA"):
             t.add_column(col, justify="right" if col not in ("task", "kind") else "left")
         import time as _time
 
@@ -237,6 +257,7 @@ class RunDisplay:
                       str(i["epoch"]) if i and i["epoch"] is not None else "",
                       "" if step is None else (f"{step}/{total}" if total else str(step)),
                       f"{i['loss']:.4f}" if i and i["loss"] is not None else "",
+                      knn_text(*knn[tid][1:], short=True) if tid in knn else "",
                       f"{i['img_per_s']:.0f}" if i and i["img_per_s"] else "",
                       duration(spent), eta(spent, step, total))
         done = sum(1 for s in sched.status.values() if s == "done")

@@ -136,7 +136,8 @@ class BudgetSpec(StrictModel):
 
 
 class TaskSpec(StrictModel):
-    """Everything that decides a task's result (the task id is a hash of it), and nothing else."""
+    """Everything that decides a task's result (the task id is a hash of it), and what the worker reports
+    beside it (the monitor's labels)."""
 
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     kind: TaskKind
@@ -148,6 +149,9 @@ class TaskSpec(StrictModel):
     pretraining: str | None = Field(None, description="a pretrain task's entry of runner.arms.PRETRAININGS (default byol)")
     encoder: str | None = Field(None, description="the pretrain task's encoder.pt, relative to the results dir")
     model: str | None = Field(None, description="an evaluate task: the classifier task's model.pt, relative to the results dir")
+    monitor_labels: BudgetSpec | None = Field(None, description="a pretrain task: the smallest label budget of its study, "
+                                              "whose labels the pretraining monitor scores the encoder with (not in the id: "
+                                              "the monitor changes no weight)")
     imagenet_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="the sha256 of the ImageNet weights file "
                                         "a task that starts from them was planned with (part of its id); the worker loads no other")
     cache_dir: str = "cache"

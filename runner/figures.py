@@ -1,7 +1,8 @@
 """The report's figures, drawn with matplotlib's headless backend into results/<run>/figures/.
 
 - confusion_<dataset>_<labels>.png: one panel per method, counts summed over seeds;
-- pretrain_loss_<dataset>.png: each pretraining's loss per epoch, one panel per pretraining, one line per seed;
+- pretrain_loss_<dataset>.png: each pretraining's loss by optimizer step, one panel per pretraining, one line per
+  seed, and below it the pretraining monitor's kNN AUROC against the untrained network's level;
 - finetune_loss_<dataset>_<labels>.png: train and validation loss of fine-tuning and supervised
   training per step, one line per seed;
 - label_efficiency_<dataset>.png: accuracy and AUROC against the label budget, every method, with
@@ -51,21 +52,40 @@ def confusion(out: Path, dataset: str, budget: str, mats: dict[str, np.ndarray],
     return _save(fig, out / f"confusion_{slug(dataset)}_{slug(budget)}.png")
 
 
-def pretrain_loss(out: Path, dataset: str, curves: dict[tuple[str, int], list[tuple[int, float]]]) -> Path:
-    """curves[(pretraining, seed)]: (epoch, loss) points. BYOL's loss is 2 − 2 cos summed over both
-    directions (0 best), SimSiam's −cos averaged (−1 best): each pretraining its own panel."""
+def pretrain_loss(out: Path, dataset: str, curves: dict[tuple[str, int], list[tuple[int, float]]],
+                  monitor: dict[tuple[str, int], list[tuple[int, float, float | None]]] | None = None) -> Path:
+    """curves[(pretraining, seed)]: (step, loss) points. BYOL's loss is 2 − 2 cos summed over both
+    directions (0 best), SimSiam's −cos averaged (−1 best): each pretraining its own panel. With the
+    pretraining monitor's points, monitor[(pretraining, seed)]: (step, kNN AUROC, the untrained
+    network's), a second row: the kNN AUROC by step against the untrained network's level (dashed)."""
     names = sorted({name for name, _ in curves})
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5.5 * max(len(names), 1), 3.5), squeeze=False)
+    rows = 2 if monitor and any(monitor.values()) else 1
+    cols = max(len(names), 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.5 * rows), squeeze=False)
     for ax, name in zip(axes[0], names):
         for (n, seed), pts in sorted(curves.items()):
             if n == name and pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"seed {seed}")
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("optimizer step")
         ax.set_ylabel("SimSiam loss (−cos)" if name.startswith("simsiam") else "BYOL loss (2 − 2 cos, both directions)")
         ax.set_title(f"{dataset}: {name} pretraining")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    if rows == 2:
+        for ax, name in zip(axes[1], names):
+            for i, ((n, seed), pts) in enumerate(sorted(monitor.items())):
+                if n == name and pts:
+                    line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"seed {seed}")
+                    base = next((p[2] for p in pts if p[2] is not None), None)
+                    if base is not None:
+                        ax.axhline(base, ls="--", lw=1, color=line.get_color(), alpha=0.7)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("kNN AUROC (smallest budget's labels)")
+            ax.set_title(f"{name}: pretraining monitor (dashed: the untrained network)", fontsize=9)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
     return _save(fig, out / f"pretrain_loss_{slug(dataset)}.png")
 
 

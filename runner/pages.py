@@ -99,11 +99,16 @@ def make_figures(results: Path, report: dict, tasks: list[TaskRow]) -> list[str]
     tasks = [dataclasses.replace(t, dataset=shown(t.dataset, external)) for t in tasks]  # as the tables name them
     datasets = sorted({t.dataset for t in tasks})
     for ds in datasets:
+        pre = [t for t in tasks if t.dataset == ds and t.kind == "pretrain"]
+        events = {t.id: _events(results, t.id) for t in pre}
         curves = {(t.method.removesuffix("-pretrain"), t.seed):
-                  [(e["epoch"], e["loss"]) for e in _events(results, t.id) if e.get("kind") == "metric" and "loss" in e]
-                  for t in tasks if t.dataset == ds and t.kind == "pretrain"}
+                  [(e["step"], e["loss"]) for e in events[t.id] if e.get("kind") in ("progress", "metric") and "loss" in e
+                   and "val_loss" not in e and e.get("step") is not None] for t in pre}
+        monitor = {(t.method.removesuffix("-pretrain"), t.seed):
+                   [(e["step"], e["knn_auroc"], e.get("knn_base_auroc")) for e in events[t.id]
+                    if e.get("kind") == "metric" and e.get("knn_auroc") is not None] for t in pre}
         if any(curves.values()):
-            paths.append(draw("pretrain_loss", ds, curves))
+            paths.append(draw("pretrain_loss", ds, {k: sorted(set(v)) for k, v in curves.items()}, monitor))
         budgets = sorted({t.budget for t in tasks if t.dataset == ds and t.budget}, key=budget_order)
         for budget in budgets:
             mats, names = {}, None
@@ -336,6 +341,7 @@ def _facts(report: dict) -> list[tuple[str, str]]:
                               "whichever run)"),
             ("manifest", meta.get("manifest_path") or "—"), ("executor", meta.get("executor") or "—"),
             ("devices", ", ".join(meta.get("devices", [])) or "—"), ("PyTorch", ", ".join(meta.get("torchs", [])) or "—"),
+            ("precision", ", ".join(meta.get("precisions", [])) or "—"),
             ("engine version", str(meta.get("engine_version", "—"))),
             ("tasks", f"{report['tasks_done']} of {report['tasks']} done"),
             ("verdict metric", str(report.get("primary", PRIMARY_NAME))),

@@ -95,6 +95,7 @@ class _TaskMaker:
     settings: dict  # the manifest's training settings, as the worker gets them
     hashed: dict  # the same as the ids hash them: not the ImageNet weights file's path (its sha256 is)
     imagenet: str | None  # that sha256, where some arm starts from ImageNet weights
+    monitor: dict | None = None  # the smallest budget, the pretraining monitor's labels (not hashed)
 
     def __call__(self, seed: int, kind: str, method: str, budget=None, deps: tuple[PlannedTask, ...] = (),  # noqa: ANN001
                  pretraining: str | None = None) -> PlannedTask:
@@ -106,6 +107,7 @@ class _TaskMaker:
                                                    "validation": labels.validation,
                                                    "min_validation_per_class": labels.min_validation_per_class},
             "settings": {k: self.hashed[k] for k in sections}, "deps": [d.id for d in deps],
+            "precision": self.settings["run"]["precision"],  # as asked: auto resolves where the worker runs
         }
         if pretraining and pretraining != "byol":  # BYOL from random init hashes as it always has
             identity["pretraining"] = pretraining
@@ -119,8 +121,23 @@ class _TaskMaker:
             "encoder": f"tasks/{deps[0].id}/encoder.pt" if deps else None,
             **({"pretraining": pretraining} if pretraining else {}),
             **({"imagenet_sha256": self.imagenet} if starts_imagenet else {}),
+            **({"monitor_labels": self.monitor} if kind == "pretrain" and self.monitor else {}),
         }
         return PlannedTask(tid, kind, self.name, method, seed, budget.name if budget else None, [d.id for d in deps], spec_json)
+
+
+def _monitor_budget(manifest: Manifest, budgets: list):  # noqa: ANN202 - a LabelBudget
+    """The budget whose labels the pretraining monitor scores with (run.monitor_labels)."""
+    want = manifest.run.monitor_labels
+    if want == "smallest":
+        return budgets[0]
+    if want == "largest":
+        return budgets[-1]
+    for b in budgets:
+        if b.name == want:
+            return b
+    raise DataError(f"run.monitor_labels: {want!r} is not one of the label budgets ({', '.join(b.name for b in budgets)}), "
+                    "'smallest' or 'largest'")
 
 
 def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progress) -> Plan:
@@ -140,7 +157,10 @@ def make_plan(manifest: Manifest, results: Path, progress: Progress = no_progres
         ds = prepare(name, spec, results / "cache", progress)
         trained[name] = (ds, [])
         accounts[name] = accounting(ds)
-        make = _TaskMaker(manifest, name, ds.fingerprint, data_spec(spec), settings, hashed, imagenet)
+        chosen = _monitor_budget(manifest, budgets)
+        monitor = {"fraction": chosen.fraction, "per_class": chosen.per_class, "validation": manifest.labels.validation,
+                   "min_validation_per_class": manifest.labels.min_validation_per_class}
+        make = _TaskMaker(manifest, name, ds.fingerprint, data_spec(spec), settings, hashed, imagenet, monitor)
         for seed in manifest.seeds:
             for b in budgets:
                 ds.labeled(b, seed)  # a budget too small for a class fails now, naming both

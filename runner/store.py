@@ -46,9 +46,13 @@ MIGRATIONS = [
     """,
     # 2: a task's total steps, from its progress events (the TUI's and `run`'s k/N and ETA)
     "ALTER TABLE tasks ADD COLUMN total INTEGER;",
+    # 3: the pretraining monitor's kNN scores, and the untrained network's beside them
+    "ALTER TABLE metric_points ADD COLUMN knn_auroc REAL; ALTER TABLE metric_points ADD COLUMN knn_acc REAL; "
+    "ALTER TABLE metric_points ADD COLUMN knn_base_auroc REAL; ALTER TABLE metric_points ADD COLUMN knn_base_acc REAL;",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-POINT_FIELDS = ("loss", "val_loss", "val_acc", "lr", "tau", "proj_std", "img_per_s")
+POINT_FIELDS = ("loss", "val_loss", "val_acc", "lr", "tau", "proj_std", "img_per_s", "knn_auroc", "knn_acc", "knn_base_auroc",
+                "knn_base_acc")
 
 
 @dataclass
@@ -258,6 +262,15 @@ class Store:
         rows = self.db.execute("SELECT * FROM tasks WHERE id IN (%s)" % ",".join("?" * len(task_ids)),
                                list(task_ids)).fetchall()
         return {r["id"]: r for r in rows}
+
+    def latest_knn(self, task_ids: list[str]) -> dict[str, tuple[int, float, float | None]]:
+        """The pretraining monitor's last score of these tasks: (step, kNN AUROC, the untrained network's)."""
+        if not task_ids:
+            return {}
+        rows = self.db.execute(
+            "SELECT task_id, step, knn_auroc, knn_base_auroc FROM metric_points WHERE knn_auroc IS NOT NULL AND task_id IN (%s) "
+            "ORDER BY ts" % ",".join("?" * len(task_ids)), list(task_ids)).fetchall()
+        return {r["task_id"]: (r["step"], r["knn_auroc"], r["knn_base_auroc"]) for r in rows}
 
     def points(self, task_id: str, kind: str | None = None) -> list[sqlite3.Row]:
         q = "SELECT * FROM metric_points WHERE task_id=?" + (" AND kind=?" if kind else "") + " ORDER BY ts"

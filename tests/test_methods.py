@@ -316,3 +316,51 @@ def test_the_manifest_knows_every_augmentation_preset():
     from runner.ml.config import AUGMENT_PRESETS
 
     assert set(AUGMENT_PRESETS) == {"auto", *PRESETS}
+
+
+# ---- the pretraining monitor ------------------------------------------------------------------------
+
+
+def test_the_pretraining_monitor_changes_no_weight_and_scores_against_the_untrained_network(tmp_path):
+    """The same pretraining with and without the kNN monitor: bit-identical encoders (it reads no
+    random number and updates no BatchNorm statistic); with it, metric events every 2 steps carry the
+    kNN AUROC and accuracy beside the untrained network's, which is the same at every score."""
+    import dataclasses
+
+    from runner.ml.monitor import KnnData
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (24, 1, 16, 16), dtype=np.uint8)
+    labels = np.tile([0, 1], 12)
+    data = KnnData(pixels[:16], labels[:16], pixels[16:], labels[16:], positive=1, classes=2)
+    settings = TrainSettings(pretrain=PretrainSpec(epochs=2, min_steps=6, batch_size=8, warmup_epochs=0,
+                                                   proj_hidden=16, proj_dim=8, pred_hidden=16))
+    encoders, monitored = [], []
+    for with_monitor in (False, True):
+        folder = tmp_path / str(with_monitor)
+        folder.mkdir()
+        ctx, events = cpu_context(folder)
+        ctx = dataclasses.replace(ctx, run=ctx.run.model_copy(update={"monitor_every_steps": 2}))
+        torch.manual_seed(0)
+        summary = pretrain(pixels, settings, "byol", "random", "resnet18", 16, ctx, monitor=data if with_monitor else None)
+        encoders.append(torch.load(folder / "encoder.pt", weights_only=True)["state_dict"])
+        monitored.append([e for e in events if e["kind"] == "metric" and "knn_auroc" in e])
+    a, b = encoders
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert monitored[0] == [] and [e["step"] for e in monitored[1]] == [2, 4, 6]
+    assert all(0 <= e["knn_auroc"] <= 1 and 0 <= e["knn_acc"] <= 1 and e["knn_bank"] == 16 and e["knn_queries"] == 8
+               for e in monitored[1])
+    assert len({e["knn_base_auroc"] for e in monitored[1]}) == 1 and monitored[1][0]["knn_base_auroc"] is not None
+    assert summary["monitor"]["every_steps"] == 2 and summary["monitor"]["seconds"] > 0
+
+
+def test_knn_scores_follow_the_nearest_labeled_neighbours():
+    """Queries next to the bank's class-1 points score 1 (AUROC 1, accuracy 1); far from both, the vote splits."""
+    from runner.ml.monitor import knn_scores
+
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    bank_labels = np.array([0, 0, 1, 1])
+    queries = torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.2, 1.0]])
+    out = knn_scores(bank, bank_labels, queries, np.array([0, 1, 1]), positive=1, classes=2, k=2)
+    assert out == {"acc": 1.0, "auroc": 1.0}
+    assert knn_scores(bank, bank_labels, queries, np.array([1, 1, 1]), 1, 2, k=2)["auroc"] is None  # one class: no AUROC

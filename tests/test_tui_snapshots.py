@@ -53,6 +53,9 @@ def fixed_results(tmp_path) -> Path:
         a = store.start_attempt(t.id, run, 1, "local", f"cpu{i % 2}", None, "host")
         points = [{"kind": "progress", "ts": float(k), "epoch": k // 5, "step": k, "loss": 3.0 - 0.04 * k, "tau": 0.99 + 0.0002 * k,
                    "proj_std": 0.06, "total": 50} for k in range(1, 51)]
+        if t.kind == "pretrain":  # the pretraining monitor: kNN AUROC rising from the untrained network's 0.60
+            points += [{"kind": "metric", "ts": 60.0 + k, "epoch": k // 5, "step": k, "knn_auroc": 0.6 + 0.003 * k,
+                        "knn_acc": 0.6, "knn_base_auroc": 0.6, "knn_base_acc": 0.55} for k in (0, 10, 20, 30, 40, 50)]
         store.add_points(t.id, a, points)
         ok = outcome[t.id] == "done"
         store.end_attempt(a, "done" if ok else "failed", 0 if ok else 1, None if ok else "RuntimeError: CUDA out of memory")

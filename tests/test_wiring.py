@@ -636,6 +636,7 @@ AFFECTED = {
     "probe": (("probe", "max_iter"), 300, {"byol-linear", "random-linear", "byol-imagenet-linear", "simsiam-linear",
                                             "imagenet-linear"}),
     "run": (("run", "progress_every_s"), 5.0, set()),
+    "precision": (("run", "precision"), "fp32", ALL),  # a result of its own (auto may be bf16 on this CPU)
     "labels": (("labels", "fractions"), [0.4], ALL - PRETRAINS),
     "validation": (("labels", "validation"), "full", ALL - PRETRAINS),
     "min_validation": (("labels", "min_validation_per_class"), 3, ALL - PRETRAINS),

@@ -31,11 +31,21 @@ class RunSpec(StrictModel):
     """How a task uses the device."""
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible, else cpu")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on cuda, fp32 on the CPU; bf16 on a CPU with native bf16 (AVX512-BF16, "
+        "AMX) is about 1.4× faster but was seen not to be bit-reproducible for tiny images (16 px); part of the task ids")
     compile: bool = Field(False, description="torch.compile the networks (faster on a GPU after a minute of compiling)")
     channels_last: bool = True
     progress_every_s: float = Field(2.0, gt=0, description="at most one progress event per this many seconds")
     checkpoint_every_steps: int = Field(200, ge=1)
+    monitor_every_steps: int | None = Field(
+        None, ge=0, description="steps between two kNN scores of a pretraining's encoder on the smallest budget's labels "
+        "(the pretraining monitor; it changes no weight): default about ten a run; 0: off")
+    monitor_labels: str = Field(
+        "smallest", description="whose labels the pretraining monitor scores with: the smallest label budget's (default), "
+        "'largest', or one of labels' budgets by name (e.g. '10%', '25/class'); its train part is the kNN memory bank, "
+        "its validation part the queries. At 1% of a small data set that can be a handful of queries: a larger budget "
+        "makes a steadier curve and costs more")
 
 
 class PretrainSpec(StrictModel):

@@ -22,6 +22,7 @@ from runner.ml.augment import preset_for
 from runner.ml.checkpoint import CheckpointWriter, atomic_save, rng_state
 from runner.ml.config import TrainSettings
 from runner.ml.models import Backbone
+from runner.ml.monitor import KnnData, KnnMonitor
 from runner.ml.optim import set_lr, warmup_cosine
 from runner.ml.train import Context, IndexStream, Progress, resume, take, to_device_images
 
@@ -70,11 +71,12 @@ def pretrain_step(method: Method, forward, ctx: Context, views: tuple[torch.Tens
 
 
 def pretrain(pixels: np.ndarray, settings: TrainSettings, method_name: str, init: str, arch: str, size: int,
-             ctx: Context, weights_sha256: str | None = None) -> dict:
+             ctx: Context, weights_sha256: str | None = None, monitor: KnnData | None = None) -> dict:
     """Pretrain on all of `pixels` (N, C, S, S uint8, no labels) from `init` weights ("random" or
     "imagenet", from the torch hub cache, checked against `weights_sha256`); writes encoder.pt; resumes
-    from checkpoint.pt when one is there."""
-    run = _Pretraining(pixels, settings, method_name, init, arch, size, ctx, weights_sha256)
+    from checkpoint.pt when one is there. `monitor`: labeled images the kNN monitor scores the encoder
+    with (runner.ml.monitor), beside the untrained network's score; it changes no weight."""
+    run = _Pretraining(pixels, settings, method_name, init, arch, size, ctx, weights_sha256, monitor)
     run.fit()
     return run.finish()
 
@@ -84,7 +86,7 @@ class _Pretraining:
     each: progress, the per-epoch metric, the checkpoint), the encoder and its summary (`finish`)."""
 
     def __init__(self, pixels: np.ndarray, settings: TrainSettings, method_name: str, init: str, arch: str, size: int,
-                 ctx: Context, weights_sha256: str | None = None) -> None:
+                 ctx: Context, weights_sha256: str | None = None, monitor: KnnData | None = None) -> None:
         spec = settings.pretrain
         self.ctx, self.init, self.arch, self.size = ctx, init, arch, size
         self.n, self.channels = n, channels = pixels.shape[0], pixels.shape[1]
@@ -104,6 +106,10 @@ class _Pretraining:
         self.stream = IndexStream(n, bs, ctx.seed, self.images.device)  # indices where the images are: no read-back
         self.dev_gen = torch.Generator(ctx.device).manual_seed(ctx.seed)
         self.ckpt_path = ctx.task_dir / "checkpoint.pt"
+        self.monitor = None
+        if monitor is not None:  # the untrained network's level, from the weights before any step or checkpoint
+            self.monitor = KnnMonitor(monitor, size, ctx, KnnMonitor.interval(total, ctx.run.monitor_every_steps))
+            self.monitor.baseline(method.encoder())
         state = resume(self.ckpt_path, method.model, method.optimizer, self.dev_gen, ctx, steps_per_epoch, total)
         self.step = int(state["step"]) if state else 0
         self.last_proj_std = state.get("proj_std") if state else None  # a resume at the last step runs no step
@@ -150,6 +156,8 @@ class _Pretraining:
             ctx.emit("metric", epoch=epoch, step=step, loss=mean, proj_std=float(method.monitor(self.z)))
             self.epoch_loss.zero_()
             self.epoch_count = 0
+        if self.monitor is not None and self.monitor.due(step, total):
+            self.monitor(method.encoder(), step, epoch)
         if step % ctx.run.checkpoint_every_steps == 0 or step == total:
             ckpt.save({"model": method.model.state_dict(), "optimizer": method.optimizer.state_dict(), "step": step,
                        "rng": rng_state(self.dev_gen), "proj_std": float(method.monitor(self.z))}, self.ckpt_path)
@@ -159,5 +167,10 @@ class _Pretraining:
         method = self.method
         atomic_save({"arch": self.arch, "in_channels": self.channels, "state_dict": method.encoder().state_dict()},
                     self.ctx.task_dir / "encoder.pt")
-        return {"method": method.name, "init": self.init, "steps": self.total, "batch_size": self.bs, "images": self.n,
-                "final_proj_std": float(method.monitor(self.z)) if self.z is not None else self.last_proj_std}
+        out = {"method": method.name, "init": self.init, "steps": self.total, "batch_size": self.bs, "images": self.n,
+               "final_proj_std": float(method.monitor(self.z)) if self.z is not None else self.last_proj_std}
+        if self.monitor is not None:
+            out["monitor"] = {"seconds": round(self.monitor.seconds, 2), "every_steps": self.monitor.every,
+                              "untrained": self.monitor.base, "labels": {"bank": len(self.monitor.data.bank_labels),
+                                                                         "queries": len(self.monitor.data.query_labels)}}
+        return out

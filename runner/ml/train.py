@@ -45,6 +45,10 @@ class Context:
 
     @property
     def bf16(self) -> bool:
+        """bf16 autocast: asked for, or `auto` on a GPU. On a CPU `auto` is fp32, also where the CPU
+        computes bf16 natively (AVX512-BF16, AMX; `native_bf16_cpu`): there bf16 is about 1.4× faster
+        (bench/cpu_path.py), but oneDNN's bf16 kernels were seen to give different weight gradients
+        from run to run for a ResNet at 16 px, so a CPU run is bf16 only when the manifest asks."""
         return self.run.precision == "bf16" or (self.run.precision == "auto" and self.device.type == "cuda")
 
     @property
@@ -67,6 +71,14 @@ class Context:
 
     def maybe_compile(self, fn):
         return torch.compile(fn) if self.run.compile else fn
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 in hardware (oneDNN's own check: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def to_device_images(pixels: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -24,11 +24,20 @@ def draw_curves(plt, series: dict, overlay: dict, names: dict[str, str], selecte
         if "loss" in other:
             xs, ys = zip(*other["loss"])
             plt.plot(list(xs), list(ys), label=f"loss ({names.get(tid, tid)})")
-    if "proj_std" in series:  # alone on the right axis: its own scale, so a fall towards 0 (collapse) shows
+    extra = ""
+    if "knn_auroc" in series:  # the pretraining monitor on the right axis, against the untrained network's level
+        xs, ys = zip(*series["knn_auroc"])
+        plt.plot(list(xs), list(ys), label="kNN AUROC, right axis (pretraining monitor)", yside="right")
+        if "knn_base_auroc" in series:
+            plt.plot(list(xs), [series["knn_base_auroc"][-1][1]] * len(xs), label="kNN AUROC of the untrained network",
+                     yside="right")
+        extra = f" · proj std {series['proj_std'][-1][1]:.3f}" if "proj_std" in series else ""
+    elif "proj_std" in series:  # alone on the right axis: its own scale, so a fall towards 0 (collapse) shows
         xs, ys = zip(*series["proj_std"])
         plt.plot(list(xs), list(ys), label="proj std, right axis (collapse monitor: near 0 = collapsed)", yside="right")
     # τ follows a fixed schedule from tau_base to 1: its current value, not a flat line on a shared axis
     tau = f" · τ {series['tau'][-1][1]:.4f}" if "tau" in series else ""
+    tau += extra
     plt.xlabel("step")
     plt.title("loss by optimizer step (x axis)" + tau + (" · overlay: same kind and dataset" if overlay_on else ""))
 

@@ -64,7 +64,8 @@ def read_snapshot(results: Path, run_name: str | None = None) -> Snapshot:
 
 
 def curve(results: Path, task_id: str) -> dict[str, list[tuple[float, float]]]:
-    """The series of one task's points: loss per step, validation loss, tau and the collapse monitor."""
+    """The series of one task's points: loss per step, validation loss, tau, the collapse monitor and
+    the pretraining monitor (kNN AUROC, and the untrained network's)."""
     db = results / "runner.db"
     if not db.is_file():
         return {}
@@ -73,7 +74,8 @@ def curve(results: Path, task_id: str) -> dict[str, list[tuple[float, float]]]:
         rows = store.points(task_id)
     finally:
         store.close()
-    series: dict[str, list[tuple[float, float]]] = {"loss": [], "val_loss": [], "tau": [], "proj_std": []}
+    series: dict[str, list[tuple[float, float]]] = {"loss": [], "val_loss": [], "tau": [], "proj_std": [], "knn_auroc": [],
+                                                    "knn_base_auroc": []}
     for r in rows:
         if r["step"] is None:
             continue
@@ -87,6 +89,9 @@ def curve(results: Path, task_id: str) -> dict[str, list[tuple[float, float]]]:
             series["tau"].append((r["step"], r["tau"]))
         if r["proj_std"] is not None and r["kind"] == "progress":
             series["proj_std"].append((r["step"], r["proj_std"]))
+        for k in ("knn_auroc", "knn_base_auroc"):
+            if r[k] is not None:
+                series[k].append((r["step"], r[k]))
     return {k: v for k, v in series.items() if v}
 
 

@@ -96,14 +96,37 @@ def input_size(task: TaskSpec) -> int:
     return task.settings.model.image_size or task.data.image_size
 
 
-def pretrain(task: TaskSpec, ds, ctx) -> dict:  # noqa: ANN001 - a PreparedDataset, a train.Context
+def pretrain(task: TaskSpec, ds, ctx, log: EventLog | None = None) -> dict:  # noqa: ANN001 - a PreparedDataset, a train.Context
     from runner.ml.pretrain import pretrain as run_pretraining
 
     p = PRETRAININGS[task.pretraining or "byol"]
     summary = run_pretraining(ds.pixels(ds.splits["train"]), task.settings, p.method, p.init, task.settings.model.arch, input_size(task),
-                              ctx, weights_sha256=task.imagenet_sha256)
+                              ctx, weights_sha256=task.imagenet_sha256, monitor=monitor_data(task, ds, log))
     # what the dependants read, with its checksum: a damaged encoder.pt reopens this task instead of failing them
     return {"pretrain": summary, "artifacts": {"encoder.pt": file_sha(ctx.task_dir / "encoder.pt")}}
+
+
+def monitor_data(task: TaskSpec, ds, log: EventLog | None = None):  # noqa: ANN001, ANN201 - a PreparedDataset; a KnnData or None
+    """The pretraining monitor's labeled images: the smallest budget's train labels as the memory bank,
+    its validation labels as the queries (the whole validation split under labels.validation: full),
+    drawn as that budget's tasks draw them. None when it is off, or two classes are not there to score."""
+    from runner.data.splits import LabelBudget
+    from runner.ml.monitor import KnnData
+
+    b = task.monitor_labels
+    if b is None or task.settings.run.monitor_every_steps == 0:
+        return None
+    budget = LabelBudget(fraction=b.fraction, per_class=b.per_class)
+    bank = ds.labeled(budget, task.seed)
+    queries = ds.validation(budget, task.seed) if b.validation == "budget" else ds.splits["val"]
+    k = len(ds.class_names)
+    positive = ds.class_names.index(ds.spec.positive) if ds.spec.positive else (1 if k == 2 else 0)
+    if len(np.unique(ds.labels[queries])) < 2 or len(np.unique(ds.labels[bank])) < 2:
+        if log is not None:
+            log.emit("log", message=f"pretraining monitor off: the smallest budget's labels hold one class ({len(bank)} bank, "
+                                    f"{len(queries)} query images)")
+        return None
+    return KnnData(ds.pixels(bank), ds.labels[bank], ds.pixels(queries), ds.labels[queries], positive, k)
 
 
 class Labels:

@@ -87,7 +87,7 @@ def run_task(task: TaskSpec, task_dir: Path, results: Path, log: EventLog) -> di
     log.emit("log", message=f"{task.kind} on {task.dataset}: {len(ds.keys)} images, {ds.channels} channel(s), device {device}")
     started = time.perf_counter()
     if task.kind == "pretrain":
-        return K.pretrain(task, ds, ctx) | {"seconds": round(time.perf_counter() - started, 2)}
+        return K.pretrain(task, ds, ctx, log) | {"seconds": round(time.perf_counter() - started, 2)}
     if task.budget is None:
         raise StartError(f"task {task.id} ({task.kind}) has no label budget")
     labels = K.Labels(task, ds, log)
@@ -117,9 +117,13 @@ def _environment(task: TaskSpec) -> dict:
 
     import torch
 
+    from runner.ml.train import Context
+
     device = resolve_device(task.settings.run.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-    return {"device": name, "torch": torch.__version__, "python": platform.python_version(), "host": os.uname().nodename}
+    bf16 = Context(device, task.settings.run, Path("."), 0, lambda *a, **k: None).bf16
+    return {"device": name, "torch": torch.__version__, "python": platform.python_version(), "host": os.uname().nodename,
+            "precision": "bf16" if bf16 else "fp32", "threads": torch.get_num_threads()}
 
 
 def _disk_full(e: BaseException) -> bool:
