@@ -81,8 +81,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with progress_reporter("data") as progress:
         manifest, results, plan = load_plan(args.manifest, args.results, progress)
-    for line in power_warnings(manifest, results):  # before anything runs
-        print(f"warning: {line}", file=sys.stderr)
+    if manifest.compare.margin is not None:  # before anything runs (`plan` says it of one seed too)
+        for line in power_warnings(manifest, results):
+            print(f"warning: {line}", file=sys.stderr)
     if args.readme:  # a README without its marker lines: said now, not after an hour of training
         from runner.pages import readme_markers
 

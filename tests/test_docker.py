@@ -243,6 +243,7 @@ datasets:
     split: {{strategy: stratified, val: 0.2, test: 0.2}}
 methods: [supervised]
 labels: {{fractions: [1.0]}}
+seeds: [0]
 model: {{arch: resnet18}}
 finetune: {{epochs: 1, min_steps: 4, batch_size: 16}}
 run: {{device: cpu}}

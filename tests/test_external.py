@@ -198,6 +198,7 @@ datasets:
   png: {{source: imagefolder, root: {data}, image_size: 24, split: {{val: 0.25, test: 0.25}}, positive: class1}}
 methods: [supervised, byol-linear, random-linear]
 labels: {{fractions: [1.0], validation: full, min_validation_per_class: 2}}
+seeds: [0]
 model: {{arch: resnet18}}
 pretrain: {{epochs: 2, min_steps: 0, batch_size: 8, proj_hidden: 64, pred_hidden: 64, proj_dim: 16, warmup_epochs: 1}}
 finetune: {{epochs: 2, min_steps: 4, batch_size: 8}}

@@ -183,6 +183,7 @@ datasets:
     positive: finding
 methods: [byol-imagenet-finetune, byol-imagenet-linear]
 labels: {fractions: [1.0], min_validation_per_class: 2}
+seeds: [0]
 model: {arch: resnet18}
 run: {device: cpu, progress_every_s: 60, checkpoint_every_steps: 10000}
 pretrain: {epochs: 2, min_steps: 0, batch_size: 8, proj_hidden: 32, pred_hidden: 32, proj_dim: 16, warmup_epochs: 0.5}

@@ -58,7 +58,7 @@ def test_demo_style_matrix_runs_end_to_end_and_a_rerun_starts_no_worker(tiny_ref
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")][1:]
         # a cell may carry † (degenerate, footnoted): a 2-epoch pretraining often learns nothing
-        assert len(cells) == 4 and all(c != "—" and float(c.rstrip("†")) >= 0 for c in cells), row
+        assert len(cells) == 4 and all(c != "—" and float(c.rstrip("‡†°")) >= 0 for c in cells), row
     assert "Model 1 = BYOL + ResNet18, fine-tuned" in table and "Model 2 = supervised ResNet18" in table
     assert "| Dataset | Model 1 accuracy | Model 1 loss | Model 2 accuracy | Model 2 loss |" in stdout
     assert f"results: {ref_results / 'tiny' / 'results.md'} (also .csv, .json, .html" in stdout  # where to look next

@@ -11,7 +11,7 @@ import os
 _KIND = os.environ.get("BYOL_RUNNER_TEST_FAULT")
 
 if _KIND:
-    import runner.worker as _worker
+    import runner.worker.run as _worker
 
     _real = _worker.run_task
 
