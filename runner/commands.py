@@ -128,20 +128,24 @@ def power_warnings(manifest: Manifest, results: Path) -> list[str]:
         return []
     cells = [(d, b.name) for d, spec in manifest.datasets.items() if spec.external_test_of is None for b in manifest.labels.budgets()]
     measured = _measured_spread(results / manifest.name / "results.json", manifest.report.primary)
-    out = []
-    for ds, budget in cells:
+    metric = {"auroc": "AUROC", "auprc": "AUPRC"}.get(manifest.report.primary, manifest.report.primary.replace("_", " "))
+    groups: dict[tuple, list[str]] = {}
+    for ds, budget in cells:  # cells that would print the same line are said once
         sd, test_se = measured.get((ds, budget), (manifest.compare.expected_sd, 0.0))
         var = sd ** 2 / seeds + test_se ** 2
         df = var ** 2 / ((sd ** 2 / seeds) ** 2 / (seeds - 1)) if sd > 0 else float("inf")
         mdd = stats.detectable(var ** 0.5, df, stats.ALPHA / len(cells))
         if mdd is not None and mdd > margin:
             need = stats.seeds_needed(margin, sd, test_se, len(cells))
-            source = "measured by the last run" if (ds, budget) in measured else f"assumed (compare.expected_sd {sd:g})"
-            fix = (f"{need} seeds would" if need else "no number of seeds would: the test split's own variation is too large "
-                   "(a larger test split would help)")
-            metric = {"auroc": "AUROC", "auprc": "AUPRC"}.get(manifest.report.primary, manifest.report.primary.replace("_", " "))
-            out.append(f"{ds} {budget}: with {seeds} seeds and {len(cells)} comparisons the smallest detectable Δ {metric} is "
-                       f"about {mdd:.3f} (seed SD {sd:.3f} {source}), more than the margin {margin:g}; {fix}")
+            source = "measured by the last run" if (ds, budget) in measured else f"assumed: compare.expected_sd {sd:g}"
+            groups.setdefault((round(mdd, 3), need, round(sd, 3), source), []).append(f"{ds} {budget}")
+    out = []
+    for (mdd, need, sd, source), where in groups.items():
+        fix = (f"{need} seeds would" if need else "no number of seeds would: the test split's own variation is too large "
+               "(a larger test split would help)")
+        what = "every comparison" if len(where) == len(cells) > 1 else ", ".join(where)
+        out.append(f"{what}: with {seeds} seeds and {len(cells)} comparisons the smallest detectable Δ {metric} is about "
+                   f"{mdd:.3f} (seed SD {sd:.3f}, {source}), more than the margin {margin:g}; {fix}")
     return out
 
 
