@@ -73,11 +73,8 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from runner.commands import execute_plan, load_plan
-    from runner.console import RunDisplay, print_markdown, progress_reporter
-    from runner.tables import to_markdown, verdict_lines
-
-    from runner.commands import power_warnings
+    from runner.commands import execute_plan, load_plan, power_warnings
+    from runner.console import RunDisplay, progress_reporter
 
     with progress_reporter("data") as progress:
         manifest, results, plan = load_plan(args.manifest, args.results, progress)
@@ -90,18 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         readme_markers(Path(args.readme), run=manifest.name)
     outcome, rep = execute_plan(args.manifest, manifest, results, plan, args.executor, args.max_parallel, args.retry_failed,
                                 display_factory=RunDisplay, retry_ids=tuple(args.retry or ()), rebuild_store=args.rebuild_store)
-    print()
-    print_markdown(to_markdown(rep))
-    for line in verdict_lines(rep):
-        print(line)
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items()))
-    adopted = f", {outcome.adopted} adopted from a previous runner" if outcome.adopted else ""
-    n, size = outcome.removed_temp
-    removed = f"; removed {n} temporary file(s) ({size / 2**20:.1f} MB) that killed processes left" if n else ""
-    print(f"{counts}; {outcome.started_workers} workers started{adopted} in {outcome.seconds:.1f} s{removed}")
-    run_dir = results / manifest.name
-    print(f"results: {run_dir / 'results.md'} (also .csv, .json, .html; figures in {run_dir / 'figures'})")
-    if args.readme:
+    _print_outcome(args, outcome, rep, results / manifest.name)
+    if args.readme and outcome.exit_code != 130:
         from runner.pages import publish_readme
 
         print(publish_readme(Path(args.readme), rep, results))
@@ -112,8 +99,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"some tasks failed{more}: `byol-runner status` shows them all; `run --retry-failed` tries them again",
               file=sys.stderr)
     if outcome.exit_code == 130:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
+        readme = " (the README was not rewritten)" if args.readme else ""
+        print(f"interrupted{readme}: finished tasks are kept; resume with: {_resume_command(args)}", file=sys.stderr)
     return outcome.exit_code
+
+
+def _print_outcome(args: argparse.Namespace, outcome, rep: dict, run_dir: Path) -> None:  # noqa: ANN001 - a RunOutcome
+    """The results table and verdicts (not when a stop left nothing finished), then the counts."""
+    from runner.console import print_markdown
+    from runner.tables import to_markdown, verdict_lines
+
+    print()
+    if outcome.exit_code != 130 or outcome.counts.get("done"):
+        print_markdown(to_markdown(rep))
+        for line in verdict_lines(rep):
+            print(line)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items()))
+    adopted = f", {outcome.adopted} adopted from a previous runner" if outcome.adopted else ""
+    n, size = outcome.removed_temp
+    removed = f"; removed {n} temporary file(s) ({size / 2**20:.1f} MB) that killed processes left" if n else ""
+    print(f"{counts}; {outcome.started_workers} workers started{adopted} in {outcome.seconds:.1f} s{removed}")
+    print(f"results: {run_dir / 'results.md'} (also .csv, .json, .html; figures in {run_dir / 'figures'})")
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that picks this run up where it stopped: the same one (its `--retry` and `--readme` aside)."""
+    import shlex
+
+    parts = ["byol-runner", "run", str(args.manifest)]
+    for flag, value in (("--results", args.results), ("--executor", args.executor), ("--max-parallel", args.max_parallel)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.readme:
+        parts += ["--readme", args.readme]
+    return shlex.join(parts)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -188,6 +207,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_tui(args: argparse.Namespace) -> int:
     from runner.commands import results_dir
 
+
     manifest = None
     if args.manifest is not None:
         from runner.manifest import load_manifest
@@ -201,6 +221,9 @@ def cmd_tui(args: argparse.Namespace) -> int:
     run_name = manifest.name if manifest else args.run
     if manifest is None and not (results / "runner.db").is_file():
         raise UserError(f"no runs in {results} to attach to: give a manifest to start one")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):  # a Textual app without a terminal would wait for keys forever
+        raise UserError("the TUI needs a terminal (stdin and stdout a tty): without one, `byol-runner run MANIFEST` runs "
+                        "headless and `byol-runner status` shows the queue")
     RunnerApp(results, args.manifest, run_name).run()
     return 0
 

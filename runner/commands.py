@@ -36,7 +36,7 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
         ex, slots = make_executor(kind, spec, max_parallel)
     except ValueError as e:
         raise UserError(str(e)) from None
-    from runner.scheduler import RunnerLock
+    from runner.watch import RunnerLock
 
     lock = RunnerLock(results)
     lock.acquire()  # before anything is written: a refused second runner changes nothing
@@ -212,7 +212,7 @@ def status(results_cli: str | None, run_name: str | None = None) -> dict:
         "run": {"id": run["id"], "name": run["name"], "status": state, "started": run["started"], "ended": run["ended"],
                 "pid": run["pid"], "executor": run["executor"]},
         "tasks": [{"id": t.id, "kind": t.kind, "dataset": t.dataset, "method": t.method, "seed": t.seed, "budget": t.budget,
-                   "status": t.status, "epoch": t.epoch, "step": t.step, "loss": t.loss, "img_per_s": t.img_per_s,
+                   "status": t.status, "epoch": t.epoch, "step": t.step, "total": t.total, "loss": t.loss, "img_per_s": t.img_per_s,
                    "attempts": t.attempts, "error": t.error, "degenerate": _degenerate(results, t)} for t in tasks],
     }
 
@@ -252,12 +252,15 @@ def doctor(manifest_path: Path | None, image: str | None, gpu: bool = True) -> t
     # as `run --executor docker` would: the manifest's image unless BYOL_RUNNER_IMAGE overrides it; --image over both
     given = load_manifest(manifest_path).executor if manifest_path is not None else None
     spec, _ = spec_for(given or LocalSpec(), "docker")
+    asked_image = image is not None
     image = image or task_image(spec)
     checks = as_dicts(run_checks(image, gpu=gpu))
-    if given is not None:  # what this manifest's executor does not use cannot fail it
-        for c in checks:
-            if c["status"] == "fail" and (c["name"] in DOCKER_CHECKS and given.kind != "docker" or
-                                          c["name"] == "Ray" and given.kind != "ray"):
-                c["status"] = "warn"
-                c["detail"] += f" (not needed: {manifest_path} runs on the {given.kind} executor)"
+    # no manifest: what the default (local) executor needs, unless an image to check was named
+    kind = given.kind if given is not None else ("docker" if asked_image else "local")
+    for c in checks:  # what the executor does not use cannot fail it
+        if c["status"] == "fail" and (c["name"] in DOCKER_CHECKS and kind != "docker" or c["name"] == "Ray" and kind != "ray"):
+            c["status"] = "warn"
+            needed = "docker" if c["name"] in DOCKER_CHECKS else "ray"
+            c["detail"] += (f" (not needed: {manifest_path} runs on the {kind} executor)" if given is not None else
+                            f" (needed only for --executor {needed}; the local executor, the default, runs without it)")
     return image, checks

@@ -119,11 +119,12 @@ def print_markdown(text: str) -> None:
         print(text, flush=True)
 
 
-def rich_markdown(text: str):  # noqa: ANN201 - a rich renderable
+def rich_markdown(text: str, wrap: int | None = None):  # noqa: ANN201 - a rich renderable
     """The report's markdown as a terminal shows it: each pipe table a table sized to its content
     (numbers right-aligned, never stretched across a wide screen, wrapped on a narrow one), every
     other line as text. `run` prints this on a terminal (markdown when piped); the TUI's Results tab
-    shows it."""
+    shows it. `wrap`: the prose is wrapped at this width and a table's cells never are (the TUI's
+    Results tab scrolls sideways to a wide table instead of cutting its columns)."""
     from rich import box
     from rich.console import Group
     from rich.table import Table
@@ -143,7 +144,11 @@ def rich_markdown(text: str):  # noqa: ANN201 - a rich renderable
             numeric = i > 0 and cells and all(NUMBER.match(c) for c in cells)
             # words stay whole: a cell wraps at its spaces ("0.708 [0.583, 0.833]" over two lines)
             longest = max((len(w) for c in cells for w in c.split()), default=4)
-            t.add_column(Text(name), justify="right" if numeric else "left", min_width=min(longest, 24))
+            if wrap:  # whole cells: as wide as the widest (or the header)
+                t.add_column(Text(name), justify="right" if numeric else "left", no_wrap=True,
+                             min_width=max([len(c) for c in cells] + [len(name)]))
+            else:
+                t.add_column(Text(name), justify="right" if numeric else "left", min_width=min(longest, 24))
         for r in body:
             t.add_row(*(Text(c) for c in r))  # a cell's "[...]" is text (an interval), never rich markup
         parts.append(t)
@@ -155,7 +160,12 @@ def rich_markdown(text: str):  # noqa: ANN201 - a rich renderable
             continue
         if rows:
             table()
-        parts.append(Text(line.replace("**", "")))
+        line = line.replace("**", "")
+        if wrap and len(line) > wrap:
+            import textwrap
+
+            line = "\n".join(textwrap.wrap(line, wrap, subsequent_indent="  " if line.startswith("- ") else ""))
+        parts.append(Text(line))
     if rows:
         table()
     return Group(*parts)
@@ -213,10 +223,28 @@ class RunDisplay:
         order = ("done", "running", "pending", "failed", "blocked", "interrupted")
         return ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k))
 
+    def note(self, text: str) -> None:
+        """A line about a task or the run (a resume, a restart from step 0, stopping): printed above the
+        live table on a terminal, as a stamped line otherwise."""
+        import time as _time
+
+        line = f"[{_time.strftime('%H:%M:%S')}] {text}"
+        if self.live is not None:
+            from rich.markup import escape
+
+            self.live.console.print(escape(line), soft_wrap=True)
+        else:
+            print(line, flush=True)
+
     def _plain(self, sched) -> None:  # noqa: ANN001
         import time as _time
 
         by_id = sched.plan.by_id()
+        if not self.last:  # the first look: what earlier runs finished is counted, not listed with today's time
+            done = [tid for tid, st in sched.status.items() if st == "done"]
+            if done:
+                print(f"{len(done)} of {self.total} tasks already done (earlier runs)", flush=True)
+            self.last.update({tid: st for tid, st in sched.status.items() if st == "done"})
         for tid, st in sched.status.items():
             if self.last.get(tid) != st:
                 if tid in self.last or st != "pending":
@@ -266,17 +294,24 @@ class RunDisplay:
 
 
 def print_plan(view: dict) -> None:
+    """The tasks one aligned line each (never cut), a dependency named by its method and seed, then the
+    counts, the invalidated tasks and the warnings."""
     from rich.markup import escape
-    from rich.table import Table
 
-    t = Table(title=f"{view['name']}: {len(view['tasks'])} tasks", title_justify="left")
-    for col in ("id", "kind", "dataset", "method", "labels", "seed", "needs", "state"):
-        t.add_column(col)
-    for task in view["tasks"]:
-        colour = "green" if task["state"] == "done" else "yellow"
-        t.add_row(task["id"], task["kind"], task["dataset"], task["method"], task["budget"] or "", str(task["seed"]),
-                  ", ".join(task["deps"]), f"[{colour}]{task['state']}[/]")
-    out.print(t)
+    name = {t["id"]: f"{t['method']} (seed {t['seed']})" for t in view["tasks"]}
+    heads = ["DATASET", "METHOD", "LABELS", "SEED", "NEEDS", "STATE", "ID"]
+    rows = [[t["dataset"], t["method"], t["budget"] or "", str(t["seed"]), ", ".join(name.get(d, d[:8]) for d in t["deps"]),
+             t["state"], t["id"][:8]] for t in view["tasks"]]
+    keep = [i for i, h in enumerate(heads) if h in ("DATASET", "METHOD", "STATE", "ID") or any(r[i] for r in rows)]
+    heads, rows = [heads[i] for i in keep], [[r[i] for i in keep] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(heads)]
+    out.print(f"{view['name']}: {len(view['tasks'])} tasks", soft_wrap=True, highlight=False)
+    out.print("  ".join(h.ljust(w) for h, w in zip(heads, widths)).rstrip(), soft_wrap=True, highlight=False)
+    state_at = heads.index("STATE")
+    for r in rows:
+        cells = [escape(c.ljust(w)) for c, w in zip(r, widths)]
+        cells[state_at] = f"[{'green' if r[state_at] == 'done' else 'yellow'}]{cells[state_at]}[/]"
+        out.print("  ".join(cells).rstrip(), soft_wrap=True, highlight=False)
     done = sum(1 for task in view["tasks"] if task["state"] == "done")
     out.print(f"{done} done, {len(view['tasks']) - done} to run")
     if view["invalidated"]:
@@ -287,26 +322,45 @@ def print_plan(view: dict) -> None:
         out.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
 
 
+STATUS_COLOURS = {"done": "green", "running": "cyan", "pending": "white", "failed": "red", "blocked": "red", "interrupted": "yellow"}
+
+
+def status_rows(st: dict) -> tuple[list[str], list[list[str]]]:
+    """`status` as kubectl prints a list: the columns that have something to say (an empty one is left
+    out), names and numbers whole, the short id last; errors and flags go below the table."""
+    heads = ["DATASET", "METHOD", "LABELS", "SEED", "STATUS", "FLAGS", "STEP", "LOSS", "TRIES", "ID"]
+    rows = []
+    for t in st["tasks"]:
+        flags = "".join(dict.fromkeys(r.split(" ")[0] for r in t.get("degenerate") or []))  # ‡ untrained, † miscalibrated
+        step = "" if t["step"] is None else (f"{t['step']}/{t['total']}" if t.get("total") else str(t["step"]))
+        rows.append([t["dataset"], t["method"], t["budget"] or "", str(t["seed"]), t["status"], flags, step,
+                     "" if t["loss"] is None else f"{t['loss']:.4f}", str(t["attempts"]), t["id"][:8]])
+    keep = [i for i, h in enumerate(heads) if h in ("DATASET", "METHOD", "STATUS", "ID") or any(r[i] for r in rows)]
+    return [heads[i] for i in keep], [[r[i] for i in keep] for r in rows]
+
+
 def print_status(st: dict) -> None:
-    from rich.table import Table
+    """The run's tasks, one aligned line each (never cut: a line longer than the terminal wraps), then
+    each failed task's error and each flagged classifier's reasons. Coloured on a terminal only."""
+    from rich.markup import escape
 
     run = st["run"]
-    colours = {"done": "green", "running": "cyan", "pending": "white", "failed": "red", "blocked": "red", "interrupted": "yellow"}
-    t = Table(title=f"run {run['name']} (#{run['id']}, {run['status']}, pid {run['pid']})", title_justify="left")
-    for col in ("id", "dataset", "method", "labels", "seed", "status", "epoch", "step", "loss", "attempts", "error"):
-        t.add_column(col)
-    for task in st["tasks"]:
-        c = colours.get(task["status"], "white")
-        kinds = dict.fromkeys(r.split(":")[0] for r in task.get("degenerate") or [])  # "‡ untrained", "† miscalibrated"
-        flag = "".join(f" [yellow]{k}[/]" for k in kinds)
-        t.add_row(task["id"], task["dataset"], task["method"], task["budget"] or "", str(task["seed"]), f"[{c}]{task['status']}[/]{flag}",
-                  "" if task["epoch"] is None else str(task["epoch"]), "" if task["step"] is None else str(task["step"]),
-                  "" if task["loss"] is None else f"{task['loss']:.4f}", str(task["attempts"]), (task["error"] or "")[:80])
-    out.print(t)
-    for task in st["tasks"]:
-        if task.get("degenerate"):
-            out.print(f"{task['id']} ({task['method']} {task['budget']} seed {task['seed']}): " + "; ".join(task["degenerate"]),
-                      soft_wrap=True)
+    heads, rows = status_rows(st)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(heads)]
+    out.print(f"run {run['name']} (#{run['id']}, {run['status']}, pid {run['pid']})", soft_wrap=True, highlight=False)
+    out.print("  ".join(h.ljust(w) for h, w in zip(heads, widths)).rstrip(), soft_wrap=True, highlight=False)
+    status_at = heads.index("STATUS")
+    for r in rows:
+        cells = [escape(c.ljust(w)) for c, w in zip(r, widths)]
+        colour = STATUS_COLOURS.get(r[status_at], "white")
+        cells[status_at] = f"[{colour}]{cells[status_at]}[/]"
+        out.print("  ".join(cells).rstrip(), soft_wrap=True, highlight=False)
+    for t in st["tasks"]:
+        label = f"{t['dataset']} {t['method']} {t['budget'] or ''} seed {t['seed']}".replace("  ", " ")
+        if t.get("error") and t["status"] in ("failed", "blocked", "interrupted"):
+            out.print(f"{t['status']}: {escape(label)} ({t['id'][:8]}): {escape(t['error'])}", soft_wrap=True, highlight=False)
+        if t.get("degenerate"):
+            out.print(f"{escape(label)} ({t['id'][:8]}): " + escape("; ".join(t["degenerate"])), soft_wrap=True, highlight=False)
 
 
 def print_doctor(checks: list[dict]) -> None:

@@ -9,10 +9,8 @@ resumes from its checkpoint. A lock file keeps a second runner off the same resu
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,62 +18,14 @@ from pathlib import Path
 
 from runner.contracts import AttemptStatus as A
 from runner.contracts import TaskStatus as S
-from runner.contracts import ControlRequest, read_events
+from runner.contracts import ControlRequest
 from runner.errors import UserError
 from runner.executors.base import Executor, Handle, Slot
 from runner.executors.registry import recover
 from runner.plan import Plan, PlannedTask, is_done, plan_state, write_task_files
 from runner.store import Store
+from runner.watch import OUTSIDE_KILLS, EventTail, RunnerLock, StopSignals, killed_from_outside, signal_text
 
-
-
-class RunnerLock:
-    """An flock on <results>/runner.lock holding the owner's pid; released when the process dies."""
-
-    def __init__(self, results: Path) -> None:
-        self.path = results / "runner.lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(fd, 32).decode().strip() or "unknown"
-            os.close(fd)
-            raise UserError(
-                f"another byol-runner (pid {owner}) is running on {self.path.parent}: wait for it, stop it, "
-                "or use another --results"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-class EventTail:
-    """New complete lines of a task's events.jsonl since the last read: from its current end, or, for
-    an adopted attempt, from the start with only the events newer than `after_ts`."""
-
-    def __init__(self, path: Path, after_ts: float | None = None) -> None:
-        self.after_ts = after_ts
-        self.path, self.offset = path, 0 if after_ts is not None else (path.stat().st_size if path.exists() else 0)
-        self.last_error: str | None = None
-        self.last_error_type: str | None = None
-
-    def read(self) -> list[dict]:
-        events, self.offset = read_events(self.path, self.offset)
-        if self.after_ts is not None:
-            events = [e for e in events if (e.get("ts") or 0) > self.after_ts]
-        for e in events:
-            if e.get("kind") == "error":
-                self.last_error, self.last_error_type = e.get("message"), e.get("error_type")
-        return events
 
 
 @dataclass
@@ -209,7 +159,7 @@ class Scheduler:
         if own:
             lock = RunnerLock(self.results)
             lock.acquire()
-        stopping = _StopSignals()
+        stopping = StopSignals()
         run_id = -1
         try:
             self.executor.bind(self.results, self.plan.name)
@@ -224,6 +174,9 @@ class Scheduler:
                 self._loop(run_id)
             except KeyboardInterrupt:
                 stopping.stopping = True  # a second Ctrl-C now does not cut the cleanup short
+                n = len(self.running)
+                self._note(f"{stopping.name or 'Ctrl-C'}: stopping {n} running task{'s' if n != 1 else ''} (each keeps its last "
+                           f"checkpoint; up to {self.grace_s:g} s each) and recording them…")
                 self._stop_all(S.INTERRUPTED, f"stopped by {stopping.name or 'Ctrl-C'}")
                 self.store.end_run(run_id, "interrupted", 130)
                 return self._outcome(run_id, 130, t0)
@@ -256,6 +209,10 @@ class Scheduler:
                 events = r.tail.read()
                 if events:
                     self.store.add_points(r.task.id, r.attempt_id, events)
+                    for e in events:  # a resume, or a checkpoint it could not use, said where the user looks
+                        msg = str(e.get("message", "")) if e.get("kind") == "log" else ""
+                        if msg.startswith("resumed from checkpoint") or "moved aside" in msg:
+                            self._note(f"{r.task.label}: {msg}")
             changed |= self._control()
             changed |= self._block_orphans(by_id)
             changed |= self._launch(run_id, by_id)
@@ -281,6 +238,8 @@ class Scheduler:
             task_json = self.results / "tasks" / t.id / "task.json"
             tail = EventTail(task_json.parent / "events.jsonl")
             number = len(self.store.attempts(t.id)) + 1
+            if number > 1:
+                self._note_restart(t)
             attempt = self.store.start_attempt(t.id, run_id, number, self.executor.name, slot.name, None, os.uname().nodename)
             self.store.commit()  # the attempt exists before its container does: a restarted runner can adopt it
             try:
@@ -322,11 +281,11 @@ class Scheduler:
             error = r.tail.last_error or f"worker exited with code {code} and no error event (see worker.log)"
             if code == 0:
                 error = "worker exited 0 without writing metrics.json"
-            if reason is None and _killed_from_outside(code, r.tail.last_error_type):
+            if reason is None and killed_from_outside(code, r.tail.last_error_type):
                 # the OOM killer, `docker kill`, a user: not the task's fault, so not one of its retries,
                 # up to a limit (a task killed again and again is failed, saying so)
                 self.kills[tid] = self.kills.get(tid, 0) + 1
-                error = r.tail.last_error or f"{_signal_text(code)} from outside byol-runner (the OOM killer? see dmesg)"
+                error = r.tail.last_error or f"{signal_text(code)} from outside byol-runner (the OOM killer? see dmesg)"
                 if self.kills[tid] <= OUTSIDE_KILLS:
                     self.store.end_attempt(r.attempt_id, A.FAILED, code, error)
                     self.transition(tid, S.PENDING, f"{error}; not counted against executor.retries "
@@ -379,6 +338,22 @@ class Scheduler:
                     changed = True
         return changed
 
+    def _note(self, text: str) -> None:
+        """One line for the person watching (`run`'s display prints it; nothing without a display)."""
+        note = getattr(self.display, "note", None)
+        if note is not None:
+            note(text)
+
+    def _note_restart(self, t: PlannedTask) -> None:
+        """A task that ran before starts again: from its checkpoint (its worker says the step), or from
+        step 0, said here, with what was lost, when it stopped before its first checkpoint."""
+        if (self.results / "tasks" / t.id / "checkpoint.pt").is_file():
+            return
+        row = self.store.progress([t.id]).get(t.id)
+        step = row["step"] if row is not None else None
+        if step:
+            self._note(f"{t.label}: starts again from step 0 (its last attempt reached step {step} before its first checkpoint)")
+
     def _stop_all(self, status: S, why: str = "stopped by Ctrl-C") -> None:
         if self.starting is not None:  # stopped while its worker started: no handle to cancel, the attempt ends too
             tid, attempt = self.starting
@@ -396,39 +371,3 @@ class Scheduler:
     def _show(self, changed: bool) -> None:
         if self.display is not None:
             self.display(self, changed)
-
-
-OUTSIDE_KILLS = 3  # kills from outside a task survives in one run before they count as its failure
-
-
-def _killed_from_outside(code: int, error_type: str | None) -> bool:
-    """SIGKILL or SIGTERM that byol-runner did not send (the runner's own stops take other paths): the
-    worker says nothing (SIGKILL), says it was stopped (SIGTERM), or its executor says it was killed."""
-    return code in (-signal.SIGKILL, -signal.SIGTERM, 128 + signal.SIGKILL, 128 + signal.SIGTERM) and \
-        error_type in (None, "killed", "interrupted")
-
-
-def _signal_text(code: int) -> str:
-    sig = -code if code < 0 else code - 128
-    return f"killed ({signal.Signals(sig).name}, exit {code})"
-
-
-class _StopSignals:
-    """Ctrl-C and SIGTERM stop the run: the first raises KeyboardInterrupt in the loop and is named in the
-    attempts' records; any further one while the runner stops its tasks and records them is ignored
-    (it would leave the run and its attempts marked running), with a line saying so."""
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.stopping = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame) -> None:  # noqa: ANN001
-        if self.name is None and not self.stopping:
-            self.name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            raise KeyboardInterrupt
-        print("byol-runner: stopping the running tasks and recording them; this takes a few seconds", file=sys.stderr)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)

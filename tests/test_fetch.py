@@ -222,6 +222,7 @@ def test_without_kagglehub_the_command_says_how_to_install_it(tmp_path):
     import subprocess
 
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and 'pip install "byol-runner[fetch]"' in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and 'pip install -e ".[fetch]"' in r.stderr and "Traceback" not in r.stderr
+    assert "downloading" not in r.stdout  # the missing package is said first, not after a promise to download
     unknown = run_cli("data", "fetch", "lungs")
     assert unknown.returncode == 2 and "unknown data set 'lungs': one of chest_xray, head_ct, skin_isic" in unknown.stderr

@@ -363,8 +363,10 @@ def test_doctor_on_a_local_manifest_does_not_fail_for_docker(write_manifest, tmp
     r = cli_here("doctor", str(path), "--no-gpu")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "not needed" in r.stdout and "local executor" in r.stdout and "FAIL" not in r.stdout
-    plain = cli_here("doctor", "--no-gpu")
-    assert plain.returncode == 1 and "FAIL" in plain.stdout  # without a manifest: every backend is checked
+    plain = cli_here("doctor", "--no-gpu")  # without a manifest: what the default, local executor needs
+    assert plain.returncode == 0 and "FAIL" not in plain.stdout and "needed only for --executor docker" in plain.stdout
+    image = cli_here("doctor", "--no-gpu", "--image", "byol-runner:latest")  # an image named: Docker is the question
+    assert image.returncode == 1 and "FAIL" in image.stdout
 
 
 def test_every_command_line_argument_says_what_it_is():
@@ -382,3 +384,40 @@ def test_every_command_line_argument_says_what_it_is():
 
     missing = [f"{name}: {a.dest}" for name, a in walk(build_parser(), "byol-runner") if not a.help]
     assert missing == []
+
+
+def test_status_at_80_columns_cuts_no_name_and_no_number(tmp_path, monkeypatch):
+    """`status` on an 80-column terminal, as kubectl prints a list: every arm's name and loss whole, the
+    columns with nothing to say left out (no error column while nothing failed), the short id last,
+    a flag as its symbol with the reason below. Compared with the text it must print."""
+    import io
+
+    from rich.console import Console
+
+    from runner import console as C
+
+    tasks = [{"id": f"{i}e51c0ffee0000000", "kind": k, "dataset": "synthetic", "method": m, "seed": 0, "budget": b,
+              "status": "done", "epoch": 3, "step": 40, "total": 40, "loss": loss, "img_per_s": 50.0, "attempts": 1,
+              "error": None, "degenerate": deg}
+             for i, (k, m, b, loss, deg) in enumerate([
+                 ("pretrain", "byol-pretrain", None, 3.2871, []),
+                 ("finetune", "byol-finetune", "10%", 0.3412, []),
+                 ("linear", "byol-linear", "10%", 0.3398, ["† miscalibrated: test log-loss at least 0.99 × that of always "
+                                                            "predicting the test split's class frequencies"]),
+                 ("random-linear", "random-linear", "100%", 0.30121, []),
+                 ("supervised", "supervised", "100%", 0.2954, [])])]
+    st = {"run": {"id": 3, "name": "demo", "status": "done", "pid": 4242}, "tasks": tasks}
+    buf = io.StringIO()
+    monkeypatch.setattr(C, "out", Console(file=buf, width=80, force_terminal=False, highlight=False))
+    C.print_status(st)
+    assert buf.getvalue().splitlines() == [
+        "run demo (#3, done, pid 4242)",
+        "DATASET    METHOD         LABELS  SEED  STATUS  FLAGS  STEP   LOSS    TRIES  ID",
+        "synthetic  byol-pretrain          0     done           40/40  3.2871  1      0e51c0ff",
+        "synthetic  byol-finetune  10%     0     done           40/40  0.3412  1      1e51c0ff",
+        "synthetic  byol-linear    10%     0     done    †      40/40  0.3398  1      2e51c0ff",
+        "synthetic  random-linear  100%    0     done           40/40  0.3012  1      3e51c0ff",
+        "synthetic  supervised     100%    0     done           40/40  0.2954  1      4e51c0ff",
+        "synthetic byol-linear 10% seed 0 (2e51c0ff): † miscalibrated: test log-loss at least 0.99 × that of always "
+        "predicting the test split's class frequencies",
+    ]

@@ -112,9 +112,17 @@ def test_attaching_to_a_finished_run_shows_its_final_table(tiny_reference, tmp_p
     asyncio.run(scenario())
 
 
-def test_the_headless_cli_refuses_tui_without_runs(tmp_path):
+def test_the_headless_cli_refuses_tui_without_runs_and_without_a_terminal(tmp_path):
     r = run_cli("tui", "--results", str(tmp_path))
     assert r.returncode == 2 and "no runs in" in r.stderr
+    from runner.store import Store
+
+    store = Store(tmp_path / "runner.db")
+    store.begin_run("x", "name: x\n", "/x.yaml", 0, "local")
+    store.commit()
+    store.close()
+    r = run_cli("tui", "--results", str(tmp_path), timeout=60)  # stdin and stdout are pipes: it must not wait for keys
+    assert r.returncode == 2 and "the TUI needs a terminal" in r.stderr
 
 
 @pytest.mark.e2e

@@ -310,3 +310,43 @@ def test_the_help_screen_lists_every_key_the_app_binds():
     names = {"question_mark": "?", "slash": "/", "escape": "Esc"}
     bound = {names.get(k, k) for b in RunnerApp.BINDINGS for k in b.key.split(",")}
     assert bound <= listed, sorted(bound - listed)
+
+
+@pytest.mark.parametrize("size", [(60, 20), (80, 24), (160, 45)])
+def test_the_every_arm_table_scrolls_sideways_and_to_its_last_row(fixed_results, size):
+    """Results, then `e` (every arm): a table wider than the screen (here at 60 columns) scrolls
+    sideways with its numbers whole (never "0.7" for 0.750); End reaches its last row at every size."""
+    import asyncio
+
+    from textual.containers import ScrollableContainer
+
+    app = app_for(fixed_results)
+
+    async def scenario() -> None:
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause(0.8)
+            await pilot.press("3", "e")
+            await pilot.pause(0.5)
+            pane = app.query_one("#results-scroll", ScrollableContainer)
+            lines = shown_text(app.query_one("#table")).splitlines()
+            assert any("0.750" in line for line in lines) and not any(" 0.7 " in f"{line} " for line in lines)
+            widest = max(len(line.rstrip()) for line in app.results_markdown and shown_text(app.query_one("#table")).splitlines())
+            assert (pane.max_scroll_x > 0) == (widest > pane.scrollable_content_region.width)
+            if size[0] == 60:
+                assert pane.max_scroll_x > 0  # wider than the screen: reachable sideways, not cut
+                pane.scroll_to(x=pane.max_scroll_x, animate=False)
+                await pilot.pause(0.2)
+                assert pane.scroll_x == pane.max_scroll_x
+            pane.focus()
+            await pilot.press("end")
+            for _ in range(30):  # the scroll is animated: wait for it to land (up to 3 s on a loaded machine)
+                await pilot.pause(0.1)
+                if pane.scroll_y == pane.max_scroll_y:
+                    break
+            assert pane.scroll_y == pane.max_scroll_y
+            last = [line for line in lines if line.strip()][-1]
+            visible = pane.scroll_y + pane.scrollable_content_region.height
+            assert lines.index(last) < visible  # the last line is on the screen once scrolled to the end
+            await pilot.press("q")
+
+    asyncio.run(scenario())

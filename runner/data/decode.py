@@ -120,6 +120,8 @@ def decode_file(path: str, s: ImageSettings) -> Decoded:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # PIL names the in-memory buffer it read ("<_io.BytesIO object at 0x...>"): the caller names the file
         msg = _OBJECT_REPR.sub("it", str(e)) or type(e).__name__
+        if msg.startswith("cannot identify image file"):
+            msg = "not in an image format Pillow reads (PNG, JPEG, TIFF, BMP, ...)"
         return Decoded(None, file_sha, None, False, "", None, f"not a readable image: {msg}")
     return Decoded(pixels, file_sha, pixel_sha, gray, mode, size)
 

@@ -74,13 +74,18 @@ DATASETS = {d.name: d for d in (
 )}
 
 
-def download(handle: str) -> Path:
-    """The data set's files, as kagglehub downloads (or finds in its cache) them."""
+def _kagglehub():  # noqa: ANN202 - the module
     try:
         import kagglehub
     except ImportError:
-        raise UserError('data fetch downloads through kagglehub, which is not installed: pip install "byol-runner[fetch]" '
-                        "(or pip install kagglehub)") from None
+        raise UserError('data fetch downloads through kagglehub, which is not installed: pip install -e ".[fetch]" in the '
+                        "byol-runner checkout (or pip install kagglehub)") from None
+    return kagglehub
+
+
+def download(handle: str) -> Path:
+    """The data set's files, as kagglehub downloads (or finds in its cache) them."""
+    kagglehub = _kagglehub()
     try:
         return Path(kagglehub.dataset_download(handle))
     except Exception as e:  # noqa: BLE001 - every failure of the download becomes one line that says what to do
@@ -142,6 +147,8 @@ def fetch(name: str, dest: Path, get: Callable[[str], Path] = download, say: Cal
         shutil.rmtree(final)
     if final.exists():
         raise UserError(f"{d.name}: {final} exists and was not made by `data fetch`: move it away, or fetch elsewhere with --to DIR")
+    if get is download:
+        _kagglehub()  # missing: said before "downloading"
     say(f"{d.name}: downloading {d.handle} through kagglehub ({d.page})")
     archive = get(d.handle)
     root = find_root(archive, d)

@@ -20,7 +20,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
+from textual.containers import ScrollableContainer
 from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
 from textual_plotext import PlotextPlot
 
@@ -37,6 +37,7 @@ class RunnerApp(App):
     CSS = """
     #summary { height: 1; padding: 0 1; background: $panel; }
     #curves { height: 1fr; }
+    #results-scroll #table { width: auto; height: auto; }
     #dialog { width: 72; height: auto; border: thick $error; background: $surface; padding: 1 2; }
     #dialog Horizontal { height: auto; }
     #dialog Static { width: 100%; }
@@ -103,7 +104,7 @@ class RunnerApp(App):
             with TabPane("Curves", id="curves-pane"):
                 yield PlotextPlot(id="curves")
             with TabPane("Results", id="results"):
-                with VerticalScroll(id="results-scroll"):
+                with ScrollableContainer(id="results-scroll"):  # both ways: a wide table scrolls sideways, not cut
                     yield Static("no results yet", id="table")
             with TabPane("Detail", id="detail"):
                 yield Static("select a task in the queue", id="detail-text")
@@ -236,7 +237,13 @@ class RunnerApp(App):
             return  # metrics.json files change only when a task finishes
         self.report_key = key
         self.results_markdown = results_markdown(self.results, snap, self.extended)
-        self.query_one("#table", Static).update(rich_markdown(self.results_markdown))  # tables as wide as their content
+        # tables as wide as their content (the pane scrolls sideways to them), prose wrapped to the screen
+        from rich.measure import Measurement
+
+        shown = rich_markdown(self.results_markdown, wrap=max(40, self.size.width - 4))
+        table = self.query_one("#table", Static)
+        table.styles.width = Measurement.get(self.console, self.console.options.update(width=10_000), shown).maximum
+        table.update(shown)
 
     # ---- actions -------------------------------------------------------------------------
 
@@ -315,7 +322,7 @@ class RunnerApp(App):
             table = self.query_one("#tasks", DataTable)
             table.action_cursor_down() if delta > 0 else table.action_cursor_up()
         elif pane == "results":
-            self.query_one("#results-scroll", VerticalScroll).scroll_relative(y=delta * 3)
+            self.query_one("#results-scroll", ScrollableContainer).scroll_relative(y=delta * 3)
 
     @on(TabbedContent.TabActivated)
     def tab_activated(self, event: TabbedContent.TabActivated) -> None:

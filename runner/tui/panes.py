@@ -14,7 +14,9 @@ def draw_curves(plt, series: dict, overlay: dict, names: dict[str, str], selecte
     plt.clear_data()
     plt.clear_figure()
     if not series:
-        plt.title("select a task in the queue (enter) to see its curves")
+        plt.title("select a task in the queue (enter) to see its curves" if selected is None else
+                  f"no curve for {names.get(selected, selected)}: not started yet, or a linear probe (one logistic regression, "
+                  "no steps); its numbers are in Results (3) and Detail (4)")
         return
     for name in ("loss", "val_loss"):
         if name in series:

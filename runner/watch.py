@@ -1,0 +1,98 @@
+"""What the scheduler keeps watch with: the results dir's lock (one runner at a time), the tail of a
+task's events.jsonl, how a worker's exit by a signal reads, and Ctrl-C/SIGTERM while a run goes on."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+from pathlib import Path
+
+from runner.contracts import read_events
+from runner.errors import UserError
+
+
+class RunnerLock:
+    """An flock on <results>/runner.lock holding the owner's pid; released when the process dies."""
+
+    def __init__(self, results: Path) -> None:
+        self.path = results / "runner.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode().strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"another byol-runner (pid {owner}) is running on {self.path.parent}: wait for it, stop it, "
+                "or use another --results"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class EventTail:
+    """New complete lines of a task's events.jsonl since the last read: from its current end, or, for
+    an adopted attempt, from the start with only the events newer than `after_ts`."""
+
+    def __init__(self, path: Path, after_ts: float | None = None) -> None:
+        self.after_ts = after_ts
+        self.path, self.offset = path, 0 if after_ts is not None else (path.stat().st_size if path.exists() else 0)
+        self.last_error: str | None = None
+        self.last_error_type: str | None = None
+
+    def read(self) -> list[dict]:
+        events, self.offset = read_events(self.path, self.offset)
+        if self.after_ts is not None:
+            events = [e for e in events if (e.get("ts") or 0) > self.after_ts]
+        for e in events:
+            if e.get("kind") == "error":
+                self.last_error, self.last_error_type = e.get("message"), e.get("error_type")
+        return events
+
+
+OUTSIDE_KILLS = 3  # kills from outside a task survives in one run before they count as its failure
+
+
+def killed_from_outside(code: int, error_type: str | None) -> bool:
+    """SIGKILL or SIGTERM that byol-runner did not send (the runner's own stops take other paths): the
+    worker says nothing (SIGKILL), says it was stopped (SIGTERM), or its executor says it was killed."""
+    return code in (-signal.SIGKILL, -signal.SIGTERM, 128 + signal.SIGKILL, 128 + signal.SIGTERM) and \
+        error_type in (None, "killed", "interrupted")
+
+
+def signal_text(code: int) -> str:
+    sig = -code if code < 0 else code - 128
+    return f"killed ({signal.Signals(sig).name}, exit {code})"
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM stop the run: the first raises KeyboardInterrupt in the loop and is named in the
+    attempts' records; any further one while the runner stops its tasks and records them is ignored
+    (it would leave the run and its attempts marked running), with a line saying so."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.stopping = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if self.name is None and not self.stopping:
+            self.name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            raise KeyboardInterrupt
+        print("byol-runner: stopping the running tasks and recording them; this takes a few seconds", file=sys.stderr)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
