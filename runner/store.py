@@ -201,11 +201,13 @@ class Store:
                 last = e
         if rows:
             self.db.executemany(f"INSERT INTO metric_points VALUES (?,?,?,?,?,?{',?' * len(POINT_FIELDS)})", rows)
-        if last is not None:
+        if last is not None:  # the latest of each value in the batch (a monitor's metric event carries no loss)
+            latest = {k: next((e[k] for e in reversed(events) if e.get("kind") in ("progress", "metric") and e.get(k) is not None),
+                              None) for k in ("loss", "img_per_s", "total")}
             self.db.execute(
                 "UPDATE tasks SET epoch=?, step=?, loss=COALESCE(?, loss), img_per_s=COALESCE(?, img_per_s), "
                 "total=COALESCE(?, total), updated=? WHERE id=?",
-                (last.get("epoch"), last.get("step"), last.get("loss"), last.get("img_per_s"), last.get("total"), time.time(), task_id),
+                (last.get("epoch"), last.get("step"), latest["loss"], latest["img_per_s"], latest["total"], time.time(), task_id),
             )
 
     def commit(self) -> None:

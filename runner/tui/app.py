@@ -47,7 +47,8 @@ class RunnerApp(App):
     #find { dock: bottom; display: none; }
     #find.shown { display: block; }
     """
-    # the footer shows what fits 80 columns; `?` lists every key (runner/tui/screens.py KEYS)
+    # the footer shows these in this order, as many as fit (at 80 columns through "sort", at 160 all);
+    # `?` lists every key (runner/tui/screens.py KEYS)
     BINDINGS = [
         Binding("q", "quit_app", "quit"),
         Binding("question_mark", "help", "keys"),
@@ -58,12 +59,12 @@ class RunnerApp(App):
         Binding("slash", "find", "find"),
         Binding("f", "cycle_filter", "filter"),
         Binding("s", "cycle_sort", "sort"),
-        Binding("S", "reverse_sort", "reverse sort", show=False),
-        Binding("r", "retry", "retry", show=False),
-        Binding("c", "cancel", "cancel", show=False),
-        Binding("l", "show_log", "log", show=False),
-        Binding("o", "toggle_overlay", "overlay", show=False),
-        Binding("e", "toggle_extended", "AUROC/BA", show=False),
+        Binding("S", "reverse_sort", "reverse"),
+        Binding("l", "show_log", "log"),
+        Binding("r", "retry", "retry"),
+        Binding("c", "cancel", "cancel"),
+        Binding("o", "toggle_overlay", "overlay"),
+        Binding("e", "toggle_extended", "every arm"),
         Binding("j", "move(1)", "down", show=False),
         Binding("k", "move(-1)", "up", show=False),
         Binding("escape", "escape", "close", show=False),
