@@ -26,6 +26,11 @@ def _results_dir(args: argparse.Namespace, manifest_results: str | None = None) 
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    if args.format == "md":
+        from runner.reference import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
     from runner.manifest import json_schema
 
     print(json.dumps(json_schema(), indent=2))
@@ -82,14 +87,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in power_warnings(manifest, results):
             print(f"warning: {line}", file=sys.stderr)
     if args.readme:  # a README without its marker lines: said now, not after an hour of training
-        from runner.pages import readme_markers
+        from runner.docpages import readme_markers
 
         readme_markers(Path(args.readme), run=manifest.name)
     outcome, rep = execute_plan(args.manifest, manifest, results, plan, args.executor, args.max_parallel, args.retry_failed,
                                 display_factory=RunDisplay, retry_ids=tuple(args.retry or ()), rebuild_store=args.rebuild_store)
     _print_outcome(args, outcome, rep, results / manifest.name)
     if args.readme and outcome.exit_code != 130:
-        from runner.pages import publish_readme
+        from runner.docpages import publish_readme
 
         print(publish_readme(Path(args.readme), rep, results))
     if outcome.exit_code == 1:
@@ -164,14 +169,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     from runner.commands import report
     from runner.tables import extended_markdown, to_csv, to_markdown
 
-    results, rep, out = report(args.results, args.run, args.bootstrap, need_files=args.format == "html" or bool(args.readme))
+    results, rep, out = report(args.results, args.run, args.bootstrap,
+                               need_files=args.format == "html" or bool(args.readme) or bool(args.docs))
     if out is None:
         print("note: the report files and figures were not written (the results dir is read-only); the report is printed only",
               file=sys.stderr)
     if args.readme:
-        from runner.pages import publish_readme
+        from runner.docpages import publish_readme
 
         print(publish_readme(Path(args.readme), rep, results), file=sys.stderr)
+    if args.docs:
+        from runner.docpages import write_docs
+
+        print(f"full report: {write_docs(Path(args.docs), rep, results)}", file=sys.stderr)
     if args.format == "html":
         print(out / "results.html")
     elif args.format == "json" or args.json:
@@ -278,8 +288,8 @@ def _add_run(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
     r.add_argument("--rebuild-store", action="store_true",
                    help="a damaged runner.db: move it aside and rebuild it from the task folders (finished tasks are kept)")
     r.add_argument("--retry", action="append", metavar="TASK_ID", help="run again this one failed task (repeatable)")
-    r.add_argument("--readme", metavar="FILE", help="at the end, write the results into FILE between its marker lines "
-                   "(as `report --readme`): a README whose table the run itself produced")
+    r.add_argument("--readme", metavar="FILE", help="at the end, write the run's compact results section into FILE between "
+                   "its marker lines, and its full report at docs/studies/<run>.md beside FILE (as `report --readme`)")
     r.set_defaults(func=cmd_run)
 
 
@@ -305,7 +315,10 @@ def _add_report(sub) -> None:  # noqa: ANN001
     rp.add_argument("--run", help="a run name (default: the latest run)")
     rp.add_argument("--format", choices=("md", "csv", "json", "html"), default="md",
                     help="what to print; all four files are written under results/<run>/ (html: prints its path)")
-    rp.add_argument("--readme", help="rewrite the results section of this README, between its marker comments")
+    rp.add_argument("--readme", help="rewrite the run's compact section of this README, between its marker comments, and "
+                    "write its full report page at docs/studies/<run>.md beside the README")
+    rp.add_argument("--docs", metavar="DIR", help="write the run's full report page at DIR/<run>.md (the manual's study pages: "
+                    "docs/studies), its figures in DIR/<run>/")
     rp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals")
     rp.add_argument("--json", action="store_true", help="same as --format json")
     rp.set_defaults(func=cmd_report)
@@ -334,7 +347,11 @@ def _add_tui(sub) -> None:  # noqa: ANN001
 
 
 def _add_schema(sub) -> None:  # noqa: ANN001
-    sub.add_parser("schema", help="print the manifest's JSON schema").set_defaults(func=cmd_schema)
+    sc = sub.add_parser("schema", help="the manifest's keys: its JSON schema, or the reference page (--format md)")
+    sc.add_argument("--format", choices=("json", "md"), default="json",
+                    help="json: the JSON Schema; md: the manifest reference (docs/manifest.md), every key with its type, "
+                    "default and description")
+    sc.set_defaults(func=cmd_schema)
 
 
 def _add_data(sub) -> None:  # noqa: ANN001

@@ -122,8 +122,29 @@ def _torch_check() -> Check:
     except ImportError:
         return Check("PyTorch", "fail", "not installed (the local executor's workers need it)", "pip install torch torchvision")
     cuda = torch.cuda.is_available()
-    detail = f"torch {torch.__version__}, " + (f"CUDA on {torch.cuda.device_count()} GPU(s)" if cuda else "CPU only")
+    build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU build"
+    detail = f"torch {torch.__version__} ({build}), " + (f"CUDA on {torch.cuda.device_count()} GPU(s)" if cuda else "CPU only")
+    if torch.version.cuda and not cuda:  # the CUDA libraries installed for nothing
+        size = _cuda_libraries_size()
+        return Check("PyTorch", "warn", f"{detail}: this machine has no GPU, and the CUDA build's libraries take "
+                     f"{size / 2**30:.1f} GB here", "a CPU build saves them: pip install --force-reinstall torch torchvision "
+                     "--index-url https://download.pytorch.org/whl/cpu (or `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` "
+                     "in a fresh checkout)")
     return Check("PyTorch", "ok", detail)
+
+
+def _cuda_libraries_size() -> int:
+    """Bytes of the NVIDIA wheels installed beside torch (site-packages/nvidia, triton)."""
+    import os
+    import site
+    from pathlib import Path
+
+    total = 0
+    for sp in site.getsitepackages():
+        for name in ("nvidia", "triton"):
+            for root, _, files in os.walk(Path(sp) / name):
+                total += sum((Path(root) / f).stat().st_size for f in files if not (Path(root) / f).is_symlink())
+    return total
 
 
 def as_dicts(checks: list[Check]) -> list[dict]:

@@ -81,7 +81,7 @@ def pretrain_loss(out: Path, dataset: str, curves: dict[tuple[str, int], list[tu
                     if base is not None:
                         ax.axhline(base, ls="--", lw=1, color=line.get_color(), alpha=0.7)
             ax.set_xlabel("optimizer step")
-            ax.set_ylabel("kNN AUROC (smallest budget's labels)")
+            ax.set_ylabel("kNN AUROC (run.monitor_labels)")
             ax.set_title(f"{name}: pretraining monitor (dashed: the untrained network)", fontsize=9)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)

@@ -131,7 +131,8 @@ class CompareSpec(StrictModel):
 
 class Manifest(TrainSettings):
     name: SafeName = Field(description="the run's name: its folder under the results dir")
-    datasets: dict[SafeName, DatasetSpec] = Field(min_length=1)
+    datasets: dict[SafeName, DatasetSpec] = Field(min_length=1, description="name -> a data set (its source and split); "
+                                                     "the name is a folder name and appears in every table")
     methods: list[Method] = Field(
         default_factory=lambda: list(DEFAULT_METHODS), min_length=1,
         description="the arms (runner/arms.py): Model 1 = byol-finetune (or byol-linear), Model 2 = supervised; "
@@ -139,7 +140,7 @@ class Manifest(TrainSettings):
         "byol-imagenet-*; supervised-imagenet, imagenet-linear and byol-imagenet-* need ImageNet weights in the torch "
         "hub cache; simsiam-* pretrain with SimSiam",
     )
-    labels: LabelsSpec = LabelsSpec()
+    labels: LabelsSpec = Field(default_factory=LabelsSpec, description="the label budgets and how validation labels are counted")
     seeds: list[Annotated[int, Field(strict=True)]] = Field(
         default_factory=lambda: [0, 1, 2, 3, 4], min_length=1,
         description="one run of every cell per seed (default 5: one seed decides nothing, and 3 rarely do; `plan` says what "
@@ -150,8 +151,9 @@ class Manifest(TrainSettings):
         description="where tasks run and how many at once: kind local (one subprocess per task, the default), docker "
         "(one container per task) or ray (one Ray task per cell); each kind has its own settings",
     )
-    report: ReportSpec = ReportSpec()
-    compare: CompareSpec = CompareSpec()
+    report: ReportSpec = Field(default_factory=ReportSpec, description="how the results are judged (no task depends on it)")
+    compare: CompareSpec = Field(default_factory=CompareSpec, description="which arms are Model 1 and Model 2, and the "
+                                 "equivalence margin")
     results: str | None = Field(None, description="results dir (default: results/, or --results)")
 
     @field_validator("methods")

@@ -1,5 +1,6 @@
-"""The report's pages: its figures (results/<run>/figures/), the README's results section between two
-marker lines, and the self-contained HTML page. The tables and numbers are `runner.report`'s."""
+"""The report's pages: its figures (results/<run>/figures/) and the self-contained HTML page; the
+README's section and the manual's study page are `runner.docpages`'s. The tables and numbers are
+`runner.report`'s."""
 
 from __future__ import annotations
 
@@ -134,129 +135,6 @@ def make_figures(results: Path, report: dict, tasks: list[TaskRow]) -> list[str]
             paths.append(draw("label_efficiency", ds, budgets, dict(sorted(series.items()))))
     draw.save()
     return [str(p.relative_to(results / report["run"])) for p in paths]
-
-
-MARK_START = "<!-- byol-runner results start -->"
-MARK_END = "<!-- byol-runner results end -->"
-README_FIGURES = ("label_efficiency", "pretrain_loss", "confusion")  # copied beside the README and shown there
-
-
-def run_marks(run: str) -> tuple[str, str]:
-    """The marker lines of one run's section, for a README that holds several (the demo's and a study's)."""
-    return f"<!-- byol-runner results start: {run} -->", f"<!-- byol-runner results end: {run} -->"
-
-
-def readme_markers(readme: Path, lines: list[str] | None = None, run: str | None = None) -> tuple[int, int]:
-    """The lines of the README's marker pair for this run: the pair named for it
-    (`<!-- byol-runner results start: RUN -->`) if it has one, else its one plain pair; a UserError
-    otherwise (`run --readme` checks this before it trains anything)."""
-    from runner.errors import UserError
-
-    try:
-        lines = readme.read_text().splitlines(keepends=True) if lines is None else lines
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{readme}: cannot read it ({e})") from None
-    # a marker counts only on a line of its own: a README that quotes the markers in its prose or a
-    # table (this project's own does) must not have its text spliced there
-    def pair(start: str, end: str) -> tuple[list[int], list[int]]:
-        return ([i for i, line in enumerate(lines) if line.strip() == start],
-                [i for i, line in enumerate(lines) if line.strip() == end])
-
-    if run is not None:
-        named_start, named_end = run_marks(run)
-        starts, ends = pair(named_start, named_end)
-        if len(starts) == 1 and len(ends) == 1 and starts[0] < ends[0]:
-            return starts[0], ends[0]
-        if starts or ends:
-            order = "; the start line must come before the end line" if len(starts) == len(ends) == 1 else ""
-            raise UserError(f"{readme}: needs exactly one pair of marker lines for run {run}, {named_start} then "
-                            f"{named_end}, each on a line of its own (found {len(starts)} and {len(ends)}{order})")
-    starts, ends = pair(MARK_START, MARK_END)
-    if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
-        named = "" if run is None else f" (or {run_marks(run)[0]} then {run_marks(run)[1]}, for a README with several runs)"
-        order = "; the start line must come before the end line" if len(starts) == len(ends) == 1 else ""
-        raise UserError(f"{readme}: needs exactly one pair of marker lines, {MARK_START} then {MARK_END}{named}, each on a "
-                        f"line of its own, where the results go (found {len(starts)} and {len(ends)}{order})")
-    return starts[0], ends[0]
-
-
-def readme_figure_dir(readme: Path, run: str) -> Path:
-    return readme.parent / "docs" / run
-
-
-def readme_figures(readme: Path, report: dict, results: Path) -> str:
-    """Copy the README's figures (per data set: label efficiency, the pretraining loss, the confusion
-    matrices at the largest budget) into docs/<run>/ beside the README, replacing the ones an earlier report put
-    there (other files there are left alone), and return their markdown: images a repository page
-    shows, not links into results/, which is never committed."""
-    import shutil
-
-    from runner.figures import slug
-
-    run = report["run"]
-    figs = {Path(f).name: results / run / f for f in report.get("figures", [])}
-    out = readme_figure_dir(readme, run)
-    rel = Path(os.path.relpath(out, readme.parent)).as_posix()
-    datasets = list(dict.fromkeys(e["dataset"] for e in report.get("extended", [])))
-    budgets = sorted({e["labels"] for e in report.get("extended", [])}, key=budget_order)
-    shown: list[str] = []
-
-    def img(name: str, alt: str, width: str) -> str:
-        if name not in figs:
-            return ""
-        shown.append(name)
-        return f'<img src="{rel}/{name}" alt="{alt}" width="{width}">'
-
-    blocks = []
-    for ds in datasets:
-        s = slug(ds)
-        top = [img(f"label_efficiency_{s}.png", f"{ds}: label efficiency", "49%"),
-               img(f"pretrain_loss_{s}.png", f"{ds}: pretraining loss", "49%")]
-        # the confusion matrices of the largest budget (every arm, Model 1 and Model 2 among them); the
-        # other budgets' are in results.html: a README stays readable, and its PNGs few
-        mats = [(b, f"confusion_{s}_{slug(b)}.png") for b in budgets if f"confusion_{s}_{slug(b)}.png" in figs][-1:]
-        if not any(top) and not mats:
-            continue
-        parts = [w for w, i in zip(("label efficiency", "pretraining loss"), top) if i]
-        if mats:
-            parts.append(f"test confusion matrices of every arm at {mats[0][0]} labels (all seeds summed; the other budgets' "
-                         "are in results.html)")
-        block = f"\n**{ds}**: {'; '.join(parts)}.\n\n" + (" ".join(i for i in top if i) + "\n" if any(top) else "")
-        if mats:
-            block += " ".join(img(name, f"{ds}: confusion matrices, {b} labels", "49%") for b, name in mats) + "\n"
-        blocks.append(block)
-    if out.is_dir():  # an earlier report's figures that this one does not show
-        for stale in out.glob("*.png"):
-            if stale.name.startswith(README_FIGURES) and stale.name not in shown:
-                stale.unlink()
-    if not shown:
-        return ""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in shown:
-        shutil.copyfile(figs[name], out / name)
-    return (f"Figures (copied into `{rel}/` by the report; every figure, the training curves too, is in the run's "
-            f"results.html: `byol-runner report --run {run} --format html`):\n" + "".join(blocks))
-
-
-def publish_readme(readme: Path, report: dict, results: Path) -> str:
-    """`--readme`: rewrite the run's section; the line that says what happened."""
-    changed = rewrite_readme(readme, report, results)
-    return (f"{readme}: results section {'rewritten' if changed else 'already up to date'} (its figures: "
-            f"{readme_figure_dir(readme, report['run'])})")
-
-
-def rewrite_readme(readme: Path, report: dict, results: Path) -> bool:
-    """Replace what stands between the README's marker lines for this run with the report, its
-    figures copied into docs/<run>/ beside it; nothing else changes. Returns whether the file changed."""
-    text = readme.read_text()
-    lines = text.splitlines(keepends=True)
-    start, end = readme_markers(readme, lines, report["run"])
-    figs = readme_figures(readme, report, results)
-    body = to_markdown(report) + "\n" + extended_markdown(report) + ("\n" + figs if figs else "")
-    new = "".join(lines[: start + 1]) + body + "".join(lines[end:])
-    if new != text:
-        atomic_write_text(readme, new)
-    return new != text
 
 
 FIGURE_ORDER = ("label_efficiency", "confusion", "finetune_loss", "pretrain_loss")
@@ -395,3 +273,9 @@ def to_html(report: dict, results: Path) -> str:
            f"<pre>{esc(manifest)}</pre></details>" if manifest else "")
         + "</main></body></html>"
     )
+
+
+def publish_readme(readme: Path, report: dict, results: Path) -> str:  # a run started before runner.docpages existed
+    from runner.docpages import publish_readme as publish
+
+    return publish(readme, report, results)

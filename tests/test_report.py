@@ -166,13 +166,16 @@ def test_readme_rewrite_touches_only_the_marked_section_and_is_idempotent(finish
     head, tail = before.split("<!-- byol-runner results start -->")[0], before.split("<!-- byol-runner results end -->")[1]
     assert once.startswith(head) and once.endswith(tail)
     assert "old table" not in once and "| Dataset | Model 1 accuracy |" in once
-    # the figures it shows are copied beside the README (results/ is never committed): per data set the
-    # label efficiency, the pretraining loss and the confusion matrices at the largest budget; the
-    # training curves and the other budgets' matrices stay in the HTML page
-    shown = re.findall(r'<img src="([^"]+\.png)"', once)
+    # the README gets the compact section and a link; the full report is a page of its own beside it,
+    # its figures copied there (results/ is never committed): per data set the label efficiency, the
+    # pretraining, the confusion matrices at the largest budget (the rest stays in the HTML page)
+    assert "[full report](docs/studies/tiny.md)" in once and "<img" not in once and "| Dataset | Labels | Method" not in once
+    page = (readme.parent / "docs" / "studies" / "tiny.md").read_text()
+    assert "| Dataset | Labels | Method | Seeds | Units | Accuracy | AUROC |" in page and "## Figures" in page
+    shown = re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", page)
     assert sorted(Path(s).name for s in shown) == ["confusion_syn_100pct.png", "label_efficiency_syn.png", "pretrain_loss_syn.png"]
-    assert all(s.startswith("docs/tiny/") and (readme.parent / s).is_file() for s in shown)
-    assert sorted(p.name for p in (readme.parent / "docs" / "tiny").iterdir()) == sorted(Path(s).name for s in shown)
+    assert all(s.startswith("tiny/") and (readme.parent / "docs" / "studies" / s).is_file() for s in shown)
+    assert sorted(p.name for p in (readme.parent / "docs" / "studies" / "tiny").iterdir()) == sorted(Path(s).name for s in shown)
     r2 = cli_here("report", "--results", str(finished), "--readme", str(readme))
     assert "already up to date" in r2.stderr and readme.read_text() == once
     readme.write_text("no markers here\n")
@@ -190,20 +193,22 @@ def test_a_readme_with_several_runs_gets_each_run_in_its_own_named_section(finis
               + other + "\nEnd.\n")
     readme = tmp_path / "README.md"
     readme.write_text(before)
-    (tmp_path / "docs" / "demo").mkdir(parents=True)
-    (tmp_path / "docs" / "demo" / "keep.png").write_bytes(b"demo's")
-    (tmp_path / "docs" / "tiny").mkdir()
-    (tmp_path / "docs" / "tiny" / "confusion_gone_1pct.png").write_bytes(b"stale")
-    (tmp_path / "docs" / "tiny" / "screenshot.png").write_bytes(b"the user's")
+    studies = tmp_path / "docs" / "studies"
+    (studies / "demo").mkdir(parents=True)
+    (studies / "demo" / "keep.png").write_bytes(b"demo's")
+    (studies / "tiny").mkdir()
+    (studies / "tiny" / "confusion_gone_1pct.png").write_bytes(b"stale")
+    (studies / "tiny" / "screenshot.png").write_bytes(b"the user's")
     r = cli_here("report", "--results", str(finished), "--readme", str(readme))
     assert r.returncode == 0, r.stderr
     text = readme.read_text()
     assert "not run yet" not in text and text.endswith("\n" + other + "\nEnd.\n") and "demo table" in text
     section = text.split("<!-- byol-runner results start: tiny -->\n")[1].split("<!-- byol-runner results end: tiny -->")[0]
-    assert section.startswith("| Dataset | Model 1 accuracy |") and 'src="docs/tiny/label_efficiency_syn.png"' in section
-    assert (tmp_path / "docs" / "demo" / "keep.png").read_bytes() == b"demo's"
-    assert not (tmp_path / "docs" / "tiny" / "confusion_gone_1pct.png").exists()
-    assert (tmp_path / "docs" / "tiny" / "screenshot.png").read_bytes() == b"the user's"  # not a figure of a report
+    assert "| Dataset | Model 1 accuracy |" in section and "(docs/studies/tiny.md)" in section
+    assert "](tiny/label_efficiency_syn.png)" in (studies / "tiny.md").read_text()
+    assert (studies / "demo" / "keep.png").read_bytes() == b"demo's"
+    assert not (studies / "tiny" / "confusion_gone_1pct.png").exists()
+    assert (studies / "tiny" / "screenshot.png").read_bytes() == b"the user's"  # not a figure of a report
     # named sections for other runs only, and no plain pair: refused, naming the pair this run needs
     readme.write_text(other)
     r = cli_here("report", "--results", str(finished), "--readme", str(readme))
@@ -217,10 +222,11 @@ def _section(text: str, run: str) -> str:
 
 @pytest.mark.e2e
 def test_the_readme_study_section_is_what_the_product_writes(finished, tmp_path):
-    """experiments/study-cpu.yaml is the README's study: matrix.yaml's data sets (at 64 px), and the
-    README's section has the tables a report writes today (re-rendered here from a tiny finished run),
-    a row per data set and budget of the manifest over its three seeds, and the figures it shows (per
-    data set: label efficiency, BYOL's loss, the confusion matrices at 100%) exist in docs/study-cpu/."""
+    """experiments/study-cpu.yaml is the README's study: matrix.yaml's data sets (at 64 px). The README's
+    section is the compact one a report writes today (its table's header re-rendered here from a tiny
+    finished run), a row per data set and budget, a verdict per row, the link to its page; the page
+    (docs/studies/study-cpu.md) has every arm over the manifest's seeds and the figures it shows (per
+    data set: label efficiency, the pretraining, the confusion matrices at 100%) beside it."""
     import yaml
 
     study_text = (REPO / "experiments" / "study-cpu.yaml").read_text()
@@ -240,18 +246,22 @@ def test_the_readme_study_section_is_what_the_product_writes(finished, tmp_path)
     def headers(text: str) -> list[str]:
         return [line for line in text.splitlines() if line.startswith("| Dataset |")]
 
-    assert headers(section) == headers(fresh) and len(headers(section)) == 3
+    assert headers(section) == headers(fresh) and len(headers(section)) == 1
     pct = [f"{f * 100:g}%" for f in study["labels"]["fractions"]]
     rows = [line.split(" | ")[0] for line in section.splitlines()[2:] if line.startswith("| ") and line.split(" | ")[0].endswith(" labels)")]
     assert sorted(rows) == sorted(f"| {ds} ({b} labels)" for ds in study["datasets"] for b in pct)
-    extended = [line.split(" | ") for line in section.splitlines() if re.match(r"\| \w+ \| \d+% \| [a-z-]+†? \| ", line)]
-    assert len(extended) == len(study["datasets"]) * len(pct) * len(study["methods"])
-    assert {cells[3] for cells in extended} == {str(len(study["seeds"]))}  # every arm over the three seeds
-    shown = re.findall(r'<img src="([^"]+)"', section)
-    expected = {f"docs/study-cpu/{kind}_{ds}.png" for ds in study["datasets"] for kind in ("label_efficiency", "pretrain_loss")}
-    expected |= {f"docs/study-cpu/confusion_{ds}_{pct[-1].replace('%', 'pct')}.png" for ds in study["datasets"]}
-    assert set(shown) == expected and all((REPO / s).is_file() for s in shown)
-    assert {p.name for p in (REPO / "docs" / "study-cpu").iterdir()} == {Path(s).name for s in shown}
+    verdicts = [line for line in section.splitlines() if line.startswith("- ") and line[2:].split(" ")[0] in study["datasets"]]
+    assert len(verdicts) == len(rows)
+    assert "(docs/studies/study-cpu.md)" in section
+    page = (REPO / "docs" / "studies" / "study-cpu.md").read_text()
+    extended = [line.split(" | ") for line in page.splitlines() if re.match(r"\| \w+ \| \d+% \| [a-z-]+ \| \d+ \| ", line)]
+    assert len(extended) == 2 * len(study["datasets"]) * len(pct) * len(study["methods"])  # two tables of every arm
+    assert {cells[3] for cells in extended} == {str(len(study["seeds"]))}  # every arm over every seed
+    shown = re.findall(r"!\[[^]]*\]\(([^)]+)\)", page)
+    expected = {f"study-cpu/{kind}_{ds}.png" for ds in study["datasets"] for kind in ("label_efficiency", "pretrain_loss")}
+    expected |= {f"study-cpu/confusion_{ds}_{pct[-1].replace('%', 'pct')}.png" for ds in study["datasets"]}
+    assert set(shown) == expected and all((REPO / "docs" / "studies" / s).is_file() for s in shown)
+    assert {p.name for p in (REPO / "docs" / "studies" / "study-cpu").iterdir()} == {Path(s).name for s in shown}
 
 
 @pytest.mark.e2e

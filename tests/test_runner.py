@@ -251,9 +251,10 @@ DEMO_SCHEDULES = {  # the demo's schedules, and the shorter ones its test runs (
 
 @pytest.mark.e2e
 def test_demo_manifest_is_the_readme_main_job(tmp_path):
-    """`make demo`: the demo matrix, whose run writes its table into the README between the marker
-    lines (here a copy of the project's README) and changes nothing else in it. Its data sets, arms,
-    budgets, seeds and external set as they are, with shorter schedules (.ci/run runs `make demo` itself)."""
+    """The demo matrix (`make demo`; `make readme` then writes its section): run with `--readme` on a
+    copy of the project's README, it writes its table between the demo's marker lines and changes
+    nothing else in it, and its page beside it. Its data sets, arms, budgets, seeds and external set as
+    they are, with shorter schedules (.ci/run runs `make demo` itself, and checks it changes no file)."""
     text = (REPO / "experiments" / "demo.yaml").read_text()
     for full, short in DEMO_SCHEDULES.items():
         assert full in text, f"experiments/demo.yaml no longer says {full!r}: update DEMO_SCHEDULES"
@@ -275,9 +276,10 @@ def test_demo_manifest_is_the_readme_main_job(tmp_path):
     assert all(row in section for row in table)  # the README's table is the one this run printed
     before = (REPO / "README.md").read_text()
     assert text.split(start)[0] == before.split(start)[0] and text.split(end)[1] == before.split(end)[1]
-    # its figures are the ones the README shows, copied beside it (results/ is never committed)
-    shown = re.findall(r'<img src="([^"]+)"', section)
-    assert shown and all(s.startswith("docs/demo/") and (tmp_path / s).is_file() for s in shown)
+    # its page and the figures it shows, copied beside the README (results/ is never committed)
+    assert "(docs/studies/demo.md)" in section
+    shown = re.findall(r"!\[[^]]*\]\(([^)]+)\)", (tmp_path / "docs" / "studies" / "demo.md").read_text())
+    assert shown and all(s.startswith("demo/") and (tmp_path / "docs" / "studies" / s).is_file() for s in shown)
     bad = tmp_path / "NOMARKS.md"
     bad.write_text("no markers\n")
     refused = run_cli("run", str(demo), "--results", str(tmp_path / "results"), "--readme", str(bad))

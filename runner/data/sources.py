@@ -48,7 +48,8 @@ class SplitSpec(StrictModel):
     with `group_pattern`, grouped so that no group (a patient) spans two splits.
     """
 
-    strategy: Literal["given", "stratified"] = "stratified"
+    strategy: Literal["given", "stratified"] = Field(
+        "stratified", description="given: the source's own split folders (or columns, arrays); stratified: pooled and split anew")
     val: float = Field(0.15, ge=0.0, lt=1.0, description="fraction for val (stratified, or carved from train)")
     test: float = Field(0.15, ge=0.0, lt=1.0, description="fraction for test (stratified only)")
     group_pattern: str | None = Field(
@@ -85,7 +86,7 @@ class DatasetBase(StrictModel):
         "merges them, '*' takes every source class not named elsewhere (e.g. {melanoma: [melanoma], other: '*'})",
     )
     positive: str | None = Field(None, description="the positive class of a binary task (for sensitivity/AUROC)")
-    split: SplitSpec = SplitSpec()
+    split: SplitSpec = Field(default_factory=SplitSpec, description="how the images are split into train, val and test")
     image_size: int = Field(224, ge=8, le=2048, description="cached image side in pixels")
     fit: Literal["pad", "crop", "squash"] = Field(
         "pad", description="pad: keep aspect, pad with black; crop: keep aspect, centre crop; squash: resize"
@@ -148,7 +149,7 @@ class RootedSource(DatasetBase):
 class ImageFolderSource(RootedSource):
     """Class per folder: `root/<class>/*.png`, or with split folders `root/<split>/<class>/*`."""
 
-    source: Literal["imagefolder"]
+    source: Literal["imagefolder"] = Field(description="one folder per class (optionally inside split folders)")
     split_dirs: dict[Literal["train", "val", "test"], str] | None = Field(
         None, description="split -> folder under root, e.g. {train: Train, test: Test}; absent: root holds class folders"
     )
@@ -165,10 +166,10 @@ class ImageFolderSource(RootedSource):
 class CsvSource(RootedSource):
     """A label file: one row per image, an image column (a path, or an id put into `image_pattern`)."""
 
-    source: Literal["csv"]
+    source: Literal["csv"] = Field(description="a table of image files and labels")
     labels_csv: str = Field("labels.csv", description="the label file, relative to root")
-    image_column: str
-    label_column: str
+    image_column: str = Field(description="the column naming each image (a path, or an id for image_pattern)")
+    label_column: str = Field(description="the column holding each image's label")
     image_pattern: str | None = Field(
         None, description="file name made from the image column, e.g. '{}.png' or '{:03d}.png'; absent: the column is the path"
     )
@@ -187,8 +188,8 @@ class CsvSource(RootedSource):
 class NpzSource(DatasetBase):
     """MedMNIST-style arrays: `{train,val,test}_images` (N,H,W[,C] uint8) and `{split}_labels`."""
 
-    source: Literal["npz"]
-    path: str
+    source: Literal["npz"] = Field(description="MedMNIST-style arrays in one .npz file")
+    path: str = Field(description="the .npz file")
     class_names: list[str] | None = Field(None, description="names of the integer labels 0..K-1")
 
     @field_validator("path")
@@ -202,11 +203,11 @@ class NpzSource(DatasetBase):
 class SyntheticSource(DatasetBase):
     """Made at run time from a seed: grayscale scan-like images, one structure per class. Not real data."""
 
-    source: Literal["synthetic"]
-    num_classes: int = Field(2, ge=2, le=4)
-    per_class: int = Field(200, ge=4, le=100_000)
+    source: Literal["synthetic"] = Field(description="made from a seed at run time: the demo and the tests, not real data")
+    num_classes: int = Field(2, ge=2, le=4, description="classes to make (class0, class1, ...)")
+    per_class: int = Field(200, ge=4, le=100_000, description="images a class")
     size: int = Field(64, ge=16, le=512, description="generated side in pixels")
-    seed: int = 0
+    seed: int = Field(0, description="the generator's seed: another seed, other images")
 
 
 DatasetSpec = Annotated[

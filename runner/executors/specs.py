@@ -38,7 +38,7 @@ class LocalSpec(MachineSettings):
     """local: one subprocess per task on this machine (the default)."""
 
     executor: ClassVar[str] = "runner.executors.local:LocalExecutor"
-    kind: Literal["local"] = "local"
+    kind: Literal["local"] = Field("local", description="one subprocess per task on this machine")
     preload: bool = Field(True, description="fork each task's worker from a process that has PyTorch loaded (about "
                           "two seconds less per task); false: a fresh Python per task (BYOL_RUNNER_PRELOAD=0 sets it)")
 
@@ -56,7 +56,7 @@ class DockerSpec(MachineSettings):
     """docker: one container per task attempt on this machine's Docker engine."""
 
     executor: ClassVar[str] = "runner.executors.docker:DockerExecutor"
-    kind: Literal["docker"] = "docker"
+    kind: Literal["docker"] = Field("docker", description="one container per task attempt")
     image: str = Field("byol-runner:latest", description="the image with byol-runner installed (see Dockerfile); "
                        "BYOL_RUNNER_IMAGE overrides it")
     pull: Literal["missing", "always", "never"] = Field(
@@ -105,7 +105,7 @@ class RaySpec(ExecutorSettings):
     """ray: one Ray task per cell, on whichever node of a Ray cluster has the resources."""
 
     executor: ClassVar[str] = "runner.executors.ray:RayExecutor"
-    kind: Literal["ray"] = "ray"
+    kind: Literal["ray"] = Field("ray", description="one Ray task per cell")
     address: str | None = Field(None, description="the cluster's address (default: RAY_ADDRESS, or a local Ray)")
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs a task reserves")
 

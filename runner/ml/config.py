@@ -35,9 +35,9 @@ class RunSpec(StrictModel):
         "auto", description="auto: bf16 autocast on cuda, fp32 on the CPU; bf16 on a CPU with native bf16 (AVX512-BF16, "
         "AMX) is about 1.4× faster but was seen not to be bit-reproducible for tiny images (16 px); part of the task ids")
     compile: bool = Field(False, description="torch.compile the networks (faster on a GPU after a minute of compiling)")
-    channels_last: bool = True
+    channels_last: bool = Field(True, description="images and networks in channels_last layout (faster convolutions on GPUs and with oneDNN)")
     progress_every_s: float = Field(2.0, gt=0, description="at most one progress event per this many seconds")
-    checkpoint_every_steps: int = Field(200, ge=1)
+    checkpoint_every_steps: int = Field(200, ge=1, description="optimizer steps between two checkpoints (a stopped task resumes from its last)")
     monitor_every_steps: int | None = Field(
         None, ge=0, description="steps between two kNN scores of a pretraining's encoder on the smallest budget's labels "
         "(the pretraining monitor; it changes no weight): default about ten a run; 0: off")
@@ -51,19 +51,19 @@ class RunSpec(StrictModel):
 class PretrainSpec(StrictModel):
     """BYOL pretraining (Grill et al. 2020, with its LARS, schedules and heads)."""
 
-    epochs: int = Field(100, ge=1)
+    epochs: int = Field(100, ge=1, description="passes over the train split's images (no labels); see min_steps")
     min_steps: int = Field(
         5000, ge=0, description="at least this many optimizer steps however small the data set: 100 epochs of 120 images "
         "at batch 256 is 100 steps, against the BYOL paper's hundreds of thousands (the README's protocol gives the arithmetic)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (tests, smoke runs)")
-    batch_size: int = Field(256, ge=2)
+    batch_size: int = Field(256, ge=2, description="images a step (each makes two views); capped at the train split's size")
     base_lr: float = Field(0.2, gt=0, description="LARS rate for a batch of 256, scaled linearly with batch_size")
-    weight_decay: float = Field(1.5e-6, ge=0)
-    warmup_epochs: float = Field(10, ge=0)
+    weight_decay: float = Field(1.5e-6, ge=0, description="LARS weight decay (biases and BatchNorm excluded), as in the BYOL paper")
+    warmup_epochs: float = Field(10, ge=0, description="linear learning-rate warm-up, in epochs (at most half the steps), then cosine decay")
     tau_base: float = Field(0.99, gt=0, lt=1, description="0.996 in the paper for 1000 epochs; 0.99 suits short runs")
-    proj_hidden: Width = 4096
-    proj_dim: Width = 256
-    pred_hidden: Width = 4096
+    proj_hidden: Width = Field(4096, description="projector hidden width (Linear, BN, ReLU, Linear)")
+    proj_dim: Width = Field(256, description="projection size: the space the BYOL loss compares in")
+    pred_hidden: Width = Field(4096, description="predictor hidden width")
     augment: Augment = Field("auto", description="auto (byol for colour, xray for gray), byol, xray, ct")
 
 
@@ -73,8 +73,8 @@ class SimSiamSpec(StrictModel):
     batch of 1024); the views are `pretrain.augment`'s presets (BYOL's), not the paper's MoCo-v2 ones."""
 
     base_lr: float = Field(0.05, gt=0, description="SGD rate for a batch of 256, scaled linearly with batch_size")
-    weight_decay: float = Field(1e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay (the SimSiam paper's)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     proj_dim: Width = Field(2048, ge=2, description="the 3-layer projector's width and output")
     pred_hidden: Width = Field(512, ge=2, description="the predictor's bottleneck")
     fix_pred_lr: bool = Field(True, description="the predictor keeps the peak rate (no warm-up or decay), as in the paper")
@@ -88,15 +88,15 @@ class FinetuneSpec(StrictModel):
     with replacement, each copy augmented anew); the step with the lowest validation loss is the
     model scored on test. A pretrained backbone trains at `backbone_lr_scale` times the head's rate."""
 
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(30, ge=1, description="passes over the labeled images of the budget; see min_steps")
     min_steps: int = Field(200, ge=1, description="at least this many steps however few labels there are")
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(1e-3, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (tests, smoke runs)")
+    batch_size: int = Field(64, ge=2, description="labeled images a step (a budget smaller than it repeats its images, each augmented anew)")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the head (and of a backbone trained from random init)")
     backbone_lr_scale: float = Field(0.1, gt=0, le=1, description="for a pretrained backbone; random init uses 1")
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_frac: float = Field(0.05, ge=0, lt=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (biases and BatchNorm excluded)")
+    warmup_frac: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming the learning rate up")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     eval_every_steps: int | None = Field(None, ge=1, description="default: once an epoch, at least every 5 steps, at most about 50 times")
     augment: Augment = Field("auto", description="auto (finetune, or finetune-gray for gray images)")
 
@@ -105,15 +105,16 @@ class ProbeSpec(StrictModel):
     """Linear evaluation: features of the frozen encoder (eval mode) extracted once, standardized,
     then L2-regularized logistic regression with its strength chosen on validation."""
 
-    c_grid: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [10.0**k for k in range(-4, 3)], min_length=1)
+    c_grid: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [10.0**k for k in range(-4, 3)], min_length=1,
+                                                        description="inverse L2 strengths tried; the one with the lowest validation loss is kept")
     fixed_c: float = Field(0.1, gt=0, description="the L2 strength when too few validation labels are left to choose one")
-    max_iter: int = Field(2000, ge=10)
+    max_iter: int = Field(2000, ge=10, description="iterations of the logistic regression's solver (lbfgs)")
 
 
 class TrainSettings(StrictModel):
-    model: ModelSpec = ModelSpec()
-    run: RunSpec = RunSpec()
-    pretrain: PretrainSpec = PretrainSpec()
-    simsiam: SimSiamSpec = SimSiamSpec()
-    finetune: FinetuneSpec = FinetuneSpec()
-    probe: ProbeSpec = ProbeSpec()
+    model: ModelSpec = Field(default_factory=ModelSpec, description="the backbone and the training image size")
+    run: RunSpec = Field(default_factory=RunSpec, description="how a task uses the device: precision, checkpoints, the monitor")
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec, description="BYOL pretraining (and the schedule SimSiam shares)")
+    simsiam: SimSiamSpec = Field(default_factory=SimSiamSpec, description="SimSiam's own settings, for the simsiam-* arms")
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec, description="fine-tuning and supervised training")
+    probe: ProbeSpec = Field(default_factory=ProbeSpec, description="the linear probe: a logistic regression on frozen features")
