@@ -149,9 +149,13 @@ def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tiny_reference, t
     killed_at = max(e["step"] for e in events[:at] if e["kind"] == "progress")  # the killed attempt's last step
     step = int(events[at]["message"].split("step ")[1].split()[0])
     assert 5 <= step <= killed_at + 5 and step % 5 == 0  # the last checkpoint (every 5 steps), not step 0
-    label = "syn byol-pretrain seed 0" if "pretrain" in (results / "tasks" / interrupted / "task.json").read_text() else ""
-    resumed = [line for line in r.stdout.splitlines() if f"resumed from checkpoint at step {step} of" in line]
-    assert len(resumed) == 1 and label in resumed[0], r.stdout  # said to the user, once, naming the task
+    spec = json.loads((results / "tasks" / interrupted / "task.json").read_text())
+    method = {"pretrain": "byol-pretrain", "finetune": "byol-finetune"}.get(spec["kind"], spec["kind"])
+    budget = f" {round(spec['budget']['fraction'] * 100)}%" if spec["budget"] else ""
+    label = f"syn {method}{budget} seed 0"
+    # said to the user, once, naming the task (the other task running at the kill may resume too)
+    resumed = [line for line in r.stdout.splitlines() if f"resumed from checkpoint at step {step} of" in line and label in line]
+    assert len(resumed) == 1, r.stdout
     with sqlite3.connect(results / "runner.db") as db:
         statuses = [s for (s,) in db.execute("SELECT status FROM attempts WHERE task_id=? ORDER BY id", (interrupted,))]
     assert statuses == ["interrupted", "done"]
@@ -176,7 +180,8 @@ def test_ctrl_c_stops_workers_marks_them_interrupted_and_exits_130(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "run the same command again to resume" in err
+    # says how to resume, with a command that can be pasted as is
+    assert "resume with: byol-runner run " in err and str(results) in err.split("resume with:")[1], err
     with sqlite3.connect(results / "runner.db") as db:
         rows = db.execute("SELECT status, error FROM attempts WHERE status != 'done'").fetchall()
         run = db.execute("SELECT status, exit_code FROM runs").fetchone()
