@@ -101,7 +101,7 @@ def study_page(report: dict, figure_dir: str) -> str:
              f"{report['tasks_done']} of {report['tasks']} tasks done; trained {when(meta.get('trained_from'))} to "
              f"{when(meta.get('trained_to'))} on {', '.join(meta.get('devices', [])) or '—'} "
              f"({', '.join(meta.get('precisions', [])) or 'precision not recorded'}; PyTorch {', '.join(meta.get('torchs', [])) or '—'}); "
-             f"engine {meta.get('engine_version', '—')}; manifest `{meta.get('manifest_path') or '—'}`.", "",
+             f"engine {meta.get('engine_version', '—')}; manifest `{_shown_path(meta.get('manifest_path'))}`.", "",
              "## Results", "", to_markdown(report).rstrip(), ""]
     verdicts = verdict_lines(report)
     if verdicts:
@@ -115,6 +115,17 @@ def study_page(report: dict, figure_dir: str) -> str:
         for name in figs:
             lines += [f"![{name.removesuffix('.png').replace('_', ' ')}]({figure_dir}/{name})", ""]
     return "\n".join(lines)
+
+
+def _shown_path(path: str | None) -> str:
+    """A manifest's path as a reader of the checkout knows it: relative to the working directory when under it."""
+    if not path:
+        return "—"
+    p = Path(path)
+    try:
+        return str(p.relative_to(Path.cwd())) if p.is_absolute() else path
+    except ValueError:
+        return path
 
 
 def readme_section(report: dict, page: str) -> str:
@@ -135,10 +146,30 @@ def readme_section(report: dict, page: str) -> str:
         won = [f"{d['dataset']} {d['labels']}" for d in learned if d.get("decision") == "model1"]
         out += [f"Did pretraining learn? Its linear probe beat the control in {len(won)} of {len(learned)} cells"
                 + (f" ({', '.join(won)})" if won else "") + ".", ""]
+    mon = monitor_compact(report)
+    if mon:
+        out += [mon, ""]
     marks = "‡ untrained, † miscalibrated, ° loss without a temperature" if report.get("flags") or report.get("fixed_schedule") else ""
     out += [(f"{marks}: which cells and why, every arm with 95% intervals and the figures are in the " if marks else
              "Every arm with 95% intervals, the notes and the figures are in the ") + f"[full report]({page}).", ""]
     return "\n".join(out)
+
+
+def monitor_compact(report: dict) -> str | None:
+    """One line: each data set's monitor gain at the end of pretraining, or that it had too few images."""
+    from runner.scoring import too_few
+    from runner.tables import monitor_gain
+
+    parts = []
+    for g in report.get("monitor", []):
+        gain = monitor_gain(g)
+        if too_few(g.get("queries") or 0, g.get("query_classes")):
+            parts.append(f"{g['dataset']}: too few labelled images to tell")
+        elif gain is not None:
+            parts.append(f"{g['dataset']} {gain[0]:+.3f} (higher in {gain[1]} of {gain[2]} seeds)")
+    if not parts:
+        return None
+    return "Pretraining monitor (kNN AUROC of the frozen features at the end, minus the untrained network's): " + "; ".join(parts) + "."
 
 
 def write_docs(docs: Path, report: dict, results: Path) -> Path:

@@ -192,7 +192,7 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
               "rows": rows, "arms": arms, "tasks_done": sum(1 for t in tasks if t.status == "done"), "tasks": len(tasks),
               "model1_method": m1, "model2_method": m2, "primary": primary, "margin": margin,
               "target_sensitivity": target_sensitivity, "flags": _grouped_flags(data["flags"]), "data": accounts,
-              "pretrain_steps": _pretrain_steps(results, tasks), "validation": data["validation"], "fixed_schedule": data["fixed"],
+              "pretrain_steps": _pretrain_steps(results, tasks), "monitor": monitor_summary(results, tasks), "validation": data["validation"], "fixed_schedule": data["fixed"],
               "external": external}
     flag_cells: dict = defaultdict(set)
     for (flag, _, _), by_cell in data["flags"].items():
@@ -223,6 +223,32 @@ def _pretrain_steps(results: Path, tasks: list[TaskRow]) -> dict[str, int]:
         if steps:
             out[f"{t.dataset}/{t.method.removesuffix('-pretrain')}"] = steps
     return out
+
+
+def monitor_summary(results: Path, tasks: list[TaskRow]) -> list[dict]:
+    """Per data set and pretraining: the monitor's last kNN AUROC of each seed beside the untrained
+    network's, and how many labelled query images it scored (the monitor is a diagnostic: no test label,
+    no choice)."""
+    from runner.contracts import read_events
+
+    groups: dict = defaultdict(lambda: {"seeds": [], "queries": None, "query_classes": None})
+    for t in tasks:
+        if t.kind != "pretrain":
+            continue
+        mon = ((_load_metrics(results, t.id) or {}).get("pretrain") or {}).get("monitor")
+        points = [e for e in read_events(results / "tasks" / t.id / "events.jsonl")[0]
+                  if e.get("kind") == "metric" and e.get("knn_auroc") is not None]
+        if not points:
+            continue
+        g = groups[(t.dataset, t.method.removesuffix("-pretrain"))]
+        last = max(points, key=lambda e: e.get("step") or 0)
+        g["seeds"].append({"seed": t.seed, "step": last.get("step"), "auroc": last["knn_auroc"],
+                           "untrained": last.get("knn_base_auroc")})
+        labels = (mon or {}).get("labels") or {}
+        g["queries"] = labels.get("queries", last.get("knn_queries"))
+        g["query_classes"] = labels.get("query_classes", g["query_classes"])
+    return [{"dataset": d, "method": m, **g, "seeds": sorted(g["seeds"], key=lambda s: s["seed"])}
+            for (d, m), g in sorted(groups.items())]
 
 
 def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000) -> tuple[dict, list[TaskRow]]:

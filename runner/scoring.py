@@ -109,3 +109,13 @@ def operating_threshold(val_probs: np.ndarray, val_labels: np.ndarray, positive:
         reach = np.flatnonzero(sens >= target_sensitivity)
         return float(cuts[reach[0]]) if len(reach) else float(cuts[-1])
     return float(cuts[int(np.argmax(sens + spec - 1))])
+
+
+MONITOR_MIN_QUERIES, MONITOR_MIN_PER_CLASS = 30, 10
+
+
+def too_few(queries: int, per_class: list[int] | None) -> bool:
+    """Whether the pretraining monitor scored too few query images for its kNN AUROC to tell an encoder
+    that learned from one that did not: under 30 images, or under 10 of some class (one image then moves
+    it by 0.1 or more)."""
+    return queries < MONITOR_MIN_QUERIES or (per_class is not None and min(per_class) < MONITOR_MIN_PER_CLASS)

@@ -79,7 +79,7 @@ def to_markdown(report: dict) -> str:
     if report["tasks_done"] < report["tasks"]:
         lines.append(f"Partial: {report['tasks_done']} of {report['tasks']} tasks done; '—' marks what is missing.")
     notes = [f"Data: {accounting_line(name, acc)}." for name, acc in report.get("data", {}).items()]
-    notes += unit_lines(report) + validation_lines(report) + learned_lines(report) + flag_notes(report)
+    notes += unit_lines(report) + validation_lines(report) + learned_lines(report) + monitor_lines(report) + flag_notes(report)
     if notes:  # one list item each, so a renderer keeps them apart
         lines += ["", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
@@ -177,6 +177,39 @@ def learned_lines(report: dict) -> list[str]:
     return out
 
 
+def monitor_gain(g: dict) -> tuple[float, int, int] | None:
+    """The monitor's mean gain over the untrained network at its last step, the seeds it was higher in,
+    and the seeds scored; None when no seed has both scores."""
+    pairs = [(s["auroc"], s["untrained"]) for s in g["seeds"] if s.get("untrained") is not None]
+    if not pairs:
+        return None
+    return sum(a - b for a, b in pairs) / len(pairs), sum(a > b for a, b in pairs), len(pairs)
+
+
+def monitor_lines(report: dict) -> list[str]:
+    """The pretraining monitor per data set: where its kNN AUROC ended against the untrained network's,
+    or that it scored too few labelled images to tell."""
+    from runner.scoring import too_few
+
+    out = []
+    for g in report.get("monitor", []):
+        p = A.PRETRAININGS.get(g["method"])
+        name = p.label if p else g["method"]
+        n, per_class = g.get("queries") or 0, g.get("query_classes")
+        scored = f"{n} labelled validation images" + (f", {min(per_class)} in the rarer class" if per_class else "")
+        gain = monitor_gain(g)
+        head = f"Pretraining monitor, {g['dataset']} {name} (kNN AUROC of the frozen features on {scored}; no test label): "
+        if too_few(n, per_class):
+            out.append(head + "too few images to tell whether the features improved (run.monitor_labels: largest gives it the "
+                              "most labels).")
+        elif gain is not None:
+            mean, higher, seeds = gain
+            step = max(s["step"] or 0 for s in g["seeds"])
+            out.append(head + f"at step {step}, {mean:+.3f} against the untrained network on average, higher in {higher} of "
+                              f"{seeds} seeds.")
+    return out
+
+
 def _p(p: float | None) -> str:
     """An adjusted p-value as printed: none where nothing was tested (one seed, a blocked cell)."""
     if p is None:
@@ -238,6 +271,11 @@ def delta_markdown(report: dict) -> str:
            for f in ("internal", "external")}
     n, n_ext = fam["internal"] or 0, fam["external"]
     margin = report.get("margin")
+    if not n and not n_ext:
+        return "\n".join(lines) + (
+            f"\n\nΔ = Model 1 ({report['model1_method']}) − Model 2 ({report['model2_method']}), seeds paired by seed, the same "
+            "bootstrap draws of test units for both. Nothing was tested: a verdict needs at least two seeds and a cell "
+            "that learned; the intervals cover the test sample only.\n")
     return "\n".join(lines) + (
         f"\n\nΔ = Model 1 ({report['model1_method']}) − Model 2 ({report['model2_method']}), seeds paired by seed, the same "
         f"bootstrap draws of test units for both. Verdict on {NAMES.get(primary, primary)}: the t test that Δ = 0 (the SE of both "

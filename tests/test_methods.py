@@ -353,6 +353,31 @@ def test_the_pretraining_monitor_changes_no_weight_and_scores_against_the_untrai
                for e in monitored[1])
     assert len({e["knn_base_auroc"] for e in monitored[1]}) == 1 and monitored[1][0]["knn_base_auroc"] is not None
     assert summary["monitor"]["every_steps"] == 2 and summary["monitor"]["seconds"] > 0
+    assert summary["monitor"]["labels"] == {"bank": 16, "queries": 8, "query_classes": [4, 4]}
+
+
+def test_the_report_says_where_the_monitor_ended_or_that_it_scored_too_few_images():
+    """A reader sees the monitor's gain over the untrained network per data set, and is told, not shown
+    a number, when it scored too few labelled images for its AUROC to mean anything."""
+    from runner.docpages import monitor_compact
+    from runner.scoring import too_few
+    from runner.tables import monitor_lines
+
+    seeds = [{"seed": i, "step": 1000, "auroc": a, "untrained": b} for i, (a, b) in enumerate([(0.98, 0.96), (0.93, 0.92), (0.90, 0.95)])]
+    report = {"monitor": [{"dataset": "chest", "method": "byol", "seeds": seeds, "queries": 78, "query_classes": [20, 58]},
+                          {"dataset": "ct", "method": "byol", "seeds": seeds, "queries": 4, "query_classes": [2, 2]},
+                          {"dataset": "skin", "method": "simsiam", "seeds": seeds, "queries": 40, "query_classes": [5, 35]}]}
+    chest, ct, skin = monitor_lines(report)
+    assert "chest BYOL" in chest and "78 labelled validation images, 20 in the rarer class" in chest
+    assert "at step 1000, -0.007 against the untrained network on average, higher in 2 of 3 seeds" in chest
+    for line in (ct, skin):
+        assert "too few images to tell" in line and "against the untrained" not in line
+    assert "SimSiam" in skin
+    assert monitor_compact(report).endswith("chest -0.007 (higher in 2 of 3 seeds); ct: too few labelled images to tell; "
+                                            "skin: too few labelled images to tell.")
+    # old runs recorded no class counts: the number of images alone decides
+    assert too_few(29, None) and not too_few(30, None) and too_few(100, [9, 91]) and not too_few(100, [10, 90])
+    assert monitor_lines({}) == [] and monitor_compact({}) is None
 
 
 def test_knn_scores_follow_the_nearest_labeled_neighbours():

@@ -38,6 +38,11 @@ class KnnData:
     positive: int
     classes: int
 
+    def counts(self) -> dict:
+        """How many images the bank and the queries hold, and the queries of each class."""
+        return {"bank": len(self.bank_labels), "queries": len(self.query_labels),
+                "query_classes": np.bincount(self.query_labels, minlength=self.classes).tolist()}
+
 
 def knn_scores(bank: torch.Tensor, bank_labels: np.ndarray, queries: torch.Tensor, query_labels: np.ndarray,
                positive: int, classes: int, k: int = K) -> dict[str, float | None]:

@@ -171,6 +171,5 @@ class _Pretraining:
                "final_proj_std": float(method.monitor(self.z)) if self.z is not None else self.last_proj_std}
         if self.monitor is not None:
             out["monitor"] = {"seconds": round(self.monitor.seconds, 2), "every_steps": self.monitor.every,
-                              "untrained": self.monitor.base, "labels": {"bank": len(self.monitor.data.bank_labels),
-                                                                         "queries": len(self.monitor.data.query_labels)}}
+                              "untrained": self.monitor.base, "labels": self.monitor.data.counts()}
         return out

@@ -112,6 +112,7 @@ def monitor_data(task: TaskSpec, ds, log: EventLog | None = None):  # noqa: ANN0
     drawn as that budget's tasks draw them. None when it is off, or two classes are not there to score."""
     from runner.data.splits import LabelBudget
     from runner.ml.monitor import KnnData
+    from runner.scoring import too_few
 
     b = task.monitor_labels
     if b is None or task.settings.run.monitor_every_steps == 0:
@@ -126,7 +127,17 @@ def monitor_data(task: TaskSpec, ds, log: EventLog | None = None):  # noqa: ANN0
             log.emit("log", message=f"pretraining monitor off: the smallest budget's labels hold one class ({len(bank)} bank, "
                                     f"{len(queries)} query images)")
         return None
-    return KnnData(ds.pixels(bank), ds.labels[bank], ds.pixels(queries), ds.labels[queries], positive, k)
+    data = KnnData(ds.pixels(bank), ds.labels[bank], ds.pixels(queries), ds.labels[queries], positive, k)
+    n = data.counts()
+    if log is not None and too_few(n["queries"], n["query_classes"]):
+        log.emit("log", message=f"pretraining monitor: {n['queries']} labelled query images ({_per_class(ds, n)}) are too few for "
+                                "its kNN AUROC to tell an encoder that learned from one that did not: read it as a rough sign "
+                                "(run.monitor_labels: largest gives it the most labels)")
+    return data
+
+
+def _per_class(ds, n: dict) -> str:  # noqa: ANN001 - a PreparedDataset
+    return ", ".join(f"{c} {ds.class_names[i]}" for i, c in enumerate(n["query_classes"]))
 
 
 class Labels:
