@@ -273,9 +273,3 @@ def to_html(report: dict, results: Path) -> str:
            f"<pre>{esc(manifest)}</pre></details>" if manifest else "")
         + "</main></body></html>"
     )
-
-
-def publish_readme(readme: Path, report: dict, results: Path) -> str:  # a run started before runner.docpages existed
-    from runner.docpages import publish_readme as publish
-
-    return publish(readme, report, results)

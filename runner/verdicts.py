@@ -105,10 +105,11 @@ def blocked_reason(flags: dict, dataset: str, budget: str, method: str, against:
         sides.append((against, "Model 2"))
     for arm, name in sides:
         kinds = flags.get((dataset, budget, arm), set())
+        who = name if name == arm else f"{name} ({arm})"
         if UNTRAINED in kinds:
-            return f"{name} ({arm}) is untrained ‡"
+            return f"{who} is untrained ‡"
         if MISCALIBRATED in kinds and metric in stats.LOSS_TYPE:
-            return f"{name} ({arm}) is miscalibrated †, and {metric} is a calibration metric"
+            return f"{who} is miscalibrated †, and {metric} is a calibration metric"
     return None
 
 

@@ -120,10 +120,20 @@ def _environment(task: TaskSpec) -> dict:
     from runner.ml.train import Context
 
     device = resolve_device(task.settings.run.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores, {_cpu_kernels()})"
     bf16 = Context(device, task.settings.run, Path("."), 0, lambda *a, **k: None).bf16
     return {"device": name, "torch": torch.__version__, "python": platform.python_version(), "host": os.uname().nodename,
             "precision": "bf16" if bf16 else "fp32", "threads": torch.get_num_threads()}
+
+
+def _cpu_kernels() -> str:
+    """The vector instructions PyTorch's CPU kernels use ("AVX512", "AVX2"; oneDNN's cap when one is set):
+    on a CPU, what makes two machines' numbers differ in their last bits, and then in their results."""
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return f"{cap} kernels" + (f", oneDNN capped at {onednn}" if onednn else "")
 
 
 def _disk_full(e: BaseException) -> bool:
