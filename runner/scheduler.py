@@ -60,7 +60,9 @@ class Scheduler:
         self.errors: dict[str, str | None] = {}  # each task's last error, as runner.db has it
         self.kills: dict[str, int] = {}  # attempts killed from outside, per task (not counted against retries)
         self.running: dict[str, Running] = {}
-        self.starting: tuple[str, int] | None = None  # (task, attempt) whose worker is being started
+        # (task, attempt, its handle once submitted) from the attempt's row until the task is in `running`:
+        # a stop anywhere in between ends that attempt (and cancels its worker if it got one)
+        self.starting: tuple[str, int, object] | None = None
         self.started_workers = 0
         self.adopted: dict[int, Handle] = {}
         self.taken_over = 0
@@ -177,7 +179,7 @@ class Scheduler:
                 n = len(self.running)
                 self._note(f"{stopping.name or 'Ctrl-C'}: stopping {n} running task{'s' if n != 1 else ''} (each keeps its last "
                            f"checkpoint; up to {self.grace_s:g} s each) and recording them…")
-                self._stop_all(S.INTERRUPTED, f"stopped by {stopping.name or 'Ctrl-C'}")
+                self._stop_all(S.INTERRUPTED, f"stopped by {stopping.name or 'Ctrl-C'}", run_id)
                 self.store.end_run(run_id, "interrupted", 130)
                 return self._outcome(run_id, 130, t0)
             except UserError:  # the executor cannot start anything (no daemon, no image, no GPU runtime)
@@ -241,18 +243,19 @@ class Scheduler:
             if number > 1:
                 self._note_restart(t)
             attempt = self.store.start_attempt(t.id, run_id, number, self.executor.name, slot.name, None, os.uname().nodename)
+            self.starting = (t.id, attempt, None)  # Ctrl-C or SIGTERM from here on: _stop_all ends the attempt
             self.store.commit()  # the attempt exists before its container does: a restarted runner can adopt it
             try:
                 handle = self.executor.submit(t.id, task_json, self.results, slot, attempt_id=attempt, number=number)
             except UserError as e:
+                self.starting = None
                 self.store.end_attempt(attempt, A.FAILED, None, str(e))
                 self.transition(t.id, S.FAILED, str(e))
                 raise
-            except KeyboardInterrupt:  # Ctrl-C or SIGTERM while its worker starts: _stop_all ends the attempt
-                self.starting = (t.id, attempt)
-                raise
+            self.starting = (t.id, attempt, handle)
             self.store.set_attempt_process(attempt, handle.pid, handle.node)
             self.running[t.id] = Running(t, handle, attempt, tail)
+            self.starting = None
             self.status[t.id] = S.RUNNING  # runner.db says so since start_attempt (its row keeps its last error)
             self.started_workers += 1
             launched = True
@@ -354,18 +357,26 @@ class Scheduler:
         if step:
             self._note(f"{t.label}: starts again from step 0 (its last attempt reached step {step} before its first checkpoint)")
 
-    def _stop_all(self, status: S, why: str = "stopped by Ctrl-C") -> None:
-        if self.starting is not None:  # stopped while its worker started: no handle to cancel, the attempt ends too
-            tid, attempt = self.starting
-            self.store.end_attempt(attempt, status, None, why)
+    def _stop_all(self, status: S, why: str = "stopped by Ctrl-C", run_id: int | None = None) -> None:
+        if self.starting is not None and self.starting[0] not in self.running:  # stopped while its worker started
+            tid, attempt, handle = self.starting
+            code = None
+            if handle is not None:  # submitted, not yet recorded: its worker is stopped like the others
+                self.executor.cancel(handle, self.grace_s)
+                code = self.executor.poll(handle)
+            self.store.end_attempt(attempt, status, code, why)
             self.transition(tid, S.DONE if is_done(self.results, tid) else status)
-            self.starting = None
+        self.starting = None
         for tid, r in list(self.running.items()):
             self.executor.cancel(r.handle, self.grace_s)
             self.store.add_points(tid, r.attempt_id, r.tail.read())
             self.store.end_attempt(r.attempt_id, status, self.executor.poll(r.handle), why)
             self.transition(tid, S.DONE if is_done(self.results, tid) else status)
         self.running.clear()
+        if run_id is not None:  # an attempt the stop caught before the scheduler held it (its row just written)
+            for row in self.store.open_attempts(run_id):
+                self.store.end_attempt(row["id"], status, None, why)
+                self.transition(row["task_id"], S.DONE if is_done(self.results, row["task_id"]) else status)
         self.store.commit()
 
     def _show(self, changed: bool) -> None:

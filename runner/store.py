@@ -252,6 +252,10 @@ class Store:
     def attempts(self, task_id: str) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM attempts WHERE task_id=? ORDER BY id", (task_id,)).fetchall()
 
+    def open_attempts(self, run_id: int) -> list[sqlite3.Row]:
+        """This run's attempts still marked running (id, task_id)."""
+        return self.db.execute("SELECT id, task_id FROM attempts WHERE run_id=? AND status='running'", (run_id,)).fetchall()
+
     def latest_attempts(self, run_id: int) -> dict[str, sqlite3.Row]:
         """Per task of a run: its latest attempt's start and slot."""
         return {a["task_id"]: a for a in self.db.execute(
