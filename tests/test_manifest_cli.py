@@ -312,7 +312,7 @@ def test_piped_status_and_plan_show_full_names(tiny_reference):
         assert "…" not in r.stdout and "byol-finetune" in r.stdout and "supervised" in r.stdout, r.stdout
         ids = [p.name for p in (results / "tasks").iterdir()]
         # each task by its short id (what `predict` takes), one per row, none shared
-        assert all(sum(tid[:8] in line for line in r.stdout.splitlines()) == 1 for tid in ids), r.stdout
+        assert all(sum(line.rstrip().endswith(tid[:8]) for line in r.stdout.splitlines()) == 1 for tid in ids), r.stdout
         assert len({tid[:8] for tid in ids}) == len(ids)
 
 

@@ -142,7 +142,9 @@ def test_sigkilled_runner_resumes_and_ends_with_the_same_table(tiny_reference, t
 
     r = run_cli("run", str(manifest), "--results", str(results))
     assert r.returncode == 0, r.stderr
-    assert "removed 2 temporary file(s) (3.8 MB) that killed processes left" in r.stdout
+    # the two planted (3.8 MB); the killed attempt may have left one of its own mid-write
+    m = re.search(r"removed (\d+) temporary file\(s\) \(([\d.]+) MB\) that killed processes left", r.stdout)
+    assert m and int(m.group(1)) >= 2 and float(m.group(2)) >= 3.8, r.stdout
     assert not any(p.exists() for p in planted) and alive.exists()
     events = [json.loads(line) for line in (results / "tasks" / interrupted / "events.jsonl").read_text().splitlines()]
     [at] = [i for i, e in enumerate(events) if "resumed from checkpoint at step" in (e.get("message") or "")]
