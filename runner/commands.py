@@ -214,7 +214,30 @@ def status(results_cli: str | None, run_name: str | None = None) -> dict:
         "tasks": [{"id": t.id, "kind": t.kind, "dataset": t.dataset, "method": t.method, "seed": t.seed, "budget": t.budget,
                    "status": t.status, "epoch": t.epoch, "step": t.step, "total": t.total, "loss": t.loss, "img_per_s": t.img_per_s,
                    "attempts": t.attempts, "error": t.error, "degenerate": _degenerate(results, t)} for t in tasks],
+        "disk": task_disk(results, [t.id for t in tasks]),
     }
+
+
+def task_disk(results: Path, ids: list[str]) -> dict:
+    """What the run's task folders hold on disk: all of it, and the network files (checkpoint.pt,
+    encoder.pt, model.pt) by name, with their count and size. Read with lstat: a link is not followed."""
+    out = {"bytes": 0, "networks": {}}
+    for tid in ids:
+        folder = results / "tasks" / tid
+        try:
+            entries = list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []
+        except OSError:
+            continue
+        for f in entries:
+            try:
+                st = f.lstat()
+            except OSError:
+                continue
+            out["bytes"] += st.st_size
+            if f.name in ("checkpoint.pt", "encoder.pt", "model.pt"):
+                n, b = out["networks"].get(f.name, (0, 0))
+                out["networks"][f.name] = (n + 1, b + st.st_size)
+    return out
 
 
 def _degenerate(results: Path, t) -> list[str]:  # noqa: ANN001 - a TaskRow

@@ -361,6 +361,16 @@ def print_status(st: dict) -> None:
             out.print(f"{t['status']}: {escape(label)} ({t['id'][:8]}): {escape(t['error'])}", soft_wrap=True, highlight=False)
         if t.get("degenerate"):
             out.print(f"{escape(label)} ({t['id'][:8]}): " + escape("; ".join(t["degenerate"])), soft_wrap=True, highlight=False)
+    if st.get("disk"):
+        out.print(disk_line(st["disk"]), soft_wrap=True, highlight=False)
+
+
+def disk_line(disk: dict) -> str:
+    """"disk: 216.4 MB in the task folders; networks: 1 encoder.pt 44.8 MB, 4 model.pt 179.0 MB"."""
+    mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
+    nets = ", ".join(f"{n} {name} {mb(b)}" for name, (n, b) in sorted(disk["networks"].items()))
+    return f"disk: {mb(disk['bytes'])} in the task folders" + (f"; networks: {nets}" if nets else "") + (
+        " (a linear probe's model.pt names its encoder and a control's says how to build its network again: a few KB each)")
 
 
 def print_doctor(checks: list[dict]) -> None:

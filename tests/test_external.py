@@ -187,7 +187,7 @@ def _png_folder(root: Path, per_class: int = 16, size: int = 36) -> Path:
 @pytest.mark.e2e
 def test_predict_gives_the_probabilities_the_task_scored_and_names_what_it_could_not_read(tmp_path):
     """A supervised classifier, a linear probe on a pretrained encoder (its model.pt names the encoder)
-    and the random-init control (its model.pt holds the network), on a folder of PNGs: `predict` on their test split's
+    and the random-init control (its model.pt holds how to build its network again), on a folder of PNGs: `predict` on their test split's
     files returns the calibrated probabilities their metrics.json holds, to its 6 decimals; an
     unreadable file gets its error line, the rest are scored, and the exit code says so."""
     data = _png_folder(tmp_path / "pngs")
@@ -218,6 +218,8 @@ run: {{device: cpu}}
     assert sorted(m["kind"] for m in scored.values()) == ["linear", "random-linear", "supervised"]
     for tid, m in scored.items():
         assert m["temperature"] is not None  # the calibration is part of what predict must reproduce
+        if m["kind"] != "supervised":  # a probe keeps its head; its backbone is named (encoder.pt) or built again (control)
+            assert (results / "tasks" / tid / "model.pt").stat().st_size < 200_000, m["kind"]
         out = cli_here("predict", tid[:8], *files, str(tmp_path / "broken.png"), "--results", str(results), "--json",
                       "--csv", str(tmp_path / f"{tid}.csv"))
         assert out.returncode == 1, out.stderr

@@ -423,3 +423,9 @@ def test_status_at_80_columns_cuts_no_name_and_no_number(tmp_path, monkeypatch):
         "synthetic byol-linear 10% seed 0 (2e51c0ff): † miscalibrated: test log-loss at least 0.99 × that of always "
         "predicting the test split's class frequencies",
     ]
+    # what the run keeps on disk, its network files by name (what a user deletes or keeps)
+    st["disk"] = {"bytes": 216_400_000, "networks": {"model.pt": (4, 179_000_000), "encoder.pt": (1, 44_800_000)}}
+    buf.truncate(0), buf.seek(0)
+    C.print_status(st)
+    assert buf.getvalue().splitlines()[-1].startswith(
+        "disk: 216.4 MB in the task folders; networks: 1 encoder.pt 44.8 MB, 4 model.pt 179.0 MB (a linear probe's")

@@ -411,3 +411,30 @@ def test_sigterm_during_a_checkpoint_write_leaves_no_partial_file_and_stays_sigt
             ckpt.save({"step": torch.tensor(3)}, path)
     assert e.value.code == 143
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_control_backbone_is_built_again_to_the_bit_from_its_initialisation_or_refused(tmp_path):
+    """A random-init control's model.pt keeps the generator state its network came from (a few KB), not
+    the network (43 MB for resnet18): built again it is the same to the bit; a recipe that builds
+    another network (a changed generator state, as another PyTorch's initialisation would be) is
+    refused with the command that retrains it, never scored."""
+    from runner.ml.saved import ModelFileError, rebuild_recipe, rebuilt_backbone, state_digest
+
+    torch.manual_seed(7)
+    torch.rand(3)  # the worker's generator is somewhere in its sequence when the control is built
+    state = torch.get_rng_state()
+    net = Backbone("resnet18", 1)
+    recipe = rebuild_recipe(state, None, None, net.state_dict())
+    atomic_save({"rebuild": recipe}, tmp_path / "m.pt")
+    saved = {"kind": "random-linear", "task": "0123456789abcdef", "arch": "resnet18", "in_channels": 1,
+             "rebuild": safe_load(tmp_path / "m.pt", "cpu")["rebuild"]}
+    torch.manual_seed(123)  # the caller's generator: neither used nor moved by building it again
+    before = torch.get_rng_state()
+    again = rebuilt_backbone(saved)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert state_digest(again.state_dict()) == state_digest(net.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values()))
+    assert (tmp_path / "m.pt").stat().st_size < 100_000
+    other = dict(saved, rebuild=dict(saved["rebuild"], rng_state=torch.manual_seed(8).get_state()))
+    with pytest.raises(ModelFileError, match=r"not the network the task scored: rerun the task .*--retry 01234567"):
+        rebuilt_backbone(other)

@@ -4,9 +4,12 @@ Every labeled task (fine-tune, supervised, linear probe and its controls) writes
 beside its metrics.json, which records its sha256: a damaged model.pt makes its task run again. It
 holds only tensors, numbers, strings, lists and dicts, and is read with weights_only=True:
 
-- the network: a classifier's backbone + head (`state_dict`), or a probe's backbone (`backbone`;
-  a `linear` probe names its pretraining's encoder.pt and that file's sha256 instead of a copy) and
-  the logistic regression with its feature standardization (`probe`);
+- the network: a classifier's backbone + head (`state_dict`), or a probe's backbone and the logistic
+  regression with its feature standardization (`probe`). A probe keeps no copy of a backbone it can
+  name: a `linear` probe names its pretraining's encoder.pt and that file's sha256 (`encoder`); the
+  controls (`rebuild`) keep the random generator's state their network was initialised from (and,
+  for the ImageNet control, which weights file and its sha256), with a digest of the weights that
+  came out, so that scoring builds the same network again and checks it is the same to the bit;
 - how images reach it: the data set's image size, fit and channel count (the cache's decoding) and
   the network's input size; the run settings of the evaluation view (channels_last, precision);
 - what its probabilities mean: the class names in output order, the positive class, the temperature
@@ -56,7 +59,7 @@ def probe_from_state(state: dict):  # noqa: ANN201 - (StandardScaler, LogisticRe
 def save(path: Path, *, task_id: str, kind: str, arch: str, channels: int, class_names: list[str], positive: int | None,
          image: dict, input_size: int, run: dict, temperature: float | None, selection: dict, train_counts: list[int],
          state_dict: dict | None = None, backbone: dict | None = None, encoder: dict | None = None,
-         probe: dict | None = None) -> None:
+         probe: dict | None = None, rebuild: dict | None = None) -> None:
     """`run`: the evaluation view's settings as the task used them (`precision` resolved to bf16 or
     fp32, so that a task scored in bf16 on a GPU is scored in bf16 again anywhere); `train_counts`:
     its training labels per class (the constant guess an external set's loss is held against)."""
@@ -64,7 +67,7 @@ def save(path: Path, *, task_id: str, kind: str, arch: str, channels: int, class
                  "class_names": list(class_names), "positive": positive, "image": dict(image), "input_size": int(input_size),
                  "run": dict(run), "temperature": None if temperature is None else float(temperature), "selection": selection,
                  "train_counts": [int(c) for c in train_counts], "state_dict": state_dict, "backbone": backbone,
-                 "encoder": encoder, "probe": probe}, path)
+                 "encoder": encoder, "probe": probe, "rebuild": rebuild}, path)
 
 
 def scoring_run(saved: dict, device: str):  # noqa: ANN201 - a RunSpec
@@ -76,6 +79,43 @@ def scoring_run(saved: dict, device: str):  # noqa: ANN201 - a RunSpec
 
 def cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and values, in its order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def rebuild_recipe(rng_state: torch.Tensor, weights: str | None, weights_sha256: str | None, state: dict) -> dict:
+    """What builds a control's backbone again: the CPU generator's state before it was built, its
+    weights file (None: random init), and the digest of the weights it had when it was scored."""
+    return {"rng_state": rng_state.clone(), "weights": weights, "weights_sha256": weights_sha256, "digest": state_digest(state),
+            "torch": str(torch.__version__)}
+
+
+def rebuilt_backbone(saved: dict):  # noqa: ANN201 - a models.Backbone
+    """The control's backbone built again from its recipe, checked against the digest it was scored with."""
+    from runner.ml.models import Backbone
+
+    r = saved["rebuild"]
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(r["rng_state"])
+        try:
+            backbone = Backbone(saved["arch"], saved["in_channels"], weights=r["weights"], weights_sha256=r["weights_sha256"])
+        except Exception as e:  # noqa: BLE001 - the ImageNet file missing or changed: say which and why
+            raise ModelFileError(f"the {saved['kind']} control's backbone cannot be built again: {e}") from None
+    if state_digest(backbone.state_dict()) != r["digest"]:
+        raise ModelFileError(f"the {saved['kind']} control's backbone, built again from its initialisation (PyTorch "
+                             f"{torch.__version__}; the task ran on {r.get('torch')}), is not the network the task scored: "
+                             f"rerun the task with this PyTorch (byol-runner run MANIFEST --retry {saved['task'][:8]})")
+    return backbone
 
 
 class ModelFileError(Exception):
@@ -111,15 +151,18 @@ class Scorer:
             self.model = ctx.place(self.model)
         else:
             state = saved["backbone"]
-            if state is None:  # a linear probe: its pretraining's encoder, checked against the sha256 it was scored with
-                from runner.data.cache import file_sha256
+            if saved.get("rebuild"):  # a control: built again from its initialisation, checked by digest
+                self.backbone = rebuilt_backbone(saved)
+            else:
+                if state is None:  # a linear probe: its pretraining's encoder, checked against the sha256 it was scored with
+                    from runner.data.cache import file_sha256
 
-                enc = results / saved["encoder"]["path"]
-                if file_sha256(enc) != saved["encoder"]["sha256"]:
-                    raise ModelFileError(f"{enc}: missing or not the encoder this probe was fitted on (sha256 differs)")
-                state = safe_load(enc, "cpu")["state_dict"]
-            self.backbone = Backbone(saved["arch"], saved["in_channels"])
-            self.backbone.load_state_dict(state)
+                    enc = results / saved["encoder"]["path"]
+                    if file_sha256(enc) != saved["encoder"]["sha256"]:
+                        raise ModelFileError(f"{enc}: missing or not the encoder this probe was fitted on (sha256 differs)")
+                    state = safe_load(enc, "cpu")["state_dict"]
+                self.backbone = Backbone(saved["arch"], saved["in_channels"])
+                self.backbone.load_state_dict(state)
             self.backbone = self.backbone.to(device)
             self.scaler, self.clf = probe_from_state(saved["probe"])
 

@@ -186,24 +186,27 @@ def classifier(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, ct
 
 def probe(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, ctx) -> tuple:  # noqa: ANN001
     """A linear probe on the pretrained encoder, or on a random-init or ImageNet one (the controls)."""
+    import torch
+
     from runner.ml import train as T
     from runner.ml.models import Backbone
 
     if task.kind == "linear":
         backbone = T.load_encoder(encoder_path, ctx.device)
     else:  # the controls: a random-init network, or its ImageNet weights (the torch hub cache; the plan checked)
-        backbone = Backbone(task.settings.model.arch, ds.channels, weights=_imagenet(task) if task.kind == "imagenet-linear" else None,
-                            weights_sha256=task.imagenet_sha256)
+        rng_state = torch.get_rng_state()  # what builds the same network again (model.pt keeps this, not the weights)
+        weights = _imagenet(task) if task.kind == "imagenet-linear" else None
+        backbone = Backbone(task.settings.model.arch, ds.channels, weights=weights, weights_sha256=task.imagenet_sha256)
     feats = {name: T.extract_features(backbone, ds.pixels(idx), input_size(task), ctx)
              for name, idx in (("train", labels.train), ("val", labels.val), ("test", labels.test)) if labels.selecting or name != "val"}
     proba, selection, (scaler, clf) = T.linear_probe(feats, {"train": ds.labels[labels.train], "val": ds.labels[labels.val]}, task.settings.probe, labels.k)
-    from runner.ml.saved import cpu_state, probe_state
+    from runner.ml.saved import cpu_state, probe_state, rebuild_recipe
 
     network = {"probe": probe_state(scaler, clf, selection["C"], task.settings.probe.max_iter)}
     if task.kind == "linear":  # the pretraining's encoder is kept already: named with its checksum, not copied
         network["encoder"] = {"path": task.encoder, "sha256": file_sha(encoder_path)}
     else:
-        network["backbone"] = cpu_state(backbone)
+        network["rebuild"] = rebuild_recipe(rng_state, weights, task.imagenet_sha256, cpu_state(backbone))
     return (proba(feats["val"]) if labels.selecting else None), proba(feats["test"]), selection, network
 
 
