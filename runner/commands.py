@@ -208,14 +208,22 @@ def status(results_cli: str | None, run_name: str | None = None) -> dict:
         tasks = store.run_tasks(run["id"])
     # a run marked running whose runner is gone was killed: say so
     state = "stopped" if run["status"] == "running" and not pid_alive(run["pid"]) else run["status"]
+    from runner.report import foreign_metrics
+
+    not_own = set(foreign_metrics(results, tasks))
     return {
         "run": {"id": run["id"], "name": run["name"], "status": state, "started": run["started"], "ended": run["ended"],
                 "pid": run["pid"], "executor": run["executor"]},
         "tasks": [{"id": t.id, "kind": t.kind, "dataset": t.dataset, "method": t.method, "seed": t.seed, "budget": t.budget,
-                   "status": t.status, "epoch": t.epoch, "step": t.step, "total": t.total, "loss": t.loss, "img_per_s": t.img_per_s,
-                   "attempts": t.attempts, "error": t.error, "degenerate": _degenerate(results, t)} for t in tasks],
+                   "status": "damaged" if t.id in not_own else t.status, "epoch": t.epoch, "step": t.step, "total": t.total,
+                   "loss": t.loss, "img_per_s": t.img_per_s, "attempts": t.attempts,
+                   "error": NOT_OWN if t.id in not_own else t.error, "degenerate": _degenerate(results, t)} for t in tasks],
         "disk": task_disk(results, [t.id for t in tasks]),
     }
+
+
+NOT_OWN = ("its metrics.json is missing, unreadable or another task's: left out of the report; `byol-runner run` with the "
+           "same manifest computes it again")
 
 
 def task_disk(results: Path, ids: list[str]) -> dict:
@@ -242,16 +250,12 @@ def task_disk(results: Path, ids: list[str]) -> dict:
 
 def _degenerate(results: Path, t) -> list[str]:  # noqa: ANN001 - a TaskRow
     """Why a finished classifier is no result (empty when it is one, or is not a finished classifier)."""
-    import json
-
-    from runner.report import degenerate_reasons
+    from runner.report import degenerate_reasons, load_metrics
 
     if t.status != "done" or t.budget is None:
         return []
-    try:
-        return degenerate_reasons(json.loads((results / "tasks" / t.id / "metrics.json").read_text()))
-    except (OSError, ValueError):
-        return []
+    m = load_metrics(results, t.id)  # only its own
+    return degenerate_reasons(m) if m else []
 
 
 def request(results: Path, action: str, task: str) -> Path:

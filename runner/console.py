@@ -322,7 +322,8 @@ def print_plan(view: dict) -> None:
         out.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
 
 
-STATUS_COLOURS = {"done": "green", "running": "cyan", "pending": "white", "failed": "red", "blocked": "red", "interrupted": "yellow"}
+STATUS_COLOURS = {"done": "green", "running": "cyan", "pending": "white", "failed": "red", "blocked": "red", "interrupted": "yellow",
+                  "damaged": "red"}
 
 
 def status_rows(st: dict) -> tuple[list[str], list[list[str]]]:
@@ -357,7 +358,7 @@ def print_status(st: dict) -> None:
         out.print("  ".join(cells).rstrip(), soft_wrap=True, highlight=False)
     for t in st["tasks"]:
         label = f"{t['dataset']} {t['method']} {t['budget'] or ''} seed {t['seed']}".replace("  ", " ")
-        if t.get("error") and t["status"] in ("failed", "blocked", "interrupted"):
+        if t.get("error") and t["status"] in ("failed", "blocked", "interrupted", "damaged"):
             out.print(f"{t['status']}: {escape(label)} ({t['id'][:8]}): {escape(t['error'])}", soft_wrap=True, highlight=False)
         if t.get("degenerate"):
             out.print(f"{escape(label)} ({t['id'][:8]}): " + escape("; ".join(t["degenerate"])), soft_wrap=True, highlight=False)

@@ -41,8 +41,21 @@ def _load_json(path: Path) -> dict | None:
         return None
 
 
-def _load_metrics(results: Path, tid: str) -> dict | None:
-    return _load_json(results / "tasks" / tid / "metrics.json")
+def load_metrics(results: Path, tid: str) -> dict | None:
+    """A task's metrics.json, if it is there and is this task's (it names its task: one copied or
+    swapped from another folder is never read as this task's result)."""
+    m = _load_json(results / "tasks" / tid / "metrics.json")
+    return m if isinstance(m, dict) and m.get("task") == tid else None
+
+
+def foreign_metrics(results: Path, tasks: list[TaskRow]) -> list[str]:
+    """The tasks recorded done whose metrics.json is unreadable or names another task: left out of
+    every table, and said so."""
+    out = []
+    for t in tasks:
+        if t.status == "done" and t.kind != "noop" and load_metrics(results, t.id) is None:
+            out.append(t.id)
+    return out
 
 
 def _stat(values: list[float], planned: int) -> dict:
@@ -116,7 +129,7 @@ def _threshold(results: Path, m: dict, target_sensitivity: float | None) -> floa
     from runner.scoring import operating_threshold
 
     if m.get("kind") == A.EVALUATE:
-        m = _load_metrics(results, str(m.get("classifier"))) or {} if m.get("classifier") else {}
+        m = load_metrics(results, str(m.get("classifier"))) or {} if m.get("classifier") else {}
     pred = m.get("predictions") or {}
     if not pred.get("val_probs") or len(m.get("class_names") or []) != 2:
         return None
@@ -141,7 +154,7 @@ def collect(results: Path, tasks: list[TaskRow], external: dict[str, str] | None
             continue
         t = dataclasses.replace(t, dataset=shown(t.dataset, external)) if t.dataset in external else t
         planned[(t.dataset, t.budget, t.method)] += 1
-        m = _load_metrics(results, t.id)
+        m = load_metrics(results, t.id)
         if m and "test" in m:
             if "predictions" in m:
                 preds[(t.dataset, t.budget, t.method)].append(
@@ -192,7 +205,7 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
               "rows": rows, "arms": arms, "tasks_done": sum(1 for t in tasks if t.status == "done"), "tasks": len(tasks),
               "model1_method": m1, "model2_method": m2, "primary": primary, "margin": margin,
               "target_sensitivity": target_sensitivity, "flags": _grouped_flags(data["flags"]), "data": accounts,
-              "pretrain_steps": _pretrain_steps(results, tasks), "monitor": monitor_summary(results, tasks), "validation": data["validation"], "fixed_schedule": data["fixed"],
+              "pretrain_steps": _pretrain_steps(results, tasks), "monitor": monitor_summary(results, tasks), "not_own": foreign_metrics(results, tasks), "validation": data["validation"], "fixed_schedule": data["fixed"],
               "external": external}
     flag_cells: dict = defaultdict(set)
     for (flag, _, _), by_cell in data["flags"].items():
@@ -219,7 +232,7 @@ def _grouped_flags(flags: dict) -> list[dict]:
 def _pretrain_steps(results: Path, tasks: list[TaskRow]) -> dict[str, int]:
     out = {}
     for t in tasks:
-        steps = ((_load_metrics(results, t.id) or {}).get("pretrain") or {}).get("steps") if t.kind == "pretrain" else None
+        steps = ((load_metrics(results, t.id) or {}).get("pretrain") or {}).get("steps") if t.kind == "pretrain" else None
         if steps:
             out[f"{t.dataset}/{t.method.removesuffix('-pretrain')}"] = steps
     return out
@@ -235,7 +248,7 @@ def monitor_summary(results: Path, tasks: list[TaskRow]) -> list[dict]:
     for t in tasks:
         if t.kind != "pretrain":
             continue
-        mon = ((_load_metrics(results, t.id) or {}).get("pretrain") or {}).get("monitor")
+        mon = ((load_metrics(results, t.id) or {}).get("pretrain") or {}).get("monitor")
         points = [e for e in read_events(results / "tasks" / t.id / "events.jsonl")[0]
                   if e.get("kind") == "metric" and e.get("knn_auroc") is not None]
         if not points:
@@ -269,7 +282,7 @@ def provenance(results: Path, run, tasks: list[TaskRow], bootstrap: int,  # noqa
     engine, and the devices and library versions its tasks recorded."""
     from runner.contracts import ENGINE_VERSION
 
-    envs = [((_load_metrics(results, t.id) or {}).get("environment") or {}) for t in tasks if t.status == "done"]
+    envs = [((load_metrics(results, t.id) or {}).get("environment") or {}) for t in tasks if t.status == "done"]
     return {"run_started": run["started"], "run_ended": run["ended"], "run_status": run["status"],
             "trained_from": span[0], "trained_to": span[1],
             "manifest_path": run["manifest_path"], "manifest": run["manifest"], "executor": run["executor"],

@@ -79,6 +79,10 @@ def to_markdown(report: dict) -> str:
     if report["tasks_done"] < report["tasks"]:
         lines.append(f"Partial: {report['tasks_done']} of {report['tasks']} tasks done; '—' marks what is missing.")
     notes = [f"Data: {accounting_line(name, acc)}." for name, acc in report.get("data", {}).items()]
+    if report.get("not_own"):
+        ids = ", ".join(tid[:8] for tid in report["not_own"])
+        notes.append(f"Left out: {len(report['not_own'])} task(s) recorded done whose metrics.json is missing, unreadable or "
+                     f"another task's ({ids}); `byol-runner run` with the same manifest computes them again.")
     notes += unit_lines(report) + validation_lines(report) + learned_lines(report) + monitor_lines(report) + flag_notes(report)
     if notes:  # one list item each, so a renderer keeps them apart
         lines += ["", *(f"- {n}" for n in notes)]

@@ -189,3 +189,31 @@ def test_undecodable_event_lines_are_skipped(tiny_reference, tmp_path):
 
 def read_events_text(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.e2e
+def test_swapped_metrics_files_are_never_published_as_the_other_tasks_result(tiny_reference, tmp_path):
+    """The fine-tune's and the supervised classifier's metrics.json swapped by hand (25% labels): `report`
+    and `status` read neither as the other's (the table shows '—' where they were, a note names both,
+    status marks them damaged), and `run` computes both again: the reference table comes back."""
+    manifest, reference, _ = tiny_reference
+    results = copy_results(reference, tmp_path / "results")
+    ft, sup = _task_of(results, "finetune", fraction=0.25), _task_of(results, "supervised", fraction=0.25)
+    a, b = (ft / "metrics.json").read_text(), (sup / "metrics.json").read_text()
+    (ft / "metrics.json").write_text(b)
+    (sup / "metrics.json").write_text(a)
+
+    rep = cli_here("report", "--results", str(results))
+    assert rep.returncode == 0, rep.stderr
+    row = next(line for line in rep.stdout.splitlines() if line.startswith("| syn (25% labels)"))
+    assert row.count("—") == 4, row  # neither Model 1's nor Model 2's accuracy and loss
+    assert "Left out: 2 task(s) recorded done whose metrics.json is missing, unreadable or another task's" in rep.stdout
+    assert ft.name[:8] in rep.stdout and sup.name[:8] in rep.stdout
+    st = json.loads(cli_here("status", "--results", str(results), "--json").stdout)
+    damaged = {t["id"] for t in st["tasks"] if t["status"] == "damaged"}
+    assert damaged == {ft.name, sup.name}
+
+    r = run_cli("run", str(manifest), "--results", str(results))
+    assert r.returncode == 0, r.stdout + r.stderr
+    ref = (reference / "tiny" / "results.md").read_text().split("\n\n")[0]
+    assert (results / "tiny" / "results.md").read_text().split("\n\n")[0] == ref

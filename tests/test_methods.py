@@ -390,3 +390,40 @@ def test_knn_scores_follow_the_nearest_labeled_neighbours():
     out = knn_scores(bank, bank_labels, queries, np.array([0, 1, 1]), positive=1, classes=2, k=2)
     assert out == {"acc": 1.0, "auroc": 1.0}
     assert knn_scores(bank, bank_labels, queries, np.array([1, 1, 1]), 1, 2, k=2)["auroc"] is None  # one class: no AUROC
+
+
+# ---- checkpoints carry their task ----------------------------------------------------------------
+
+
+def test_a_checkpoint_is_resumed_only_by_the_task_that_wrote_it(tmp_path):
+    """Another task's checkpoint.pt in a task's folder (copied, or two swapped by hand) would otherwise
+    train on from someone else's weights and publish them under this task's name: it is moved aside as
+    checkpoint.pt.foreign and the task starts from step 0, with a line naming whose it was. Its own
+    checkpoint resumes (weights, optimizer, step); one that names no task is not trusted either."""
+    from runner.ml.checkpoint import atomic_save
+    from runner.ml.checkpoint import rng_state as rng_of
+    from runner.ml.train import resume
+
+    def state(owner: str | None, w: float) -> dict:
+        model = torch.nn.Linear(2, 1)
+        torch.nn.init.constant_(model.weight, w)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        out = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7, "rng": rng_of(torch.Generator())}
+        return out | ({"task": owner} if owner else {})
+
+    for owner, resumed in (("aaaa000000000000", True), ("bbbb000000000000", False), (None, False)):
+        folder = tmp_path / str(owner) / "aaaa000000000000"
+        folder.mkdir(parents=True)
+        atomic_save(state(owner, 0.5), folder / "checkpoint.pt")
+        ctx, events = cpu_context(folder)
+        model = torch.nn.Linear(2, 1)
+        torch.nn.init.constant_(model.weight, 0.0)
+        got = resume(folder / "checkpoint.pt", model, torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator(), ctx, 1, 10)
+        if resumed:
+            assert got["step"] == 7 and torch.all(model.weight == 0.5)
+            assert "resumed from checkpoint at step 7 of 10" in events[-1]["message"]
+        else:
+            assert got is None and torch.all(model.weight == 0.0)  # nothing of it was loaded
+            assert not (folder / "checkpoint.pt").exists() and (folder / "checkpoint.pt.foreign").is_file()
+            assert "not this task's (aaaa000000000000)" in events[-1]["message"] and "starts from step 0" in events[-1]["message"]
+            assert (owner or "names no task") in events[-1]["message"]

@@ -159,7 +159,7 @@ class _Pretraining:
         if self.monitor is not None and self.monitor.due(step, total):
             self.monitor(method.encoder(), step, epoch)
         if step % ctx.run.checkpoint_every_steps == 0 or step == total:
-            ckpt.save({"model": method.model.state_dict(), "optimizer": method.optimizer.state_dict(), "step": step,
+            ckpt.save({"task": ctx.task_dir.name, "model": method.model.state_dict(), "optimizer": method.optimizer.state_dict(), "step": step,
                        "rng": rng_state(self.dev_gen), "proj_std": float(method.monitor(self.z))}, self.ckpt_path)
 
     def finish(self) -> dict:

@@ -163,6 +163,14 @@ def resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dev_gen: to
         ctx.emit("log", message=f"{path.name} could not be read ({type(e).__name__}: {str(e)[:120]}): moved aside to "
                                 f"{aside.name}; training starts from step 0")
         return None
+    owner = state.get("task") if isinstance(state, dict) else None
+    if owner != ctx.task_dir.name:  # another task's checkpoint (copied, swapped) or one that names none: never resumed from
+        aside = path.with_name(path.name + ".foreign")
+        os.replace(path, aside)
+        whose = f"task {owner}'s" if owner else "a checkpoint that names no task (written before checkpoints carried their task)"
+        ctx.emit("log", message=f"{path.name} is {whose}, not this task's ({ctx.task_dir.name}): moved aside to {aside.name}; "
+                                "training starts from step 0")
+        return None
     try:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -327,7 +335,7 @@ class _ClassifierTraining:
             if val_loss < self.best["val_loss"]:
                 self._keep(done, val_loss, val_acc)
         if done - self.last_saved >= self.ctx.run.checkpoint_every_steps and done < self.total:
-            ckpt.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": done, "best": self.best,
+            ckpt.save({"task": self.ctx.task_dir.name, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": done, "best": self.best,
                        "rng": rng_state(self.dev_gen)}, self.ckpt_path)
             self.last_saved = done
 
