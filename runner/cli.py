@@ -22,7 +22,9 @@ DEFAULT_RESULTS = "results"
 
 
 def _results_dir(args: argparse.Namespace, manifest_results: str | None = None) -> Path:
-    return Path(args.results or manifest_results or DEFAULT_RESULTS)
+    from runner.commands import results_dir
+
+    return results_dir(args.results or manifest_results or DEFAULT_RESULTS)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -13,7 +13,20 @@ from runner.plan import Plan, make_plan, plan_state
 
 
 def results_dir(cli_value: str | None, manifest: Manifest | None = None) -> Path:
-    return Path(cli_value or (manifest.results if manifest else None) or "results")
+    """The results dir: --results, else the manifest's `results:`, else results/. Something there that is
+    not a directory (a file, /dev/null, a FIFO) is refused in one line before anything reads or writes it."""
+    from runner.errors import UserError
+
+    path = Path(cli_value or (manifest.results if manifest else None) or "results")
+    where = "--results" if cli_value else ("the manifest's results:" if manifest and manifest.results else "the results dir")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{where} {path}: not a directory; name a directory (it is created if it is not there)")
+    above = next((p for p in path.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{where} {path}: {above} is not a directory, so nothing can be created under it")
+    if str(path.resolve()).startswith(("/proc/", "/sys/", "/dev/")) or str(path.resolve()) in ("/proc", "/sys", "/dev"):
+        raise UserError(f"{where} {path}: a system folder, not a place for results; name a directory of your own")
+    return path
 
 
 def load_plan(manifest_path: str | Path, results_cli: str | None, progress: Progress = no_progress) -> tuple[Manifest, Path, Plan]:

@@ -77,19 +77,33 @@ def signal_text(code: int) -> str:
     return f"killed ({signal.Signals(sig).name}, exit {code})"
 
 
+def _detach_output() -> None:
+    """Point stdout and stderr at /dev/null: writing to a closed terminal fails (EIO), and a stop must not
+    fail half way for want of a screen."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+    except OSError:
+        pass
+
+
 class StopSignals:
-    """Ctrl-C and SIGTERM stop the run: the first raises KeyboardInterrupt in the loop and is named in the
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal or ssh session) stop the run: the first raises KeyboardInterrupt in the loop and is named in the
     attempts' records; any further one while the runner stops its tasks and records them is ignored
     (it would leave the run and its attempts marked running), with a line saying so."""
 
     def __init__(self) -> None:
         self.name: str | None = None
         self.stopping = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if signum == signal.SIGHUP:  # its terminal (or ssh session) is gone: what it prints from now on goes nowhere
+            _detach_output()
         if self.name is None and not self.stopping:
-            self.name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            self.name = {signal.SIGINT: "Ctrl-C", signal.SIGHUP: "SIGHUP (its terminal closed)"}.get(signum, "SIGTERM")
             raise KeyboardInterrupt
         print("byol-runner: stopping the running tasks and recording them; this takes a few seconds", file=sys.stderr)
 

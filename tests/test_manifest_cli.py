@@ -429,3 +429,18 @@ def test_status_at_80_columns_cuts_no_name_and_no_number(tmp_path, monkeypatch):
     C.print_status(st)
     assert buf.getvalue().splitlines()[-1].startswith(
         "disk: 216.4 MB in the task folders; networks: 1 encoder.pt 44.8 MB, 4 model.pt 179.0 MB (a linear probe's")
+
+
+def test_a_results_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path, write_manifest):
+    """--results naming a file, /dev/null, a path under a file or a system folder: one line (exit 2)
+    from every command that reads or writes it, never a traceback and nothing written there."""
+    manifest = write_manifest(GOOD)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for where, says in ((a_file, "not a directory"), ("/dev/null", "not a directory"),
+                        (a_file / "sub", "is not a directory, so nothing can be created under it"), ("/proc", "a system folder")):
+        for cmd in (("status",), ("report",), ("plan", str(manifest)), ("run", str(manifest)), ("data", "audit", str(manifest))):
+            r = cli_here(*cmd, "--results", str(where))
+            assert r.returncode == 2 and "Traceback" not in r.stderr, (cmd, where, r.stderr)
+            assert r.stderr.strip().splitlines() == [r.stderr.strip()] and says in r.stderr, (cmd, where, r.stderr)
+    assert a_file.read_text() == "mine"

@@ -401,3 +401,33 @@ def test_ctrl_c_on_a_terminal_says_at_once_what_it_stops_and_how_to_resume(tmp_p
     assert r.returncode == 0, r.stdout + r.stderr
     assert "syn byol-pretrain seed 0: resumed from checkpoint at step" in r.stdout or \
         "syn byol-pretrain seed 0: starts again from step 0" in r.stdout, r.stdout
+
+
+@pytest.mark.e2e
+def test_a_closed_terminal_stops_the_run_cleanly(tmp_path):
+    """SIGHUP (the terminal or ssh session closed) with its terminal already gone, so any write to it
+    fails: the runner stops its tasks and records them as a Ctrl-C would (run interrupted, exit 130,
+    attempts 'stopped by SIGHUP'), instead of dying at once with the run left 'running'."""
+    import pty
+
+    results = tmp_path / "results"
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(tiny(tmp_path, pre_epochs=40)), "--results",
+                             str(results)], cwd=REPO, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    try:
+        _wait_for_checkpoint(results)
+        os.close(master)  # the terminal is gone: writing to it now fails with EIO
+        master = None
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if master is not None:
+            os.close(master)
+    with sqlite3.connect(results / "runner.db") as db:
+        run = db.execute("SELECT status, exit_code FROM runs").fetchone()
+        rows = db.execute("SELECT status, error FROM attempts WHERE status != 'done'").fetchall()
+    assert run == ("interrupted", 130)
+    assert rows and all(s == "interrupted" and e == "stopped by SIGHUP (its terminal closed)" for s, e in rows), rows
