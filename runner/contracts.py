@@ -12,6 +12,7 @@ Imports no torch: the runner, the TUI and the executors read it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from enum import StrEnum
@@ -63,15 +64,36 @@ def event_line(task: str, kind: EventKind | str, epoch: int | None = None, step:
     return json.dumps(line, default=float) + "\n"
 
 
+EVENTS_READ_MAX = 64 << 20  # bytes read by one call: the rest on the next (a tail) or not at all (a file gone wild)
+
+
 def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     """The events of the complete lines of `path` from byte `offset` on, and the offset after the last
-    complete line (a line being written is read next time). A line that is not JSON is skipped."""
+    complete line (a line being written is read next time). A line that is not JSON is skipped. Only a
+    regular file is read, never through a link, and at most EVENTS_READ_MAX bytes a call: a FIFO, a
+    device (/dev/zero) or a link put in its place reads as no events instead of hanging or filling memory."""
+    import stat
+
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:  # not there, a link (ELOOP), unreadable
         return [], offset
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return [], offset
+        os.lseek(fd, offset, os.SEEK_SET)
+        chunks, size = [], 0
+        while size < EVENTS_READ_MAX:
+            chunk = os.read(fd, min(1 << 20, EVENTS_READ_MAX - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+    except OSError:
+        return [], offset
+    finally:
+        os.close(fd)
     end = data.rfind(b"\n") + 1
     events = []
     for raw in data[:end].splitlines():
@@ -88,6 +110,7 @@ TaskKind = one_of(KINDS, "task kind")
 
 
 CONTROL_MAX_BYTES = 4096
+_WARNED: dict[str, bool] = {}
 
 
 class ControlRequest(StrictModel):
@@ -112,6 +135,12 @@ class ControlRequest(StrictModel):
 
         folder = Path(results) / "control"
         out = []
+        if folder.is_symlink():  # its files are someone else's: never read or removed through the link
+            if not _WARNED.get(str(folder)):
+                _WARNED[str(folder)] = True
+                print(f"note: {folder} is a link, not byol-runner's control folder: requests are not read (remove the link)",
+                      file=sys.stderr)
+            return out
         for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             try:
                 st = f.lstat()

@@ -21,8 +21,19 @@ class RunnerLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
+        import stat
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the pid written below would land in the file it points at
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            what = "a link" if self.path.is_symlink() else ("a directory" if self.path.is_dir() else f"unusable ({e.strerror})")
+            raise UserError(f"{self.path} is {what}, not byol-runner's lock file: remove it (no runner is using it) and "
+                            "run again") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"{self.path} is not a regular file (a FIFO or a device), not byol-runner's lock file: remove it "
+                            "and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -349,3 +349,29 @@ def test_the_attempt_that_wrote_the_result_before_its_runner_died_is_done_and_st
     finally:
         store.close()
     assert runs[0] == (999_999, "interrupted") and runs[1][1] == "done"  # the killed runner's run is not 'running'
+
+
+def test_links_in_place_of_the_control_folder_and_the_lock_write_nothing_through_them(tmp_path, capsys):
+    """control/ as a link to a folder of someone's .json files: the scheduler reads and removes none of
+    them (said once). runner.lock as a link, a directory or a FIFO: run refuses in one line before it
+    writes its pid anywhere; the file the link points at is untouched."""
+    from runner.errors import UserError
+    from runner.watch import RunnerLock
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "settings.json").write_text('{"task": "pre", "action": "retry"}')
+    (tmp_path / "control").symlink_to(theirs)
+    out, _ = run(tmp_path, FakeExecutor())
+    assert out.exit_code == 0 and (theirs / "settings.json").read_text() == '{"task": "pre", "action": "retry"}'
+    assert capsys.readouterr().err.count("is a link, not byol-runner's control folder") == 1
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    for i, make in enumerate((lambda p: p.symlink_to(precious), lambda p: p.mkdir(), lambda p: os.mkfifo(p))):
+        results = tmp_path / f"r{i}"
+        results.mkdir()
+        make(results / "runner.lock")
+        with pytest.raises(UserError, match=r"runner.lock is (a link|a directory|not a regular file).*remove it"):
+            RunnerLock(results).acquire()
+    assert precious.read_text() == "keep me"

@@ -789,3 +789,36 @@ def test_a_pretrained_backbone_fine_tunes_at_its_scaled_rate(tmp_path, monkeypat
     T.train_classifier(Backbone("resnet18", 1), from_pretraining, train, None, 2, spec, 16, ctx)
     assert len(seen) == 4 and all(head > 0 for _, head in seen)
     assert all(bb == pytest.approx(head * (spec.backbone_lr_scale if from_pretraining else 1.0)) for bb, head in seen)
+
+
+def test_events_are_read_from_a_regular_file_only_and_in_bounded_pieces(tmp_path, monkeypatch):
+    """events.jsonl replaced by a FIFO, a link to /dev/zero or a link to another task's events: every
+    reader (run's tail, status, report, the TUI) gets no events at once, instead of hanging on the FIFO
+    or reading /dev/zero until memory runs out; a real file is read in pieces of at most the bound, the
+    offset carrying on where a piece ended."""
+    import os
+    import threading
+
+    from runner import contracts
+    from runner.contracts import event_line, read_events
+
+    real = tmp_path / "real.jsonl"
+    real.write_text("".join(event_line("t", "progress", step=i, loss=1.0) for i in range(50)))
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.jsonl").symlink_to("/dev/zero")
+    (tmp_path / "link.jsonl").symlink_to(real)
+    done = {}
+    worker = threading.Thread(target=lambda: done.update({n: read_events(tmp_path / n) for n in ("fifo.jsonl", "zero.jsonl", "link.jsonl")}),
+                              daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "a reader hung"
+    assert done == {"fifo.jsonl": ([], 0), "zero.jsonl": ([], 0), "link.jsonl": ([], 0)}
+    line = len(event_line("t", "progress", step=0, loss=1.0))
+    monkeypatch.setattr(contracts, "EVENTS_READ_MAX", line * 20 + 5)  # 20 whole lines and part of one a call
+    steps, offset = [], 0
+    for _ in range(3):
+        events, offset = read_events(real, offset)
+        steps += [e["step"] for e in events]
+    assert steps == list(range(50)) and offset == real.stat().st_size
