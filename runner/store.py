@@ -51,6 +51,7 @@ MIGRATIONS = [
     "ALTER TABLE metric_points ADD COLUMN knn_base_auroc REAL; ALTER TABLE metric_points ADD COLUMN knn_base_acc REAL;",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+TABLES = frozenset({"runs", "tasks", "run_tasks", "attempts", "metric_points"})
 POINT_FIELDS = ("loss", "val_loss", "val_acc", "lr", "tau", "proj_std", "img_per_s", "knn_auroc", "knn_acc", "knn_base_auroc",
                 "knn_base_acc")
 
@@ -93,6 +94,7 @@ class Store:
                 self.db = _open_readonly(self.path)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                existed = self.path.is_file() and self.path.stat().st_size > 0
                 self.db = sqlite3.connect(self.path, timeout=10)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
@@ -100,17 +102,43 @@ class Store:
             if check is None or check[0] != "ok":
                 raise sqlite3.DatabaseError(check[0] if check else "no answer to quick_check")
             if not readonly:
+                version = self.db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise self._newer(version)
+                if existed and not self.db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]:
+                    # a runner.db with no table is not a new one: its history would be replaced without a word
+                    raise sqlite3.DatabaseError("it holds no tables (copied without its -wal file?)")
                 self._migrate()
+            self._check_schema()
         except sqlite3.DatabaseError as e:
             if isinstance(e, sqlite3.OperationalError) and not _damage(e):
                 raise
             raise StoreDamaged(self.path, e) from None
         self.db.row_factory = sqlite3.Row
 
+    def _newer(self, version: int) -> UserError:
+        return UserError(f"{self.path} was written by a newer byol-runner (store schema {version}; this one reads up to "
+                         f"{SCHEMA_VERSION}): upgrade byol-runner, or use another --results")
+
+    def _check_schema(self) -> None:
+        """The schema this version reads: every table there (a file copied without its -wal can hold none),
+        at this version (an older one is upgraded by `run`; a newer one is not read)."""
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise self._newer(version)
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        missing = sorted(TABLES - tables)
+        if missing:
+            raise sqlite3.DatabaseError(f"its table{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                                        f"{'are' if len(missing) > 1 else 'is'} missing (copied without its -wal file?)")
+        if version < SCHEMA_VERSION:
+            raise UserError(f"{self.path} was written by an older byol-runner (store schema {version} of {SCHEMA_VERSION}): "
+                            "`byol-runner run MANIFEST` on it upgrades it, keeping everything")
+
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path} has schema {version}, newer than this byol-runner ({SCHEMA_VERSION}): upgrade byol-runner")
+            raise self._newer(version)
         for v in range(version, SCHEMA_VERSION):
             with self.db:
                 self.db.executescript(MIGRATIONS[v])

@@ -26,8 +26,10 @@ class RunnerLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:  # never through a link: the pid written below would land in the file it points at
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        except OSError as e:
-            what = "a link" if self.path.is_symlink() else ("a directory" if self.path.is_dir() else f"unusable ({e.strerror})")
+        except OSError:
+            if not (self.path.is_symlink() or self.path.is_dir()):
+                raise  # a read-only or full disk, no permission: said as such further up
+            what = "a link" if self.path.is_symlink() else "a directory"
             raise UserError(f"{self.path} is {what}, not byol-runner's lock file: remove it (no runner is using it) and "
                             "run again") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):

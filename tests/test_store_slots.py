@@ -42,7 +42,9 @@ def test_a_database_from_a_newer_byol_runner_is_refused(tmp_path):
     db = sqlite3.connect(tmp_path / "runner.db")
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
-    with pytest.raises(RuntimeError, match="newer than this byol-runner"):
+    from runner.errors import UserError
+
+    with pytest.raises(UserError, match="written by a newer byol-runner .* upgrade byol-runner"):
         Store(tmp_path / "runner.db")
 
 
@@ -70,3 +72,37 @@ def test_the_ray_executor_without_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
     with pytest.raises(UserError, match=r'pip install "byol-runner\[ray\]"'):
         RayExecutor()
+
+
+@pytest.mark.parametrize("case", ["newer", "older", "no tables", "a table missing"])
+def test_a_runner_db_this_version_cannot_read_says_what_to_do_in_one_line(tmp_path, case):
+    """A runner.db from a newer byol-runner, an older one (read by status before run upgraded it), one
+    copied without its -wal (no tables) or missing a table: status and report end in one line naming
+    the fix, never a traceback; run never quietly starts a new history over a newer or damaged one."""
+    import sqlite3
+
+    from runner.store import SCHEMA_VERSION, Store
+    from tests.conftest import cli_here
+
+    results = tmp_path / "results"
+    Store(results / "runner.db").close()
+    with sqlite3.connect(results / "runner.db") as db:
+        if case == "newer":
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        elif case == "older":
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+        elif case == "no tables":
+            for t in ("runs", "tasks", "run_tasks", "attempts", "metric_points"):
+                db.execute(f"DROP TABLE {t}")
+            db.execute("PRAGMA user_version = 0")
+        else:
+            db.execute("DROP TABLE attempts")
+    says = {"newer": "written by a newer byol-runner", "older": "upgrades it", "no tables": "--rebuild-store",
+            "a table missing": "--rebuild-store"}[case]
+    for cmd in (("status",), ("report",)):
+        r = cli_here(*cmd, "--results", str(results))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, r.stderr
+    if case != "older":  # run (which opens it for writing) refuses too; an older one it upgrades
+        with pytest.raises(Exception, match="newer byol-runner|--rebuild-store"):
+            Store(results / "runner.db")
