@@ -75,7 +75,7 @@ def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, s
     store = Store(results / "runner.db")
     run_dir = results / manifest.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    text = Path(manifest_path).read_text()
+    text = manifest._text if manifest._text is not None else Path(manifest_path).read_text()  # the copy that was planned
     (run_dir / "manifest.yaml").write_text(text)
     import json
 

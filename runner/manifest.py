@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from runner.arms import DEFAULT_METHODS, METHODS
 from runner.choices import StrictModel, one_of
@@ -130,6 +130,7 @@ class CompareSpec(StrictModel):
 
 
 class Manifest(TrainSettings):
+    _text: str | None = PrivateAttr(default=None)  # the YAML it was parsed from (parse_manifest sets it)
     name: SafeName = Field(description="the run's name: its folder under the results dir")
     datasets: dict[SafeName, DatasetSpec] = Field(min_length=1, description="name -> a data set (its source and split); "
                                                      "the name is a folder name and appears in every table")
@@ -382,9 +383,11 @@ def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
     # top-level keys starting with x- are the author's (e.g. anchors for merge keys: `x-short: &short {epochs: 5}`)
     data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as e:
         raise ManifestError(_format_errors(source, root, e)) from None
+    manifest._text = text  # the copy planned is the copy run and reported: the file is not read again
+    return manifest
 
 
 MAX_MANIFEST_BYTES = 1 << 20

@@ -431,3 +431,23 @@ def test_a_closed_terminal_stops_the_run_cleanly(tmp_path):
         rows = db.execute("SELECT status, error FROM attempts WHERE status != 'done'").fetchall()
     assert run == ("interrupted", 130)
     assert rows and all(s == "interrupted" and e == "stopped by SIGHUP (its terminal closed)" for s, e in rows), rows
+
+
+@pytest.mark.e2e
+def test_the_manifest_planned_is_the_manifest_run_and_reported(tmp_path):
+    """The manifest edited (to ResNet50) after `run` planned it with ResNet18: the run trains, records and
+    reports the copy it planned; the file is not read a second time."""
+    from runner.commands import execute_plan, load_plan
+
+    manifest = tmp_path / "one.yaml"
+    text = (TINY.format(pre_epochs=1, ft_steps=2).replace("methods: [byol-finetune, byol-linear, supervised, random-linear]",
+                                                            "methods: [supervised]").replace("fractions: [0.25, 1.0]", "fractions: [1.0]"))
+    manifest.write_text(text)
+    planned, results, plan = load_plan(manifest, str(tmp_path / "results"))
+    manifest.write_text(text.replace("resnet18", "resnet50"))
+    outcome, rep = execute_plan(manifest, planned, results, plan, "local", 1)
+    assert outcome.exit_code == 0
+    assert "ResNet18" in rep["legend"]["model2"], rep["legend"]
+    assert (results / "tiny" / "manifest.yaml").read_text() == text
+    with sqlite3.connect(results / "runner.db") as db:
+        assert db.execute("SELECT manifest FROM runs").fetchone()[0] == text
