@@ -27,6 +27,18 @@ def _results_dir(args: argparse.Namespace, manifest_results: str | None = None) 
     return results_dir(args.results or manifest_results or DEFAULT_RESULTS)
 
 
+def _max_parallel(text: str) -> int:
+    from runner.executors.specs import MAX_PARALLEL
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= n <= MAX_PARALLEL:
+        raise argparse.ArgumentTypeError(f"{n}: between 1 and {MAX_PARALLEL}")
+    return n
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     if args.format == "md":
         from runner.reference import reference_markdown
@@ -285,7 +297,7 @@ def _add_run(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
     r.add_argument("manifest", type=Path, help="the YAML manifest, e.g. experiments/demo.yaml (`byol-runner schema` lists its keys)")
     r.add_argument("--executor", choices=tuple(SPECS), help="overrides the manifest's executor.kind")
     r.add_argument("--results", help=RESULTS_HELP)
-    r.add_argument("--max-parallel", type=int, help="tasks at once (default: one per GPU, 1 on the CPU)")
+    r.add_argument("--max-parallel", type=_max_parallel, help="tasks at once (default: one per GPU, 1 on the CPU)")
     r.add_argument("--retry-failed", action="store_true", help="run again the tasks an earlier run gave up on")
     r.add_argument("--rebuild-store", action="store_true",
                    help="a damaged runner.db: move it aside and rebuild it from the task folders (finished tasks are kept)")

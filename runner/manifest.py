@@ -129,6 +129,9 @@ class CompareSpec(StrictModel):
         "that `plan` assumes to say how many seeds reach the margin, until an earlier run in the results dir measured it")
 
 
+MAX_SEEDS = 100  # beyond it the verdicts gain nothing a study can pay for, and planning alone takes minutes
+
+
 class Manifest(TrainSettings):
     _text: str | None = PrivateAttr(default=None)  # the YAML it was parsed from (parse_manifest sets it)
     name: SafeName = Field(description="the run's name: its folder under the results dir")
@@ -143,9 +146,9 @@ class Manifest(TrainSettings):
     )
     labels: LabelsSpec = Field(default_factory=LabelsSpec, description="the label budgets and how validation labels are counted")
     seeds: list[Annotated[int, Field(strict=True)]] = Field(
-        default_factory=lambda: [0, 1, 2, 3, 4], min_length=1,
-        description="one run of every cell per seed (default 5: one seed decides nothing, and 3 rarely do; `plan` says what "
-        "the margin needs)")
+        default_factory=lambda: [0, 1, 2, 3, 4], min_length=1, max_length=MAX_SEEDS,
+        description=f"one run of every cell per seed (default 5: one seed decides nothing, and 3 rarely do; `plan` says what "
+        f"the margin needs); at most {MAX_SEEDS}")
     # and the training settings sections (model, run, pretrain, simsiam, finetune, probe): TrainSettings's
     executor: ExecutorSpec = Field(
         default_factory=lambda: LocalSpec(),

@@ -444,3 +444,14 @@ def test_a_results_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path, write
             assert r.returncode == 2 and "Traceback" not in r.stderr, (cmd, where, r.stderr)
             assert r.stderr.strip().splitlines() == [r.stderr.strip()] and says in r.stderr, (cmd, where, r.stderr)
     assert a_file.read_text() == "mine"
+
+
+def test_the_numbers_that_size_a_run_are_bounded(write_manifest):
+    """max_parallel of 2**64 (it ran the machine out of memory) and 10,000 seeds (92 s of planning) are
+    refused in one line naming the key and the bound, in the manifest and on the command line."""
+    for extra, says in (("executor: {max_parallel: 18446744073709551616}", "executor.max_parallel: Input should be less than or equal to 1024"),
+                        (f"seeds: {list(range(101))}", "seeds: List should have at most 100 items")):
+        r = cli_here("plan", str(write_manifest(GOOD + extra + "\n")))
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_cli("run", str(write_manifest(GOOD)), "--max-parallel", "99999999999")
+    assert r.returncode == 2 and "--max-parallel: 99999999999: between 1 and 1024" in r.stderr, r.stderr

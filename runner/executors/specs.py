@@ -17,11 +17,16 @@ from pydantic import Field, field_validator
 from runner.choices import StrictModel
 
 
+
+MAX_PARALLEL = 1024  # tasks at once: each is a process (or a container, a Ray task) with its own memory
+
+
 class ExecutorSettings(StrictModel):
     """What every backend's section of the manifest has; a backend's `Spec` adds `kind` and its own."""
 
     executor: ClassVar[str] = ""  # "module:Class" of the backend's Executor
-    max_parallel: int | None = Field(None, ge=1, description="tasks at once (default: one per GPU, or 1 on the CPU)")
+    max_parallel: int | None = Field(None, ge=1, le=MAX_PARALLEL,
+                                     description=f"tasks at once (default: one per GPU, or 1 on the CPU); at most {MAX_PARALLEL}")
     retries: int = Field(1, ge=0, le=10, description="attempts after the first, for a task whose worker fails")
     timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one attempt, enforced by the runner")
 
