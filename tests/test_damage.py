@@ -52,17 +52,27 @@ def test_a_damaged_runner_db_says_how_to_rebuild_it_and_the_rebuild_loses_no_fin
         json.loads((reference / "tiny" / "results.json").read_text())["rows"]
 
 
-@pytest.mark.parametrize("damage", ["index junk", "images truncated"])
+@pytest.mark.parametrize("damage", ["index junk", "images truncated", "images random", "another entry's images"])
 @pytest.mark.e2e
 def test_a_damaged_cache_entry_is_decoded_again(tiny_reference, tmp_path, damage):
+    """A cache entry damaged or replaced (random bytes of the right size and header, or another data
+    set's images.npy of the same shape: each trained a control to a different AUROC without a word) is
+    decoded again, said, and the run gives the reference's numbers."""
+    import numpy as np
+
     manifest, reference, _ = tiny_reference
     results = copy_results(reference, tmp_path / "results")
     [entry] = [p for p in (results / "cache").iterdir() if (p / "index.json").is_file()]
+    images = entry / "images.npy"
     if damage == "index junk":
         (entry / "index.json").write_bytes(b"\x00junk{")
-    else:
-        images = entry / "images.npy"
+    elif damage == "images truncated":
         images.write_bytes(images.read_bytes()[:1000])
+    else:
+        good = np.load(images)
+        rng = np.random.default_rng(0)
+        other = rng.integers(0, 256, good.shape, dtype=np.uint8) if damage == "images random" else good[::-1].copy()
+        np.save(images, other)
     plan = cli_here("plan", str(manifest), "--results", str(results))
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert "damaged cache entry" in plan.stderr and "decoded again" in plan.stderr

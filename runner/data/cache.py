@@ -172,7 +172,14 @@ def load_images(
 
 
 def _read_entry(entry: Path, key: str) -> ImageTable:
+    """An entry as written: its index names this key, and images.npy has the sha256 the index recorded
+    (random bytes, another entry's file of the same shape, or an entry from before entries carried a
+    digest are decoded again, never trained on)."""
     index = json.loads((entry / "index.json").read_text())
+    if index.get("key") != key or not index.get("images_sha256"):
+        raise ValueError("its index names another entry, or none (written before entries carried their digest)")
+    if file_sha256(entry / "images.npy") != index["images_sha256"]:
+        raise ValueError("images.npy is not the file its index recorded (sha256 differs)")
     images = np.load(entry / "images.npy", mmap_mode="r")
     if images.ndim != 4 or images.shape[0] != len(index["items"]) or images.dtype != np.uint8:
         raise ValueError(f"images.npy holds {images.shape} {images.dtype} for {len(index['items'])} items")
@@ -261,7 +268,8 @@ def _write_entry(
     del gray, rgb
     (tmp / drop).unlink()
     (tmp / keep).rename(tmp / "images.npy")
-    index = {"version": DECODE_VERSION, "channels": channels, "size": size, "fit": s.fit, "items": records}
+    index = {"version": DECODE_VERSION, "key": entry.name, "images_sha256": file_sha(tmp / "images.npy"), "channels": channels,
+             "size": size, "fit": s.fit, "items": records}
     (tmp / "index.json").write_text(json.dumps(index))  # inside the temporary entry, renamed below
     try:
         tmp.rename(entry)
