@@ -205,7 +205,7 @@ def build(results: Path, run_name: str, tasks: list[TaskRow], arch: str = "ResNe
               "rows": rows, "arms": arms, "tasks_done": sum(1 for t in tasks if t.status == "done"), "tasks": len(tasks),
               "model1_method": m1, "model2_method": m2, "primary": primary, "margin": margin,
               "target_sensitivity": target_sensitivity, "flags": _grouped_flags(data["flags"]), "data": accounts,
-              "pretrain_steps": _pretrain_steps(results, tasks), "monitor": monitor_summary(results, tasks), "not_own": foreign_metrics(results, tasks), "validation": data["validation"], "fixed_schedule": data["fixed"],
+              "pretrain_steps": _pretrain_steps(results, tasks), "monitor": monitor_summary(results, tasks), "loss_not_falling": loss_not_falling(results, tasks), "not_own": foreign_metrics(results, tasks), "validation": data["validation"], "fixed_schedule": data["fixed"],
               "external": external}
     flag_cells: dict = defaultdict(set)
     for (flag, _, _), by_cell in data["flags"].items():
@@ -262,6 +262,23 @@ def monitor_summary(results: Path, tasks: list[TaskRow]) -> list[dict]:
         g["query_classes"] = labels.get("query_classes", g["query_classes"])
     return [{"dataset": d, "method": m, **g, "seeds": sorted(g["seeds"], key=lambda s: s["seed"])}
             for (d, m), g in sorted(groups.items())]
+
+
+def loss_not_falling(results: Path, tasks: list[TaskRow]) -> list[dict]:
+    """Finished pretrainings whose last epoch's mean loss is not below their first's (a learning rate or
+    weight decay far too high ends 'done' with its loss rising): their encoder learned nothing usable."""
+    from runner.contracts import read_events
+
+    out = []
+    for t in tasks:
+        if t.kind != "pretrain" or t.status != "done":
+            continue
+        losses = [e["loss"] for e in read_events(results / "tasks" / t.id / "events.jsonl")[0]
+                  if e.get("kind") == "metric" and e.get("loss") is not None and e.get("knn_auroc") is None]
+        if len(losses) >= 2 and losses[-1] >= losses[0]:
+            out.append({"dataset": t.dataset, "method": t.method.removesuffix("-pretrain"), "seed": t.seed,
+                        "first": losses[0], "last": losses[-1]})
+    return out
 
 
 def report_for(results: Path, run_name: str | None = None, bootstrap: int = 1000) -> tuple[dict, list[TaskRow]]:

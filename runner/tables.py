@@ -83,7 +83,8 @@ def to_markdown(report: dict) -> str:
         ids = ", ".join(tid[:8] for tid in report["not_own"])
         notes.append(f"Left out: {len(report['not_own'])} task(s) recorded done whose metrics.json is missing, unreadable or "
                      f"another task's ({ids}); `byol-runner run` with the same manifest computes them again.")
-    notes += unit_lines(report) + validation_lines(report) + learned_lines(report) + monitor_lines(report) + flag_notes(report)
+    notes += unit_lines(report) + validation_lines(report) + learned_lines(report) + monitor_lines(report) + rising_lines(report)
+    notes += flag_notes(report)
     if notes:  # one list item each, so a renderer keeps them apart
         lines += ["", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
@@ -179,6 +180,16 @@ def learned_lines(report: dict) -> list[str]:
                    f"(linear probes, Δ {NAMES.get(d['primary'], d['primary'])} {_ci(d.get(d['primary']))}, p (Holm) "
                    f"{_p(d.get('p_adjusted'))}).")
     return out
+
+
+def rising_lines(report: dict) -> list[str]:
+    """The pretrainings whose loss ended no lower than it began: what their arms stand on learned nothing."""
+    rising = report.get("loss_not_falling", [])
+    if not rising:
+        return []
+    which = "; ".join(f"{r['dataset']} {r['method']} seed {r['seed']} ({r['first']:.3f} → {r['last']:.3f})" for r in rising)
+    return [f"Pretraining loss did not fall (last epoch's mean at or above the first's): {which}. Its encoder learned nothing "
+            "usable and every arm built on it shows that, not BYOL: check pretrain.base_lr and pretrain.weight_decay."]
 
 
 def monitor_gain(g: dict) -> tuple[float, int, int] | None:

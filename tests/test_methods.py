@@ -427,3 +427,27 @@ def test_a_checkpoint_is_resumed_only_by_the_task_that_wrote_it(tmp_path):
             assert not (folder / "checkpoint.pt").exists() and (folder / "checkpoint.pt.foreign").is_file()
             assert "not this task's (aaaa000000000000)" in events[-1]["message"] and "starts from step 0" in events[-1]["message"]
             assert (owner or "names no task") in events[-1]["message"]
+
+
+def test_a_pretraining_whose_loss_did_not_fall_is_named_in_the_report(tmp_path):
+    """A pretraining that ends 'done' with its loss rising (base_lr: 1e6 took BYOL's from 3.27 to 5.12) is
+    named in the report's notes with its first and last epoch loss; one whose loss fell is not, and
+    neither are the monitor's events (which carry no loss)."""
+    from runner.contracts import event_line
+    from runner.report import loss_not_falling
+    from runner.store import TaskRow
+    from runner.tables import rising_lines
+
+    rows = []
+    for tid, losses in (("up", [3.27, 4.1, 5.12]), ("down", [3.9, 2.0, 1.4])):
+        folder = tmp_path / "tasks" / tid
+        folder.mkdir(parents=True)
+        lines = [event_line(tid, "metric", epoch=i, step=i, loss=v) for i, v in enumerate(losses)]
+        lines.append(event_line(tid, "metric", epoch=3, step=3, knn_auroc=0.7, knn_base_auroc=0.6))
+        (folder / "events.jsonl").write_text("".join(lines))
+        rows.append(TaskRow(tid, "pretrain", "chest", "byol-pretrain", 0, None, [], "done", 2, 3, losses[-1], None, None))
+    found = loss_not_falling(tmp_path, rows)
+    assert found == [{"dataset": "chest", "method": "byol", "seed": 0, "first": 3.27, "last": 5.12}]
+    [line] = rising_lines({"loss_not_falling": found})
+    assert "chest byol seed 0 (3.270 → 5.120)" in line and "pretrain.base_lr" in line
+    assert rising_lines({}) == []
