@@ -60,9 +60,34 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
             aside = Store.move_aside(results / "runner.db")
             print(f"note: moved the damaged runner.db aside ({aside.name}); rebuilding it from the task folders",
                   file=sys.stderr)
+        _note_threads(results, plan, getattr(ex, "cpu_threads", None))
         return _execute(manifest_path, manifest, results, plan, ex, slots, retry_failed, display_factory, retry_ids, lock)
     finally:
         lock.release()
+
+
+def _note_threads(results: Path, plan: Plan, threads: int | None) -> None:
+    """On the CPU the thread count a task trains with changes its numbers in their last digits, and from
+    there its results: say so when this run's differs from the one its finished tasks recorded."""
+    from runner.plan import is_done
+    from runner.report import load_metrics
+
+    if threads is None:
+        return
+    done = [t for t in plan.tasks if is_done(results, t.id)]
+    if len(done) == len(plan.tasks):
+        return
+    recorded = {}
+    for t in done:
+        env = (load_metrics(results, t.id) or {}).get("environment") or {}
+        if str(env.get("device", "")).startswith("CPU") and env.get("threads"):
+            recorded[t.id] = env["threads"]
+    other = sorted({n for n in recorded.values() if n != threads})
+    if other:
+        print(f"note: {sum(1 for n in recorded.values() if n != threads)} finished task(s) trained on the CPU with "
+              f"{', '.join(map(str, other))} thread(s); this run gives each task {threads} (cores / max_parallel). Tasks "
+              "trained now may differ from what those same tasks would give with the earlier count; a rerun with the "
+              "earlier --max-parallel keeps them alike", file=sys.stderr)
 
 
 def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, slots, retry_failed: bool,  # noqa: ANN001

@@ -227,3 +227,24 @@ def test_swapped_metrics_files_are_never_published_as_the_other_tasks_result(tin
     assert r.returncode == 0, r.stdout + r.stderr
     ref = (reference / "tiny" / "results.md").read_text().split("\n\n")[0]
     assert (results / "tiny" / "results.md").read_text().split("\n\n")[0] == ref
+
+
+@pytest.mark.e2e
+def test_a_run_with_another_thread_count_than_its_finished_tasks_says_so(tiny_reference, tmp_path):
+    """On the CPU the thread count (cores / max_parallel) changes a task's numbers: a run that gives its
+    tasks another count than its finished tasks recorded says so before it trains."""
+    import json
+
+    manifest, reference, _ = tiny_reference
+    results = copy_results(reference, tmp_path / "results")
+    sup = _task_of(results, "supervised", fraction=1.0)
+    recorded = json.loads((sup / "metrics.json").read_text())["environment"]["threads"]
+    (sup / "metrics.json").unlink()
+    cores = os.cpu_count() or 1
+    other = 1 if recorded != cores else 2  # --max-parallel giving another count than the reference's
+    r = run_cli("run", str(manifest), "--results", str(results), "--max-parallel", str(other))
+    assert r.returncode == 0, r.stderr
+    now = max(1, cores // other)
+    if now == recorded:
+        pytest.skip(f"{cores} cores: no --max-parallel gives another thread count than {recorded}")
+    assert f"finished task(s) trained on the CPU with {recorded} thread(s); this run gives each task {now}" in r.stderr, r.stderr

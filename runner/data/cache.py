@@ -141,6 +141,10 @@ def cache_key(fingerprint: str, settings: ImageSettings, channels: str | int) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+class OlderEntry(Exception):
+    """A cache entry an earlier byol-runner wrote, without the digest this one checks."""
+
+
 def load_images(
     spec: DatasetBase,
     items: Sequence[Item],
@@ -157,6 +161,9 @@ def load_images(
     if (entry / "index.json").is_file() or entry.is_dir():
         try:
             table = _read_entry(entry, key)
+        except OlderEntry as e:
+            print(f"note: cache entry {entry} {e}: decoded again, once", file=sys.stderr)
+            shutil.rmtree(entry, ignore_errors=True)
         except (OSError, ValueError, KeyError, TypeError) as e:  # damaged (a crash, a disk error, a hand): decode again
             print(f"note: damaged cache entry {entry} ({type(e).__name__}: {str(e)[:120]}): decoded again", file=sys.stderr)
             shutil.rmtree(entry, ignore_errors=True)
@@ -176,8 +183,10 @@ def _read_entry(entry: Path, key: str) -> ImageTable:
     (random bytes, another entry's file of the same shape, or an entry from before entries carried a
     digest are decoded again, never trained on)."""
     index = json.loads((entry / "index.json").read_text())
-    if index.get("key") != key or not index.get("images_sha256"):
-        raise ValueError("its index names another entry, or none (written before entries carried their digest)")
+    if "images_sha256" not in index:
+        raise OlderEntry("written before cache entries carried their digest")
+    if index.get("key") != key:
+        raise ValueError(f"its index names another entry ({str(index.get('key'))[:24]})")
     if file_sha256(entry / "images.npy") != index["images_sha256"]:
         raise ValueError("images.npy is not the file its index recorded (sha256 differs)")
     images = np.load(entry / "images.npy", mmap_mode="r")
