@@ -128,3 +128,23 @@ def test_channel_choice_follows_the_content(cache_dir):
     forced = ImageFolderSource(source="imagefolder", root=str(real_data("chest_xray") / "val"), image_size=16, channels=3)
     t = load_images(forced, scan(forced), cache_dir)
     assert t.channels == 3 and np.array_equal(t.images[:, 0], t.images[:, 2])
+
+
+def test_an_image_path_that_is_a_fifo_or_a_device_is_an_error_not_a_hang(tmp_path):
+    """A FIFO (reading it blocks forever) or a link to /dev/zero (it never ends) where an image should be,
+    in a data set or given to `predict`: an error for that image at once, the others unaffected."""
+    import os
+    import threading
+
+    from runner.data.decode import ImageSettings, decode_file
+
+    fifo = tmp_path / "a.png"
+    os.mkfifo(fifo)
+    (tmp_path / "b.png").symlink_to("/dev/zero")
+    got = {}
+    t = threading.Thread(target=lambda: got.update({n: decode_file(str(tmp_path / n), ImageSettings(32, "pad"))
+                                                     for n in ("a.png", "b.png")}), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "decoding hung"
+    assert all(d.pixels is None and d.error == "not a regular file (a FIFO, a device or a folder)" for d in got.values())

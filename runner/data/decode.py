@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -102,11 +103,23 @@ def decode_image(im: Image.Image, s: ImageSettings) -> tuple[np.ndarray, str, bo
 _OBJECT_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
 
 
+MAX_IMAGE_BYTES = 1 << 30
+
+
 def decode_file(path: str, s: ImageSettings) -> Decoded:
     """Read, hash and decode one file; never raises for a bad image (the caller decides)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
+    import stat
+
+    try:  # only a regular file, of a bounded size: a FIFO would block, /dev/zero never ends
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return Decoded(None, None, None, False, "", None, "not a regular file (a FIFO, a device or a folder)")
+            if st.st_size > MAX_IMAGE_BYTES:
+                return Decoded(None, None, None, False, "", None, f"{st.st_size} bytes: larger than an image file may be "
+                                                                  f"({MAX_IMAGE_BYTES >> 20} MiB)")
+            data = f.read(MAX_IMAGE_BYTES + 1)
     except OSError as e:
         return Decoded(None, None, None, False, "", None, f"cannot read: {e.strerror or e}")
     file_sha = hashlib.sha256(data).hexdigest()
