@@ -455,3 +455,44 @@ def test_the_numbers_that_size_a_run_are_bounded(write_manifest):
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run_cli("run", str(write_manifest(GOOD)), "--max-parallel", "99999999999")
     assert r.returncode == 2 and "--max-parallel: 99999999999: between 1 and 1024" in r.stderr, r.stderr
+
+
+def test_hostile_data_sets_are_one_line_each_in_plan(tmp_path, write_manifest):
+    """What fuzzed manifests found tracebacks with: a folder link looping back up an imagefolder (ELOOP),
+    a CSV row naming a file outside the root, image_pattern strings that cannot format one value (or
+    would allocate without end), an npz with object arrays, an empty npz. Each ends `plan` in one line
+    naming the data set and what is wrong; the loop is listed once and counted as skipped."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    loop = tmp_path / "loop"
+    for c in ("a", "b"):
+        (loop / c).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(loop / c / f"{i}.png")
+    (loop / "a" / "up").symlink_to("..")
+    csvroot = tmp_path / "csvroot"
+    csvroot.mkdir()
+    Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(csvroot / "x.png")
+    (csvroot / "labels.csv").write_text("file,label\n/etc/passwd,a\nx.png,b\n")
+    np.savez(tmp_path / "obj.npz", train_images=np.array([object()] * 3, dtype=object), train_labels=np.array([0, 1, 0]))
+    np.savez(tmp_path / "empty.npz")
+    csv = f"{{source: csv, root: {csvroot}, image_column: file, label_column: label"
+    cases = [
+        (f"{csv}}}", "line 2: /etc/passwd is outside the data set's root"),
+        *((f"{csv}, image_pattern: '{p}'}}", "one field, '{}' or a short format") for p in ("{}{}", "{x}", "{0:{1}}", "{:>999999999999}")),
+        (f"{{source: npz, path: {tmp_path / 'obj.npz'}}}", "train_images cannot be read as a plain array"),
+        (f"{{source: npz, path: {tmp_path / 'empty.npz'}}}", "it holds no arrays"),
+    ]
+    for spec, says in cases:
+        r = cli_here("plan", str(write_manifest(f"name: f\ndatasets:\n  d: {spec}\n")), "--results", str(tmp_path / "r"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (spec, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, (spec, r.stderr)
+    r = cli_here("plan", str(write_manifest(f"name: f\ndatasets:\n  d: {{source: imagefolder, root: {loop}}}\nlabels: {{fractions: [1.0]}}\nseeds: [0]\n")),
+                 "--results", str(tmp_path / "r"))
+    assert r.returncode == 0, r.stderr
+    audit = cli_here("data", "audit", str(write_manifest(f"name: f\ndatasets:\n  d: {{source: imagefolder, root: {loop}}}\n"
+                                                         "labels: {fractions: [1.0]}\nseeds: [0]\n")),
+                     "--results", str(tmp_path / "r"))
+    assert "folder listed twice" in audit.stdout + audit.stderr, audit.stdout

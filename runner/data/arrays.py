@@ -18,6 +18,15 @@ def _open_npz(path: str) -> np.lib.npyio.NpzFile:
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
 
 
+def _member(z, path: str, name: str) -> np.ndarray:  # noqa: ANN001 - an NpzFile
+    """One array of the file, read without unpickling: an object array (or a damaged member) is a DataError."""
+    try:
+        return np.asarray(z[name])
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path}: {name} cannot be read as a plain array ({str(e).splitlines()[0][:120]}); "
+                        "save numbers, not Python objects (np.savez with uint8 images and integer labels)") from None
+
+
 def load_npz_labels(path: str) -> dict[str, np.ndarray]:
     """`{split}_labels` for each split present, as 1-D int arrays; checks the image arrays match."""
     with _open_npz(path) as z:
@@ -27,17 +36,18 @@ def load_npz_labels(path: str) -> dict[str, np.ndarray]:
                 continue
             if f"{split}_images" not in z.files or f"{split}_labels" not in z.files:
                 raise DataError(f"{path}: has one of {split}_images / {split}_labels but not the other")
-            labels = np.asarray(z[f"{split}_labels"])
+            labels = _member(z, path, f"{split}_labels")
             if labels.ndim == 2 and labels.shape[1] == 1:
                 labels = labels[:, 0]
             if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
                 raise DataError(f"{path}: {split}_labels must be integers of shape (N,) or (N, 1), got {labels.dtype} {labels.shape}")
-            n_images = z[f"{split}_images"].shape[0]
+            n_images = _member(z, path, f"{split}_images").shape[0]
             if n_images != len(labels):
                 raise DataError(f"{path}: {split}_images has {n_images} images but {split}_labels has {len(labels)}")
             out[split] = labels.astype(np.int64)
         if not out:
-            raise DataError(f"{path}: no train_images/train_labels (MedMNIST layout) in {', '.join(z.files)}")
+            held = ", ".join(z.files) if z.files else "nothing: it holds no arrays"
+            raise DataError(f"{path}: no train_images/train_labels (MedMNIST layout) in {held}")
         return out
 
 
@@ -47,7 +57,7 @@ def load_npz_images(path: str) -> dict[str, np.ndarray]:
         out = {}
         for split in ("train", "val", "test"):
             if f"{split}_images" in z.files:
-                imgs = np.asarray(z[f"{split}_images"])
+                imgs = _member(z, path, f"{split}_images")
                 if imgs.dtype != np.uint8 or imgs.ndim not in (3, 4) or (imgs.ndim == 4 and imgs.shape[3] not in (1, 3, 4)):
                     raise DataError(f"{path}: {split}_images must be uint8 (N,H,W) or (N,H,W,C), got {imgs.dtype} {imgs.shape}")
                 out[split] = imgs

@@ -173,6 +173,24 @@ class CsvSource(RootedSource):
     image_pattern: str | None = Field(
         None, description="file name made from the image column, e.g. '{}.png' or '{:03d}.png'; absent: the column is the path"
     )
+
+    @field_validator("image_pattern")
+    @classmethod
+    def _one_field(cls, v: str | None) -> str | None:
+        """One replacement field, `{}` or `{:SPEC}` with a short plain format spec: anything else cannot
+        format one value (and '{:>999999999999}' would allocate without end)."""
+        if v is None:
+            return v
+        import string
+
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(v) if name is not None]
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not a format pattern ({e})") from None
+        if len(fields) != 1 or fields[0][0] not in ("", "0") or fields[0][2] is not None or \
+                not re.fullmatch(r"[<>^=]?[+\- ]?0?\d{0,3}(\.\d{1,3})?[dsxXob]?", fields[0][1] or ""):
+            raise ValueError(f"{v!r}: one field, '{{}}' or a short format such as '{{:03d}}' (e.g. 'img_{{:05d}}.png')")
+        return v
     image_dir: str = Field(".", description="folder of the images, relative to root")
     split_column: str | None = Field(None, description="a column with train/val/test, for split.strategy 'given'")
     group_column: str | None = Field(None, description="a column with a group id (patient); overrides group_pattern")
@@ -273,6 +291,13 @@ def group_of(rx: re.Pattern[str], key: str) -> str:
     return next((g for g in m.groups() if g is not None), m.group(0))
 
 
+def _points_up(link: str, root: Path) -> bool:
+    """Whether a link to a folder points at the data set's root, above it, or at a folder above the link."""
+    target = os.path.realpath(link)
+    here, top = os.path.realpath(os.path.dirname(link)), os.path.realpath(root)
+    return any(p == target or p.startswith(target + os.sep) for p in (here, top))
+
+
 def _list_images(root: Path, folder: Path, skipped: list[Skipped]) -> list[str]:
     """Image files under folder, recursively, as sorted keys relative to root (os.scandir and plain
     strings: a scan of 100k files is a stat-free directory walk). Other files, not hidden ones, go to
@@ -280,10 +305,27 @@ def _list_images(root: Path, folder: Path, skipped: list[Skipped]) -> list[str]:
     prefix = len(str(root)) + 1
     found: list[str] = []
     stack = [str(folder)]
+    seen: set[tuple[int, int]] = set()  # folders by (device, inode): a link back up is listed once, not forever
     while stack:
-        with os.scandir(stack.pop()) as it:
+        path = stack.pop()
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in seen:
+                skipped.append(Skipped(path[prefix:].replace(os.sep, "/"), "folder listed twice",
+                                       "a link to a folder already listed (a loop, or two links to one folder)"))
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            it = os.scandir(path)
+        except OSError as e:
+            skipped.append(Skipped(path[prefix:].replace(os.sep, "/") or ".", "unreadable folder", e.strerror or str(e)))
+            continue
+        with it:
             for entry in it:
                 if entry.is_dir() and not entry.name.startswith("."):
+                    if entry.is_symlink() and _points_up(entry.path, root):
+                        skipped.append(Skipped(entry.path[prefix:].replace(os.sep, "/"), "folder listed twice",
+                                               "a link to a folder above it in the data set (a loop)"))
+                        continue
                     stack.append(entry.path)
                 elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                     found.append(entry.path[prefix:].replace(os.sep, "/"))
@@ -354,12 +396,16 @@ def _scan_csv(spec: CsvSource, skipped: list[Skipped]) -> list[Item]:
     missing = [c for c in wanted if c is not None and c not in df.columns]
     if missing:
         raise DataError(f"{csv_path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(df.columns)})")
-    image_dir = (root / spec.image_dir).resolve()
+    top = Path(os.path.normpath(root))
+    image_dir = Path(os.path.normpath(root / spec.image_dir))
     items: list[Item] = []
     missing_rows: list[str] = []
     for row_no, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
         name = _image_name(spec.image_pattern, row[spec.image_column].strip())
-        path = image_dir / name
+        path = Path(os.path.normpath(image_dir / name))
+        if not path.is_relative_to(top):
+            raise DataError(f"{csv_path} line {row_no}: {name} is outside the data set's root {root}: image paths are read "
+                            "relative to root (or image_dir) and must stay under it")
         if not path.is_file():
             missing_rows.append(f"line {row_no}: {path}")
             skipped.append(Skipped(f"{spec.labels_csv}:{row_no}", "missing file", f"line {row_no} names {path}, which does not exist"))
@@ -371,7 +417,7 @@ def _scan_csv(spec: CsvSource, skipped: list[Skipped]) -> list[Item]:
         if origin is not None and origin not in SPLITS:
             raise DataError(f"{csv_path} line {row_no}: split {origin!r} is not one of {', '.join(SPLITS)}")
         group = row[spec.group_column].strip() if spec.group_column else None
-        items.append(Item(path.relative_to(root).as_posix(), label, origin, group))
+        items.append(Item(path.relative_to(top).as_posix(), label, origin, group))
     if missing_rows and spec.on_missing == "fail":
         more = f" (and {len(missing_rows) - 1} more)" if len(missing_rows) > 1 else ""
         raise DataError(f"{csv_path}: image file missing for {missing_rows[0]}{more}; set on_missing: skip to ignore")
