@@ -277,8 +277,8 @@ class Scheduler:
             self.store.set_attempt_node(r.attempt_id, r.handle.node)  # a Ray task learns its node as it runs
             del self.running[tid]
             changed = True
-            if code == 0 and is_done(self.results, tid):
-                self.store.end_attempt(r.attempt_id, A.DONE, 0, None)
+            if is_done(self.results, tid):  # its metrics.json is whole and its own: the result is there, whatever
+                self.store.end_attempt(r.attempt_id, A.DONE, code, None)  # ended the worker after it (a kill mid-cleanup)
                 self.transition(tid, S.DONE, None)
                 continue
             error = r.tail.last_error or f"worker exited with code {code} and no error event (see worker.log)"

@@ -33,6 +33,7 @@ class Script:
     error: str | None = None
     metrics: bool = True
     hang: bool = False
+    metrics_then_killed: bool = False  # metrics.json written, then the worker killed (`code`)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class FakeExecutor(Executor):
         if script.error:
             with open(folder / "events.jsonl", "a") as f:
                 f.write(event_line(handle.task_id, "error", message=script.error, error_type="exception"))
-        if script.code == 0 and script.metrics:
+        if (script.code == 0 or script.metrics_then_killed) and script.metrics:
             (folder / "metrics.json").write_text(json.dumps({"task": handle.task_id}))
         st["ended"] = script.code
         self.live.discard(handle.task_id)
@@ -375,3 +376,13 @@ def test_links_in_place_of_the_control_folder_and_the_lock_write_nothing_through
         with pytest.raises(UserError, match=r"runner.lock is (a link|a directory|not a regular file).*remove it"):
             RunnerLock(results).acquire()
     assert precious.read_text() == "keep me"
+
+
+def test_a_worker_killed_after_its_metrics_were_written_is_recorded_done(tmp_path):
+    """metrics.json is the last thing a worker writes, atomically: a worker killed after it (SIGKILL while
+    removing its checkpoint) has its result; the task is recorded done, not trained again."""
+    ex = FakeExecutor({"sup": [Script(code=-9, metrics_then_killed=True)]})
+    out, _ = run(tmp_path, ex)
+    assert out.exit_code == 0 and task_rows(tmp_path)["sup"][0] == "done"
+    assert [a[2] for a in attempts(tmp_path) if a[0] == "sup"] == ["done"]
+    assert ex.submitted.count("sup") == 1
