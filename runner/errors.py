@@ -26,6 +26,7 @@ class StartError(UserError):
 # ---- the disk, in one line ------------------------------------------------------------------
 
 UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+DISK_FULL = "no space left on the disk"  # how a full disk's message begins (a task failed so is run again by `run`)
 
 
 def os_error_line(e: OSError) -> str | None:
@@ -33,7 +34,7 @@ def os_error_line(e: OSError) -> str | None:
     where = e.filename or "the results dir"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         free = free_space(where)
-        return f"no space left on the disk of {where} ({free} free): free some space and run again (finished tasks are kept)"
+        return f"{DISK_FULL} of {where} ({free} free): free some space and run again (finished tasks are kept)"
     if e.errno in UNWRITABLE:
         return (f"cannot write {where}: {e.strerror} (the results dir is read-only or not yours): give one you can "
                 "write with --results DIR; status, report and plan read a read-only one")

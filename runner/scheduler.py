@@ -19,7 +19,7 @@ from pathlib import Path
 from runner.contracts import AttemptStatus as A
 from runner.contracts import TaskStatus as S
 from runner.contracts import ControlRequest
-from runner.errors import UserError
+from runner.errors import DISK_FULL, UserError
 from runner.executors.base import Executor, Handle, Slot
 from runner.executors.registry import recover
 from runner.plan import Plan, PlannedTask, is_done, plan_state, write_task_files
@@ -145,6 +145,10 @@ class Scheduler:
             elif state == "damaged":  # not a result: computed again, and said so
                 self.transition(t.id, S.PENDING, f"{why}: computed again")
                 print(f"note: {t.label} ({t.id}): {why}: computed again", file=sys.stderr)
+            elif rows[t.id].status == S.FAILED and (rows[t.id].error or "").startswith(DISK_FULL):
+                # not the task's fault: once space is freed a plain `run` resumes it, as its message says
+                self.transition(t.id, S.PENDING, None)
+                print(f"note: {t.label} ({t.id}) failed on a full disk: it runs again, from its last checkpoint", file=sys.stderr)
             elif rows[t.id].status == S.FAILED and not (self.retry_failed or t.id in self.retry_ids):
                 self.status[t.id] = S.FAILED  # an earlier run gave up on it; --retry-failed runs it again
             else:

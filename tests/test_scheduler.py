@@ -386,3 +386,15 @@ def test_a_worker_killed_after_its_metrics_were_written_is_recorded_done(tmp_pat
     assert out.exit_code == 0 and task_rows(tmp_path)["sup"][0] == "done"
     assert [a[2] for a in attempts(tmp_path) if a[0] == "sup"] == ["done"]
     assert ex.submitted.count("sup") == 1
+
+
+def test_a_task_failed_on_a_full_disk_runs_again_with_a_plain_run(tmp_path):
+    """Its message says 'free some space, then byol-runner run resumes': so the next plain run does (a
+    task failed for its own reasons still waits for --retry-failed)."""
+    full = "no space left on the disk of /r/tasks/sup (0.0 MB free): free some space, then `byol-runner run` resumes"
+    out, _ = run(tmp_path, FakeExecutor({"sup": [Script(code=1, error=full)], "lin": [Script(code=1, error="ValueError: mine")]}),
+                 retries=0)
+    assert task_rows(tmp_path)["sup"][0] == "failed" and task_rows(tmp_path)["lin"][0] == "failed"
+    ex = FakeExecutor()
+    out, _ = run(tmp_path, ex, retries=0)
+    assert ex.submitted == ["sup"] and task_rows(tmp_path)["sup"][0] == "done" and task_rows(tmp_path)["lin"][0] == "failed"

@@ -216,8 +216,8 @@ def _failure(e: Exception, task_dir: Path) -> tuple[str, str]:
     if "CUDA out of memory" in str(e) or type(e).__name__ == "OutOfMemoryError":
         return f"CUDA out of memory: lower pretrain/finetune batch_size or image_size, or use a larger GPU ({text})", "cuda_oom"
     if _disk_full(e):
-        from runner.errors import free_space
+        from runner.errors import DISK_FULL, free_space
 
-        return (f"no space left on the disk of {task_dir} ({free_space(str(task_dir))} free): free some space, then `byol-runner run` "
+        return (f"{DISK_FULL} of {task_dir} ({free_space(str(task_dir))} free): free some space, then `byol-runner run` "
                 f"resumes from the last checkpoint ({text})"), "disk_full"
     return text, "data" if isinstance(e, UserError) else "exception"
