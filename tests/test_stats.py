@@ -437,7 +437,7 @@ def test_did_pretraining_learn_is_answered_each_way(tmp_path):
             tasks.append(_task(folder, f"ctl{s}", "random-linear", "random-linear", s, probe(control), labels, prior_loss=5.0))
         pre = folder / "tasks" / "pre"
         pre.mkdir()
-        (pre / "metrics.json").write_text(json.dumps({"pretrain": {"steps": 120}}))
+        (pre / "metrics.json").write_text(json.dumps({"task": "pre", "pretrain": {"steps": 120}}))
         tasks.append(TaskRow("pre", "pretrain", "ds", "byol-pretrain", 0, None, [], "done", None, None, None, None, None))
         return R.build(folder, "t", tasks, "ResNet18", bootstrap=400)
 

@@ -61,10 +61,10 @@ def fixed_results(tmp_path) -> Path:
         store.end_attempt(a, "done" if ok else "failed", 0 if ok else 1, None if ok else "RuntimeError: CUDA out of memory")
         store.set_status(t.id, outcome[t.id], None if ok else "RuntimeError: CUDA out of memory")
         if ok and t.id in acc:
-            (d / "metrics.json").write_text(json.dumps({"test": {"accuracy": acc[t.id], "loss": 0.5, "auroc": 0.8,
+            (d / "metrics.json").write_text(json.dumps({"task": t.id, "test": {"accuracy": acc[t.id], "loss": 0.5, "auroc": 0.8,
                                                                  "balanced_accuracy": acc[t.id], "confusion_matrix": [[1, 0], [0, 1]]}}))
         elif ok:
-            (d / "metrics.json").write_text(json.dumps({"pretrain": {"steps": 50}}))
+            (d / "metrics.json").write_text(json.dumps({"task": t.id, "pretrain": {"steps": 50}}))
     store.db.execute("UPDATE attempts SET started=1000.0, ended=1042.0")  # no clock in the picture
     store.commit()
     store.end_run(run, "failed", 1)
