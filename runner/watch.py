@@ -79,10 +79,11 @@ OUTSIDE_KILLS = 3  # kills from outside a task survives in one run before they c
 
 
 def killed_from_outside(code: int, error_type: str | None) -> bool:
-    """SIGKILL or SIGTERM that byol-runner did not send (the runner's own stops take other paths): the
-    worker says nothing (SIGKILL), says it was stopped (SIGTERM), or its executor says it was killed."""
-    return code in (-signal.SIGKILL, -signal.SIGTERM, 128 + signal.SIGKILL, 128 + signal.SIGTERM) and \
-        error_type in (None, "killed", "interrupted")
+    """SIGKILL, SIGTERM or SIGINT that byol-runner did not send (the runner's own stops take other paths):
+    the worker says nothing (SIGKILL), says it was stopped or interrupted (SIGTERM, SIGINT: exit 143 or
+    130), or its executor says it was killed. Not the task's fault, so not one of its retries."""
+    signals = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+    return code in (*(-s for s in signals), *(128 + s for s in signals)) and error_type in (None, "killed", "interrupted")
 
 
 def signal_text(code: int) -> str:

@@ -34,6 +34,7 @@ class Script:
     metrics: bool = True
     hang: bool = False
     metrics_then_killed: bool = False  # metrics.json written, then the worker killed (`code`)
+    error_type: str = "exception"
 
 
 @dataclass
@@ -84,7 +85,7 @@ class FakeExecutor(Executor):
         folder = self.results / "tasks" / handle.task_id
         if script.error:
             with open(folder / "events.jsonl", "a") as f:
-                f.write(event_line(handle.task_id, "error", message=script.error, error_type="exception"))
+                f.write(event_line(handle.task_id, "error", message=script.error, error_type=script.error_type))
         if (script.code == 0 or script.metrics_then_killed) and script.metrics:
             (folder / "metrics.json").write_text(json.dumps({"task": handle.task_id}))
         st["ended"] = script.code
@@ -330,6 +331,10 @@ def test_kills_from_outside_are_not_counted_against_retries_up_to_a_limit(tmp_pa
     assert out.exit_code == 1 and ex.submitted.count("sup") == 4
     status, error = task_rows(tmp_path / "b")["sup"]
     assert status == "failed" and error.startswith("killed from outside byol-runner 4 times in this run, the last: killed (SIGKILL, exit 137)")
+    # SIGINT sent to one worker by hand (it exits 130, saying it was interrupted): not its failure either
+    ex = FakeExecutor({"sup": [Script(code=130, error="interrupted", error_type="interrupted"), Script()]})
+    out, _ = run(tmp_path / "d", ex, retries=0)
+    assert out.exit_code == 0 and ex.submitted.count("sup") == 2
     # a worker's own failure still counts: one attempt with retries: 0
     ex = FakeExecutor({"sup": [Script(code=1, error="boom")]})
     out, _ = run(tmp_path / "c", ex, retries=0)
