@@ -19,7 +19,7 @@ from pathlib import Path
 from runner.atomic import atomic_write_text
 from runner.errors import UserError
 from runner.report import budget_order
-from runner.tables import NAMES, extended_markdown, to_markdown, verdict_lines
+from runner.tables import NAMES, _over_seeds, extended_markdown, to_markdown, verdict_lines
 
 MARK_START = "<!-- byol-runner results start -->"
 MARK_END = "<!-- byol-runner results end -->"
@@ -128,6 +128,15 @@ def _shown_path(path: str | None) -> str:
         return path
 
 
+def _delta(d: dict) -> str:
+    """" (Δ −0.011 [−0.020, −0.001])": the primary metric's difference and interval, as the verdict read it."""
+    r = d.get(d.get("primary") or "auroc") or {}
+    if r.get("value") is None:
+        return ""
+    ci = f" [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r.get("ci") else ""
+    return f" (Δ {r['value']:+.3f}{ci})"
+
+
 def readme_section(report: dict, page: str) -> str:
     """The README's compact section: the table, a verdict per data set and budget, the pretraining check
     counted, the flags' meaning, and the link to the full page (`page`, relative to the README)."""
@@ -135,17 +144,24 @@ def readme_section(report: dict, page: str) -> str:
     table = [line for line in to_markdown(report).splitlines() if line.startswith("|")]
     primary = NAMES.get(report.get("primary", "auroc"), report.get("primary"))
     out = [f"Model 1 = {lg['model1'] or 'not in this run'}; Model 2 = {lg['model2'] or 'not in this run'}; "
-           f"{report['tasks_done']} of {report['tasks']} tasks done.", "", *table, ""]
+           f"{report['tasks_done']} of {report['tasks']} tasks done. Test split; "
+           + ("mean ± SD over seeds." if "mean ± std" in _over_seeds(report) else "one seed (no ± SD)."), "", *table, ""]
     diffs = [d for d in report.get("differences", []) if "verdict" in d]
     if diffs:
         margin = f", margin ±{report['margin']:g}" if report.get("margin") else ""
-        out += [f"Verdicts on {primary} (Model 1 − Model 2, Holm over the run's comparisons{margin}):", ""]
-        out += [f"- {d['dataset']} {d['labels']}: {d['verdict']}" for d in diffs] + [""]
+        out += [f"Verdicts on {primary} (Model 1 − Model 2 with its 95% interval, Holm over the run's comparisons{margin}):", ""]
+        out += [f"- {d['dataset']} {d['labels']}: {d['verdict']}" + _delta(d) for d in diffs] + [""]
     learned = report.get("pretraining_learned", [])
     if learned:
         won = [f"{d['dataset']} {d['labels']}" for d in learned if d.get("decision") == "model1"]
-        out += [f"Did pretraining learn? Its linear probe beat the control in {len(won)} of {len(learned)} cells"
-                + (f" ({', '.join(won)})" if won else "") + ".", ""]
+        tested = [d for d in learned if d.get("decision") != "not_decided"]
+        held = len(learned) - len(tested)
+        if tested:
+            out += [f"Did pretraining learn? Its linear probe was shown to beat the same probe on an untrained network in "
+                    f"{len(won)} of the {len(tested)} cells that could be tested" + (f" ({', '.join(won)})" if won else "")
+                    + (f"; {held} not decided (a side untrained ‡, or one seed)" if held else "") + ".", ""]
+        else:
+            out += ["Did pretraining learn? Not decided in any cell (a side untrained ‡, or one seed).", ""]
     mon = monitor_compact(report)
     if mon:
         out += [mon, ""]
@@ -169,7 +185,8 @@ def monitor_compact(report: dict) -> str | None:
             parts.append(f"{g['dataset']} {gain[0]:+.3f} (higher in {gain[1]} of {gain[2]} seeds)")
     if not parts:
         return None
-    return "Pretraining monitor (kNN AUROC of the frozen features at the end, minus the untrained network's): " + "; ".join(parts) + "."
+    return ("Pretraining monitor (kNN AUROC of the frozen features at the end, minus the untrained network's; no interval, a "
+            "rough sign only): " + "; ".join(parts) + ".")
 
 
 def write_docs(docs: Path, report: dict, results: Path) -> Path:

@@ -276,19 +276,25 @@ def decide(estimates: list[dict], metric: str, margin: float | None = None, bloc
     """The verdict of each comparison of a family, on `metric`: "model1" or "model2" (better), and
     with a margin m, "equivalent" (within ±m, TOST) or "not_worse" (Model 1 not worse than −m);
     else "inconclusive"; "not_decided" where `blocked` gives a reason or the estimate cannot be
-    tested. Every test is Holm-adjusted over the family's testable comparisons; each comparison gets
-    the smallest difference detectable at the strictest Holm level (α / m) with 80% power."""
+    tested. Every test is Holm-adjusted over the family's comparisons that have an estimate, the
+    blocked ones included (as never rejected); each comparison gets the smallest difference detectable
+    at the strictest Holm level (α / k, k comparisons) with 80% power."""
     blocked = blocked or [None] * len(estimates)
     oriented = [_oriented(e, metric) for e in estimates]
     testable = [b is None and p_zero(e) is not None for e, b in zip(oriented, blocked)]
-    pick = lambda ps: holm([p if t else None for p, t in zip(ps, testable)])  # noqa: E731
+    # a comparison blocked by a flag still counts in the family (as p = 1, never rejected): the flags
+    # read test results (an untrained cell's test AUROC), and a family sized after them would not hold
+    # its error rate; one without an estimate (one seed) is not a test at all
+    counted = [p_zero(e) is not None for e in oriented]
+    pick = lambda ps: [a if t else None for a, t in zip(  # noqa: E731
+        holm([(p if t else 1.0) if c else None for p, t, c in zip(ps, testable, counted)]), testable)]
     p_diff = pick([p_zero(e) for e in oriented])
     p_eq = p_ni = [None] * len(oriented)
     if margin:
         p_eq = pick([None if p_zero(e) is None else max(one_sided_p(e, -margin, True), one_sided_p(e, margin, False))
                      for e in oriented])
         p_ni = pick([one_sided_p(e, -margin, True) for e in oriented])
-    family = sum(testable)
+    family = sum(counted)
     out = []
     for i, e in enumerate(oriented):
         d = {"p_adjusted": p_diff[i], "p_equivalence": p_eq[i], "p_not_worse": p_ni[i], "comparisons": family, "margin": margin,

@@ -73,7 +73,7 @@ def to_markdown(report: dict) -> str:
         "",
         f"Model 1 = {lg['model1'] or 'not in this run'}; Model 2 = {lg['model2'] or 'not in this run'}. "
         f"Test split; {_over_seeds(report)}; loss = cross-entropy, after a temperature fitted on the budget's "
-        "validation labels" + (f" ({UNCALIBRATED_MARK}: some seed had too few to fit one, its loss is uncalibrated)."
+        "validation labels" + (f" ({UNCALIBRATED_MARK}: some or all seeds had too few to fit one, their loss is uncalibrated)."
                                if report.get("fixed_schedule") else "."),
     ]
     if report["tasks_done"] < report["tasks"]:
@@ -294,7 +294,8 @@ def delta_markdown(report: dict) -> str:
     return "\n".join(lines) + (
         f"\n\nΔ = Model 1 ({report['model1_method']}) − Model 2 ({report['model2_method']}), seeds paired by seed, the same "
         f"bootstrap draws of test units for both. Verdict on {NAMES.get(primary, primary)}: the t test that Δ = 0 (the SE of both "
-        f"axes, as above), Holm-adjusted over this run's {n} tested comparison{'s' if n != 1 else ''}, below {stats.ALPHA}"
+        f"axes, as above), Holm-adjusted over this run's {n} comparison{'s' if n != 1 else ''} (one a flag blocks counts, as never "
+        f"rejected: flags read test results), below {stats.ALPHA}"
         + (f"; else, with the margin ±{margin:g}, equivalence by two one-sided tests (TOST) and 'not worse by more than "
            f"{margin:g}' by one, each Holm-adjusted over the same comparisons" if margin else
            "; no margin was set (compare.margin), so no comparison can conclude equivalence")

@@ -7,6 +7,8 @@ blocks a verdict (one seed, an untrained cell, a miscalibrated cell on a loss-ty
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from runner import arms as A
@@ -103,13 +105,13 @@ def blocked_reason(flags: dict, dataset: str, budget: str, method: str, against:
     sides = [(method, "Model 1" if family != "learned" else method)]
     if family != "learned":
         sides.append((against, "Model 2"))
-    for arm, name in sides:
-        kinds = flags.get((dataset, budget, arm), set())
-        who = name if name == arm else f"{name} ({arm})"
-        if UNTRAINED in kinds:
-            return f"{who} is untrained ‡"
-        if MISCALIBRATED in kinds and metric in stats.LOSS_TYPE:
-            return f"{who} is miscalibrated †, and {metric} is a calibration metric"
+    for mark, what in ((UNTRAINED, "untrained ‡"), (MISCALIBRATED, "miscalibrated †")):
+        if mark == MISCALIBRATED and metric not in stats.LOSS_TYPE:
+            continue
+        who = [name if name == arm else f"{name} ({arm})" for arm, name in sides if mark in flags.get((dataset, budget, arm), set())]
+        if who:  # every side it holds for, named
+            text = f"{' and '.join(who)} {'are' if len(who) > 1 else 'is'} {what}"
+            return text + (f", and {metric} is a calibration metric" if mark == MISCALIBRATED else "")
     return None
 
 
@@ -167,4 +169,11 @@ def verdict_text(d: dict, flags: dict) -> str:
         return f"equivalent within ±{m:g}"
     if decision == "not_worse":
         return f"Model 1 not worse by more than {m:g}"
-    return "inconclusive" + (f" (this run could not resolve the margin ±{m:g}: more seeds)" if m and det is not None and det > m else "")
+    if not (m and det is not None and det > m):
+        return "inconclusive"
+    est = d.get(d.get("primary") or "auroc") or {}
+    per_seed_sd = (est.get("se_seeds") or 0.0) * math.sqrt(max(d.get("seeds") or 1, 1))
+    need = stats.seeds_needed(m, per_seed_sd, est.get("se_test") or 0.0, d.get("comparisons") or 1)
+    if need:
+        return f"inconclusive (this run could not resolve the margin ±{m:g}; about {need} seeds would)"
+    return f"inconclusive (the margin ±{m:g} is beyond this run and any number of seeds: the test split is too small)"

@@ -243,7 +243,7 @@ def test_a_constant_prediction_cell_is_flagged_untrained_and_decides_nothing(tmp
     assert all(f["cells"] == [{"dataset": "ds", "labels": "10%", "method": "supervised", "seeds": [0, 1, 2]}] for f in rep["flags"])
     diff = rep["differences"][0]
     assert diff["decision"] == "not_decided" and "Model 2 (supervised) is untrained" in diff["verdict"]
-    assert diff["p_adjusted"] is None and diff["comparisons"] == 0
+    assert diff["p_adjusted"] is None and diff["comparisons"] == 1  # it counts in the family: its flag read test results
     md = tables.to_markdown(rep) + tables.extended_markdown(rep)
     row = next(line for line in md.splitlines() if line.startswith("| ds (10% labels)"))
     assert row.endswith("| 0.500 ± 0.000‡ | 0.693 ± 0.000‡† |")  # accuracy untrained; loss untrained and miscalibrated
@@ -585,3 +585,19 @@ def test_the_run_prints_an_equivalence_verdict_and_what_it_could_detect(tmp_path
     assert line.startswith("ds 10%: equivalent within ±0.05 (Δ AUROC 0.000") and "2 seeds" in line and "detectable |Δ| ≥ 0.0" in line
     wide = R.build(tmp_path, "t", tasks, "ResNet18", bootstrap=300)  # no margin: never "equivalent"
     assert wide["differences"][0]["verdict"] == "inconclusive" and "no margin was set" in tables.extended_markdown(wide)
+
+
+def test_an_inconclusive_verdict_says_whether_seeds_or_only_a_larger_test_split_would_resolve_the_margin():
+    """'more seeds' is advice only when seeds can reach the margin: where the test sample's own error
+    (which every seed shares) is too large, the verdict says no number of seeds would."""
+    from runner.verdicts import verdict_text
+
+    base = {"decision": "inconclusive", "margin": 0.03, "primary": "auroc", "seeds": 5, "comparisons": 7, "family": "internal"}
+    seeds_short = dict(base, detectable=0.05, auroc={"value": 0.0, "se_seeds": 0.015, "se_test": 0.002})
+    test_short = dict(base, detectable=0.12, auroc={"value": 0.0, "se_seeds": 0.015, "se_test": 0.029})
+    text = verdict_text(seeds_short, {})
+    n = int(text.split("about ")[1].split(" seeds")[0])
+    assert text.startswith("inconclusive (this run could not resolve the margin ±0.03; about ") and 5 < n <= 50
+    assert verdict_text(test_short, {}) == ("inconclusive (the margin ±0.03 is beyond this run and any number of seeds: "
+                                             "the test split is too small)")
+    assert verdict_text(dict(base, detectable=0.02, auroc={}), {}) == "inconclusive"  # it could have: no advice
