@@ -67,6 +67,10 @@ def print_audit(report: dict) -> None:
         elif labeled:
             first_seed = next(iter(labeled))
             out.print("labeled train images (seed " + first_seed + "): " + ", ".join(f"{b} -> {n}" for b, n in labeled[first_seed].items()))
+        if d.get("table"):
+            tb = d["table"]
+            how = f" ({' and '.join(tb['detected'])} detected)" if tb["detected"] else ""
+            out.print(f"label file {escape(tb['file'])}: {tb['encoding']}, {tb['delimiter']}-separated{how}", soft_wrap=True)
         out.print(
             f"scanned {d['n_items']} images; exact duplicate groups {d['n_duplicate_groups']}, "
             f"label conflicts {d['n_label_conflicts']}, source split leaks {d['n_split_leaks']}, "

@@ -60,6 +60,9 @@ def task_id(identity: dict) -> str:
 
 def data_spec(spec) -> dict:
     data = spec.model_dump(mode="json")
+    for key in ("encoding", "delimiter"):  # detected when absent: left out, so that adding them changed no task's id
+        if data.get(key) is None:
+            data.pop(key, None)
     if isinstance(spec, RootedSource):
         data["root"] = str(spec.root_path)  # absolute: the worker may start anywhere
     elif "path" in data:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from runner.data.dataset import accounting, prepare
@@ -116,3 +117,44 @@ def test_a_file_that_is_no_image_is_named_without_a_python_object(tmp_path):
     assert r.returncode == 2
     assert f"{root / 'a' / 'fake.png'}: not a readable image" in r.stderr
     assert "object at 0x" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(("encoding", "delimiter"), [("utf-8", ","), ("utf-8-sig", ";"), ("cp1252", ";"), ("utf-16", "\t"),
+                                                     ("latin-1", ",")])
+def test_a_label_table_as_people_save_it_is_read(tmp_path, encoding, delimiter):
+    """A labels CSV saved by Excel in Western Europe (cp1252, semicolons), with a byte order mark, as
+    UTF-16 with tabs: read as written, with accented labels intact, and `data audit` says how it read
+    it. A wrong `encoding:` given by hand is one line naming it."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import cli_here
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / f"{i:03d}.png")
+        rows.append((f"{i:03d}.png", "hémorragie" if i % 2 else "normal"))
+    text = "\n".join([delimiter.join(("fichier", "diagnostic"))] + [delimiter.join(r) for r in rows]) + "\n"
+    (tmp_path / "labels.csv").write_bytes(text.encode(encoding))
+    manifest = tmp_path / "m.yaml"
+    body = (f"name: t\ndatasets:\n  d: {{source: csv, root: {tmp_path}, image_column: fichier, label_column: diagnostic, "
+            "positive: hémorragie}\nlabels: {fractions: [1.0]}\nseeds: [0]\n")
+    manifest.write_text(body, encoding="utf-8")
+    r = cli_here("data", "audit", str(manifest), "--results", str(tmp_path / "r"), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)["datasets"]["d"]
+    assert sorted(d["classes"]) == ["hémorragie", "normal"] and d["used"] == 40
+    names = {"utf-8": "utf-8", "utf-8-sig": "utf-8 (with a byte order mark)", "cp1252": "utf-8", "utf-16": "utf-16", "latin-1": "utf-8"}
+    if encoding in ("cp1252", "latin-1"):  # é is 0xe9 in both: not UTF-8, so cp1252 is what is detected
+        assert d["table"]["encoding"] == "cp1252"
+    else:
+        assert d["table"]["encoding"] == names[encoding]
+    assert d["table"]["delimiter"] == {",": "comma", ";": "semicolon", "\t": "tab"}[delimiter]
+    assert d["table"]["detected"] == ["encoding", "delimiter"]
+    if encoding == "cp1252":
+        manifest.write_text(body.replace("positive:", "encoding: utf-8, positive:"), encoding="utf-8")
+        bad = cli_here("plan", str(manifest), "--results", str(tmp_path / "r"))
+        assert bad.returncode == 2 and "not utf-8" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

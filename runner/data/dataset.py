@@ -338,5 +338,17 @@ def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[in
         "warnings": ds.warnings,
         "defects": defects,
         "cache": {"key": ds.table.cache_key, "from_cache": ds.table.from_cache, "seconds": round(ds.table.seconds, 3)},
+        "table": _table_read_as(ds.spec),
         **a.to_json(),
     }
+
+
+def _table_read_as(spec) -> dict | None:  # noqa: ANN001 - a DatasetSpec
+    """How a csv source's label file was read: its encoding and delimiter, and whether they were given."""
+    from runner.data.sources import DELIMITERS, CsvSource, table_format
+
+    if not isinstance(spec, CsvSource):
+        return None
+    _, encoding, delimiter = table_format(spec.root_path / spec.labels_csv, spec.encoding, spec.delimiter)
+    return {"file": spec.labels_csv, "encoding": encoding, "delimiter": DELIMITERS[delimiter],
+            "detected": [k for k in ("encoding", "delimiter") if getattr(spec, k) is None]}

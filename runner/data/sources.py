@@ -195,6 +195,10 @@ class CsvSource(RootedSource):
     split_column: str | None = Field(None, description="a column with train/val/test, for split.strategy 'given'")
     group_column: str | None = Field(None, description="a column with a group id (patient); overrides group_pattern")
     on_missing: Literal["fail", "skip"] = Field("fail", description="a row whose image file does not exist")
+    encoding: str | None = Field(None, description="the label file's text encoding, e.g. utf-8, cp1252, latin-1, utf-16; "
+                                 "absent: detected (a byte order mark, else utf-8, else cp1252); `data audit` says which")
+    delimiter: Literal[",", ";", "\t"] | None = Field(None, description="the label file's column separator; absent: detected "
+                                                      "from its header line (comma, semicolon or tab)")
 
     @model_validator(mode="after")
     def _given_needs_column(self) -> "CsvSource":
@@ -362,15 +366,65 @@ def _scan_imagefolder(spec: ImageFolderSource, skipped: list[Skipped]) -> list[I
     return items
 
 
-def _read_csv(path: Path):  # noqa: ANN202 - a pandas DataFrame; pandas loads only for csv sources
+MAX_TABLE_BYTES = 256 << 20
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
+
+
+def table_format(path: Path, encoding: str | None = None, delimiter: str | None = None) -> tuple[str, str, str]:
+    """A label table's text, its encoding and its delimiter: as given, else detected. Encoding: a byte
+    order mark (UTF-8, UTF-16), else UTF-8 if it decodes, else cp1252 (what Excel saves in Western
+    Europe), else Latin-1. Delimiter: the one of comma, semicolon and tab that the header line holds
+    most of (comma when it holds none)."""
+    import codecs
+    import stat
+
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path}: not a regular file: a label table is a CSV file")
+        if st.st_size > MAX_TABLE_BYTES:
+            raise DataError(f"{path}: {st.st_size} bytes: a label table is at most {MAX_TABLE_BYTES >> 20} MiB")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"label file not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the label file ({e.strerror or e})") from None
+    if encoding:
+        try:
+            text = raw.decode(encoding)
+        except LookupError:
+            raise DataError(f"{path}: encoding {encoding!r} is not one Python knows (e.g. utf-8, cp1252, latin-1, utf-16)") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not {encoding} (byte {e.start}: {raw[e.start:e.start + 1]!r}); leave `encoding` out to "
+                            "have it detected") from None
+    elif raw.startswith(codecs.BOM_UTF8):
+        encoding, text = "utf-8 (with a byte order mark)", raw.decode("utf-8-sig", errors="strict")
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding, text = "utf-16", raw.decode("utf-16")
+    else:
+        for encoding in ("utf-8", "cp1252", "latin-1"):
+            try:
+                text = raw.decode(encoding)
+                break
+            except UnicodeDecodeError:
+                continue
+    if delimiter is None:
+        header = next((line for line in text.splitlines() if line.strip()), "")
+        counts = {d: header.count(d) for d in DELIMITERS}
+        delimiter = max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
+    return text, encoding, delimiter
+
+
+def _read_csv(path: Path, encoding: str | None = None, delimiter: str | None = None):  # noqa: ANN202 - a pandas DataFrame
+    import io
+
     import pandas as pd
 
-    if not path.is_file():
-        raise DataError(f"label file not found: {path}")
+    text, _, sep = table_format(path, encoding, delimiter)
     try:
         # skipinitialspace + strip: Kaggle's head CT header is "id, hemorrhage" (note the space).
-        df = pd.read_csv(path, dtype=str, skipinitialspace=True, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, skipinitialspace=True, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DataError(f"{path}: not a readable CSV file ({str(e).splitlines()[0]})") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df
@@ -391,7 +445,7 @@ def _image_name(pattern: str | None, value: str) -> str:
 def _scan_csv(spec: CsvSource, skipped: list[Skipped]) -> list[Item]:
     root = spec.root_path
     csv_path = root / spec.labels_csv
-    df = _read_csv(csv_path)
+    df = _read_csv(csv_path, spec.encoding, spec.delimiter)
     wanted = [spec.image_column, spec.label_column, spec.split_column, spec.group_column]
     missing = [c for c in wanted if c is not None and c not in df.columns]
     if missing:
