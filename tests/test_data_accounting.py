@@ -158,3 +158,27 @@ def test_a_label_table_as_people_save_it_is_read(tmp_path, encoding, delimiter):
         manifest.write_text(body.replace("positive:", "encoding: utf-8, positive:"), encoding="utf-8")
         bad = cli_here("plan", str(manifest), "--results", str(tmp_path / "r"))
         assert bad.returncode == 2 and "not utf-8" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_a_file_the_label_table_lists_twice_is_counted_once(tmp_path):
+    """A labels CSV naming a file twice under one label keeps it once and counts the extra row; under two
+    labels it keeps neither and counts both rows (it used to drop the file as its own duplicate, and
+    count one image where two rows went)."""
+    from tests.conftest import cli_here
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / f"{i:03d}.png")
+        rows.append(f"{i:03d}.png,{'a' if i % 2 else 'b'}")
+    rows += ["000.png,b", "001.png,b"]  # 000 again under its own label; 001 (a) again under b
+    (tmp_path / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: t\ndatasets:\n  d: {{source: csv, root: {tmp_path}, image_column: file, label_column: label}}\n"
+                        "labels: {fractions: [1.0]}\nseeds: [0]\n")
+    r = cli_here("data", "audit", str(manifest), "--results", str(tmp_path / "r"), "--json")
+    d = json.loads(r.stdout)["datasets"]["d"]
+    assert d["found"] == 42 and d["used"] == 39, d
+    assert d["dropped_by_reason"] == {"listed twice": 3}
+    details = sorted(s["detail"] for s in d["skipped"])
+    assert details[0].startswith("listed 2 times (under b)") and all("two labels" in x or "2 labels" in x for x in details[1:])

@@ -14,8 +14,11 @@ SYNTHETIC_VERSION = 2  # bump when the generator's pixels change
 def _open_npz(path: str) -> np.lib.npyio.NpzFile:
     try:
         return np.load(path, allow_pickle=False)  # never unpickle from disk
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        if isinstance(e, ValueError) and "pickle" in str(e) or isinstance(e, (zipfile.BadZipFile, EOFError)):
+            # numpy reads a file that is no zip as a pickle, and says so: what it is not is the point
+            raise DataError(f"{path}: not an npz archive (a zip of .npy arrays, as np.savez writes)") from None
+        raise DataError(f"{path}: not a readable .npz file ({str(e).splitlines()[0][:160]})") from None
 
 
 def _member(z, path: str, name: str) -> np.ndarray:  # noqa: ANN001 - an NpzFile

@@ -39,7 +39,8 @@ class DuplicateGroup:
 @dataclass
 class Dropped:
     key: str
-    reason: Literal["unreadable", "label conflict", "duplicate", "class not selected", "missing file", "unknown extension"]
+    reason: Literal["unreadable", "label conflict", "duplicate", "class not selected", "missing file", "unknown extension",
+                    "listed twice"]
     detail: str
 
 

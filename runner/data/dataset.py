@@ -276,6 +276,9 @@ def _split(spec: DatasetBase, kept: list[Item], keys: list[str], labels: np.ndar
     return by_origin
 
 
+SCAN_SKIPS = ("missing file", "unknown extension", "listed twice")  # rows or files the scan passed over
+
+
 def accounting(ds: PreparedDataset) -> dict:
     """Every image of the source accounted for: found, used, and dropped or skipped by reason; the
     published test images kept although duplicated or conflicting. What `run` and the report show."""
@@ -285,7 +288,7 @@ def accounting(ds: PreparedDataset) -> dict:
     if ds.excluded:
         dropped["class excluded"] += sum(ds.excluded.values())
     return {
-        "found": ds.audit.n_items + sum(n for r, n in dropped.items() if r in ("missing file", "unknown extension")),
+        "found": ds.audit.n_items + sum(n for r, n in dropped.items() if r in SCAN_SKIPS),
         "used": len(ds.keys),
         "not_used": dict(sorted(dropped.items())),
         "test_kept": {reason: len(keys) for reason, keys in ds.audit.kept_in_test.items()},
@@ -306,11 +309,13 @@ def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[in
     same_label = len(a.duplicates) - len(a.conflicts)
     if same_label:
         defects.append(f"{same_label} groups of exact duplicates with one label")
-    skipped = Counter(d.reason for d in a.dropped if d.reason in ("missing file", "unknown extension"))
+    skipped = Counter(d.reason for d in a.dropped if d.reason in SCAN_SKIPS)
     if skipped["missing file"]:
         defects.append(f"{skipped['missing file']} label rows skipped: image file missing")
     if skipped["unknown extension"]:
         defects.append(f"{skipped['unknown extension']} files skipped: not an image extension")
+    if skipped["listed twice"]:
+        defects.append(f"{skipped['listed twice']} label rows skipped: a file the table lists again")
     if ds.group_leaks:
         defects.append(f"{len(ds.group_leaks)} groups (patients) in two splits")
     if ds.shared:
@@ -333,7 +338,7 @@ def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[in
         "excluded": ds.excluded,
         "dropped_by_reason": dict(sorted(dropped_by_reason.items())),
         "skipped": [{"key": d.key, "reason": d.reason, "detail": d.detail} for d in a.dropped
-                    if d.reason in ("missing file", "unknown extension")],
+                    if d.reason in SCAN_SKIPS],
         "group_leaks": ds.group_leaks,
         "warnings": ds.warnings,
         "defects": defects,

@@ -252,7 +252,7 @@ class Skipped:
     """A file or row the scan passed over, and why: it is counted in the audit and the report."""
 
     key: str
-    reason: Literal["missing file", "unknown extension"]
+    reason: Literal["missing file", "unknown extension", "listed twice"]
     detail: str
 
 
@@ -475,9 +475,30 @@ def _scan_csv(spec: CsvSource, skipped: list[Skipped]) -> list[Item]:
     if missing_rows and spec.on_missing == "fail":
         more = f" (and {len(missing_rows) - 1} more)" if len(missing_rows) > 1 else ""
         raise DataError(f"{csv_path}: image file missing for {missing_rows[0]}{more}; set on_missing: skip to ignore")
+    items = _once_per_file(items, skipped)
     if not items:
         raise DataError(f"{csv_path}: no rows with an existing image")
     return items
+
+
+def _once_per_file(items: list[Item], skipped: list[Skipped]) -> list[Item]:
+    """A file the table lists more than once: under one label, its first row is kept and the others are
+    counted as 'listed twice'; under two labels, none is kept (a label conflict) and every row is
+    counted. (Left in, the copies were taken for duplicate images and the file dropped under one count.)"""
+    rows: dict[str, list[Item]] = {}
+    for it in items:
+        rows.setdefault(it.key, []).append(it)
+    out = []
+    for key, same in rows.items():
+        labels = sorted({it.label for it in same})
+        if len(labels) == 1:
+            out.append(same[0])
+            skipped += [Skipped(key, "listed twice", f"listed {len(same)} times (under {labels[0]}): its first row is kept")
+                        for _ in same[1:]]
+        else:
+            skipped += [Skipped(key, "listed twice", f"listed under {len(labels)} labels ({', '.join(labels)}): left out")
+                        for _ in same]
+    return out
 
 
 def _scan_npz(spec: NpzSource) -> list[Item]:
