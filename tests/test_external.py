@@ -230,6 +230,8 @@ run: {{device: cpu}}
 
         probs = np.array([[r["probs"]["class0"], r["probs"]["class1"]] for r in rows[:-1]])
         assert stored_probs(probs) == m["predictions"]["test_probs"], m["kind"]  # as metrics.json stores them
+        # and each stored probability names its image (relative to the data root), so that a user can join them
+        assert m["predictions"]["test_images"] == [ds.keys[i] for i in ds.splits["test"]]
         assert (tmp_path / f"{tid}.csv").read_text().count("\n") == 10  # header + 9 rows
     plain = cli_here("predict", tid, files[0], "--results", str(results))
     assert plain.returncode == 0 and re.match(rf"{re.escape(files[0])}\tclass[01]\tp\(class1\) 0\.\d{{4}}$", plain.stdout.strip())

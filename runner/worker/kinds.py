@@ -77,7 +77,8 @@ def evaluate(task: TaskSpec, results: Path, ctx, log: EventLog) -> dict:  # noqa
         "classifier_kind": model["kind"],
         "class_names": model["class_names"],
         "positive": model["positive"],
-        "predictions": {"test_probs": stored_probs(probs), "test_labels": labels.tolist(), **test_groups(ds, test)},
+        "predictions": {"test_probs": stored_probs(probs), "test_labels": labels.tolist(), **test_groups(ds, test),
+                        "test_images": [ds.keys[i] for i in test]},
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -237,7 +238,8 @@ def score(task: TaskSpec, ds, labels: Labels, val_probs, probs, selection: dict)
         "class_names": ds.class_names,
         "positive": positive,
         "predictions": {"test_probs": stored_probs(probs), "test_labels": test_labels.tolist(),
-                        **test_groups(ds, labels.test), **_validation_predictions(ds, labels, val_probs, temperature)},
+                        **test_groups(ds, labels.test), "test_images": [ds.keys[i] for i in labels.test],
+                        **_validation_predictions(ds, labels, val_probs, temperature)},
     }, temperature
 
 
