@@ -49,3 +49,26 @@ def atomic_write_text(path: str | Path, text: str, fsync: bool = True) -> None:
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+class NotRegularFile(ValueError):
+    """A path that is a FIFO, a device or a folder where a file was expected."""
+
+
+class FileTooLarge(ValueError):
+    def __init__(self, size: int) -> None:
+        super().__init__(f"{size} bytes")
+        self.size = size
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (a FIFO would block, /dev/zero never ends):
+    NotRegularFile or FileTooLarge otherwise; FileNotFoundError and other OSErrors as they come."""
+    import stat
+
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(str(path))
+    if st.st_size > limit:
+        raise FileTooLarge(st.st_size)
+    return path.read_bytes()

@@ -398,16 +398,15 @@ MAX_MANIFEST_BYTES = 1 << 20
 
 def load_manifest(path: str | Path) -> Manifest:
     """A manifest file: a regular file (a FIFO would block, /dev/zero never ends) of at most 1 MiB."""
-    import stat
+    from runner.atomic import FileTooLarge, NotRegularFile, read_regular_file
 
     p = Path(path)
     try:
-        st = p.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise ManifestError(f"{p}: not a regular file: a manifest is a YAML file")
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{p}: {st.st_size} bytes: a manifest is at most {MAX_MANIFEST_BYTES} bytes")
-        text = p.read_text(encoding="utf-8")
+        text = read_regular_file(p, MAX_MANIFEST_BYTES).decode("utf-8")
+    except NotRegularFile:
+        raise ManifestError(f"{p}: not a regular file: a manifest is a YAML file") from None
+    except FileTooLarge as e:
+        raise ManifestError(f"{p}: {e.size} bytes: a manifest is at most {MAX_MANIFEST_BYTES} bytes") from None
     except FileNotFoundError:
         raise ManifestError(f"{p}: no such manifest file") from None
     except (OSError, UnicodeDecodeError) as e:

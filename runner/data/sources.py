@@ -376,15 +376,15 @@ def table_format(path: Path, encoding: str | None = None, delimiter: str | None 
     Europe), else Latin-1. Delimiter: the one of comma, semicolon and tab that the header line holds
     most of (comma when it holds none)."""
     import codecs
-    import stat
+
+    from runner.atomic import FileTooLarge, NotRegularFile, read_regular_file
 
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise DataError(f"{path}: not a regular file: a label table is a CSV file")
-        if st.st_size > MAX_TABLE_BYTES:
-            raise DataError(f"{path}: {st.st_size} bytes: a label table is at most {MAX_TABLE_BYTES >> 20} MiB")
-        raw = path.read_bytes()
+        raw = read_regular_file(path, MAX_TABLE_BYTES)
+    except NotRegularFile:
+        raise DataError(f"{path}: not a regular file: a label table is a CSV file") from None
+    except FileTooLarge as e:
+        raise DataError(f"{path}: {e.size} bytes: a label table is at most {MAX_TABLE_BYTES >> 20} MiB") from None
     except FileNotFoundError:
         raise DataError(f"label file not found: {path}") from None
     except OSError as e:
