@@ -311,7 +311,7 @@ def doctor(manifest_path: Path | None, image: str | None, gpu: bool = True) -> t
     with a manifest, what its executor does not use is a warning, not a failure."""
     from runner.doctor import as_dicts, run_checks
     from runner.executors.docker_spec import task_image
-    from runner.executors.registry import spec_for
+    from runner.executors.registry import EXECUTORS, executor_class, spec_for
     from runner.executors.specs import LocalSpec
 
     # as `run --executor docker` would: the manifest's image unless BYOL_RUNNER_IMAGE overrides it; --image over both
@@ -322,6 +322,12 @@ def doctor(manifest_path: Path | None, image: str | None, gpu: bool = True) -> t
     checks = as_dicts(run_checks(image, gpu=gpu))
     # no manifest: what the default (local) executor needs, unless an image to check was named
     kind = given.kind if given is not None else ("docker" if asked_image else "local")
+    for backend in EXECUTORS:  # each backend's own checks (the slurm executor's commands and partition)
+        for name, status, detail, fix in executor_class(backend).checks(spec_for(given or LocalSpec(), backend)[0]):
+            if status == "fail" and kind != backend:
+                status, detail = "warn", detail + (f" (not needed: {manifest_path} runs on the {kind} executor)" if given is not None
+                                                   else f" (needed only for --executor {backend})")
+            checks.append({"name": name, "status": status, "detail": detail, "fix": fix})
     for c in checks:  # what the executor does not use cannot fail it
         if c["status"] == "fail" and (c["name"] in DOCKER_CHECKS and kind != "docker" or c["name"] == "Ray" and kind != "ray"):
             c["status"] = "warn"

@@ -57,6 +57,12 @@ class Executor(ABC):
             if pid and pid_alive(pid) and a["node"] == os.uname().nodename:
                 stop_group(pid, grace_s, lambda p=pid: not pid_alive(p))
 
+    @classmethod
+    def checks(cls, spec) -> list[tuple[str, str, str, str]]:  # noqa: ANN001 - the backend's Spec
+        """`doctor`'s checks of what this backend needs on this host: (name, ok | warn | fail | skip, what
+        was seen, what to do). The docker and ray checks predate this hook and are in `runner.doctor`."""
+        return []
+
     def close(self) -> None:
         """Called once when the run ends: release what the executor holds (the local executor's preloader)."""
 

@@ -115,7 +115,100 @@ class RaySpec(ExecutorSettings):
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs a task reserves")
 
 
-SPECS: dict[str, type[ExecutorSettings]] = {"local": LocalSpec, "docker": DockerSpec, "ray": RaySpec}
+_SLURM_TIME = re.compile(r"^([0-9]+|[0-9]+:[0-9]{1,2}|[0-9]+:[0-9]{1,2}:[0-9]{1,2}|[0-9]+-[0-9]+(:[0-9]{1,2}){0,2}|UNLIMITED|INFINITE)$")
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:+@%=-]+$")  # a partition, account, qos, constraint expression
+_SLURM_MEM = re.compile(r"^[0-9]+[KMGT]?$")
+_SLURM_FLAG = re.compile(r"^--[a-z][a-z0-9-]*(=[^\s]+)?$")
+# sbatch options the executor sets itself (or that have a setting of their own): not allowed in extra_args
+SLURM_OWN_FLAGS = {
+    "job-name": "the runner names each job", "comment": "the runner's comment finds the job again",
+    "output": "the job writes the task's worker.log", "error": "the job writes the task's worker.log",
+    "open-mode": "worker.log is appended to", "parsable": "the runner reads the job id", "wrap": "the runner writes the script",
+    "array": "one job per task attempt", "chdir": "the job runs where the runner runs", "export": "the job gets the runner's environment",
+    "requeue": "use executor.requeue", "no-requeue": "use executor.requeue", "partition": "use executor.partition",
+    "account": "use executor.account", "qos": "use executor.qos", "time": "use executor.time_limit",
+    "gres": "use executor.gpus_per_task", "gpus": "use executor.gpus_per_task", "gpus-per-task": "use executor.gpus_per_task",
+    "cpus-per-task": "use executor.cpus_per_task", "mem": "use executor.mem", "constraint": "use executor.constraint",
+    "ntasks": "one worker per job", "nodes": "one worker per job", "wait": "the runner watches the job itself",
+}
+
+
+class SlurmSpec(ExecutorSettings):
+    """slurm: one Slurm batch job per task attempt, submitted with sbatch from this host."""
+
+    executor: ClassVar[str] = "runner.executors.slurm:SlurmExecutor"
+    kind: Literal["slurm"] = Field("slurm", description="one Slurm batch job per task attempt (sbatch)")
+    partition: str | None = Field(None, description="the partition jobs go to (default: the cluster's default partition)")
+    account: str | None = Field(None, description="the account jobs are charged to (sbatch --account)")
+    qos: str | None = Field(None, description="the quality of service (sbatch --qos)")
+    time_limit: str | None = Field(None, description="Slurm's time limit of one job, in its format: minutes, "
+                                   "MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (default: the partition's); a job "
+                                   "over it ends as timed out")
+    gpus_per_task: int = Field(0, ge=0, le=64, description="GPUs of each job (0: the task runs on its CPUs)")
+    gpu_request: Literal["gres", "gpus"] = Field("gres", description="how GPUs are asked for: --gres=gpu:N (gres) or "
+                                                 "--gpus=N (gpus), as the cluster expects")
+    cpus_per_task: int = Field(1, ge=1, le=1024, description="CPUs of each job; the worker uses that many threads")
+    mem: str | None = Field(None, description="memory of each job, e.g. 16G (sbatch --mem; default: the partition's)")
+    constraint: str | None = Field(None, description="node features the job needs (sbatch --constraint)")
+    extra_args: list[str] = Field(default_factory=list, description="more sbatch options, each one '--name' or "
+                                  "'--name=value' (e.g. --reservation=ml, --exclusive); those the executor sets are refused")
+    setup: list[str] = Field(default_factory=list, description="shell lines each job runs before the worker, e.g. "
+                             "'module load cuda/12.4', 'source /shared/venvs/byol/bin/activate'")
+    python: str | None = Field(None, description="the Python that runs the worker on the nodes (default: this "
+                               "host's, which must be on the shared filesystem; write 'python' when setup activates one)")
+    requeue: bool = Field(True, description="let Slurm requeue a preempted job (sbatch --requeue); the requeued job "
+                          "resumes from the task's last checkpoint")
+
+    @field_validator("partition", "account", "qos", "constraint")
+    @classmethod
+    def _names(cls, v: str | None) -> str | None:
+        if v is not None and not _SLURM_NAME.match(v):
+            raise ValueError(f"{v!r}: letters, digits and _ . , : + @ % = - only")
+        return v
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        if v is not None and not _SLURM_TIME.match(v):
+            raise ValueError(f"{v!r} is not a Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+        return v
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, v: str | None) -> str | None:
+        if v is not None and not _SLURM_MEM.match(v):
+            raise ValueError(f"{v!r} is not a Slurm memory size: a number of megabytes, or with a unit K, M, G or T (e.g. 16G)")
+        return v
+
+    @field_validator("extra_args")
+    @classmethod
+    def _flags(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not _SLURM_FLAG.match(a):
+                raise ValueError(f"{a!r}: each extra sbatch option is one '--name' or '--name=value' with no spaces "
+                                 "(short options such as -p are not taken)")
+            name = a[2:].split("=", 1)[0]
+            if name in SLURM_OWN_FLAGS:
+                raise ValueError(f"{a!r}: not allowed in extra_args ({SLURM_OWN_FLAGS[name]})")
+        return v
+
+    @field_validator("setup")
+    @classmethod
+    def _lines(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if "\n" in line or "\r" in line or "\0" in line:
+                raise ValueError(f"{line!r}: each setup entry is one shell line (give several entries)")
+        return v
+
+    @field_validator("python")
+    @classmethod
+    def _python(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or any(c in v for c in "\n\r\0")):
+            raise ValueError(f"{v!r}: a command name or path")
+        return v
+
+
+SPECS: dict[str, type[ExecutorSettings]] = {"local": LocalSpec, "docker": DockerSpec, "ray": RaySpec, "slurm": SlurmSpec}
 
 
 def executor_specs() -> tuple[type[ExecutorSettings], ...]:
