@@ -407,7 +407,7 @@ def _add_bench(sub) -> None:  # noqa: ANN001
 
 
 def _add_doctor(sub) -> None:  # noqa: ANN001
-    d = sub.add_parser("doctor", help="check the Docker daemon, the image, the GPU runtime, Ray and PyTorch; says how to fix each")
+    d = sub.add_parser("doctor", help="check the Docker daemon, the image, the GPU runtime, Ray, Slurm and PyTorch; says how to fix each")
     d.add_argument("manifest", type=Path, nargs="?", help="take the image from this manifest's executor.image")
     d.add_argument("--image", help="the task image to check (default: BYOL_RUNNER_IMAGE, else the manifest's, else byol-runner:latest)")
     d.add_argument("--no-gpu", action="store_true", help="skip the GPU-runtime container")

@@ -152,8 +152,9 @@ class Manifest(TrainSettings):
     # and the training settings sections (model, run, pretrain, simsiam, finetune, probe): TrainSettings's
     executor: ExecutorSpec = Field(
         default_factory=lambda: LocalSpec(),
-        description="where tasks run and how many at once: kind local (one subprocess per task, the default), docker "
-        "(one container per task) or ray (one Ray task per cell); each kind has its own settings",
+        description="where tasks run and how many at once, by kind: "
+        + "; ".join((spec.__doc__ or spec.__name__).split(".")[0] for spec in executor_specs())
+        + "; each kind has its own settings",
     )
     report: ReportSpec = Field(default_factory=ReportSpec, description="how the results are judged (no task depends on it)")
     compare: CompareSpec = Field(default_factory=CompareSpec, description="which arms are Model 1 and Model 2, and the "

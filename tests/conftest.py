@@ -22,7 +22,7 @@ def real_data(name: str) -> Path:
 
 
 # fixtures that start real runs or a real engine: a test that takes one is end-to-end (`-m e2e`)
-E2E_FIXTURES = {"tiny_reference", "finished", "pretrained", "client", "cluster"}
+E2E_FIXTURES = {"tiny_reference", "finished", "pretrained", "client", "cluster", "slurm"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

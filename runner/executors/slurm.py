@@ -346,7 +346,7 @@ finish "$code" ""
             if a["executor"] != self.name:
                 continue
             folder = self.results / "tasks" / a["task_id"]
-            job = _job_of(folder, int(a["id"]))
+            job = _job_of(folder, int(a["id"])) or self._job_by_comment(queue, int(a["id"]))
             if job is None:
                 continue
             st = self._state(job, folder, int(a["id"]))
@@ -358,6 +358,12 @@ finish "$code" ""
                 out[int(a["id"])] = Handle(a["task_id"], Slot(a["slot"] or "slurm0"), float(a["started"]), pid=None,
                                            node=(row.nodes if row and row.nodes else "slurm"), state=st)
         return out
+
+    def _job_by_comment(self, queue: dict[str, Job] | None, attempt_id: int) -> str | None:
+        """The job of an attempt whose id file was never written (the runner died right after sbatch)."""
+        mine = f"results={results_key(self.results)}", f"attempt-id={attempt_id}"
+        found = [j.id for j in (queue or {}).values() if all(m in j.comment.split() for m in mine)]
+        return found[-1] if found else None
 
     @classmethod
     def stop_leftovers(cls, attempts: list, results: Path, grace_s: float) -> None:  # noqa: ANN001

@@ -138,6 +138,10 @@ class SlurmSpec(ExecutorSettings):
 
     executor: ClassVar[str] = "runner.executors.slurm:SlurmExecutor"
     kind: Literal["slurm"] = Field("slurm", description="one Slurm batch job per task attempt (sbatch)")
+    max_parallel: int | None = Field(None, ge=1, le=MAX_PARALLEL, description="jobs submitted at once (default: as many as "
+                                     f"the partition's CPUs, or GPUs, hold at cpus_per_task or gpus_per_task each); at most {MAX_PARALLEL}")
+    timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one attempt, enforced by the runner, "
+                                    "counted from the job's start (not its time in the queue); see also time_limit")
     partition: str | None = Field(None, description="the partition jobs go to (default: the cluster's default partition)")
     account: str | None = Field(None, description="the account jobs are charged to (sbatch --account)")
     qos: str | None = Field(None, description="the quality of service (sbatch --qos)")
