@@ -221,7 +221,7 @@ RUN_BROKEN = [
     ("name: t\ndatasets:\n  s: {source: synthetic}\nmethods: [supervised, supervised]\n", r"a method is listed twice"),
     ("name: t\ndatasets:\n  s: {source: synthetic}\npretrain: {epochs: -1}\n", r"pretrain\.epochs: Input should be greater than or equal to 1"),
     ("name: t\ndatasets:\n  s: {source: synthetic}\nfinetune: {lr: fast}\n", r"finetune\.lr: Input should be a valid number"),
-    ("name: t\ndatasets:\n  s: {source: synthetic}\nexecutor: {kind: slurm}\n", r"executor\.kind: unknown value 'slurm': one of local, docker, ray"),
+    ("name: t\ndatasets:\n  s: {source: synthetic}\nexecutor: {kind: sge}\n", r"executor\.kind: unknown value 'sge': one of local, docker, ray, slurm"),
     ("name: t\ndatasets:\n  s: {source: synthetic}\nmodel: {arch: vgg16}\n", r"model\.arch: unknown backbone: one of resnet18"),
     ("name: t\ndatasets:\n  s: {source: synthetic}\nlabels: {fractions: [0]}\n", r"labels\.fractions\.0: Input should be greater than 0"),
     ("name: t\ndatasets:\n  s: {source: synthetic}\nrun: {devise: cpu}\n", r"run\.devise: unknown key \(did you mean 'device'\?\)"),

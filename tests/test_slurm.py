@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -84,7 +85,7 @@ def _script(tmp_path: Path, python: Path, setup: list[str] | None = None) -> tup
     folder = tmp_path / "results 100%" / "tasks" / "t1"
     folder.mkdir(parents=True)
     (folder / "task.json").write_text("{}")
-    ex = SlurmExecutor(SlurmSpec(python=str(python), setup=setup or []))
+    ex = SlurmExecutor(SlurmSpec(python=shlex.quote(str(python)), setup=setup or []))  # a command line: quoted
     exit_file = folder / "slurm" / "attempt-3.exit"
     exit_file.parent.mkdir()
     script = folder / "slurm" / "attempt-3.sh"
@@ -108,21 +109,39 @@ def test_the_batch_script_runs_the_worker_and_writes_its_exit_code_on_paths_with
     assert event["kind"] == "log" and "Slurm job 42 on node" in event["message"] and event["task"] == "t1"
 
 
+def _term_when(proc: subprocess.Popen, ready: Path) -> str:
+    deadline = time.time() + 20
+    while time.time() < deadline and not ready.exists():
+        time.sleep(0.05)
+    assert ready.exists()
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole job, as slurmd signals it
+    out, _ = proc.communicate(timeout=20)
+    return out
+
+
 def test_sigterm_to_the_job_reaches_the_worker_and_the_exit_file_says_so(tmp_path):
     """What scancel, a time limit and preemption do: SIGTERM to the job's processes. The worker saves and
     ends; the script waits for it and records its code and the signal."""
-    python = _fake_python(tmp_path, "trap 'echo saved; exit 143' TERM\nwhile :; do sleep 0.1; done\n")
+    python = _fake_python(tmp_path, f"trap 'echo saved; exit 143' TERM\ntouch {shlex.quote(str(tmp_path / 'ready'))}\n"
+                                    "while :; do sleep 0.1; done\n")
     script, exit_file, folder = _script(tmp_path, python)
     proc = subprocess.Popen(["bash", str(script)], start_new_session=True, stdout=subprocess.PIPE, text=True)
-    deadline = time.time() + 10
-    while time.time() < deadline and not (folder / "events.jsonl").exists():
-        time.sleep(0.05)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)  # the whole job, as slurmd signals it
-    out, _ = proc.communicate(timeout=20)
+    out = _term_when(proc, tmp_path / "ready")
     assert proc.returncode == 143 and "saved" in out
     info = read_exit(exit_file)
     assert info is not None and info["code"] == "143" and info["signal"] == "TERM"
+
+
+def test_sigterm_during_setup_starts_no_worker(tmp_path):
+    """A job cancelled (or out of time) while its setup runs (a `module load`, an image pull) ends there."""
+    python = _fake_python(tmp_path, f"touch {shlex.quote(str(tmp_path / 'worker-ran'))}\n")
+    ready = tmp_path / "in-setup"
+    script, exit_file, _ = _script(tmp_path, python, setup=[f"touch {shlex.quote(str(ready))}", "sleep 3"])
+    proc = subprocess.Popen(["bash", str(script)], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    _term_when(proc, ready)
+    info = read_exit(exit_file)
+    assert proc.returncode == 143 and info is not None and "during executor.setup" in info["note"]
+    assert not (tmp_path / "worker-ran").exists()
 
 
 def test_a_setup_that_leaves_no_python_is_one_line_in_the_exit_file(tmp_path):
@@ -170,6 +189,85 @@ def test_how_a_job_ended_becomes_the_attempt_s_outcome(tmp_path, state, exit_tex
         [e] = events
         assert e["kind"] == "error" and e["error_type"] == error_type and words in e["message"], e
         assert killed_from_outside(got, error_type) == (error_type == "killed")
+
+
+class _Queue:
+    """squeue's answers for `poll`, set by the test (None: squeue failed)."""
+
+    def __init__(self, monkeypatch) -> None:  # noqa: ANN001
+        import runner.executors.slurm as slurm
+
+        self.jobs: dict | None = {}
+        monkeypatch.setattr(slurm, "squeue", lambda: None if self.jobs is None else dict(self.jobs))
+
+    def set(self, state: str | None, reason: str = "None") -> None:
+        from runner.executors.slurm import Job
+
+        self.jobs = {} if state is None else {"77": Job("77", state, "n1" if state == "RUNNING" else "", reason, "")}
+
+
+def _watched(tmp_path: Path, spec: SlurmSpec | None = None) -> tuple[SlurmExecutor, Handle]:
+    folder = tmp_path / "tasks" / "t"
+    (folder / "slurm").mkdir(parents=True)
+    (folder / "events.jsonl").write_text("")
+    ex = SlurmExecutor(spec or SlurmSpec())
+    return ex, Handle("t", Slot("slurm0"), time.time(), state=ex._state("77", folder, 5))
+
+
+def _poll(ex: SlurmExecutor, h: Handle) -> int | None:
+    ex._queue = None  # as after QUEUE_MAX_AGE_S
+    return ex.poll(h)
+
+
+def test_poll_decides_nothing_while_squeue_fails_or_before_the_job_is_listed(tmp_path, monkeypatch):
+    q = _Queue(monkeypatch)
+    ex, h = _watched(tmp_path)
+    assert _poll(ex, h) is None  # just submitted, not yet in squeue's answer: not "ended"
+    q.set("RUNNING")
+    assert _poll(ex, h) is None and h.node == "n1"
+    h.state["exit"].write_text("code=143\nsignal=TERM\nend=1\n")  # a requeued job's exit file from its last run
+    q.jobs = None  # and the controller stops answering: the old file decides nothing
+    assert _poll(ex, h) is None and _poll(ex, h) is None
+    q.set("PENDING", "BeginTime")  # requeued: the attempt goes on
+    assert _poll(ex, h) is None
+    assert "was requeued (BeginTime)" in (h.state["folder"] / "events.jsonl").read_text()
+
+
+def test_poll_waits_for_a_preempted_job_s_requeue_and_for_files_nfs_shows_late(tmp_path, monkeypatch):
+    q = _Queue(monkeypatch)
+    ex, h = _watched(tmp_path)
+    q.set("RUNNING")
+    _poll(ex, h)
+    q.set("PREEMPTED")  # on its way back to the queue (requeue: true)
+    assert _poll(ex, h) is None
+    q.set("COMPLETED")
+    assert _poll(ex, h) is None  # no exit file visible yet
+    h.state["exit"].write_text("code=0\nsignal=\nend=1\n")
+    assert _poll(ex, h) is None  # exit 0 but metrics.json not visible yet
+    (h.state["folder"] / "metrics.json").write_text("{}")
+    assert _poll(ex, h) == 0
+    ex2, h2 = _watched(tmp_path / "2")
+    q.set("RUNNING")
+    _poll(ex2, h2)
+    q.set("COMPLETED")
+    h2.state["ended_at"] = time.time() - 1000  # past EXIT_PATIENCE_S: what is known decides
+    assert _poll(ex2, h2) == 1 and "without writing" in (h2.state["folder"] / "events.jsonl").read_text()
+
+
+def test_the_runner_s_timeout_clock_starts_when_the_job_runs_and_held_jobs_say_how_to_release(tmp_path, monkeypatch):
+    q = _Queue(monkeypatch)
+    ex, h = _watched(tmp_path)
+    h.started = time.time() - 500
+    q.set("PENDING", "JobHeldUser")
+    assert _poll(ex, h) is None and time.time() - h.started < 5  # queued: no clock runs
+    q.set("RUNNING")
+    _poll(ex, h)
+    started = h.started
+    time.sleep(0.05)
+    _poll(ex, h)
+    assert h.started == started  # running: the clock runs from its start
+    text = (h.state["folder"] / "events.jsonl").read_text()
+    assert text.count("JobHeldUser") == 1 and "scontrol release 77" in text
 
 
 def test_doctor_says_what_the_slurm_executor_needs_and_fails_only_a_slurm_manifest(write_manifest, tmp_path, monkeypatch):

@@ -22,7 +22,6 @@ runner (they are the cluster's); Ctrl-C, a timeout and the TUI's cancel `scancel
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import os
 import re
@@ -40,8 +39,13 @@ from runner.executors.specs import MAX_PARALLEL, SlurmSpec
 
 ACTIVE = {"PENDING", "RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
           "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
-EXIT_PATIENCE_S = 45.0  # an ended job's exit file may reach this host late (NFS caches attributes): wait this long
-QUEUE_MAX_AGE_S = 1.0  # one squeue call serves every poll within this time
+EXIT_PATIENCE_S = 90.0  # an ended job's files may reach this host late (NFS caches entries up to 60 s): wait this long
+QUEUE_MAX_AGE_S = 5.0  # one squeue call serves every poll within this time (sites rate-limit the controller's RPCs)
+CLOSE_PATIENCE_S = 60.0  # how long the run's end waits for cancelled jobs to end
+DEFAULT_MAX_PARALLEL = 16  # jobs in the queue at once unless max_parallel says: a shared cluster has submit limits
+SUBMIT_TRIES = 4  # sbatch attempts for one job when the controller is busy or unreachable
+TRANSIENT = ("socket timed out", "unable to contact slurm controller", "resource temporarily unavailable",
+             "slurm temporarily unable", "connection refused", "communication connection failure", "try again")
 COMMAND_TIMEOUT_S = 60.0
 INSTALL_FIX = "install Slurm's client commands (Debian/Ubuntu: slurm-client) or run byol-runner on the cluster's login node"
 LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "f2fs", "vfat", "zfs", "ramfs"}
@@ -59,7 +63,26 @@ class Job:
 
 
 def results_key(results: Path) -> str:
-    """A short, space-free name for a results dir, carried in each job's comment."""
+    """A short, space-free name of this results dir, carried in each job's comment: a random key kept in
+    it (`slurm-key`), so that a results dir deleted and made again at the same path is not the same one."""
+    path = results / "slurm-key"
+    for _ in range(2):
+        try:
+            key = path.read_text().strip()
+            if re.fullmatch(r"[0-9a-f]{16}", key):
+                return key
+        except FileNotFoundError:
+            pass
+        except OSError:
+            break
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue  # another runner made it first: read theirs
+        except OSError:
+            break  # no results dir (yet): the path's hash
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(8).hex() + "\n")
     return hashlib.sha256(str(results.resolve()).encode()).hexdigest()[:16]
 
 
@@ -73,10 +96,10 @@ def slurm_command(args: list[str], timeout: float = COMMAND_TIMEOUT_S) -> subpro
         raise UserError(f"`{' '.join(args[:2])}` did not answer in {timeout:g} s: is slurmctld up? (`scontrol ping`)") from None
 
 
-def squeue(user: str) -> dict[str, Job] | None:
+def squeue() -> dict[str, Job] | None:
     """This user's jobs, those that ended within MinJobAge included, by id; None when squeue fails."""
     try:
-        r = slurm_command(["squeue", "-h", "--states=all", "-u", user, "-o", "%i|%T|%N|%r|%k"], timeout=30)
+        r = slurm_command(["squeue", "-h", "--states=all", "-u", str(os.getuid()), "-o", "%i|%T|%N|%r|%k"], timeout=30)
     except UserError:
         return None
     if r.returncode != 0:
@@ -122,8 +145,8 @@ class SlurmExecutor(Executor):
 
     def __init__(self, spec: SlurmSpec) -> None:
         self.spec = spec
-        self.user = getpass.getuser()
-        self.python = spec.python or sys.executable
+        self.python = shlex.split(spec.python) if spec.python else [sys.executable]
+        self._stopping: list[dict] = []  # the states of jobs this run cancelled
         self.results: Path | None = None
         self.run_name = "run"
         self._queue: dict[str, Job] | None = None
@@ -144,11 +167,11 @@ class SlurmExecutor(Executor):
         return partition_of(r.stdout, self.spec.partition)
 
     def default_slots(self) -> int:
-        """Jobs at once when max_parallel is not given: as many as the partition's CPUs (or GPUs) hold."""
+        """Jobs at once when max_parallel is not given: as many as the partition's CPUs (or GPUs) hold, at
+        most DEFAULT_MAX_PARALLEL."""
         p = self.partition
-        if self.spec.gpus_per_task:
-            return max(1, p.gpus // self.spec.gpus_per_task)
-        return max(1, p.cpus // self.spec.cpus_per_task)
+        fits = p.gpus // self.spec.gpus_per_task if self.spec.gpus_per_task else p.cpus // self.spec.cpus_per_task
+        return max(1, min(fits, DEFAULT_MAX_PARALLEL))
 
     def bind(self, results: Path, run_name: str) -> None:
         self.results, self.run_name = results.resolve(), run_name
@@ -172,16 +195,38 @@ class SlurmExecutor(Executor):
         script = Path(f"{stem}.sh")
         script.write_text(self.script(task_id, folder / "task.json", results, Path(f"{stem}.exit"), number))
         args = ["sbatch", "--parsable", *self.sbatch_options(task_id, folder, results, attempt_id, number), str(script)]
-        r = slurm_command(args)
-        job = r.stdout.strip().split(";")[0]
-        if r.returncode != 0 or not job.isdigit():
-            raise UserError(f"sbatch refused the job of task {task_id}: {(r.stderr or r.stdout).strip()[:500]}")
+        job = self._sbatch(args, task_id, attempt_id)
         Path(f"{stem}.job").write_text(job + "\n")
+        self._queue = None  # the next poll asks squeue afresh: the new job is in it
         return Handle(task_id, slot, time.time(), pid=None, node="slurm", state=self._state(job, folder, attempt_id))
+
+    def _sbatch(self, args: list[str], task_id: str, attempt_id: int) -> str:
+        """The job id sbatch gives; a busy or unreachable controller is tried again (after looking for the
+        job in the queue: sbatch may have timed out after the job was accepted); a refusal is a UserError."""
+        said = ""
+        for i in range(SUBMIT_TRIES):
+            try:
+                r = slurm_command(args)
+                said = (r.stderr or r.stdout).strip()
+                job = r.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
+                if r.returncode == 0 and job.isdigit():
+                    return job
+            except UserError as e:
+                if shutil.which("sbatch") is None:
+                    raise
+                said = str(e)
+            if not any(t in said.lower() for t in TRANSIENT):
+                break
+            found = self._job_by_comment(squeue(), attempt_id)
+            if found is not None:
+                return found
+            time.sleep(2.0 * 2**i)
+        limit = " (a submit limit: lower executor.max_parallel)" if "maxsubmit" in said.lower() else ""
+        raise UserError(f"sbatch refused the job of task {task_id}{limit}: {said[:500]}")
 
     def _state(self, job: str, folder: Path, attempt_id: int) -> dict:
         return {"job": job, "folder": folder, "exit": folder / "slurm" / f"attempt-{attempt_id}.exit", "cancelled": False,
-                "running": False, "ended_at": None, "said": set()}
+                "running": False, "seen": False, "ended_at": None, "said": set()}
 
     def sbatch_options(self, task_id: str, folder: Path, results: Path, attempt_id: int, number: int) -> list[str]:
         s = self.spec
@@ -203,7 +248,10 @@ class SlurmExecutor(Executor):
         """The batch script of one attempt: setup, the worker, and the exit file the job writes itself."""
         q = shlex.quote
         events = q(str(task_json.parent / "events.jsonl"))
+        python = " ".join(q(w) for w in self.python)
+        cpus = self.spec.cpus_per_task
         cpu_only = "" if self.spec.gpus_per_task else "export CUDA_VISIBLE_DEVICES=  # a CPU job: no GPU it was not given\n"
+        unseen = f"byol-runner: {task_json} is not visible on this node: the results dir must be on a filesystem it shares"
         return f"""#!/bin/bash
 # byol-runner: attempt {number} of task {task_id} (run {self.run_name}), written for sbatch by the slurm executor
 exit_file={q(str(exit_file))}
@@ -214,66 +262,97 @@ finish() {{  # the job's own record of how it ended: read by the runner (no sacc
 }}
 stopped=
 trap 'stopped=TERM' TERM  # scancel, the time limit, preemption: Slurm signals the worker too; it saves and ends
-if [ ! -f {q(str(task_json))} ]; then
-  echo "byol-runner: {task_json} is not visible on $(hostname): the results dir must be on a filesystem this node shares"
-  exit 3
-fi
+if [ ! -f {q(str(task_json))} ]; then echo {q(unseen)}; exit 3; fi
 rm -f "$exit_file"
 unset BYOL_RUNNER_PARENT_PID  # the job belongs to the cluster: it outlives the runner that submitted it
-export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{self.spec.cpus_per_task}}} MKL_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{self.spec.cpus_per_task}}}
+export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{cpus}}} MKL_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{cpus}}}
 {cpu_only}printf '{{"ts": %s, "task": "%s", "kind": "log", "epoch": null, "step": null, "message": "Slurm job %s on node %s (restart %s)", "node": "%s"}}\\n' \\
   "$(date +%s.%3N)" {q(task_id)} "${{SLURM_JOB_ID:-}}" "$(hostname -s)" "${{SLURM_RESTART_COUNT:-0}}" "$(hostname -s)" >> {events}
 # ---- executor.setup
 {chr(10).join(self.spec.setup)}
 # ----
-if ! command -v {q(self.python)} >/dev/null 2>&1; then
-  echo "byol-runner: {self.python} not found on $(hostname) after executor.setup"
-  finish 127 "no {self.python} on the node after executor.setup"
+if [ -n "$stopped" ]; then finish 143 "stopped by SIGTERM during executor.setup"; fi
+if ! command -v {q(self.python[0])} >/dev/null 2>&1; then
+  echo {q(f"byol-runner: {self.python[0]} not found on this node after executor.setup")}
+  finish 127 {q(f"no {self.python[0]} on the node after executor.setup")}
 fi
-{q(self.python)} -m runner.worker {q(str(task_json))} --results {q(str(results))} &
+{python} -m runner.worker {q(str(task_json))} --results {q(str(results))} &
 pid=$!
 while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done
-wait "$pid" 2>/dev/null; last=$?; [ "$last" -ne 127 ] && code=$last
+wait "$pid" 2>/dev/null; last=$?  # the worker's own code, if bash still has it (a trapped signal cut the first wait)
+case "$last" in 127|-*) ;; *) code=$last ;; esac
 finish "$code" ""
 """
 
     # ---- watch -----------------------------------------------------------------------------
 
-    def jobs(self, fresh: bool = False) -> dict[str, Job] | None:
-        if fresh or self._queue is None or time.time() - self._queue_at > QUEUE_MAX_AGE_S:
-            self._queue, self._queue_at = squeue(self.user), time.time()
+    def jobs(self, fresh: bool = False, exit_seen: bool = False) -> dict[str, Job] | None:
+        """squeue's view, at most QUEUE_MAX_AGE_S old (a job's exit file, once seen, asks sooner)."""
+        age = time.time() - self._queue_at
+        if fresh or self._queue is None or age > QUEUE_MAX_AGE_S or (exit_seen and age > 1.0):
+            self._queue, self._queue_at = squeue(), time.time()
         return self._queue
 
     def poll(self, handle: Handle) -> int | None:
         st = handle.state
         if "exit_code" in st:
             return st["exit_code"]
-        queue = self.jobs()
-        job = queue.get(st["job"]) if queue is not None else None
-        if queue is None:  # slurmctld does not answer: the job's own exit file still tells
-            info = read_exit(st["exit"])
-            return None if info is None else self._ended(handle, None, info)
+        info = read_exit(st["exit"])
+        queue = self.jobs(exit_seen=info is not None)
+        if queue is None:  # the controller does not answer: nothing is decided (a requeued job's old exit file misleads)
+            if "unreachable" not in st["said"]:
+                st["said"].add("unreachable")
+                print(f"warning: squeue does not answer; waiting for it to tell how Slurm job {st['job']} is doing",
+                      file=sys.stderr, flush=True)
+            return None
+        st["said"].discard("unreachable")
+        job = queue.get(st["job"])
         if job is not None and job.state in ACTIVE:
+            st["seen"], st["ended_at"] = True, None
             self._follow(handle, job)
             return None
-        info = read_exit(st["exit"])
-        if info is None and not st["cancelled"]:
-            first = st["ended_at"] = st["ended_at"] or time.time()
-            if time.time() - first < EXIT_PATIENCE_S:
-                return None
+        if not st["running"]:
+            handle.started = time.time()
+        first = st["ended_at"] = st["ended_at"] or time.time()
+        if time.time() - first < EXIT_PATIENCE_S and self._wait_longer(st, job, info):
+            return None
         return self._ended(handle, job.state if job else None, info)
 
+    def _wait_longer(self, st: dict, job: Job | None, info: dict[str, str] | None) -> bool:
+        """Whether an ended (or unlisted) job may yet say more: listed late after sbatch; preempted and about
+        to be requeued; its exit file, or the worker's metrics.json, not yet visible here (NFS caches)."""
+        if job is None and not st["seen"]:
+            return True
+        if job is not None and job.state == "PREEMPTED" and self.spec.requeue:
+            return True
+        if st["cancelled"]:
+            return False
+        if info is None:
+            return True
+        if info.get("code") == "0":
+            os.listdir(st["folder"])  # a fresh listing: NFS revalidates the folder's cached entries
+            return not (st["folder"] / "metrics.json").exists()
+        return False
+
     def _follow(self, handle: Handle, job: Job) -> None:
-        """A running job: its node, and its start (the runner's timeout_s counts from there, not from the
-        queue); a running job back in the queue was requeued (preempted): its attempt goes on."""
+        """A job in the queue: while it waits, why (once per reason; held ones say how to release them) and
+        no clock runs (the runner's timeout_s counts from its start); when it runs, its node; a running job
+        back in the queue was requeued (preempted): its attempt goes on."""
         st = handle.state
         if job.state == "RUNNING" and not st["running"]:
             st["running"], handle.started = True, time.time()
             handle.node = job.nodes or handle.node
-        elif job.state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED") and st["running"]:
+        elif job.state != "RUNNING" and not st["running"]:
+            handle.started = time.time()
+        if job.state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT") and st["running"]:
             st["running"] = False
             append_log(st["folder"], handle.task_id, f"Slurm job {st['job']} was requeued ({job.reason}): it waits in the "
                        "queue again and resumes from the task's last checkpoint")
+        if not st["running"] and job.state != "RUNNING" and ("wait", job.state, job.reason) not in st["said"]:
+            st["said"].add(("wait", job.state, job.reason))
+            held = job.state in ("REQUEUE_HOLD", "SPECIAL_EXIT") or "held" in job.reason.lower()
+            append_log(st["folder"], handle.task_id, f"Slurm job {st['job']} is {job.state.lower()} ({job.reason})"
+                       + (f": held, it runs once released (`scontrol release {st['job']}`)" if held else ""))
 
     def _ended(self, handle: Handle, state: str | None, info: dict[str, str] | None) -> int:
         st, job = handle.state, handle.state["job"]
@@ -313,25 +392,39 @@ finish "$code" ""
         return st["exit_code"]
 
     def cancel(self, handle: Handle, grace_s: float = 10.0) -> None:
-        """scancel (SIGTERM to the job's processes; the worker saves its checkpoint), then SIGKILL after
-        grace_s if the job is still there."""
+        """scancel: Slurm sends SIGTERM to the job's processes (the worker saves its checkpoint) and SIGKILL
+        after its KillWait. Returns at once: the next polls see the job end, and the run's end (`close`)
+        waits for every cancelled job still ending, all of them together (Ctrl-C with many jobs)."""
         st = handle.state
-        st["cancelled"] = True
-        if "exit_code" in st:
+        if "exit_code" in st or st["cancelled"]:
             return
+        st["cancelled"] = True
         slurm_command(["scancel", st["job"]])
-        deadline = time.time() + grace_s
-        while time.time() < deadline:
+        self._stopping.append(st)
+
+    def _wait_gone(self, states: list[dict], patience_s: float) -> list[dict]:
+        """Wait until these jobs have left squeue's active states and written their exit files (those that
+        ran); returns those still ending."""
+        deadline = time.time() + patience_s
+        left = states
+        while left and time.time() < deadline:
             queue = self.jobs(fresh=True)
-            job = queue.get(st["job"]) if queue else None
-            if job is None or job.state not in ACTIVE:
+            if queue is None:
                 break
-            time.sleep(0.3)
-        else:
-            slurm_command(["scancel", "--signal=KILL", st["job"]])
-        patience = time.time() + (5.0 if st["running"] else 0.0)  # the exit file a running job writes as it ends
-        while read_exit(st["exit"]) is None and time.time() < patience:
-            time.sleep(0.2)
+            left = [s for s in left if (j := queue.get(s["job"])) is not None and j.state in ACTIVE]
+            if left:
+                time.sleep(0.5)
+        return left
+
+    def close(self) -> None:
+        """The jobs cancelled in this run that are still ending: waited for together (their workers save
+        their checkpoints), so that a run started right after does not meet them."""
+        ending = [s for s in self._stopping if "exit_code" not in s]
+        if ending:
+            left = self._wait_gone(ending, CLOSE_PATIENCE_S)
+            if left:
+                print(f"note: {len(left)} cancelled Slurm job(s) still ending ({', '.join(s['job'] for s in left)}); "
+                      "Slurm kills them after its KillWait", file=sys.stderr, flush=True)
 
     # ---- a restarted runner ----------------------------------------------------------------
 
@@ -341,6 +434,14 @@ finish "$code" ""
         if self.results is None:
             return {}
         queue = self.jobs(fresh=True)
+        for wait in (2.0, 5.0, 10.0):
+            if queue is not None or not any(a["executor"] == self.name for a in attempts):
+                break
+            time.sleep(wait)
+            queue = self.jobs(fresh=True)
+        if queue is None and any(a["executor"] == self.name for a in attempts):
+            raise UserError("squeue does not answer, so which of the previous runner's Slurm jobs still run cannot be "
+                            "told: nothing was started or cancelled; run again once `squeue` works")
         out: dict[int, Handle] = {}
         for a in attempts:
             if a["executor"] != self.name:
@@ -351,7 +452,8 @@ finish "$code" ""
                 continue
             st = self._state(job, folder, int(a["id"]))
             row = queue.get(job) if queue else None
-            if row is not None and f"attempt-id={a['id']}" not in row.comment.split():
+            st["seen"] = row is not None
+            if row is not None and not _is_attempt(row, self.results, int(a["id"])):
                 continue  # the id is another job's now (a reinstalled cluster): this attempt's job is gone
             if row is not None or read_exit(st["exit"]) is not None:
                 st["running"] = row is not None and row.state == "RUNNING"
@@ -361,14 +463,15 @@ finish "$code" ""
 
     def _job_by_comment(self, queue: dict[str, Job] | None, attempt_id: int) -> str | None:
         """The job of an attempt whose id file was never written (the runner died right after sbatch)."""
-        mine = f"results={results_key(self.results)}", f"attempt-id={attempt_id}"
-        found = [j.id for j in (queue or {}).values() if all(m in j.comment.split() for m in mine)]
+        found = [j.id for j in (queue or {}).values() if self.results and _is_attempt(j, self.results, attempt_id)]
         return found[-1] if found else None
 
     @classmethod
     def stop_leftovers(cls, attempts: list, results: Path, grace_s: float) -> None:  # noqa: ANN001
         """The jobs of a dead slurm run that no executor adopted (the run now is local): cancelled."""
-        jobs = [j for a in attempts if (j := _job_of(results / "tasks" / a["task_id"], int(a["id"])))]
+        queue = squeue() if shutil.which("squeue") else None
+        jobs = [j for a in attempts if (j := _job_of(results / "tasks" / a["task_id"], int(a["id"])))
+                and queue and j in queue and _is_attempt(queue[j], results, int(a["id"])) and queue[j].state in ACTIVE]
         if jobs and shutil.which("scancel"):
             subprocess.run(["scancel", *jobs], capture_output=True, timeout=COMMAND_TIMEOUT_S)
 
@@ -403,6 +506,12 @@ def append_log(folder: Path, task_id: str, message: str) -> None:
 
     with open(folder / "events.jsonl", "a") as f:
         f.write(event_line(task_id, "log", message=message))
+
+
+def _is_attempt(job: Job, results: Path, attempt_id: int) -> bool:
+    """Whether squeue's job is this results dir's attempt (by its comment; a job id can be another's)."""
+    words = job.comment.split()
+    return f"results={results_key(results)}" in words and f"attempt-id={attempt_id}" in words
 
 
 def _job_of(folder: Path, attempt_id: int) -> str | None:

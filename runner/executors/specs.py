@@ -116,7 +116,8 @@ class RaySpec(ExecutorSettings):
 
 
 _SLURM_TIME = re.compile(r"^([0-9]+|[0-9]+:[0-9]{1,2}|[0-9]+:[0-9]{1,2}:[0-9]{1,2}|[0-9]+-[0-9]+(:[0-9]{1,2}){0,2}|UNLIMITED|INFINITE)$")
-_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:+@%=-]+$")  # a partition, account, qos, constraint expression
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:+@%=-]+$")  # a partition, account, qos
+_SLURM_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:+@%=&|*\[\]()!-]+$")  # features with Slurm's & | [] * ! operators
 _SLURM_MEM = re.compile(r"^[0-9]+[KMGT]?$")
 _SLURM_FLAG = re.compile(r"^--[a-z][a-z0-9-]*(=[^\s]+)?$")
 # sbatch options the executor sets itself (or that have a setting of their own): not allowed in extra_args
@@ -130,6 +131,7 @@ SLURM_OWN_FLAGS = {
     "gres": "use executor.gpus_per_task", "gpus": "use executor.gpus_per_task", "gpus-per-task": "use executor.gpus_per_task",
     "cpus-per-task": "use executor.cpus_per_task", "mem": "use executor.mem", "constraint": "use executor.constraint",
     "ntasks": "one worker per job", "nodes": "one worker per job", "wait": "the runner watches the job itself",
+    "clusters": "the runner watches the jobs of the cluster it runs on: run it on that cluster's login node",
 }
 
 
@@ -139,7 +141,8 @@ class SlurmSpec(ExecutorSettings):
     executor: ClassVar[str] = "runner.executors.slurm:SlurmExecutor"
     kind: Literal["slurm"] = Field("slurm", description="one Slurm batch job per task attempt (sbatch)")
     max_parallel: int | None = Field(None, ge=1, le=MAX_PARALLEL, description="jobs submitted at once (default: as many as "
-                                     f"the partition's CPUs, or GPUs, hold at cpus_per_task or gpus_per_task each); at most {MAX_PARALLEL}")
+                                     "the partition's CPUs, or GPUs, hold at cpus_per_task or gpus_per_task each, at most 16: "
+                                     f"a shared cluster has submit limits); at most {MAX_PARALLEL}")
     timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one attempt, enforced by the runner, "
                                     "counted from the job's start (not its time in the queue); see also time_limit")
     partition: str | None = Field(None, description="the partition jobs go to (default: the cluster's default partition)")
@@ -158,16 +161,24 @@ class SlurmSpec(ExecutorSettings):
                                   "'--name=value' (e.g. --reservation=ml, --exclusive); those the executor sets are refused")
     setup: list[str] = Field(default_factory=list, description="shell lines each job runs before the worker, e.g. "
                              "'module load cuda/12.4', 'source /shared/venvs/byol/bin/activate'")
-    python: str | None = Field(None, description="the Python that runs the worker on the nodes (default: this "
-                               "host's, which must be on the shared filesystem; write 'python' when setup activates one)")
+    python: str | None = Field(None, description="the command that runs the worker's Python on the nodes (default: this "
+                               "host's interpreter, which must be on the shared filesystem; 'python' when setup activates "
+                               "one; a container: 'apptainer exec --nv /shared/byol.sif python')")
     requeue: bool = Field(True, description="let Slurm requeue a preempted job (sbatch --requeue); the requeued job "
                           "resumes from the task's last checkpoint")
 
-    @field_validator("partition", "account", "qos", "constraint")
+    @field_validator("partition", "account", "qos")
     @classmethod
     def _names(cls, v: str | None) -> str | None:
         if v is not None and not _SLURM_NAME.match(v):
             raise ValueError(f"{v!r}: letters, digits and _ . , : + @ % = - only")
+        return v
+
+    @field_validator("constraint")
+    @classmethod
+    def _constraint(cls, v: str | None) -> str | None:
+        if v is not None and not _SLURM_CONSTRAINT.match(v):
+            raise ValueError(f"{v!r}: node features joined by Slurm's & | [ ] * ! operators, with no spaces")
         return v
 
     @field_validator("time_limit")
