@@ -462,7 +462,9 @@ def test_a_requeued_job_keeps_its_attempt_and_resumes_from_its_checkpoint(slurm,
     deadline = time.time() + 60
     while time.time() < deadline and _state(job) not in ("PENDING", "REQUEUED"):
         time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30)  # not Slurm's 2-minute hold
+    assert _state(job) in ("PENDING", "REQUEUED"), _state(job)
+    # Slurm holds a requeued job for 2 minutes before it may start again: not in a test
+    assert subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30).returncode == 0
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out + err
     assert [r[2] for r in _attempts(results, folder.name)] == ["done"]

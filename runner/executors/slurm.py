@@ -392,15 +392,19 @@ finish "$code" ""
         return st["exit_code"]
 
     def cancel(self, handle: Handle, grace_s: float = 10.0) -> None:
-        """scancel: Slurm sends SIGTERM to the job's processes (the worker saves its checkpoint) and SIGKILL
-        after its KillWait. Returns at once: the next polls see the job end, and the run's end (`close`)
-        waits for every cancelled job still ending, all of them together (Ctrl-C with many jobs)."""
+        """scancel: Slurm sends SIGTERM to the job's processes (the worker saves its checkpoint); once the
+        job has ended, or after grace_s, SIGKILL, as the other executors do. The scheduler polls right
+        after: the job's end is what it records (a timeout, the TUI's cancel, Ctrl-C)."""
         st = handle.state
-        if "exit_code" in st or st["cancelled"]:
+        if "exit_code" in st:
             return
-        st["cancelled"] = True
-        slurm_command(["scancel", st["job"]])
-        self._stopping.append(st)
+        if not st["cancelled"]:
+            st["cancelled"] = True
+            slurm_command(["scancel", st["job"]])
+            self._stopping.append(st)
+        if self._wait_gone([st], grace_s):
+            slurm_command(["scancel", "--signal=KILL", "--full", st["job"]])
+            self._wait_gone([st], 10.0)
 
     def _wait_gone(self, states: list[dict], patience_s: float) -> list[dict]:
         """Wait until these jobs have left squeue's active states and written their exit files (those that
