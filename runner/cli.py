@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # runner.db could not be written: a full disk, a read-only one
         sqlite3 = sys.modules.get("sqlite3")  # (not imported here: a bare container image has no libsqlite3)

@@ -96,6 +96,7 @@ def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, s
     from runner.pages import publish
     from runner.scheduler import Scheduler
     from runner.store import Store
+    from runner.watch import ReportInterrupted, stops_as_interrupt
 
     store = Store(results / "runner.db")
     run_dir = results / manifest.name
@@ -116,10 +117,15 @@ def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, s
                 outcome = sched.run(text, str(Path(manifest_path).resolve()), lock)
         else:
             outcome = sched.run(text, str(Path(manifest_path).resolve()), lock)
-        tasks = store.run_tasks(outcome.run_id)
-        rep = R.build(results, manifest.name, tasks, R.arch_of(text), **R.judging_of(text))
-        rep["meta"] = R.provenance(results, store.run(outcome.run_id), tasks, 1000, store.attempt_span([t.id for t in tasks]))
-        publish(results, rep, tasks)
+        try:
+            with stops_as_interrupt():  # a stop now: said, not a silent death (the run is recorded already)
+                tasks = store.run_tasks(outcome.run_id)
+                rep = R.build(results, manifest.name, tasks, R.arch_of(text), **R.judging_of(text))
+                rep["meta"] = R.provenance(results, store.run(outcome.run_id), tasks, 1000, store.attempt_span([t.id for t in tasks]))
+                publish(results, rep, tasks)
+        except KeyboardInterrupt:
+            raise ReportInterrupted(f"stopped while the report was written; the run and its tasks are recorded: "
+                                    f"`byol-runner report --results {results}` writes it") from None
     finally:
         store.close()
     return outcome, rep

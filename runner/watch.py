@@ -3,10 +3,12 @@ task's events.jsonl, how a worker's exit by a signal reads, and Ctrl-C/SIGTERM w
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from runner.contracts import read_events
@@ -101,6 +103,32 @@ def _detach_output() -> None:
         os.close(null)
     except OSError:
         pass
+
+
+class ReportInterrupted(KeyboardInterrupt):
+    """A stop while a finished run's report was written: its tasks are recorded, the report is not."""
+
+
+@contextlib.contextmanager
+def stops_as_interrupt():  # noqa: ANN201
+    """SIGTERM and SIGHUP raise KeyboardInterrupt inside the block, as Ctrl-C does, instead of ending the
+    process on the spot with nothing said (a stop during the final report). Only the main thread can
+    set signal handlers: elsewhere, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame) -> None:  # noqa: ANN001
+        if signum == signal.SIGHUP:
+            _detach_output()
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class StopSignals:

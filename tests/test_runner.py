@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REFERENCE, REPO, TINY, cli_here, copy_results, run_cli, tiny
+from tests.conftest import REFERENCE, REPO, TINY, cli_here, copy_results, fault_env, run_cli, tiny
 
 def attempts(results: Path) -> list[tuple]:
     with sqlite3.connect(results / "runner.db") as db:
@@ -190,6 +190,34 @@ def test_ctrl_c_stops_workers_marks_them_interrupted_and_exits_130(tmp_path):
     assert rows and all(s == "interrupted" and e == "stopped by Ctrl-C" for s, e in rows), rows
     assert run == ("interrupted", 130)
     assert not any(p.poll() is None for p in [proc])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_while_the_final_report_is_written_says_so_and_report_writes_it(tiny_reference, tmp_path, sig):
+    """SIGTERM or SIGHUP after every task finished, while the report is written: exit 130 with a line
+    naming the command that writes the report (not a silent death by the signal); the run stays
+    recorded done, and that command writes the report."""
+    manifest, reference, _ = tiny_reference
+    results = copy_results(reference, tmp_path / "results")
+    (results / "tiny" / "results.md").unlink()
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(manifest), "--results", str(results)], cwd=REPO,
+                            env={**os.environ, **fault_env("slow-report")}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (results / "report-starts").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    assert (results / "report-starts").exists(), proc.communicate()[1] if proc.poll() is not None else "no report began"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    if sig == signal.SIGTERM:  # (a closed terminal's stderr goes nowhere: only the exit code tells)
+        assert "stopped while the report was written" in err and f"byol-runner report --results {results}" in err, err
+    assert proc.returncode == 130, err
+    assert not (results / "tiny" / "results.md").exists()
+    with sqlite3.connect(results / "runner.db") as db:
+        assert db.execute("SELECT status FROM runs ORDER BY id DESC LIMIT 1").fetchone()[0] == "done"
+    r = cli_here("report", "--results", str(results))
+    assert r.returncode == 0 and (results / "tiny" / "results.md").is_file(), r.stderr
 
 
 @pytest.mark.e2e

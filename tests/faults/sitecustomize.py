@@ -4,13 +4,29 @@ A Python process started with this folder on PYTHONPATH and BYOL_RUNNER_TEST_FAU
 worker fail every task of that kind, as a training error would (an exception: exit 1, an error
 event, a traceback in the log). The local executor's workers inherit the environment; a container
 gets it through the manifest's `executor.docker.env` (the host virtualenv mounts this checkout).
+`slow-report` instead makes the runner's final report wait 60 s after writing `report-starts` in the
+results dir: a moment a test can send a signal into.
 """
 
 import os
 
 _KIND = os.environ.get("BYOL_RUNNER_TEST_FAULT")
 
-if _KIND:
+if _KIND == "slow-report":
+    import time
+    from pathlib import Path
+
+    import runner.pages as _pages
+
+    _publish = _pages.publish
+
+    def _slow(results, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        (Path(results) / "report-starts").write_text("")
+        time.sleep(60)
+        return _publish(results, *args, **kwargs)
+
+    _pages.publish = _slow
+elif _KIND:
     import runner.worker.run as _worker
 
     _real = _worker.run_task
