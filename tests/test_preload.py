@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from runner.worker.launch import Preloader
+from tests.conftest import REPO, tiny
 
 
 def _wait(pre: Preloader, pid: int, timeout: float = 60) -> int:
@@ -44,3 +51,43 @@ def test_forked_workers_run_in_their_own_session_and_report_their_exit_codes(tmp
     finally:
         pre.close()
     assert pre.proc.returncode is not None  # closing ends the preloader
+
+
+def _children(pid: int, marker: str) -> list[int]:
+    """The processes whose parent is `pid` and whose command line holds `marker`."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid and marker in cmd:
+                out.append(int(proc.name))
+    return out
+
+
+@pytest.mark.e2e
+def test_a_sigkilled_preloader_stops_its_workers_without_using_up_their_retries(tmp_path):
+    """SIGKILL of the preloader mid-run (the OOM killer picks the biggest process): its forked workers get
+    SIGTERM (their parent died) and keep their checkpoints; with `retries: 0` the run still ends with
+    every task done, the next workers started as fresh processes, and the kill is recorded as from outside."""
+    manifest = tiny(tmp_path, pre_epochs=30)
+    manifest.write_text(manifest.read_text().replace("retries: 1", "retries: 0"))
+    results = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(manifest), "--results", str(results)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(results.glob("tasks/*/checkpoint.pt")):
+        time.sleep(0.1)
+    [preloader] = _children(proc.pid, "runner.worker.preload")
+    os.kill(preloader, signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    assert "the preloader failed" in err and "fresh processes" in err, err
+    with sqlite3.connect(results / "runner.db") as db:
+        failed = db.execute("SELECT error FROM attempts WHERE status='failed'").fetchall()
+        statuses = {s for (s,) in db.execute("SELECT status FROM tasks")}
+    assert failed and all("stopped by SIGTERM" in e for (e,) in failed), failed
+    assert statuses == {"done"}

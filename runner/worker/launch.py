@@ -172,7 +172,9 @@ class Preloader:
         if pid in self.codes:
             return self.codes[pid]
         if self.proc.poll() is not None:  # the preloader died: its children are nobody's to reap
-            return ended_code(pid)
+            # and were stopped by the SIGTERM its death sends them (PR_SET_PDEATHSIG): a kill from outside,
+            # not the task's failure (a worker that had finished has its metrics.json: done all the same)
+            return None if ended_code(pid) is None else 143
         return None
 
     def close(self) -> None:
