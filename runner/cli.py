@@ -183,11 +183,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from runner.commands import report
     from runner.tables import extended_markdown, to_csv, to_markdown
 
-    results, rep, out = report(args.results, args.run, args.bootstrap,
-                               need_files=args.format == "html" or bool(args.readme) or bool(args.docs))
+    results, rep, out = report(args.results, args.run, args.bootstrap, need_files=bool(args.readme) or bool(args.docs),
+                               page=args.format == "html")
     if out is None:
-        print("note: the report files and figures were not written (the results dir is read-only); the report is printed only",
-              file=sys.stderr)
+        what = "the page itself is printed (save it with > report.html)" if args.format == "html" else "the report is printed only"
+        print(f"note: the report files and figures were not written (the results dir is read-only); {what}", file=sys.stderr)
     if args.readme:
         from runner.docpages import publish_readme
 
@@ -197,7 +197,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         print(f"full report: {write_docs(Path(args.docs), rep, results)}", file=sys.stderr)
     if args.format == "html":
-        print(out / "results.html")
+        print(out / "results.html" if out is not None else rep.pop("html"))
     elif args.format == "json" or args.json:
         print(json.dumps(rep, indent=2))
     elif args.format == "csv":

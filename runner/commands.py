@@ -132,13 +132,14 @@ def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, s
 
 
 def report(results_cli: str | None, run_name: str | None = None, bootstrap: int = 1000,
-           need_files: bool = False) -> tuple[Path, dict, Path | None]:
+           need_files: bool = False, page: bool = False) -> tuple[Path, dict, Path | None]:
     """The results dir, the report of its latest (or named) run, and the folder its files and figures
     were written to; None there when the results dir is read-only (a finished run on a shared or
-    archived disk: the report is still made, to be printed) unless `need_files`."""
+    archived disk: the report is still made, to be printed; with `page`, its self-contained HTML page
+    too, as report["html"]) unless `need_files`."""
     from runner import report as R
     from runner.errors import UNWRITABLE
-    from runner.pages import publish
+    from runner.pages import html_page, publish
 
     results = results_dir(results_cli)
     rep, tasks = R.report_for(results, run_name, bootstrap=bootstrap)
@@ -148,6 +149,8 @@ def report(results_cli: str | None, run_name: str | None = None, bootstrap: int 
         if e.errno not in UNWRITABLE or need_files:
             raise
         rep["figures"] = []
+        if page:
+            rep["html"] = html_page(results, rep, tasks)
         return results, rep, None
 
 

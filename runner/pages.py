@@ -92,8 +92,19 @@ def publish(results: Path, report: dict, tasks: list[TaskRow]) -> Path:
     return out
 
 
-def make_figures(results: Path, report: dict, tasks: list[TaskRow]) -> list[str]:
-    out = results / report["run"] / "figures"
+def html_page(results: Path, report: dict, tasks: list[TaskRow]) -> str:
+    """The self-contained page, its figures drawn in a scratch folder: for a results dir that cannot be
+    written (a finished run on a shared or archived disk), to be printed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="byol-report-") as tmp:
+        report["figures"] = make_figures(results, report, tasks, root=Path(tmp))
+        return to_html(report, results, root=Path(tmp))
+
+
+def make_figures(results: Path, report: dict, tasks: list[TaskRow], root: Path | None = None) -> list[str]:
+    """Draw the run's figures under <root>/<run>/figures (root: the results dir); their paths there."""
+    out = (root or results) / report["run"] / "figures"
     draw = _Drawer(out)
     paths: list[Path] = []
     external = report.get("external", {})
@@ -134,7 +145,7 @@ def make_figures(results: Path, report: dict, tasks: list[TaskRow]) -> list[str]
         if series:
             paths.append(draw("label_efficiency", ds, budgets, dict(sorted(series.items()))))
     draw.save()
-    return [str(p.relative_to(results / report["run"])) for p in paths]
+    return [str(p.relative_to((root or results) / report["run"])) for p in paths]
 
 
 FIGURE_ORDER = ("label_efficiency", "confusion", "finetune_loss", "pretrain_loss")
@@ -241,9 +252,10 @@ def _html_figures(report: dict, results: Path) -> list[str]:
     return imgs
 
 
-def to_html(report: dict, results: Path) -> str:
-    """One self-contained page (figures inlined): provenance, the README table with its notes, the
-    verdicts, every arm with intervals, the figures (label efficiency first), the manifest."""
+def to_html(report: dict, results: Path, root: Path | None = None) -> str:
+    """One self-contained page (figures inlined, read from <root>/<run>; root: the results dir):
+    provenance, the README table with its notes, the verdicts, every arm with intervals, the figures
+    (label efficiency first), the manifest."""
     import html
 
     esc = html.escape
@@ -257,7 +269,7 @@ def to_html(report: dict, results: Path) -> str:
     ext_prose = "\n".join(p for p in parts if not p.lstrip().startswith("|"))
     meta = report.get("meta") or {}
     dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in _facts(report))
-    imgs = _html_figures(report, results)
+    imgs = _html_figures(report, root or results)
     manifest = meta.get("manifest")
     return (
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"

@@ -108,6 +108,9 @@ def test_a_read_only_results_dir_serves_status_report_and_plan_and_run_says_why(
         rep = cli_here("report", "--results", str(results), "--format", "csv")
         assert rep.returncode == 0 and rep.stdout.startswith("dataset,labels,method"), rep.stderr
         assert "not written" in rep.stderr and "read-only" in rep.stderr
+        page = cli_here("report", "--results", str(results), "--format", "html")  # the page itself, figures inlined
+        assert page.returncode == 0 and page.stdout.lstrip().startswith("<!doctype html") and "data:image/png;base64," in page.stdout, page.stderr
+        assert "> report.html" in page.stderr
         plan = cli_here("plan", str(manifest), "--results", str(results))
         assert plan.returncode == 0 and "Traceback" not in plan.stderr, plan.stderr
         changed = tmp_path / "changed.yaml"
