@@ -142,7 +142,11 @@ def _disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+_STOPPED: list[int] = []  # the SIGTERM received, once one has come
+
+
 def _on_sigterm(signum, frame):  # noqa: ANN001
+    _STOPPED.append(signum)
     raise SystemExit(143)
 
 
@@ -189,6 +193,10 @@ def main(task_json: str, results: str | None = None, data_root: str | None = Non
         log.emit("error", message="interrupted", error_type="interrupted")
         return 130
     except Exception as e:  # noqa: BLE001 - every failure must end as an error event and an exit code
+        if _STOPPED:  # SIGTERM inside torch.save's C++ writer comes out as its RuntimeError: still a stop
+            print(f"stopped by SIGTERM during a write ({type(e).__name__}: {e})", file=sys.stderr)
+            log.emit("error", message="stopped by SIGTERM", error_type="interrupted")
+            return 143
         text, kind = _failure(e, task_dir)
         log.emit("error", message=text, error_type=kind)
         traceback.print_exc()
