@@ -35,8 +35,8 @@ def cluster(tmp_path_factory):
     """`ray start --head` plus a second `ray start --address`, each with its own temp dir and 1 CPU."""
     ray_bin = Path(sys.executable).with_name("ray")
     port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    base = tmp_path_factory.mktemp("ray")
+    base = tmp_path_factory.mktemp("ray")  # the nodes' task folders and cache too, removed at the end
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "BYOL_RUNNER_RAY_DIR": str(base / "work")}
     head = subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", "--port", str(port),
                            "--temp-dir", str(base / "head"), "--num-cpus", "1", "--include-dashboard=false",
                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)

@@ -9,7 +9,9 @@ into the task's local events.jsonl (so `status` and the TUI's curves stay live);
 worker.log and the encoder.pt or model.pt the task made come back as its return value and are written
 into the driver's results dir (metrics.json last, atomically). Data sets are read on the node at the path in
 task.json: they must be at the same path on every node. Each node keeps its own decoded-image cache
-and task folders under $BYOL_RUNNER_RAY_DIR (default: <tmp>/byol-runner-ray).
+under $BYOL_RUNNER_RAY_DIR (default: <tmp>/byol-runner-ray), and a task's folder there only while it
+runs (what it made travels back to the driver; the inputs a task was sent stay, and are overwritten
+by the next task sent them).
 """
 
 from __future__ import annotations
@@ -61,8 +63,11 @@ def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing 
             (folder / stale).unlink(missing_ok=True)
         (folder / "task.json").write_text(spec_text)
         for rel, blob in inputs:  # (a path of the task spec: its encoder, the model it scores; the file's bytes)
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(blob)
+            target = root / rel  # written aside and renamed: two tasks on one node may share an encoder
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(blob)
+            os.replace(tmp, target)
         ctx = ray.get_runtime_context()
         node = ctx.get_node_id()[:12]
         env = dict(os.environ)
@@ -93,6 +98,9 @@ def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing 
         out["metrics"] = (folder / "metrics.json").read_text() if (folder / "metrics.json").is_file() else None
         out["artifacts"] = {name: (folder / name).read_bytes() for name in ARTIFACTS
                             if proc.returncode == 0 and (folder / name).is_file()}
+        import shutil  # what the task made travels back in `out`: the node keeps no copy (a model.pt is 44 MB)
+
+        shutil.rmtree(folder, ignore_errors=True)
         return out
 
     return EventHub, run_task
