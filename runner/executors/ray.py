@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -36,6 +37,17 @@ def _ray():
     except ImportError:
         raise UserError('the ray executor needs Ray: pip install "byol-runner[ray]"') from None
     return ray
+
+
+def _write_inputs(root: Path, inputs: list[tuple[str, bytes]]) -> None:
+    """The files a task was sent (a path of its spec: its encoder, the model it scores; the bytes), each
+    written aside and renamed into place: two tasks on one node may be sent the same encoder."""
+    for rel, blob in inputs:
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(blob)
+        os.replace(tmp, target)
 
 
 def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing this module needs no ray
@@ -62,12 +74,7 @@ def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing 
         for stale in ("metrics.json", "events.jsonl"):
             (folder / stale).unlink(missing_ok=True)
         (folder / "task.json").write_text(spec_text)
-        for rel, blob in inputs:  # (a path of the task spec: its encoder, the model it scores; the file's bytes)
-            target = root / rel  # written aside and renamed: two tasks on one node may share an encoder
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(blob)
-            os.replace(tmp, target)
+        _write_inputs(root, inputs)
         ctx = ray.get_runtime_context()
         node = ctx.get_node_id()[:12]
         env = dict(os.environ)
@@ -98,9 +105,7 @@ def _remote_functions(ray):  # noqa: ANN001, ANN202 - defined lazily: importing 
         out["metrics"] = (folder / "metrics.json").read_text() if (folder / "metrics.json").is_file() else None
         out["artifacts"] = {name: (folder / name).read_bytes() for name in ARTIFACTS
                             if proc.returncode == 0 and (folder / name).is_file()}
-        import shutil  # what the task made travels back in `out`: the node keeps no copy (a model.pt is 44 MB)
-
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # what the task made travels back in `out`: the node keeps no copy
         return out
 
     return EventHub, run_task
