@@ -71,6 +71,8 @@ def print_audit(report: dict) -> None:
             tb = d["table"]
             how = f" ({' and '.join(tb['detected'])} detected)" if tb["detected"] else ""
             out.print(f"label file {escape(tb['file'])}: {tb['encoding']}, {tb['delimiter']}-separated{how}", soft_wrap=True)
+        if d.get("medical"):
+            out.print(medical_line(d["medical"]), soft_wrap=True)
         out.print(
             f"scanned {d['n_items']} images; exact duplicate groups {d['n_duplicate_groups']}, "
             f"label conflicts {d['n_label_conflicts']}, source split leaks {d['n_split_leaks']}, "
@@ -96,6 +98,25 @@ def print_audit(report: dict) -> None:
         verdict = "[red]defects: " + "; ".join(d["defects"]) + "[/]" if d["defects"] else "[green]clean[/]"
         cache = "read from cache" if d["cache"]["from_cache"] else "decoded and cached"
         out.print(f"{verdict}  (images {cache} in {d['cache']['seconds']:.1f} s; fingerprint {d['fingerprint']})\n")
+
+
+def medical_line(m: dict) -> str:
+    """How a data set's DICOM files and NIfTI volumes were read, in one line."""
+    from rich.markup import escape
+
+    parts = []
+    if "DICOM" in m["files"]:
+        n, k = m["files"]["DICOM"], m["images"]["DICOM"]
+        parts.append(f"{n} DICOM file{'s' if n != 1 else ''}" + (f" ({k} frames)" if k != n else ""))
+    if "NIfTI" in m["files"]:
+        n, k = m["files"]["NIfTI"], m["images"]["NIfTI"]
+        parts.append(f"{n} NIfTI volume{'s' if n != 1 else ''} ({k} {m['slice_axis']} slices, each volume one group)")
+    window = (f"window {', '.join(m['window'])} (level/width)" if m["window"] else
+              "no window set: a DICOM file's own window or VOI LUT, else each image's range (a volume's range)")
+    line = "read " + " and ".join(parts) + "; " + window
+    if m["group_tag"]:
+        line += f"; grouped by DICOM {m['group_tag']} ({m['groups']} groups)"
+    return escape(line)
 
 
 def duration(seconds: float) -> str:

@@ -60,9 +60,12 @@ def task_id(identity: dict) -> str:
 
 def data_spec(spec) -> dict:
     data = spec.model_dump(mode="json")
-    for key in ("encoding", "delimiter"):  # detected when absent: left out, so that adding them changed no task's id
-        if data.get(key) is None:
-            data.pop(key, None)
+    # settings added later, left out at their defaults so that adding them changed no task's id
+    for key, default in (("encoding", None), ("delimiter", None), ("window", None), ("slice_axis", "axial")):
+        if key in data and data[key] == default:
+            data.pop(key)
+    if data.get("split", {}).get("group_tag", 0) is None:
+        data["split"].pop("group_tag")
     if isinstance(spec, RootedSource):
         data["root"] = str(spec.root_path)  # absolute: the worker may start anywhere
     elif "path" in data:

@@ -36,15 +36,16 @@ def find_task(results: Path, task: str) -> Path:
     return hits[0]
 
 
-def image_paths(args: list[str]) -> list[Path]:
-    """Every image the arguments name, in the order given (a folder's sorted)."""
-    from runner.data.sources import IMAGE_EXTENSIONS
+def image_paths(args: list[str], axis: str = "axial") -> list[Path]:
+    """Every image the arguments name, in the order given (a folder's sorted); a volume (NIfTI, a
+    multi-frame DICOM file) as one path a slice, `file#0042`."""
+    from runner.data.sources import is_image_name
 
     out: list[Path] = []
     for a in args:
         p = Path(a)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+            out += sorted(f for f in p.rglob("*") if f.is_file() and is_image_name(f.name, str(f))
                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
         elif p.suffix.lower() == ".csv" and p.is_file():
             out += _csv_paths(p)
@@ -52,6 +53,22 @@ def image_paths(args: list[str]) -> list[Path]:
             out.append(p)  # a missing file gets its error line with the others
     if not out:
         raise UserError("no images: give image files, folders of them, or a CSV with a path column")
+    return _slices(out, axis)
+
+
+def _slices(paths: list[Path], axis: str) -> list[Path]:
+    from runner.data import medical
+
+    out: list[Path] = []
+    for p in paths:
+        kind = medical.medical_kind(p.name) or ("dicom" if p.suffix == "" and medical.sniff_dicom(str(p)) else None)
+        try:
+            count = (medical.nifti_slices(str(p), axis) if kind == "nifti" else
+                     medical.read_dicom_header(str(p))["frames"] if kind == "dicom" else 1)
+        except medical.MedicalError:
+            count = 1  # its error line comes with the others
+        volume = kind == "nifti" and count >= 1 or count > 1
+        out += [Path(k) for k in medical.slice_keys(str(p), count)] if volume else [p]
     return out
 
 
@@ -91,9 +108,10 @@ def predict(results: Path, task: str, images: list[str], device: str = "cpu") ->
     except saved.ModelFileError as e:
         raise UserError(f"task {folder.name}: {e}") from None
     img = model["image"]
-    settings = ImageSettings(img["image_size"], img["fit"])
+    windows = tuple(tuple(w) for w in img["windows"]) if img.get("windows") else None
+    settings = ImageSettings(img["image_size"], img["fit"], windows, img.get("slice_axis", "axial"))
     rows, pixels, ok = [], [], []
-    for path in image_paths(images):
+    for path in image_paths(images, settings.axis):
         d = decode_file(str(path), settings)
         if d.error is not None or d.pixels is None:
             rows.append({"path": str(path), "probs": None, "predicted": None, "error": d.error or "unreadable"})

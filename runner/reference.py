@@ -36,7 +36,7 @@ def type_text(ann: Any) -> str:
     if origin is Literal:
         return "one of: " + ", ".join(str(a) for a in args) if len(args) > 1 else f"`{args[0]}`"
     if origin in (Union, types.UnionType):
-        if sum(1 for a in args if _models_in(a)) > 1:  # a discriminated union of sections
+        if sum(1 for a in args if isinstance(a, type) and issubclass(a, BaseModel)) > 1:  # a discriminated union of sections
             return "a section by its `source` or `kind` (below)"
         parts = [type_text(a) for a in args if a is not type(None)]
         return " or ".join(parts) + (" or null" if type(None) in args else "")
@@ -119,7 +119,8 @@ def reference_markdown() -> str:
         lines += ["| key | type | default | what it is |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             desc = " ".join((field.description or "").split()).replace("|", "\\|")
-            lines.append(f"| `{name}` | {type_text(field.annotation)} | {default_text(field)} | {desc} |")
+            shown = (field.json_schema_extra or {}).get("type_text") if isinstance(field.json_schema_extra, dict) else None
+            lines.append(f"| `{name}` | {shown or type_text(field.annotation)} | {default_text(field)} | {desc} |")
         example = _example(path, model)
         if example:
             lines += ["", "```yaml", example, "```"]

@@ -61,14 +61,15 @@ def test_files_that_are_not_images_are_counted_not_silently_passed_over(tmp_path
     for c in ("a", "b"):
         for i in range(12):
             _png(root / c / f"{i}.png", 40 if c == "a" else 200, seed=i)
-    (root / "a" / "scan.dcm").write_bytes(b"DICM")
+    (root / "a" / "scan.dcm").write_bytes(b"DICM")  # read as DICOM (tests/test_medical.py): not one, so unreadable
     (root / "b" / "notes.txt").write_text("x")
     (root / "b" / ".DS_Store").write_bytes(b"")  # hidden: not a data file, not counted
     spec = parse_manifest(f"name: x\ndatasets:\n  d: {{source: imagefolder, root: {root}, image_size: 16}}\n").datasets["d"]
     ds = prepare("d", spec, tmp_path / "cache")
     acc = accounting(ds)
-    assert acc["not_used"] == {"unknown extension": 2} and acc["found"] == 26 and acc["used"] == 24
-    assert {d.key for d in ds.audit.dropped} == {"a/scan.dcm", "b/notes.txt"}
+    assert acc["not_used"] == {"unknown extension": 1, "unreadable": 1} and acc["found"] == 26 and acc["used"] == 24
+    assert {d.key: d.reason for d in ds.audit.dropped} == {"a/scan.dcm": "unreadable", "b/notes.txt": "unknown extension"}
+    assert "not a DICOM file" in ds.table.errors["a/scan.dcm"]
 
 
 def test_a_given_test_split_stays_as_published(tmp_path):

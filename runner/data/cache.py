@@ -82,6 +82,18 @@ class FileHashes:
             self.memo_path = Path(cache_dir) / "file-hashes" / f"{name}.json"
 
     def hashes(self, keys: Sequence[str]) -> list[str]:
+        """The files' hashes, one a key; a slice of a volume (`file#0042`) has its file's hash and its index."""
+        from runner.data.medical import split_key
+
+        files, index = [], []
+        for key in keys:
+            f, i = split_key(key)
+            files.append(f)
+            index.append(i)
+        by_file = dict(zip(dict.fromkeys(files), self._hashes(list(dict.fromkeys(files)))))
+        return [by_file[f] if i is None else f"{by_file[f]}#{i}" for f, i in zip(files, index)]
+
+    def _hashes(self, keys: Sequence[str]) -> list[str]:
         memo: dict[str, list] = {}
         if self.memo_path is not None and self.memo_path.is_file():
             try:
@@ -136,8 +148,14 @@ def file_sha256(path: Path) -> str | None:
     return _SHA_MEMO[key]
 
 
+def image_settings(spec: DatasetBase) -> ImageSettings:
+    """How a data set's files are decoded: size and fit, and for DICOM and NIfTI the window and slice axis."""
+    windows = getattr(spec, "windows", None)
+    return ImageSettings(spec.image_size, spec.fit, windows, getattr(spec, "slice_axis", "axial"))
+
+
 def cache_key(fingerprint: str, settings: ImageSettings, channels: str | int) -> str:
-    blob = json.dumps([fingerprint, settings.size, settings.fit, str(channels), DECODE_VERSION])
+    blob = json.dumps([fingerprint, *settings.key_parts(), str(channels), DECODE_VERSION])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -154,7 +172,7 @@ def load_images(
 ) -> ImageTable:
     """The decoded images of `items`, from the cache, or decoded now (on all cores) and cached."""
     t0 = time.perf_counter()
-    settings = ImageSettings(spec.image_size, spec.fit)
+    settings = image_settings(spec)
     key = cache_key(content_fingerprint(spec, items, cache_dir), settings, spec.channels)
     entry = Path(cache_dir) / key
     keys = [it.key for it in items]

@@ -120,8 +120,11 @@ def prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress = 
 def external_spec(spec: DatasetBase, trained: PreparedDataset) -> DatasetBase:
     """An external test set's entry as it is prepared: the images as the trained data set's (image
     size, fit, and the channel count its content gave), its positive class."""
-    return spec.model_copy(update={"image_size": trained.spec.image_size, "fit": trained.spec.fit,
-                                   "channels": trained.channels, "positive": trained.spec.positive})
+    same = {"image_size": trained.spec.image_size, "fit": trained.spec.fit, "channels": trained.channels,
+            "positive": trained.spec.positive}
+    if "window" in type(spec).model_fields and "window" in type(trained.spec).model_fields:
+        same |= {"window": trained.spec.window, "slice_axis": trained.spec.slice_axis}
+    return spec.model_copy(update=same)
 
 
 def _external_classes(spec: DatasetBase, to_class: dict[str, str], not_selected: Counter, names: list[str]) -> None:
@@ -344,7 +347,37 @@ def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[in
         "defects": defects,
         "cache": {"key": ds.table.cache_key, "from_cache": ds.table.from_cache, "seconds": round(ds.table.seconds, 3)},
         "table": _table_read_as(ds.spec),
+        "medical": _medical_read_as(ds),
         **a.to_json(),
+    }
+
+
+def _medical_read_as(ds: PreparedDataset) -> dict | None:
+    """What of the data set was DICOM or NIfTI, and how it was read: the window, the slice axis, the groups."""
+    from runner.data.medical import WINDOWS, split_key
+
+    files: dict[str, set[str]] = {"DICOM": set(), "NIfTI": set()}
+    images = Counter()
+    for r in ds.table.records:
+        fmt = "DICOM" if r["mode"].startswith("DICOM") else "NIfTI" if r["mode"] == "NIfTI" else None
+        if fmt:
+            files[fmt].add(split_key(r["key"])[0])
+            images[fmt] += 1
+    if not images:
+        return None
+    spec = ds.spec
+    given = spec.window if isinstance(spec.window, list) else [spec.window] if spec.window is not None else []
+    names = {v: k for k, v in WINDOWS.items()}
+    window = [(w if isinstance(w, str) else names.get((w.level, w.width), "custom")) + " {:g}/{:g}".format(*pair)
+              for w, pair in zip(given, spec.windows or ())]
+    split = spec.split
+    return {
+        "files": {k: len(v) for k, v in files.items() if v},
+        "images": dict(images),
+        "window": window or None,
+        "slice_axis": spec.slice_axis if files["NIfTI"] else None,
+        "group_tag": split.group_tag,
+        "groups": len(set(ds.groups)),
     }
 
 

@@ -29,6 +29,16 @@ GRAY_CHROMA = 3.0  # mean |R-G|, |G-B| (0..255) below which an RGB image counts 
 class ImageSettings:
     size: int
     fit: str  # pad | crop | squash
+    windows: tuple[tuple[float, float], ...] | None = None  # (level, width) a channel, for DICOM and NIfTI (medical.py)
+    axis: str = "axial"  # along which a NIfTI volume is sliced
+
+    def key_parts(self) -> list:
+        """What of these settings names a decode cache entry: the medical ones only when set, so that the
+        entries of image files made before them keep their keys."""
+        parts: list = [self.size, self.fit]
+        if self.windows is not None or self.axis != "axial":
+            parts.append({"windows": [list(w) for w in self.windows or ()], "axis": self.axis})
+        return parts
 
 
 @dataclass
@@ -86,12 +96,13 @@ def _fit(im: Image.Image, s: ImageSettings) -> Image.Image:
     return im.crop((left, top, left + n, top + n))
 
 
-def decode_image(im: Image.Image, s: ImageSettings) -> tuple[np.ndarray, str, bool]:
-    """(resized pixels, pixel hash, gray) of an opened PIL image."""
+def decode_image(im: Image.Image, s: ImageSettings, several_windows: bool = False) -> tuple[np.ndarray, str, bool]:
+    """(resized pixels, pixel hash, gray) of an opened PIL image. An image of several CT windows (one a
+    channel) stays three channels even where they agree."""
     im = ImageOps.exif_transpose(im) or im
     im = _to_canonical(im)
     gray = im.mode == "L"
-    if not gray and chroma(np.asarray(im)) <= GRAY_CHROMA:
+    if not gray and not several_windows and chroma(np.asarray(im)) <= GRAY_CHROMA:
         im, gray = im.convert("L"), True
     a = np.asarray(im)
     # The pixel hash identifies the decoded content whatever the file format or name.
@@ -106,22 +117,75 @@ _OBJECT_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
 MAX_IMAGE_BYTES = 1 << 30
 
 
-def decode_file(path: str, s: ImageSettings) -> Decoded:
-    """Read, hash and decode one file; never raises for a bad image (the caller decides)."""
+def _read_bounded(path: str) -> bytes | str:
+    """A regular file's bytes, of a bounded size (a FIFO would block, /dev/zero never ends), or why not."""
     import stat
 
-    try:  # only a regular file, of a bounded size: a FIFO would block, /dev/zero never ends
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
-                return Decoded(None, None, None, False, "", None, "not a regular file (a FIFO, a device or a folder)")
+                return "not a regular file (a FIFO, a device or a folder)"
             if st.st_size > MAX_IMAGE_BYTES:
-                return Decoded(None, None, None, False, "", None, f"{st.st_size} bytes: larger than an image file may be "
-                                                                  f"({MAX_IMAGE_BYTES >> 20} MiB)")
-            data = f.read(MAX_IMAGE_BYTES + 1)
+                return f"{st.st_size} bytes: larger than an image file may be ({MAX_IMAGE_BYTES >> 20} MiB)"
+            return f.read(MAX_IMAGE_BYTES + 1)
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+
+
+def _decode_medical(path: str, kind: str, index: int | None, s: ImageSettings) -> Decoded:
+    """A DICOM file or one slice of a volume (`medical.py`); the parsed file is kept for its next slice."""
+    from runner.data import medical
+
+    try:
+        st = os.stat(path)
+        stamp = (path, st.st_size, st.st_mtime_ns)
     except OSError as e:
         return Decoded(None, None, None, False, "", None, f"cannot read: {e.strerror or e}")
+    known = medical.remembered(stamp)
+    file_sha = known[0] if known else None
+    try:
+        if known:
+            parsed = known[1]
+        else:
+            data = _read_bounded(path)
+            if isinstance(data, str):
+                return Decoded(None, None, None, False, "", None, data)
+            file_sha = hashlib.sha256(data).hexdigest()
+            if kind == "nifti":
+                parsed = medical.nifti_volume(data)
+            else:
+                if data[128:132] != b"DICM" and not medical.medical_kind(path):
+                    raise medical.MedicalError("not a DICOM file")
+                parsed = medical.parse_dicom(data)
+            del data
+            if index is not None:
+                medical.remember(stamp, file_sha, parsed)
+        sl = (medical.decode_nifti(parsed, index, s.axis, s.windows) if kind == "nifti"
+              else medical.decode_dicom(parsed, index, s.windows))
+    except medical.MedicalError as e:
+        return Decoded(None, file_sha, None, False, "", None, f"not a readable image: {e}")
+    im = Image.fromarray(sl.pixels, "L" if sl.pixels.ndim == 2 else "RGB")
+    pixels, pixel_sha, gray = decode_image(im, s, several_windows=sl.several_windows)
+    # a slice's own identity: slices of one file share its bytes, not their content
+    return Decoded(pixels, file_sha if index is None else f"{file_sha}#{index}", pixel_sha, gray, sl.mode, sl.native_size)
+
+
+def decode_file(path: str, s: ImageSettings) -> Decoded:
+    """Read, hash and decode one file, or one slice of a volume (`path#index`, see medical.py); never
+    raises for a bad image (the caller decides)."""
+    from runner.data import medical
+
+    base, index = medical.split_key(path)
+    kind = medical.medical_kind(base)
+    if kind is not None:
+        return _decode_medical(base, kind, index, s)
+    data = _read_bounded(path)
+    if isinstance(data, str):
+        return Decoded(None, None, None, False, "", None, data)
+    if data[128:132] == b"DICM":  # a DICOM file without an extension, as scanners name them
+        return _decode_medical(path, "dicom", None, s)
     file_sha = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():

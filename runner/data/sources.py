@@ -19,6 +19,17 @@ from runner.choices import StrictModel
 from runner.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+KNOWN_EXTENSIONS = (*IMAGE_EXTENSIONS, ".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
+
+
+def is_image_name(name: str, path: str) -> bool:
+    """An image file by its name (an image format, DICOM, NIfTI), or a DICOM file without an extension."""
+    from runner.data.medical import medical_kind, sniff_dicom
+
+    ext = os.path.splitext(name)[1].lower()
+    if ext in IMAGE_EXTENSIONS or medical_kind(name) is not None:
+        return True
+    return ext == "" and not name.startswith(".") and sniff_dicom(path)
 SPLITS = ("train", "val", "test")
 REST = "*"  # in a class mapping: every source class not named elsewhere
 
@@ -57,7 +68,20 @@ class SplitSpec(StrictModel):
         description="regex searched in each file's relative path; the first capture group that matched "
         "(or the whole match) is the group id, e.g. a patient id: '(person\\d+)_|((?:NORMAL2-)?IM-\\d+)-'",
     )
+    group_tag: str | None = Field(
+        None, description="a DICOM attribute whose value is the group id, e.g. PatientID (or StudyInstanceUID): the "
+        "images and slices of one patient never span two splits; files without it are grouped as without this")
     seed: int = Field(0, description="split seed; the run's seeds vary the label subsets, not the test set")
+
+    @field_validator("group_tag")
+    @classmethod
+    def _known_tag(cls, v: str | None) -> str | None:
+        if v is not None:
+            from pydicom.datadict import tag_for_keyword
+
+            if tag_for_keyword(v) is None:
+                raise ValueError(f"{v!r} is not a DICOM attribute keyword (e.g. PatientID, StudyInstanceUID, SeriesInstanceUID)")
+        return v
 
     @field_validator("group_pattern")
     @classmethod
@@ -73,6 +97,8 @@ class SplitSpec(StrictModel):
     def _fractions(self) -> "SplitSpec":
         if self.strategy == "stratified" and self.val + self.test >= 1.0:
             raise ValueError(f"val + test must leave something for train (got {self.val} + {self.test})")
+        if self.group_tag and self.group_pattern:
+            raise ValueError("group_tag and group_pattern both name the group: set one")
         return self
 
 
@@ -130,8 +156,49 @@ class DatasetBase(StrictModel):
         return self
 
 
+class Window(StrictModel):
+    level: float = Field(description="the window's centre, in the file's modality units (HU for CT)")
+    width: float = Field(ge=1, description="the window's width (at least 1)")
+
+
+WindowName = Literal["brain", "subdural", "stroke", "bone", "lung", "soft_tissue"]
+WindowSpec = Union[WindowName, Window]
+
+
 class RootedSource(DatasetBase):
     root: str = Field(description="dataset folder; relative paths are from the working directory; ${VAR:-x} and ~ expand")
+    window: WindowSpec | list[WindowSpec] | None = Field(
+        None, description="DICOM and NIfTI: the window applied to the rescaled values (HU for CT): a preset (brain 40/80, "
+        "subdural 80/200, stroke 40/40, bone 600/2800, lung -600/1500, soft_tissue 50/400, as level/width), "
+        "{level, width}, or a list of three, one a channel (e.g. [brain, subdural, bone]); absent: a DICOM file's own "
+        "window or VOI LUT, else each image's range (a NIfTI volume's range). Other image files are read as they are",
+        json_schema_extra={"type_text": "a preset name, a section (below), a list of three of them, or null"})
+    slice_axis: Literal["axial", "coronal", "sagittal"] = Field(
+        "axial", description="NIfTI volumes: one image a slice along this axis (of the volume turned to RAS+); "
+        "the slices of one volume are one group, never split apart")
+
+    @field_validator("window")
+    @classmethod
+    def _windows(cls, v):  # noqa: ANN001, ANN206
+        if isinstance(v, list) and len(v) not in (1, 3):
+            raise ValueError(f"{len(v)} windows: give one, or three (one a channel)")
+        return v
+
+    @model_validator(mode="after")
+    def _window_channels(self) -> "RootedSource":
+        if len(self.windows or ()) == 3 and self.channels == 1:
+            raise ValueError("three windows make three channels: leave channels at auto (or 3)")
+        return self
+
+    @property
+    def windows(self) -> tuple[tuple[float, float], ...] | None:
+        """The window setting as (level, width) pairs, one a channel; None when absent."""
+        from runner.data.medical import WINDOWS
+
+        if self.window is None:
+            return None
+        given = self.window if isinstance(self.window, list) else [self.window]
+        return tuple((float(a), float(b)) for a, b in (WINDOWS[w] if isinstance(w, str) else (w.level, w.width) for w in given))
 
     @field_validator("root")
     @classmethod
@@ -281,18 +348,56 @@ def scan_with_skips(spec: DatasetBase) -> tuple[list[Item], list[Skipped]]:
         raise TypeError(type(spec))
     items.sort(key=lambda it: it.key)
     pattern = spec.split.group_pattern
-    if pattern and not (isinstance(spec, CsvSource) and spec.group_column):
+    column = isinstance(spec, CsvSource) and spec.group_column
+    if pattern and not column:
         rx = re.compile(pattern)
-        items = [Item(it.key, it.label, it.origin_split, group_of(rx, it.key)) for it in items]
+        items = [Item(it.key, it.label, it.origin_split, group_of(rx, it.key, None)) for it in items]
+    if isinstance(spec, RootedSource):
+        items = _medical_items(spec, items, skipped, tag=None if column else spec.split.group_tag)
+        items.sort(key=lambda it: it.key)
     return items, sorted(skipped, key=lambda s: s.key)
 
 
-def group_of(rx: re.Pattern[str], key: str) -> str:
-    """The group id a pattern finds in a key; a key it does not match is a group of its own."""
+def group_of(rx: re.Pattern[str], key: str, default: str | None = "") -> str | None:
+    """The group id a pattern finds in a key; a key it does not match is a group of its own (or `default`)."""
     m = rx.search(key)
     if m is None:
-        return key
+        return key if default == "" else default
     return next((g for g in m.groups() if g is not None), m.group(0))
+
+
+def _medical_items(spec: "RootedSource", items: list[Item], skipped: list[Skipped], tag: str | None) -> list[Item]:
+    """Volumes as one item a slice (`file#0042`, grouped by their file unless a group was given), and
+    `group_tag`'s value read from each DICOM file's header. A header that cannot be read leaves the
+    file one item: decoding it gives the reason, counted with the unreadable images."""
+    from runner.data import medical
+
+    root = spec.root_path
+    out: list[Item] = []
+    for it in items:
+        path = str(root / it.key)
+        kind = medical.medical_kind(it.key) or ("dicom" if os.path.splitext(it.key)[1] == "" and medical.sniff_dicom(path) else None)
+        if kind is None:
+            out.append(it)
+            continue
+        group = it.group
+        try:
+            if kind == "nifti":
+                count = medical.nifti_slices(path, spec.slice_axis)
+                volume = True
+            else:
+                header = medical.read_dicom_header(path, (tag,) if tag else ())
+                count, volume = header["frames"], header["frames"] > 1
+                group = group or (header.get(tag) if tag else None)
+        except medical.MedicalError:
+            out.append(it)
+            continue
+        if not volume:
+            out.append(Item(it.key, it.label, it.origin_split, group))
+            continue
+        group = group or it.key
+        out += [Item(k, it.label, it.origin_split, group) for k in medical.slice_keys(it.key, count)]
+    return out
 
 
 def _points_up(link: str, root: Path) -> bool:
@@ -331,12 +436,13 @@ def _list_images(root: Path, folder: Path, skipped: list[Skipped]) -> list[str]:
                                                "a link to a folder above it in the data set (a loop)"))
                         continue
                     stack.append(entry.path)
-                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                elif entry.is_file() and is_image_name(entry.name, entry.path):
                     found.append(entry.path[prefix:].replace(os.sep, "/"))
                 elif entry.is_file() and not entry.name.startswith("."):
                     ext = os.path.splitext(entry.name)[1] or "(none)"
                     skipped.append(Skipped(entry.path[prefix:].replace(os.sep, "/"), "unknown extension",
-                                           f"extension {ext} is not one of {', '.join(IMAGE_EXTENSIONS)}"))
+                                           f"extension {ext} is not one of {', '.join(KNOWN_EXTENSIONS)}"
+                                           + (" (nor a DICOM file)" if ext == "(none)" else "")))
     return sorted(found)
 
 
@@ -348,7 +454,7 @@ def _scan_class_folders(root: Path, base: Path, origin: str | None, skipped: lis
     for cdir in class_dirs:
         keys = _list_images(root, cdir, skipped)
         if not keys:
-            raise DataError(f"{cdir}: empty class folder (no {', '.join(IMAGE_EXTENSIONS)} files)")
+            raise DataError(f"{cdir}: empty class folder (no {', '.join(KNOWN_EXTENSIONS)} files)")
         items += [Item(k, cdir.name, origin) for k in keys]
     return items
 

@@ -27,6 +27,8 @@ def save_model(task: TaskSpec, ds, labels: "Labels", metrics: dict, temperature:
     from runner.ml import saved
 
     image = {"image_size": ds.spec.image_size, "fit": ds.spec.fit, "channels": ds.channels}
+    if getattr(ds.spec, "windows", None) is not None or getattr(ds.spec, "slice_axis", "axial") != "axial":
+        image |= {"windows": [list(w) for w in ds.spec.windows or ()] or None, "slice_axis": ds.spec.slice_axis}
     run = task.settings.run.model_dump(mode="json") | {"precision": "bf16" if ctx.bf16 else "fp32"}  # as it was scored
     train_counts = np.bincount(ds.labels[labels.train], minlength=len(ds.class_names)).tolist()
     saved.save(ctx.task_dir / "model.pt", task_id=task.id, kind=task.kind, arch=task.settings.model.arch, channels=ds.channels,
