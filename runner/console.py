@@ -73,6 +73,8 @@ def print_audit(report: dict) -> None:
             out.print(f"label file {escape(tb['file'])}: {tb['encoding']}, {tb['delimiter']}-separated{how}", soft_wrap=True)
         if d.get("medical"):
             out.print(medical_line(d["medical"]), soft_wrap=True)
+        if d.get("near_duplicates"):
+            out.print(near_line(d["near_duplicates"]), soft_wrap=True)
         out.print(
             f"scanned {d['n_items']} images; exact duplicate groups {d['n_duplicate_groups']}, "
             f"label conflicts {d['n_label_conflicts']}, source split leaks {d['n_split_leaks']}, "
@@ -98,6 +100,24 @@ def print_audit(report: dict) -> None:
         verdict = "[red]defects: " + "; ".join(d["defects"]) + "[/]" if d["defects"] else "[green]clean[/]"
         cache = "read from cache" if d["cache"]["from_cache"] else "decoded and cached"
         out.print(f"{verdict}  (images {cache} in {d['cache']['seconds']:.1f} s; fingerprint {d['fingerprint']})\n")
+
+
+def near_line(n: dict) -> str:
+    """The near-duplicate pairs `data audit` found, and what the split did with them, in one line."""
+    if not n["pairs"]:
+        return "near-duplicates: none found"
+    found = (f"near-duplicates: {n['pairs']} pair{'s' if n['pairs'] != 1 else ''} of images that look like copies "
+             f"(groups: {n['groups']}, the largest {n['largest']} images)")
+    if n["grouped"]:
+        was = n.get("pairs_across_splits_ungrouped")
+        moved = f"; without grouping, {was} pair{'s' if was != 1 else ''} would have crossed splits" if was is not None else ""
+        across = f"; {n['pairs_across_splits']} still across splits (the published split)" if n["pairs_across_splits"] else ""
+        return found + f": each group kept in one split{moved}{across}"
+    if n["largest"] > n.get("limit", n["largest"]):
+        return found + (f"; {n['pairs_across_splits']} across train/val/test. A group of {n['largest']} images: these images "
+                        "are alike rather than copies, and the test cannot tell copies apart here (not grouped)")
+    return found + f"; {n['pairs_across_splits']} across train/val/test; not grouped (split.near_duplicates: true keeps each " \
+                   "group in one split; `--json` lists examples to look at)"
 
 
 def medical_line(m: dict) -> str:

@@ -64,8 +64,9 @@ def data_spec(spec) -> dict:
     for key, default in (("encoding", None), ("delimiter", None), ("window", None), ("slice_axis", "axial")):
         if key in data and data[key] == default:
             data.pop(key)
-    if data.get("split", {}).get("group_tag", 0) is None:
-        data["split"].pop("group_tag")
+    for key in ("group_tag", "near_duplicates"):
+        if data.get("split", {}).get(key, 0) is None:
+            data["split"].pop(key)
     if isinstance(spec, RootedSource):
         data["root"] = str(spec.root_path)  # absolute: the worker may start anywhere
     elif "path" in data:

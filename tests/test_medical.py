@@ -145,7 +145,7 @@ def _nifti_set(root: Path, volumes: dict[str, tuple[str, list[str]]]) -> dict[st
     rows = ["file,label"]
     for name, (label, group) in volumes.items():
         # the slice in the volume's (x, y) plane so that the canonical view (rotated anterior-up) is the PNG
-        vol = np.stack([np.rot90(hu[i], k=-1) for i in group], axis=-1).astype(np.int16)
+        vol = np.stack([np.rot90(np.fliplr(hu[i]), k=-1) for i in group], axis=-1).astype(np.int16)
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(vol, np.eye(4)), str(root / name))
         out[name] = vol
@@ -194,6 +194,58 @@ def test_dicom_patient_ids_group_the_split_and_files_without_an_extension_are_fo
     assert all(len(s) == 1 for s in where.values()), where
     with pytest.raises(ValueError, match="not a DICOM attribute keyword"):
         ImageFolderSource(source="imagefolder", root=str(tmp_path / "set"), split={"group_tag": "PatientName2"})
+
+
+def test_a_series_saved_a_file_a_slice_is_one_group_and_extensionless_frames_decode(tmp_path):
+    """A CT series as scanners export it (one file a slice, no extension, one SeriesInstanceUID) is one
+    group; a DICOMDIR beside it is skipped, not read; a multi-frame file without an extension decodes."""
+    hu = ct_slices(["000", "001", "002", "100"])
+    for n, (i, h) in enumerate(hu.items()):
+        write_ct(tmp_path / "set" / "a" / f"IM{n:04d}", h)
+        import pydicom as pd
+
+        ds = pd.dcmread(tmp_path / "set" / "a" / f"IM{n:04d}")
+        ds.SeriesInstanceUID = "1.2.3.4" if n < 3 else "1.2.3.5"
+        ds.save_as(tmp_path / "set" / "a" / f"IM{n:04d}", enforce_file_format=True)
+    frames = write_ct(tmp_path / "set" / "b" / "MF0001", np.stack([hu["000"], hu["100"]]))
+    write_ct(tmp_path / "set" / "b" / "IM0009", hu["001"])
+    (tmp_path / "set" / "a" / "DICOMDIR").write_bytes((tmp_path / "set" / "a" / "IM0000").read_bytes())
+    spec = ImageFolderSource(source="imagefolder", root=str(tmp_path / "set"), image_size=SIDE, window="brain")
+    items, skipped = scan_with_skips(spec)
+    assert [(s.key, "DICOMDIR" in s.detail) for s in skipped] == [("a/DICOMDIR", True)]
+    assert {it.key: it.group for it in items if it.key.startswith("a/")} == {
+        "a/IM0000": "1.2.3.4", "a/IM0001": "1.2.3.4", "a/IM0002": "1.2.3.4", "a/IM0003": "1.2.3.5"}
+    assert [it.key for it in items if it.key.startswith("b/MF")] == ["b/MF0001#0000", "b/MF0001#0001"]
+    d = decode_file(str(tmp_path / "set" / "b" / "MF0001#0001"), ImageSettings(SIDE, "pad", ((40.0, 80.0),)))
+    assert d.error is None and np.array_equal(d.pixels, window_ref(frames[1], 40, 80))
+
+
+def test_a_voi_lut_is_applied_and_a_nifti_slice_is_shown_as_radiologists_view_it(tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    hu = write_ct(tmp_path / "x.dcm", ct_slices(["001"])["001"])
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    lut = Dataset()
+    lut.add_new(0x00283002, "SS", [4096, -1024, 12])  # a LUT over -1024..3071 HU: 0 below 0 HU, 4095 above 255, linear
+    table = np.clip((np.arange(-1024, 3072) - 0) * 16, 0, 4095).astype(np.uint16)
+    lut.add_new(0x00283006, "OW", table.tobytes())  # as pydicom writes a LUT of more than one entry
+    ds.VOILUTSequence = Sequence([lut])
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    d = decode_file(str(tmp_path / "x.dcm"), ImageSettings(SIDE, "pad"))
+    expected = np.rint(np.clip(hu * 16, 0, 4095) * (255 / 4095)).astype(np.uint8)
+    assert d.error is None and np.array_equal(d.pixels, expected)
+
+    vol = np.full((20, 16, 3), -1000, np.int16)
+    vol[15:, 5, 1] = 500  # bright on the patient's right (x high in RAS+), near the back (y low)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii"))
+    img = decode_file(str(tmp_path / "v.nii#0001"), ImageSettings(20, "squash")).pixels
+    ys, xs = np.nonzero(img > 128)
+    assert img.shape == (20, 20) and xs.max() < 10 and ys.min() >= 10  # the right on the image's left, the back down
+    mask = nib.Nifti1Image(np.zeros((8, 8, 2), np.uint8), np.eye(4))
+    mask.header.set_intent("label")
+    nib.save(mask, str(tmp_path / "v_seg.nii.gz"))
+    assert "label map" in decode_file(str(tmp_path / "v_seg.nii.gz#0000"), ImageSettings(8, "pad")).error
 
 
 def test_pixel_data_the_installed_pydicom_cannot_decode_names_the_package_to_install(tmp_path):

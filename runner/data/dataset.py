@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runner.data import neardup
 from runner.data.audit import SourceAudit, audit_and_filter
 from runner.data.cache import ImageTable, Progress, no_progress, load_images
 from runner.data.sources import REST, DatasetBase, Item, scan_with_skips
@@ -38,6 +39,7 @@ class PreparedDataset:
     group_leaks: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     shared: list[str] = field(default_factory=list)  # an external test set: the images it shares with its trained set
+    near: dict | None = None  # split.near_duplicates: the pairs found and what grouping them changed (neardup.summary)
 
     @property
     def channels(self) -> int:
@@ -162,6 +164,19 @@ def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress, 
     kept = sel.kept
     keys = [it.key for it in kept]
     groups = [it.group if it.group is not None else it.key for it in kept]
+    nd = spec.split.near_duplicates
+    near = None
+    if nd is not None and spec.external_test_of is None:
+        before = groups
+        pairs = neardup.find(table.images[np.array(sel.rows, dtype=np.int64)], nd.max_bits, nd.min_correlation)
+        groups = neardup.join(groups, pairs)
+        largest = neardup.summary(keys, before, groups, pairs, None)["largest"]
+        if largest > neardup.group_limit(len(keys)):
+            raise DataError(
+                f"split.near_duplicates joined {largest} of {len(keys)} images into one group: these images are alike rather "
+                f"than copies of one another, and a group that large cannot be split by class; make the test stricter "
+                f"(min_correlation above {nd.min_correlation}, max_bits below {nd.max_bits}) or leave near_duplicates out "
+                "(`data audit` shows the pairs it finds)")
     if spec.external_test_of is not None:  # all of it is test
         none = np.zeros(0, dtype=np.int64)
         splits = {"train": none, "val": none, "test": np.arange(len(kept), dtype=np.int64)}
@@ -170,14 +185,18 @@ def _prepare(name: str, spec: DatasetBase, cache_dir: Path, progress: Progress, 
         warnings += shared
     else:
         splits = _checked_split(spec, kept, keys, sel.labels, groups, sel.class_names)
-        leaks = group_leaks(groups, splits) if spec.split.group_pattern or any(it.group for it in kept) else []
+        leaks = group_leaks(groups, splits) if spec.split.group_pattern or any(it.group for it in kept) or nd else []
         shared = []
+        if nd is not None:
+            near = neardup.summary(keys, before, groups, pairs, splits)
+            near["pairs_across_splits_ungrouped"] = neardup.summary(
+                keys, before, before, pairs, _split(spec, kept, keys, sel.labels, before))["pairs_across_splits"]
     if leaks:
         warnings.append(f"{len(leaks)} groups span two splits (e.g. {leaks[0]!r}): the given split folders leak")
     return PreparedDataset(name=name, spec=spec, class_names=sel.class_names, keys=keys, labels=sel.labels, groups=groups,
                            splits=splits, table=table, rows=np.array(sel.rows, dtype=np.int64), audit=audit,
                            not_selected=dict(sorted(sel.not_selected.items())), excluded=dict(sorted(sel.excluded.items())),
-                           group_leaks=leaks, warnings=warnings, shared=shared)
+                           group_leaks=leaks, warnings=warnings, shared=shared, near=near)
 
 
 @dataclass
@@ -348,8 +367,27 @@ def audit_report(ds: PreparedDataset, budgets: list[LabelBudget], seeds: list[in
         "cache": {"key": ds.table.cache_key, "from_cache": ds.table.from_cache, "seconds": round(ds.table.seconds, 3)},
         "table": _table_read_as(ds.spec),
         "medical": _medical_read_as(ds),
+        "near_duplicates": near_duplicates_report(ds),
         **a.to_json(),
     }
+
+
+NEAR_AUDIT_LIMIT = 100_000  # images: above, `data audit` leaves the pairwise comparison to split.near_duplicates
+
+
+def near_duplicates_report(ds: PreparedDataset) -> dict | None:
+    """The near-duplicate pairs of the data set (neardup.py) and where the split put them: as grouped
+    (split.near_duplicates), or, not asked for, found with the default settings and only counted."""
+    if ds.near is not None:
+        return {**ds.near, "grouped": True}
+    if ds.spec.external_test_of or len(ds.keys) > NEAR_AUDIT_LIMIT or len(ds.keys) < 2:
+        return None
+    from runner.data.sources import NearDuplicates
+
+    nd = NearDuplicates()
+    pairs = neardup.find(ds.table.images[ds.rows], nd.max_bits, nd.min_correlation)
+    return {**neardup.summary(ds.keys, ds.groups, neardup.join(ds.groups, pairs), pairs, ds.splits), "grouped": False,
+            "max_bits": nd.max_bits, "min_correlation": nd.min_correlation, "limit": neardup.group_limit(len(ds.keys))}
 
 
 def _medical_read_as(ds: PreparedDataset) -> dict | None:

@@ -178,7 +178,7 @@ def decode_file(path: str, s: ImageSettings) -> Decoded:
     from runner.data import medical
 
     base, index = medical.split_key(path)
-    kind = medical.medical_kind(base)
+    kind = medical.medical_kind(base) or ("dicom" if index is not None else None)  # a frame of an extensionless DICOM
     if kind is not None:
         return _decode_medical(base, kind, index, s)
     data = _read_bounded(path)

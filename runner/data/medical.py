@@ -37,7 +37,7 @@ WINDOWS: dict[str, tuple[float, float]] = {
     "soft_tissue": (50, 400),
 }
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # of the volume in nibabel's closest canonical (RAS+) orientation
-MAX_VOLUME_BYTES = 4 << 30  # a decompressed NIfTI volume
+MAX_VOLUME_BYTES = 1 << 30  # a decompressed NIfTI volume: as large as an uncompressed file may be (decode.MAX_IMAGE_BYTES)
 _SLICE = re.compile(r"^(.*)#(\d+)$")
 
 
@@ -62,9 +62,11 @@ def sniff_dicom(path: str) -> bool:
 
 
 def split_key(key: str) -> tuple[str, int | None]:
-    """(the file's key, the slice index) of an item key; (key, None) for a whole file."""
+    """(the file's key, the slice index) of an item key; (key, None) for a whole file. A key given as
+    a path names a frame of an extensionless DICOM file too (`IM0001#0002`, when `IM0001` is one)."""
     m = _SLICE.match(key)
-    if m and medical_kind(m.group(1)) is not None:
+    if m and (medical_kind(m.group(1)) is not None
+              or (os.path.splitext(m.group(1))[1] == "" and os.path.isfile(m.group(1)) and sniff_dicom(m.group(1)))):
         return m.group(1), int(m.group(2))
     return key, None
 
@@ -183,6 +185,20 @@ def _rescale(ds, index: int, arr: np.ndarray) -> np.ndarray:  # noqa: ANN001
     return arr.astype(np.float64) * (1.0 if slope is None else slope) + (0.0 if intercept is None else intercept)
 
 
+def _voi_lut(ds, values: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """The file's first VOI LUT applied to the modality values (integers, as a LUT indexes them), its
+    output range (LUTDescriptor's bits) scaled to 0..255."""
+    from pydicom.pixels import apply_voi_lut
+
+    try:
+        out = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0, prefer_lut=True)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError) as e:
+        raise MedicalError(f"its VOI LUT cannot be applied: {_one_line(e)}") from None
+    top = float(2 ** bits - 1) if 8 <= bits <= 16 else float(np.max(out))
+    return range_to_uint8(out, 0.0, top)
+
+
 def _own_window(ds, index: int) -> tuple[float, float] | None:  # noqa: ANN001
     c, w = _first(getattr(ds, "WindowCenter", None)), _first(getattr(ds, "WindowWidth", None))
     if c is None or w is None:
@@ -240,6 +256,13 @@ def decode_dicom(ds, index: int | None, windows: tuple[tuple[float, float], ...]
         arr = arr[0]
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     mode = f"DICOM {photometric}"
+    if photometric == "PALETTE COLOR" and arr.ndim == 2:  # indices into the file's colour table
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            arr = apply_color_lut(arr, ds)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise MedicalError(f"its colour palette cannot be applied: {_one_line(e)}") from None
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour (pydicom gives RGB for RGB and YBR files)
         rgb = arr[..., :3]
         out = rgb.astype(np.uint8) if rgb.dtype == np.uint8 else range_to_uint8(rgb)
@@ -250,11 +273,7 @@ def decode_dicom(ds, index: int | None, windows: tuple[tuple[float, float], ...]
     if windows:
         channels = [window_to_uint8(values, c, w) for c, w in windows]
     elif "VOILUTSequence" in ds:
-        from pydicom.pixels import apply_voi_lut
-
-        lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
-        out = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-        channels = [range_to_uint8(out, float(lut.min()), float(lut.max()))]
+        channels = [_voi_lut(ds, values)]
     elif (own := _own_window(ds, index or 0)) is not None:
         channels = [window_to_uint8(values, *own)]
     else:
@@ -272,7 +291,7 @@ def _canonical_axis_length(img, axis: str) -> int:  # noqa: ANN001 - a nibabel i
     from nibabel.orientations import io_orientation
 
     shape = img.shape
-    if len(shape) == 2:
+    if len(shape) == 2 or 1 in shape[:3]:  # a 2-D image, or one slice: one image whatever the axis
         return 1
     ornt = io_orientation(img.affine)
     want = AXES[axis]
@@ -292,7 +311,16 @@ def nifti_slices(path: str, axis: str) -> int:
         raise MedicalError(f"not a readable NIfTI file: {e}") from None
     if len(img.shape) > 3 and any(n > 1 for n in img.shape[3:]):
         raise MedicalError(f"a {len(img.shape)}-D NIfTI of shape {img.shape} (a time series?): one 3-D volume a file is read")
+    if _is_label_map(img):
+        raise MedicalError("a label map (its header's intent is 'label'), not an image: a segmentation beside its volume?")
     return _canonical_axis_length(img, axis)
+
+
+def _is_label_map(img) -> bool:  # noqa: ANN001
+    try:
+        return img.header.get_intent()[0] == "label"
+    except Exception:  # noqa: BLE001 - an unknown intent code is not a label map
+        return False
 
 
 _LAST: dict = {}  # the last volume file parsed in this process: (path, size, mtime_ns) -> (file_sha, parsed)
@@ -328,35 +356,52 @@ def _read_nifti(data: bytes):  # noqa: ANN202
     raise MedicalError("not a readable NIfTI file (neither NIfTI-1 nor NIfTI-2)")
 
 
-def nifti_volume(data: bytes) -> np.ndarray:
-    """The volume in nibabel's closest canonical orientation (RAS+), float32, scaled by scl_slope and
-    scl_inter; a 2-D image as a volume of one slice."""
+@dataclass
+class Volume:
+    """A NIfTI volume in nibabel's closest canonical orientation (RAS+), float32, scaled by scl_slope
+    and scl_inter, with its range (the default window of its slices); a 2-D image or a single slice
+    as a volume of one slice along the third axis."""
+
+    data: np.ndarray
+    lo: float
+    hi: float
+
+
+def nifti_volume(data: bytes) -> Volume:
     import nibabel as nib
 
     img = _read_nifti(data)
     if len(img.shape) > 3 and any(n > 1 for n in img.shape[3:]):
         raise MedicalError(f"a {len(img.shape)}-D NIfTI of shape {img.shape} (a time series?): one 3-D volume a file is read")
+    if _is_label_map(img):
+        raise MedicalError("a label map (its header's intent is 'label'), not an image: a segmentation beside its volume?")
     try:
-        if len(img.shape) == 2:
-            return np.asarray(img.get_fdata(dtype=np.float32))[:, :, None]
-        img = nib.as_closest_canonical(img)
-        return np.asarray(img.get_fdata(dtype=np.float32)).reshape(img.shape[:3])
+        if sum(n > 1 for n in img.shape[:3]) < 2:
+            raise MedicalError(f"a NIfTI of shape {img.shape}: not an image (fewer than two dimensions longer than 1)")
+        if len(img.shape) == 2 or 1 in img.shape[:3]:
+            vol = np.asarray(img.get_fdata(dtype=np.float32)).reshape([n for n in img.shape[:3] if n > 1][:2])[:, :, None]
+        else:
+            img = nib.as_closest_canonical(img)
+            vol = np.asarray(img.get_fdata(dtype=np.float32)).reshape(img.shape[:3])
     except (ValueError, OSError, EOFError) as e:
         raise MedicalError(f"the volume's data cannot be read: {e}") from None
+    return Volume(vol, float(vol.min()), float(vol.max()))
 
 
-def decode_nifti(vol: np.ndarray, index: int | None, axis: str, windows: tuple[tuple[float, float], ...] | None) -> Slice:
-    """One slice along `axis`, rotated so that the volume's anterior (axial, sagittal) or superior
-    (coronal) side is up; a window as for CT, else the whole volume's range."""
+def decode_nifti(volume: Volume, index: int | None, axis: str, windows: tuple[tuple[float, float], ...] | None) -> Slice:
+    """One slice along `axis`, shown as radiologists view a DICOM image of it: anterior (axial) or
+    superior (coronal, sagittal) up, the patient's right on the image's left (axial, coronal) and
+    anterior on the left (sagittal); a window as for CT, else the whole volume's range."""
+    vol = volume.data
     ax = AXES[axis] if vol.shape[2] > 1 else 2
     n = vol.shape[ax]
     k = 0 if index is None else index
     if not 0 <= k < n:
         raise MedicalError(f"slice {k} asked of a volume of {n} along the {axis} axis")
-    plane = np.rot90(np.take(vol, k, axis=ax))
+    plane = np.fliplr(np.rot90(np.take(vol, k, axis=ax)))  # RAS+: rows from the top, columns from the patient's right
     if windows:
         channels = [window_to_uint8(plane, c, w) for c, w in windows]
     else:
-        channels = [range_to_uint8(plane, float(vol.min()), float(vol.max()))]
+        channels = [range_to_uint8(plane, volume.lo, volume.hi)]
     pixels = channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
     return Slice(np.ascontiguousarray(pixels), "NIfTI", (pixels.shape[1], pixels.shape[0]), several_windows=len(channels) > 1)

@@ -29,7 +29,7 @@ def is_image_name(name: str, path: str) -> bool:
     ext = os.path.splitext(name)[1].lower()
     if ext in IMAGE_EXTENSIONS or medical_kind(name) is not None:
         return True
-    return ext == "" and not name.startswith(".") and sniff_dicom(path)
+    return ext == "" and not name.startswith(".") and name.upper() != "DICOMDIR" and sniff_dicom(path)
 SPLITS = ("train", "val", "test")
 REST = "*"  # in a class mapping: every source class not named elsewhere
 
@@ -49,6 +49,15 @@ def expand_path(value: str) -> str:
         raise ValueError(f"environment variable {m.group(1)} is not set (write ${{{m.group(1)}:-default}} for a default)")
 
     return os.path.expanduser(_ENV_REF.sub(sub, value))
+
+
+class NearDuplicates(StrictModel):
+    """Images that are copies of one another without an id saying so (resized, re-encoded, another
+    photograph of one lesion): joined into one group (runner/data/neardup.py)."""
+
+    max_bits: int = Field(8, ge=0, le=32, description="the most bits of their 64-bit perceptual hashes two copies may differ in")
+    min_correlation: float = Field(0.92, ge=0.0, le=1.0, description="the least Pearson correlation of their 16 x 16 "
+                                   "colour thumbnails (a close hash alone also pairs different lesions of one layout)")
 
 
 class SplitSpec(StrictModel):
@@ -71,7 +80,15 @@ class SplitSpec(StrictModel):
     group_tag: str | None = Field(
         None, description="a DICOM attribute whose value is the group id, e.g. PatientID (or StudyInstanceUID): the "
         "images and slices of one patient never span two splits; files without it are grouped as without this")
+    near_duplicates: NearDuplicates | None = Field(
+        None, description="true (or its settings): near-duplicate images (a resized or re-encoded copy, another photograph "
+        "of one lesion) are one group, kept in one split and resampled together; `data audit` lists the pairs either way")
     seed: int = Field(0, description="split seed; the run's seeds vary the label subsets, not the test set")
+
+    @field_validator("near_duplicates", mode="before")
+    @classmethod
+    def _near_duplicates(cls, v):  # noqa: ANN001, ANN206
+        return {} if v is True else None if v is False else v
 
     @field_validator("group_tag")
     @classmethod
@@ -367,8 +384,9 @@ def group_of(rx: re.Pattern[str], key: str, default: str | None = "") -> str | N
 
 
 def _medical_items(spec: "RootedSource", items: list[Item], skipped: list[Skipped], tag: str | None) -> list[Item]:
-    """Volumes as one item a slice (`file#0042`, grouped by their file unless a group was given), and
-    `group_tag`'s value read from each DICOM file's header. A header that cannot be read leaves the
+    """Volumes as one item a slice (`file#0042`, grouped by their file unless a group was given),
+    `group_tag`'s value read from each DICOM file's header, and a single-frame DICOM file with no
+    group grouped by its SeriesInstanceUID (the files of one series, often one a slice, stay together). A header that cannot be read leaves the
     file one item: decoding it gives the reason, counted with the unreadable images."""
     from runner.data import medical
 
@@ -386,9 +404,10 @@ def _medical_items(spec: "RootedSource", items: list[Item], skipped: list[Skippe
                 count = medical.nifti_slices(path, spec.slice_axis)
                 volume = True
             else:
-                header = medical.read_dicom_header(path, (tag,) if tag else ())
+                header = medical.read_dicom_header(path, (tag, "SeriesInstanceUID") if tag else ("SeriesInstanceUID",))
                 count, volume = header["frames"], header["frames"] > 1
-                group = group or (header.get(tag) if tag else None)
+                # a series exported one file a slice is one volume: its files one group, as a NIfTI volume's slices
+                group = group or (header.get(tag) if tag else None) or (None if volume else header.get("SeriesInstanceUID"))
         except medical.MedicalError:
             out.append(it)
             continue
@@ -441,7 +460,8 @@ def _list_images(root: Path, folder: Path, skipped: list[Skipped]) -> list[str]:
                 elif entry.is_file() and not entry.name.startswith("."):
                     ext = os.path.splitext(entry.name)[1] or "(none)"
                     skipped.append(Skipped(entry.path[prefix:].replace(os.sep, "/"), "unknown extension",
-                                           f"extension {ext} is not one of {', '.join(KNOWN_EXTENSIONS)}"
+                                           "a DICOMDIR (the index of a DICOM disc), not an image" if entry.name.upper() == "DICOMDIR"
+                                           else f"extension {ext} is not one of {', '.join(KNOWN_EXTENSIONS)}"
                                            + (" (nor a DICOM file)" if ext == "(none)" else "")))
     return sorted(found)
 
