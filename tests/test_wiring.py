@@ -214,6 +214,17 @@ def test_a_small_data_set_gets_the_floor_of_pretraining_steps(tmp_path):
     summary = pretrain(pixels, TrainSettings(pretrain=spec), "byol", "random", "resnet18", 16, ctx)
     assert summary["steps"] == 7  # 2 epochs of one batch would be 2 steps
     assert [e["step"] for e in events if e["kind"] == "metric"] == list(range(1, 8))
+    # a loss point at every step of so short a pretraining, though a minute passes between timed ones
+    assert [e["step"] for e in events if e["kind"] == "progress"] == list(range(1, 8))
+    from runner.ml.train import Progress
+
+    prog = Progress(ctx, 8, total=1000)  # a long one: at least 100 points, not one an epoch
+    shown = []
+    for step in range(1, 1001):
+        if prog.due(step == 1000, step):
+            prog.emit(step, 0, loss=1.0)
+            shown.append(step)
+    assert shown[:3] == [1, 11, 21] and shown[-1] == 1000 and 100 <= len(shown) <= 102
     # one batch an epoch over a long run: the per-epoch metric (a read-back) about 200 times, not at every step
     from runner.ml.pretrain import metric_interval
 

@@ -143,7 +143,7 @@ class _Pretraining:
         """After a step: progress when due, the metric event every `metric_every` steps (a non-finite
         loss stops the task), a checkpoint every checkpoint_every_steps and at the end."""
         step, total, method, ctx = self.step, self.total, self.method, self.ctx
-        if self.progress.due(step == total):
+        if self.progress.due(step == total, step):
             self.progress.emit(step, epoch, loss=round(float(self.run_loss) / self.run_count, 5), lr=lr, **rates,
                                proj_std=round(float(method.monitor(self.z)), 5))
             self.run_loss.zero_()

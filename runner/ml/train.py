@@ -130,14 +130,21 @@ class IndexStream:
 
 
 class Progress:
-    """Progress events at a steady rate (not every step), with images/s measured between them."""
+    """Progress events at a steady rate (not every step), with images/s measured between them: every
+    run.progress_every_s seconds, and at least POINTS times a training, so that a short one still
+    draws a loss curve (it drew one point an epoch: two for a two-epoch pretraining)."""
+
+    POINTS = 100
 
     def __init__(self, ctx: Context, batch: int, total: int | None = None) -> None:
         self.ctx, self.batch, self.total = ctx, batch, total  # total: the steps of this training, for k/N and an ETA
         self.last_t, self.last_step = time.perf_counter(), None
+        self.every = max(1, total // self.POINTS) if total else None
 
-    def due(self, final: bool) -> bool:
-        return final or self.last_step is None or time.perf_counter() - self.last_t >= self.ctx.run.progress_every_s
+    def due(self, final: bool, step: int | None = None) -> bool:
+        if final or self.last_step is None or time.perf_counter() - self.last_t >= self.ctx.run.progress_every_s:
+            return True
+        return self.every is not None and step is not None and step - self.last_step >= self.every
 
     def emit(self, step: int, epoch: int, **values: float) -> None:
         now = time.perf_counter()
@@ -314,7 +321,7 @@ class _ClassifierTraining:
                 done, epoch = step + 1, step // self.steps_per_epoch
                 if done % self.eval_every == 0 or done == self.total:
                     self._evaluate(done, epoch, ckpt)
-                elif self.progress.due(False):
+                elif self.progress.due(False, done):
                     self.progress.emit(done, epoch, loss=round(float(self.run_loss) / max(self.run_count, 1), 5),
                                        lr=self.opt.param_groups[-1]["lr"])
 
