@@ -86,6 +86,8 @@ def print_audit(report: dict) -> None:
             out.print(f"  skipped {escape(s['key'])}: {escape(s['detail'])}", soft_wrap=True)
         if len(d["skipped"]) > 5:
             out.print(f"  ... and {len(d['skipped']) - 5} more skipped (--json lists them all)")
+        if d.get("kept_by_setting"):
+            out.print("kept by the manifest's settings: " + ", ".join(f"{n} {r}" for r, n in d["kept_by_setting"].items()))
         if d["kept_in_test"]:
             out.print("kept in the published test split: " + ", ".join(f"{len(k)} ({r})" for r, k in d["kept_in_test"].items()))
         out.print(f"{d['used']} of {d['found']} images used")
@@ -98,6 +100,10 @@ def print_audit(report: dict) -> None:
         for w in d["warnings"][:10]:
             out.print(f"[yellow]warning:[/] {escape(w)}")
         verdict = "[red]defects: " + "; ".join(d["defects"]) + "[/]" if d["defects"] else "[green]clean[/]"
+        if d["not_selected"]:  # a label the manifest does not map may be a typo as well as a choice
+            n = sum(d["not_selected"].values())
+            verdict += (f" [yellow]({n} images of {len(d['not_selected'])} source classes not selected, listed above: "
+                        "name them under `exclude:` if that is meant)[/]")
         cache = "read from cache" if d["cache"]["from_cache"] else "decoded and cached"
         out.print(f"{verdict}  (images {cache} in {d['cache']['seconds']:.1f} s; fingerprint {d['fingerprint']})\n")
 

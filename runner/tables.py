@@ -115,6 +115,8 @@ def accounting_line(name: str, acc: dict) -> str:
         text += "; not used: " + ", ".join(f"{n} {r}" for r, n in acc["not_used"].items())
     if acc["test_kept"]:
         text += "; kept in the published test split: " + ", ".join(f"{n} {r}" for r, n in acc["test_kept"].items())
+    if acc.get("kept_by_setting"):
+        text += "; kept by the manifest's settings: " + ", ".join(f"{n} {r}" for r, n in acc["kept_by_setting"].items())
     if acc.get("external_test_of"):
         text += f"; all of them an external test set of {acc['external_test_of']}"
         text += "".join(f"; § {w}" for w in acc.get("shared", []))

@@ -183,3 +183,34 @@ def test_a_file_the_label_table_lists_twice_is_counted_once(tmp_path):
     assert d["dropped_by_reason"] == {"listed twice": 3}
     details = sorted(s["detail"] for s in d["skipped"])
     assert details[0].startswith("listed 2 times (under b)") and all("two labels" in x or "2 labels" in x for x in details[1:])
+
+
+def test_copies_kept_by_the_manifest_s_settings_are_said_and_unmapped_classes_named(tmp_path):
+    """dedupe: false and on_conflict: keep keep copies the default drops: the Data line and the audit
+    say how many (they were silent); a source class the manifest does not map is named in the verdict
+    of an otherwise clean audit."""
+    from runner.tables import accounting_line
+
+    root = tmp_path / "f"
+    for c, v in (("a", 40), ("b", 200), ("c", 120)):
+        for i in range(12):
+            _png(root / c / f"{i}.png", v, seed=i)
+    (root / "a" / "copy.png").write_bytes((root / "a" / "0.png").read_bytes())  # one extra copy, one label
+    (root / "b" / "twice.png").write_bytes((root / "a" / "1.png").read_bytes())  # under two labels
+    text = f"name: x\ndatasets:\n  d: {{source: imagefolder, root: {root}, image_size: 16, classes: [a, b], dedupe: false, on_conflict: keep}}\n"
+    ds = prepare("d", parse_manifest(text).datasets["d"], tmp_path / "cache")
+    acc = accounting(ds)
+    assert acc["kept_by_setting"] == {"extra copies of an image (dedupe: false)": 1, "images under two labels (on_conflict: keep)": 2}
+    line = accounting_line("d", acc)
+    assert "kept by the manifest's settings: 1 extra copies of an image (dedupe: false), 2 images under two labels" in line
+    assert acc["used"] == 26 and acc["not_used"] == {"class not selected": 12}
+
+    clean = tmp_path / "clean.yaml"
+    clean.write_text(f"name: x\ndatasets:\n  d: {{source: imagefolder, root: {root}, image_size: 16, classes: [a, c]}}\n"
+                     "methods: [supervised]\nlabels: {fractions: [1.0]}\n")
+    for p in (root / "a" / "copy.png", root / "b" / "twice.png"):
+        p.unlink()
+    r = run_cli("data", "audit", str(clean), "--results", str(tmp_path / "r"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "clean (12 images of 1 source classes not selected, listed above: name them under `exclude:`" in r.stdout
+    assert "not selected: b (12)" in r.stdout

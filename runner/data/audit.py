@@ -10,7 +10,7 @@ when both diagnoses would map to the same class.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -53,6 +53,7 @@ class SourceAudit:
     duplicates: list[DuplicateGroup]
     dropped: list[Dropped] = field(default_factory=list)  # what the scan skipped, then what filtering removed
     kept_in_test: dict[str, list[str]] = field(default_factory=dict)  # published test images kept though duplicated or conflicting
+    kept_by_setting: dict[str, int] = field(default_factory=dict)  # copies kept because dedupe: false or on_conflict: keep
 
     @property
     def conflicts(self) -> list[DuplicateGroup]:
@@ -72,6 +73,7 @@ class SourceAudit:
             "n_split_leaks": len(self.leaks),
             "dropped": [asdict(d) for d in self.dropped],
             "kept_in_test": self.kept_in_test,
+            "kept_by_setting": self.kept_by_setting,
         }
 
 
@@ -119,6 +121,16 @@ def audit_and_filter(
     audit = SourceAudit(n_items=len(items), unreadable=unreadable, duplicates=find_duplicates(items, records))
     drop: dict[str, Dropped] = {k: Dropped(k, "unreadable", v) for k, v in unreadable.items()}
     kept_in_test: dict[str, list[str]] = {"duplicate": [], "label conflict": []}
+    kept = Counter()
+    for g in audit.duplicates:
+        readable = [k for k in g.keys if k not in unreadable]
+        if g.conflicting and on_conflict == "keep":
+            kept["images under two labels (on_conflict: keep)"] += len(readable)
+        elif not g.conflicting and not dedupe and len(readable) > 1:
+            kept["extra copies of an image (dedupe: false)"] += len(readable) - 1
+            if len({s for k, s in zip(g.keys, g.splits) if k not in unreadable}) > 1:
+                kept["of them in two source splits"] += len(readable) - 1
+    audit.kept_by_setting = dict(kept)
     for g in audit.duplicates:
         in_test = [j for j, s in enumerate(g.splits) if s == "test" and g.keys[j] not in unreadable] if published_test else []
         if g.conflicting and on_conflict == "drop":

@@ -314,6 +314,7 @@ def accounting(ds: PreparedDataset) -> dict:
         "used": len(ds.keys),
         "not_used": dict(sorted(dropped.items())),
         "test_kept": {reason: len(keys) for reason, keys in ds.audit.kept_in_test.items()},
+        "kept_by_setting": ds.audit.kept_by_setting,
         **({"external_test_of": ds.spec.external_test_of, "shared": ds.shared} if ds.spec.external_test_of else {}),
     }
 
