@@ -252,6 +252,23 @@ def _html_figures(report: dict, results: Path) -> list[str]:
     return imgs
 
 
+def _not_used_html(report: dict) -> str:
+    """Each data set's files that were found and not used, by name and reason (the Data line counts them)."""
+    import html
+
+    out = []
+    for name, acc in (report.get("data") or {}).items():
+        files = acc.get("not_used_files") or []
+        if not files:
+            continue
+        total = acc.get("not_used_files_total", len(files))
+        rows = "".join(f"<tr><td>{html.escape(f['file'])}</td><td>{html.escape(f['reason'])}</td></tr>" for f in files)
+        more = f" (the first {len(files)} of {total})" if total > len(files) else ""
+        out.append(f"<details><summary>{html.escape(name)}: {total} files not used{more}</summary>"
+                   f"<div class='scroll'><table><thead><tr><th>file</th><th>why</th></tr></thead><tbody>{rows}</tbody></table></div></details>")
+    return "<h2>Images not used</h2>" + "".join(out) if out else ""
+
+
 def to_html(report: dict, results: Path, root: Path | None = None) -> str:
     """One self-contained page (figures inlined, read from <root>/<run>; root: the results dir):
     provenance, the README table with its notes, the verdicts, every arm with intervals, the figures
@@ -281,6 +298,7 @@ def to_html(report: dict, results: Path, root: Path | None = None) -> str:
         + (f"<h2>Model 1 − Model 2: verdicts</h2>{table(delta_md)}" if delta_md else "")
         + (f"<h2>Every arm, with 95% intervals</h2>{arms_html}{prose(ext_prose)}" if arms_html else "")
         + ("<h2>Figures</h2>" + "".join(imgs) if imgs else "")
+        + _not_used_html(report)
         + (f"<h2>Manifest</h2><details><summary>{esc(meta.get('manifest_path') or 'the manifest of this run')}</summary>"
            f"<pre>{esc(manifest)}</pre></details>" if manifest else "")
         + "</main></body></html>"

@@ -113,6 +113,11 @@ def accounting_line(name: str, acc: dict) -> str:
     text = f"{name}: {acc['used']} of {acc['found']} images used"
     if acc["not_used"]:
         text += "; not used: " + ", ".join(f"{n} {r}" for r, n in acc["not_used"].items())
+    files = acc.get("not_used_files") or []
+    if files:
+        listed = "results.json and the HTML report list " + ("them" if len(files) == acc["not_used_files_total"] else f"the first {len(files)}")
+        named = ", ".join(f"{f['file']} ({f['reason']})" for f in files[:3])
+        text += f" (e.g. {named}; {listed})"
     if acc["test_kept"]:
         text += "; kept in the published test split: " + ", ".join(f"{n} {r}" for r, n in acc["test_kept"].items())
     if acc.get("kept_by_setting"):

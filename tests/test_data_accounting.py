@@ -70,6 +70,16 @@ def test_files_that_are_not_images_are_counted_not_silently_passed_over(tmp_path
     assert acc["not_used"] == {"unknown extension": 1, "unreadable": 1} and acc["found"] == 26 and acc["used"] == 24
     assert {d.key: d.reason for d in ds.audit.dropped} == {"a/scan.dcm": "unreadable", "b/notes.txt": "unknown extension"}
     assert "not a DICOM file" in ds.table.errors["a/scan.dcm"]
+    # named, not only counted: in the run's data.json (results.json), the Data line and the HTML report
+    from runner.pages import _not_used_html
+    from runner.tables import accounting_line
+
+    assert acc["not_used_files"] == [{"file": "a/scan.dcm", "reason": "unreadable"},
+                                     {"file": "b/notes.txt", "reason": "unknown extension"}]
+    assert "(e.g. a/scan.dcm (unreadable), b/notes.txt (unknown extension); results.json and the HTML report list them)" \
+        in accounting_line("d", acc)
+    page = _not_used_html({"data": {"d": acc}})
+    assert "d: 2 files not used" in page and "<td>a/scan.dcm</td><td>unreadable</td>" in page
 
 
 def test_a_given_test_split_stays_as_published(tmp_path):

@@ -298,6 +298,7 @@ def _split(spec: DatasetBase, kept: list[Item], keys: list[str], labels: np.ndar
     return by_origin
 
 
+NOT_USED_LISTED = 200  # files the run's data.json (and results.json, the HTML report) names of those not used
 SCAN_SKIPS = ("missing file", "unknown extension", "listed twice")  # rows or files the scan passed over
 
 
@@ -315,6 +316,9 @@ def accounting(ds: PreparedDataset) -> dict:
         "not_used": dict(sorted(dropped.items())),
         "test_kept": {reason: len(keys) for reason, keys in ds.audit.kept_in_test.items()},
         "kept_by_setting": ds.audit.kept_by_setting,
+        # which files: the first NOT_USED_LISTED by name (a class not selected is counted, not listed)
+        "not_used_files": [{"file": d.key, "reason": d.reason} for d in ds.audit.dropped[:NOT_USED_LISTED]],
+        "not_used_files_total": len(ds.audit.dropped),
         **({"external_test_of": ds.spec.external_test_of, "shared": ds.shared} if ds.spec.external_test_of else {}),
     }
 
