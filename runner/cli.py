@@ -115,6 +115,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         for label, error in list(outcome.failed.items())[:5]:
             print(f"failed: {label}: {error}", file=sys.stderr)
         more = f" ({len(outcome.failed) - 5} more)" if len(outcome.failed) > 5 else ""
+        from runner.errors import DISK_FULL, free_space
+
+        if any(str(error).startswith(DISK_FULL) for error in outcome.failed.values()):  # one true line, exit 2
+            print(f"error: {DISK_FULL} of {results} ({free_space(str(results))} free): free some space, then "
+                  f"`byol-runner run {args.manifest}` runs the failed tasks again from their last checkpoint", file=sys.stderr)
+            return 2
         print(f"some tasks failed{more}: `byol-runner status` shows them all; `run --retry-failed` tries them again",
               file=sys.stderr)
     if outcome.exit_code == 130:
@@ -423,11 +429,25 @@ def _add_worker(sub) -> None:  # noqa: ANN001
     w.set_defaults(func=cmd_worker)
 
 
+def _nearly_full(path: Path) -> bool:
+    import shutil
+
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free < 64 << 20
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except OSError as e:
+        if e.filename is None:  # the free space of the results dir's disk, not of the working directory's
+            e.filename = str(getattr(args, "results", None) or "results")
         line = os_error_line(e)
         if line is None or args.func is cmd_worker:
             raise
@@ -443,10 +463,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # runner.db could not be written: a full disk, a read-only one
         sqlite3 = sys.modules.get("sqlite3")  # (not imported here: a bare container image has no libsqlite3)
-        if sqlite3 is None or not isinstance(e, sqlite3.OperationalError) or not ("full" in str(e) or "readonly" in str(e)):
+        if sqlite3 is None or not isinstance(e, sqlite3.OperationalError) or \
+                not any(w in str(e) for w in ("full", "readonly", "disk I/O error")):
             raise
         db = Path(getattr(args, "results", None) or "results") / "runner.db"
-        full = "full" in str(e)
+        # SQLite says "disk I/O error" when a write fails for want of space (its journal, its WAL)
+        full = "full" in str(e) or ("disk I/O error" in str(e) and _nearly_full(db))
+        if "disk I/O error" in str(e) and not full:
+            print(f"error: {db}: the disk failed a write (SQLite: {e}); check the disk, then run again", file=sys.stderr)
+            return 2
         line = os_error_line(OSError(errno.ENOSPC if full else errno.EROFS, str(e), str(db)))
         print(f"error: {line}", file=sys.stderr)
         return 2

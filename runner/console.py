@@ -99,13 +99,18 @@ def print_audit(report: dict) -> None:
             out.print(f"  ... and {d['n_label_conflicts'] - 5} more conflicts (--json lists all)")
         for w in d["warnings"][:10]:
             out.print(f"[yellow]warning:[/] {escape(w)}")
-        verdict = "[red]defects: " + "; ".join(d["defects"]) + "[/]" if d["defects"] else "[green]clean[/]"
-        if d["not_selected"]:  # a label the manifest does not map may be a typo as well as a choice
-            n = sum(d["not_selected"].values())
-            verdict += (f" [yellow]({n} images of {len(d['not_selected'])} source classes not selected, listed above: "
-                        "name them under `exclude:` if that is meant)[/]")
         cache = "read from cache" if d["cache"]["from_cache"] else "decoded and cached"
-        out.print(f"{verdict}  (images {cache} in {d['cache']['seconds']:.1f} s; fingerprint {d['fingerprint']})\n")
+        out.print(f"{_verdict(d)}  (images {cache} in {d['cache']['seconds']:.1f} s; fingerprint {d['fingerprint']})\n")
+
+
+def _verdict(d: dict) -> str:
+    """An audited data set's last line: its defects, or clean; and the source classes it left unmapped."""
+    verdict = "[red]defects: " + "; ".join(d["defects"]) + "[/]" if d["defects"] else "[green]clean[/]"
+    if d["not_selected"]:  # a label the manifest does not map may be a typo as well as a choice
+        n = sum(d["not_selected"].values())
+        verdict += (f" [yellow]({n} images of {len(d['not_selected'])} source classes not selected, listed above: "
+                    "name them under `exclude:` if that is meant)[/]")
+    return verdict
 
 
 def near_line(n: dict) -> str:

@@ -133,10 +133,12 @@ def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_temporary_file(tmp
     try:
         manifest = tiny(tmp_path, pre_epochs=4, ft_steps=5)
         r = run_cli("run", str(manifest), "--results", str(disk / "results"))
-        assert r.returncode in (1, 2), r.stdout + r.stderr
+        assert r.returncode == 2, r.stdout + r.stderr
         assert "Traceback" not in r.stderr, r.stderr
         text = r.stdout + r.stderr
         assert "no space left" in text and "free" in text, text
+        last = r.stderr.strip().splitlines()[-1]  # the one true line: this disk, its free space, the command that resumes
+        assert last.startswith(f"error: no space left on the disk of {disk / 'results'} (") and "byol-runner run" in last, last
         assert not list((disk / "results").rglob(".*.tmp-*"))
     finally:  # a worker told to stop when the run ended may still be closing its files for a moment
         for _ in range(50):
@@ -145,6 +147,32 @@ def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_temporary_file(tmp
             time.sleep(0.2)
         else:
             subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.e2e
+def test_decoding_onto_a_full_disk_is_one_line_and_leaves_no_temporary_entry(tmp_path):
+    """The image cache filled a tiny disk: a write through a memory map ended plan with SIGBUS (exit
+    135, nothing said) and left the half entry that kept the disk full."""
+    if os.getuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        manifest = tmp_path / "big.yaml"  # 400 images of 128 px: 6.5 MB decoded, on a 2 MB disk
+        manifest.write_text(tiny(tmp_path).read_text().replace("per_class: 40", "per_class: 200").replace(
+            "image_size: 24", "image_size: 128").replace("size: 32", "size: 128"))
+        for cmd in ("plan", "run"):
+            r = run_cli(cmd, str(manifest), "--results", str(disk / "results"))
+            assert r.returncode == 2 and "Traceback" not in r.stderr, (cmd, r.returncode, r.stderr[-2000:])
+            line = r.stderr.strip().splitlines()[-1]
+            assert line.startswith(f"error: no space left on the disk of {disk / 'results'}") and " MB free)" in line, line
+            assert float(line.split(" (")[1].split(" MB")[0]) < 2.0, line  # the tmpfs's free space, not the machine's
+            assert not [p for p in (disk / "results").rglob("*") if ".tmp-" in p.name], list((disk / "results").rglob("*"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def _task_of(results: Path, kind: str, **match) -> Path:

@@ -256,11 +256,40 @@ def _write_entry(
     tmp = temp_path(entry)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _fill_entry(spec, items, s, entry, tmp, progress, workers)
+    except BaseException as e:  # a full disk, a stop: no half entry is left to keep the disk full
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # said of the cache's disk, not of the working directory's
+            e.filename = str(entry.parent)
+        raise
+
+
+class _Rows:
+    """An .npy file of (n, C, S, S) uint8 written a row at a time with plain writes: a write to a full
+    disk raises ENOSPC (through a memory map it was a SIGBUS that killed the process unsaid). The file
+    is sparse until written."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        m = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)  # the header, the size (sparse)
+        self.offset, self.row = m.offset, int(np.prod(shape[1:]))
+        del m
+        self.f = open(path, "r+b")  # noqa: SIM115 - closed in close()
+
+    def __setitem__(self, i: int, value: np.ndarray) -> None:
+        self.f.seek(self.offset + i * self.row)
+        self.f.write(np.ascontiguousarray(value, dtype=np.uint8).tobytes())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _fill_entry(spec: DatasetBase, items: Sequence[Item], s: ImageSettings, entry: Path, tmp: Path, progress: Progress,
+                workers: int) -> None:
     n, size = len(items), s.size
     # Both layouts are written as we go; the RGB file is sparse until a colour image arrives, and
     # only the one the channel decision keeps survives.
-    gray = np.lib.format.open_memmap(tmp / "gray.npy", mode="w+", dtype=np.uint8, shape=(n, 1, size, size))
-    rgb = np.lib.format.open_memmap(tmp / "rgb.npy", mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
+    gray, rgb = _Rows(tmp / "gray.npy", (n, 1, size, size)), _Rows(tmp / "rgb.npy", (n, 3, size, size))
     records: list[dict] = []
     colour_rows: list[int] = []
     step = max(1, n // 200)
@@ -268,13 +297,14 @@ def _write_entry(
         records.append(_record(it, d))
         if d.pixels is not None:
             if d.gray:
-                gray[i, 0] = d.pixels
+                gray[i] = d.pixels[None]
             else:
                 rgb[i] = d.pixels.transpose(2, 0, 1)
-                gray[i, 0] = _luma(d.pixels)
+                gray[i] = _luma(d.pixels)[None]
                 colour_rows.append(i)
         if (i + 1) % step == 0 or i + 1 == n:
             progress(i + 1, n, "decoding")
+    gray.close()
     readable = sum(1 for r in records if r["error"] is None)
     if spec.channels == "auto":
         channels = 1 if readable == 0 or (readable - len(colour_rows)) / readable >= GRAY_DATASET_SHARE else 3
@@ -283,25 +313,37 @@ def _write_entry(
     if channels == 3:
         colour = np.zeros(n, bool)
         colour[colour_rows] = True
-        for start in range(0, n, 1024):  # replicate the gray images into RGB, in blocks
-            sl = slice(start, min(n, start + 1024))
-            g = ~colour[sl]
-            rgb[sl][g] = np.repeat(gray[sl][g], 3, axis=1)
-        rgb.flush()
+        grays = np.load(tmp / "gray.npy", mmap_mode="r")  # read through a map, written with plain writes
+        for i in np.flatnonzero(~colour):  # replicate the gray images into RGB
+            rgb[int(i)] = np.repeat(grays[i], 3, axis=0)
+        del grays
         keep, drop = "rgb.npy", "gray.npy"
     else:
-        gray.flush()
         keep, drop = "gray.npy", "rgb.npy"
-    del gray, rgb
+    rgb.close()
     (tmp / drop).unlink()
     (tmp / keep).rename(tmp / "images.npy")
     index = {"version": DECODE_VERSION, "key": entry.name, "images_sha256": file_sha(tmp / "images.npy"), "channels": channels,
              "size": size, "fit": s.fit, "items": records}
     (tmp / "index.json").write_text(json.dumps(index))  # inside the temporary entry, renamed below
+    _sync(tmp)
     try:
         tmp.rename(entry)
     except OSError:  # another process finished the same entry first: theirs is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sync(folder: Path) -> None:
+    """The entry's files on the disk before it is renamed into place: after a power loss an entry is
+    whole or absent (a 0-byte images.npy was caught by the digest, and decoded again; now it is not made)."""
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def as_channels(d: Decoded, channels: int) -> np.ndarray:
