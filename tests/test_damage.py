@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import cli_here, copy_results, run_cli, tiny
@@ -137,8 +138,9 @@ def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_temporary_file(tmp
         assert "Traceback" not in r.stderr, r.stderr
         text = r.stdout + r.stderr
         assert "no space left" in text and "free" in text, text
-        last = r.stderr.strip().splitlines()[-1]  # the one true line: this disk, its free space, the command that resumes
-        assert last.startswith(f"error: no space left on the disk of {disk / 'results'} (") and "byol-runner run" in last, last
+        # the one true line, last: this disk (a task's, runner.db's or the results dir's, wherever the space ran out) and its free space
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: no space left on the disk of {disk / 'results'}") and " MB free)" in last, last
         assert not list((disk / "results").rglob(".*.tmp-*"))
     finally:  # a worker told to stop when the run ended may still be closing its files for a moment
         for _ in range(50):
@@ -149,30 +151,64 @@ def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_temporary_file(tmp
             subprocess.run(["umount", str(disk)], check=True)
 
 
-@pytest.mark.e2e
-def test_decoding_onto_a_full_disk_is_one_line_and_leaves_no_temporary_entry(tmp_path):
-    """The image cache filled a tiny disk: a write through a memory map ended plan with SIGBUS (exit
-    135, nothing said) and left the half entry that kept the disk full."""
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of the size asked, mounted under tmp_path (root only), unmounted after the test."""
     if os.getuid() != 0:
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        manifest = tmp_path / "big.yaml"  # 400 images of 128 px: 6.5 MB decoded, on a 2 MB disk
-        manifest.write_text(tiny(tmp_path).read_text().replace("per_class: 40", "per_class: 200").replace(
-            "image_size: 24", "image_size: 128").replace("size: 32", "size: 128"))
-        for cmd in ("plan", "run"):
-            r = run_cli(cmd, str(manifest), "--results", str(disk / "results"))
-            assert r.returncode == 2 and "Traceback" not in r.stderr, (cmd, r.returncode, r.stderr[-2000:])
-            line = r.stderr.strip().splitlines()[-1]
-            assert line.startswith(f"error: no space left on the disk of {disk / 'results'}") and " MB free)" in line, line
-            assert float(line.split(" (")[1].split(" MB")[0]) < 2.0, line  # the tmpfs's free space, not the machine's
-            assert not [p for p in (disk / "results").rglob("*") if ".tmp-" in p.name], list((disk / "results").rglob("*"))
-    finally:
+    mounted = []
+
+    def mount(mb: int) -> Path:
+        disk = tmp_path / f"disk{len(mounted)}"
+        disk.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(disk)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(disk)
+        return disk
+
+    yield mount
+    for disk in mounted:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.e2e
+def test_an_image_cache_the_disk_cannot_hold_is_refused_before_decoding(tmp_path, small_disk):
+    disk = small_disk(2)
+    manifest = tmp_path / "big.yaml"  # 400 images of 128 px: 6.5 MB decoded, on a 2 MB disk
+    manifest.write_text(tiny(tmp_path).read_text().replace("per_class: 40", "per_class: 200").replace(
+        "image_size: 24", "image_size: 128").replace("size: 32", "size: 128"))
+    for cmd in ("plan", "run"):
+        r = run_cli(cmd, str(manifest), "--results", str(disk / "results"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (cmd, r.returncode, r.stderr[-2000:])
+        line = _one_error_line(r) if cmd == "run" else r.stderr.strip().splitlines()[-1]
+        assert f"no space left on the disk of {disk / 'results' / 'cache'} for the image cache: 400 images at 128 px need 6 MB" \
+            in line and "MB are free" in line, line
+        assert not list((disk / "results" / "cache").glob(".*"))
+
+
+@pytest.mark.e2e
+def test_decoding_onto_a_full_disk_is_one_line_and_leaves_no_temporary_entry(tmp_path, small_disk):
+    """Colour images whose cache outgrows the disk while decoding (the estimate is the gray layout's):
+    a write through a memory map ended plan with SIGBUS (exit 135, nothing said) and left the half
+    entry that kept the disk full."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "colour" / cls).mkdir(parents=True)
+        for i in range(150):
+            Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "colour" / cls / f"{i}.png")
+    disk = small_disk(18)  # 300 images of 128 px: 4.7 MB gray (the estimate) + 14 MB RGB written while decoding
+    manifest = tmp_path / "colour.yaml"
+    manifest.write_text(f"name: colour\ndatasets:\n  c: {{source: imagefolder, root: {tmp_path / 'colour'}, image_size: 128}}\n"
+                        "methods: [supervised]\nlabels: {fractions: [1.0]}\nseeds: [0]\n")
+    r = run_cli("plan", str(manifest), "--results", str(disk / "results"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: no space left on the disk of {disk / 'results' / 'cache'} (") and " MB free)" in line, line
+    assert float(line.split(" (")[1].split(" MB")[0]) < 1.0, line  # the tmpfs's free space, not the machine's
+    assert not [p for p in (disk / "results").rglob("*") if ".tmp-" in p.name], list((disk / "results").rglob("*"))
 
 
 def _task_of(results: Path, kind: str, **match) -> Path:

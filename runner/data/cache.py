@@ -189,11 +189,35 @@ def load_images(
             if table.keys == keys:
                 table.seconds = time.perf_counter() - t0
                 return table
+    _check_room(entry.parent, len(items), settings.size, spec.channels)
     _write_entry(spec, items, settings, entry, progress, workers or cpu_count())
     table = _read_entry(entry, key)
     table.from_cache = False
     table.seconds = time.perf_counter() - t0
     return table
+
+
+ROOM_MARGIN = 8 << 20  # bytes the disk keeps free beyond a new cache entry (runner.db, task folders, logs)
+
+
+def entry_bytes(n: int, size: int, channels: str | int) -> int:
+    """What a cache entry of n images at `size` px takes on the disk: its gray layout, and for a colour
+    (or `auto`) data set the RGB one, both written while decoding (the RGB one is sparse until used)."""
+    return n * size * size * (1 if channels == 1 else 4)
+
+
+def _check_room(cache_dir: Path, n: int, size: int, channels: str | int) -> None:
+    """Refuse, before decoding, an entry the disk cannot hold: said with what it needs and what is free
+    on the cache's own disk (decoding 200k images into a full disk took minutes, then failed)."""
+    from runner.errors import DISK_FULL, DataError
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_dir).free
+    need = entry_bytes(n, size, channels) if channels != "auto" else n * size * size  # auto: gray at least, RGB if colour
+    if need + ROOM_MARGIN > free:
+        raise DataError(f"{DISK_FULL} of {cache_dir} for the image cache: {n} images at {size} px need "
+                        f"{need / 2**20:.0f} MB and {free / 2**20:.0f} MB are free; free some space, lower image_size, "
+                        "or give another --results")
 
 
 def _read_entry(entry: Path, key: str) -> ImageTable:
