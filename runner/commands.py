@@ -233,7 +233,7 @@ def plan_view(manifest_path: str | Path, results_cli: str | None = None, progres
         except StoreDamaged as e:  # the plan needs no history: it is shown without the invalidated tasks
             print(f"note: {e}", file=sys.stderr)
             return {"name": manifest.name, "results": str(results), "tasks": tasks, "invalidated": [],
-                    "warnings": power_warnings(manifest, results)}
+                    "warnings": power_warnings(manifest, results), "cost": _data_cost(plan, results)}
         try:
             prev = store.latest_run(manifest.name)
             if prev is not None:
@@ -243,7 +243,21 @@ def plan_view(manifest_path: str | Path, results_cli: str | None = None, progres
         finally:
             store.close()
     return {"name": manifest.name, "results": str(results), "tasks": tasks, "invalidated": invalidated,
-            "warnings": power_warnings(manifest, results)}
+            "warnings": power_warnings(manifest, results), "cost": _data_cost(plan, results)}
+
+
+def _data_cost(plan, results: Path) -> dict:  # noqa: ANN001 - a Plan
+    """What the plan's data take: images decoded, the cache's size, and what its disk has free."""
+    import shutil
+
+    cache = results / "cache"
+    try:
+        free = shutil.disk_usage(cache if cache.exists() else results).free
+    except OSError:
+        free = None
+    return {"images": sum(a.get("found", 0) for a in plan.data.values()),
+            "cache_mb": round(sum(a.get("cache_mb", 0.0) for a in plan.data.values()), 1),
+            "cache": str(cache), "free_mb": None if free is None else round(free / 2**20, 1)}
 
 
 def status(results_cli: str | None, run_name: str | None = None) -> dict:

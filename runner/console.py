@@ -370,6 +370,11 @@ def print_plan(view: dict) -> None:
         out.print("  ".join(cells).rstrip(), soft_wrap=True, highlight=False)
     done = sum(1 for task in view["tasks"] if task["state"] == "done")
     out.print(f"{done} done, {len(view['tasks']) - done} to run")
+    cost = view.get("cost")
+    if cost:
+        free = f"; {cost['free_mb']:,.0f} MB free on its disk" if cost["free_mb"] is not None else ""
+        out.print(escape(f"data: {cost['images']:,} images, {cost['cache_mb']:,.1f} MB decoded in {cost['cache']}{free}"),
+                  soft_wrap=True, highlight=False)
     if view["invalidated"]:
         out.print(f"[yellow]{len(view['invalidated'])} tasks of the previous run are invalidated by a changed setting:[/]")
         for task in view["invalidated"]:

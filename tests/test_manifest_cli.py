@@ -314,6 +314,9 @@ def test_piped_status_and_plan_show_full_names(tiny_reference):
         # each task by its short id (what `predict` takes), one per row, none shared
         assert all(sum(line.rstrip().endswith(tid[:8]) for line in r.stdout.splitlines()) == 1 for tid in ids), r.stdout
         assert len({tid[:8] for tid in ids}) == len(ids)
+        if cmd[0] == "plan":  # what the data take, and the room on the cache's disk
+            line = next(x for x in r.stdout.splitlines() if x.startswith("data: "))
+            assert line.startswith(f"data: 80 images, 0.0 MB decoded in {results / 'cache'}; ") and "MB free on its disk" in line, line
 
 
 @pytest.mark.e2e

@@ -319,6 +319,7 @@ def accounting(ds: PreparedDataset) -> dict:
         # which files: the first NOT_USED_LISTED by name (a class not selected is counted, not listed)
         "not_used_files": [{"file": d.key, "reason": d.reason} for d in ds.audit.dropped[:NOT_USED_LISTED]],
         "not_used_files_total": len(ds.audit.dropped),
+        "cache_mb": round(ds.table.images.nbytes / 2**20, 1),
         **({"external_test_of": ds.spec.external_test_of, "shared": ds.shared} if ds.spec.external_test_of else {}),
     }
 
