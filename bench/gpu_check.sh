@@ -58,11 +58,34 @@ executor: {kind: local, max_parallel: 1}
 EOF
   python3 -m runner.cli doctor "$OUT/gpu-product.yaml" 2>&1 | tee "$OUT/doctor.txt"
   start=$(date +%s)
+  # the GPU's utilisation and memory once a second while the run lasts (the issue's "during pretraining")
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 1 > "$OUT/gpu_util.csv" 2>/dev/null &
+    smi=$!
+  fi
   timeout "${RUN_TIMEOUT:-480}" python3 -m runner.cli run "$OUT/gpu-product.yaml" --results /tmp/gpu-results > "$OUT/product_run.log" 2>&1
   echo "exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/product_run.log"
+  [ -n "${smi:-}" ] && kill "$smi" 2>/dev/null
   tail -40 "$OUT/product_run.log"
   python3 -m runner.cli status --results /tmp/gpu-results > "$OUT/product_status.txt" 2>&1
   cp /tmp/gpu-results/gpu-product/results.md /tmp/gpu-results/gpu-product/results.json "$OUT/" 2>/dev/null
+  # per task: kind, dataset, method, wall seconds and images/s of its last progress line, for the note
+  python3 - "$OUT/task_speeds.txt" <<'PY'
+import json, sys
+from pathlib import Path
+rows = []
+for d in sorted(Path("/tmp/gpu-results/tasks").iterdir()):
+    spec = json.loads((d / "task.json").read_text())
+    ev = [json.loads(l) for l in (d / "events.jsonl").read_text().splitlines() if l.strip()] if (d / "events.jsonl").is_file() else []
+    rates = [e["img_per_s"] for e in ev if e.get("kind") == "progress" and "img_per_s" in e]
+    ts = [e["ts"] for e in ev if "ts" in e]
+    fraction = (spec.get("budget") or {}).get("fraction")
+    budget = f"{fraction:.0%}" if fraction is not None else ""
+    rows.append(f"{spec['kind']:14} {spec['dataset']:11} {budget:6} {(ts[-1] - ts[0]) if len(ts) > 1 else 0:7.1f} s  "
+                f"img/s median {sorted(rates)[len(rates) // 2] if rates else 0}")
+Path(sys.argv[1]).write_text("\n".join(rows) + "\n")
+print("\n".join(rows))
+PY
 elif [ "$mode" = speed ]; then
   python3 -m runner.cli bench --arch resnet50 --size 224 --batch 256 --steps 30 --warmup 10 | tee "$OUT/bench_eager_r50_224.json"
   timeout 420 python3 -m runner.cli bench --arch resnet50 --size 224 --batch 256 --steps 30 --warmup 10 --compile \

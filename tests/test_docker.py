@@ -498,3 +498,19 @@ def test_each_executor_reads_its_own_section_and_an_override_keeps_the_shared_se
     assert (plain.kind, plain.max_parallel) == ("local", 2)
     as_docker, dropped = spec_for(plain, "docker")
     assert (as_docker.image, as_docker.max_parallel, dropped) == ("byol-runner:latest", 2, [])
+
+
+def test_a_folder_named_docker_on_the_path_is_not_taken_for_the_sdk(monkeypatch):
+    """On a machine without the docker SDK, `python -m runner.cli` from a checkout imported the
+    checkout's docker/ folder as `docker` (a namespace package), and doctor said "module 'docker' has
+    no attribute 'from_env'" (seen on the lent GPU machine): now the missing SDK is named."""
+    import types
+
+    from runner.errors import UserError
+    from runner.executors.docker_spec import docker_sdk
+
+    folder = types.ModuleType("docker")
+    folder.__path__ = ["/checkout/docker"]
+    monkeypatch.setitem(sys.modules, "docker", folder)
+    with pytest.raises(UserError, match=r"needs the docker SDK: pip install docker \(`import docker` found /checkout/docker"):
+        docker_sdk()

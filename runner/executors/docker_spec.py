@@ -65,7 +65,11 @@ def docker_sdk():  # noqa: ANN201 - the docker module
     try:
         import docker
     except ImportError:
-        raise UserError("the docker executor needs the docker SDK: pip install docker") from None
+        docker = None
+    if docker is None or not hasattr(docker, "from_env"):  # not installed, or a folder named docker/ on the path
+        found = next(iter(getattr(docker, "__path__", [])), None) or getattr(docker, "__file__", None) or "a module"
+        where = f" (`import docker` found {found}, not the SDK)" if docker else ""
+        raise UserError(f"the docker executor needs the docker SDK: pip install docker{where}")
     return docker
 
 
