@@ -9,12 +9,34 @@ from __future__ import annotations
 import difflib
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema, model_validator
+
+
+MAX_INT = 10**12  # no setting takes more; 2**64 passed (`epochs`, a seed) and overflowed SQLite during the run
+
+
+def _huge_ints(value, path: tuple = ()):  # noqa: ANN001, ANN202 - (path, int) of every integer past MAX_INT
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _huge_ints(v, (*path, k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _huge_ints(v, (*path, i))
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        yield path, value
 
 
 class StrictModel(BaseModel):
     # no inf or nan anywhere: `base_lr: .inf` must fail at plan time, not train a NaN model to "done"
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_huge_integers(cls, data):  # noqa: ANN001, ANN206
+        for path, value in _huge_ints(data) if isinstance(data, dict) else ():
+            where = ".".join(str(p) for p in path)
+            raise ValueError(f"{where}: {value} is larger than any setting takes (at most {MAX_INT:,})")
+        return data
 
 
 def one_of(names: tuple[str, ...], what: str):

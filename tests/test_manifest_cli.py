@@ -452,7 +452,12 @@ def test_a_results_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path, write
 def test_the_numbers_that_size_a_run_are_bounded(write_manifest):
     """max_parallel of 2**64 (it ran the machine out of memory) and 10,000 seeds (92 s of planning) are
     refused in one line naming the key and the bound, in the manifest and on the command line."""
-    for extra, says in (("executor: {max_parallel: 18446744073709551616}", "executor.max_parallel: Input should be less than or equal to 1024"),
+    for extra, says in (("executor: {max_parallel: 1025}", "executor.max_parallel: Input should be less than or equal to 1024"),
+                        ("executor: {max_parallel: 18446744073709551616}",
+                         "executor.max_parallel: 18446744073709551616 is larger than any setting takes (at most 1,000,000,000,000)"),
+                        # these passed plan and overflowed SQLite in the run (bench/fuzz_manifests.py found them)
+                        ("pretrain: {epochs: 18446744073709551616}", "pretrain.epochs: 18446744073709551616 is larger than any"),
+                        ("seeds: [18446744073709551616]", "seeds.0: 18446744073709551616 is larger than any setting takes"),
                         (f"seeds: {list(range(101))}", "seeds: List should have at most 100 items")):
         r = cli_here("plan", str(write_manifest(GOOD + extra + "\n")))
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
