@@ -61,7 +61,7 @@ def _slices(paths: list[Path], axis: str) -> list[Path]:
 
     out: list[Path] = []
     for p in paths:
-        kind = medical.medical_kind(p.name) or ("dicom" if p.suffix == "" and medical.sniff_dicom(str(p)) else None)
+        kind = medical.file_kind(str(p))
         try:
             count = (medical.nifti_slices(str(p), axis) if kind == "nifti" else
                      medical.read_dicom_header(str(p))["frames"] if kind == "dicom" else 1)

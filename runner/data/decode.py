@@ -155,9 +155,7 @@ def _decode_medical(path: str, kind: str, index: int | None, s: ImageSettings) -
             file_sha = hashlib.sha256(data).hexdigest()
             if kind == "nifti":
                 parsed = medical.nifti_volume(data)
-            else:
-                if data[128:132] != b"DICM" and not medical.medical_kind(path):
-                    raise medical.MedicalError("not a DICOM file")
+            else:  # a .dcm by name, or a file whose preamble said DICOM (medical.file_kind)
                 parsed = medical.parse_dicom(data)
             del data
             if index is not None:
@@ -178,14 +176,12 @@ def decode_file(path: str, s: ImageSettings) -> Decoded:
     from runner.data import medical
 
     base, index = medical.split_key(path)
-    kind = medical.medical_kind(base) or ("dicom" if index is not None else None)  # a frame of an extensionless DICOM
+    kind = medical.file_kind(base) or ("dicom" if index is not None else None)  # a frame of an extensionless DICOM
     if kind is not None:
         return _decode_medical(base, kind, index, s)
     data = _read_bounded(path)
     if isinstance(data, str):
         return Decoded(None, None, None, False, "", None, data)
-    if data[128:132] == b"DICM":  # a DICOM file without an extension, as scanners name them
-        return _decode_medical(path, "dicom", None, s)
     file_sha = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():

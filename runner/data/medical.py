@@ -61,12 +61,20 @@ def sniff_dicom(path: str) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def file_kind(path: str) -> str | None:
+    """'dicom' or 'nifti' by the name, or 'dicom' for a file with no extension that carries the DICOM
+    preamble (as scanners name them); None for any other file."""
+    kind = medical_kind(path)
+    if kind is None and os.path.splitext(os.path.basename(path))[1] == "" and os.path.isfile(path) and sniff_dicom(path):
+        return "dicom"
+    return kind
+
+
 def split_key(key: str) -> tuple[str, int | None]:
     """(the file's key, the slice index) of an item key; (key, None) for a whole file. A key given as
     a path names a frame of an extensionless DICOM file too (`IM0001#0002`, when `IM0001` is one)."""
     m = _SLICE.match(key)
-    if m and (medical_kind(m.group(1)) is not None
-              or (os.path.splitext(m.group(1))[1] == "" and os.path.isfile(m.group(1)) and sniff_dicom(m.group(1)))):
+    if m and file_kind(m.group(1)) is not None:
         return m.group(1), int(m.group(2))
     return key, None
 

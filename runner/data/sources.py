@@ -394,7 +394,7 @@ def _medical_items(spec: "RootedSource", items: list[Item], skipped: list[Skippe
     out: list[Item] = []
     for it in items:
         path = str(root / it.key)
-        kind = medical.medical_kind(it.key) or ("dicom" if os.path.splitext(it.key)[1] == "" and medical.sniff_dicom(path) else None)
+        kind = medical.file_kind(path)
         if kind is None:
             out.append(it)
             continue
