@@ -60,18 +60,21 @@ def execute_plan(manifest_path: str | Path, manifest: Manifest, results: Path, p
             aside = Store.move_aside(results / "runner.db")
             print(f"note: moved the damaged runner.db aside ({aside.name}); rebuilding it from the task folders",
                   file=sys.stderr)
-        _note_threads(results, plan, getattr(ex, "cpu_threads", None))
+        _note_threads(results, plan, ex)
         return _execute(manifest_path, manifest, results, plan, ex, slots, retry_failed, display_factory, retry_ids, lock)
     finally:
         lock.release()
 
 
-def _note_threads(results: Path, plan: Plan, threads: int | None) -> None:
+def _note_threads(results: Path, plan: Plan, ex) -> None:  # noqa: ANN001 - an Executor
     """On the CPU the thread count a task trains with changes its numbers in their last digits, and from
-    there its results: say so when this run's differs from the one its finished tasks recorded."""
+    there its results, so a results dir keeps the count its finished tasks recorded: a resume with another
+    --max-parallel gives each new task that count too (said in one line), rather than mixing two. When the
+    finished tasks already recorded several counts, say so and keep this run's."""
     from runner.plan import is_done
     from runner.report import load_metrics
 
+    threads = getattr(ex, "cpu_threads", None)
     if threads is None:
         return
     done = [t for t in plan.tasks if is_done(results, t.id)]
@@ -81,13 +84,21 @@ def _note_threads(results: Path, plan: Plan, threads: int | None) -> None:
     for t in done:
         env = (load_metrics(results, t.id) or {}).get("environment") or {}
         if str(env.get("device", "")).startswith("CPU") and env.get("threads"):
-            recorded[t.id] = env["threads"]
-    other = sorted({n for n in recorded.values() if n != threads})
-    if other:
-        print(f"note: {sum(1 for n in recorded.values() if n != threads)} finished task(s) trained on the CPU with "
-              f"{', '.join(map(str, other))} thread(s); this run gives each task {threads} (cores / max_parallel). Tasks "
-              "trained now may differ from what those same tasks would give with the earlier count; a rerun with the "
-              "earlier --max-parallel keeps them alike", file=sys.stderr)
+            recorded[t.id] = int(env["threads"])
+    counts = sorted(set(recorded.values()))
+    if counts == [threads] or not counts:
+        return
+    if len(counts) == 1:
+        ex.cpu_threads = counts[0]
+        busy = "; with --max-parallel's tasks side by side that is more threads than cores, so slower" \
+            if counts[0] > threads else ""
+        print(f"note: each task trains with {counts[0]} CPU thread(s), the count this results dir's {len(recorded)} "
+              f"finished task(s) trained with (cores / max_parallel would give {threads}): the thread count changes "
+              f"results in their last digits, so a results dir keeps one{busy}", file=sys.stderr)
+        return
+    print(f"note: this results dir's finished tasks trained on the CPU with {', '.join(map(str, counts))} threads "
+          f"({len(recorded)} tasks); this run gives each task {threads} (cores / max_parallel). The thread count "
+          "changes results in their last digits; the report lists the counts", file=sys.stderr)
 
 
 def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, slots, retry_failed: bool,  # noqa: ANN001

@@ -100,7 +100,7 @@ def study_page(report: dict, figure_dir: str) -> str:
              f"Written by byol-runner from the run's own files (`byol-runner report --run {report['run']} --docs DIR`). "
              f"{report['tasks_done']} of {report['tasks']} tasks done; trained {when(meta.get('trained_from'))} to "
              f"{when(meta.get('trained_to'))} on {', '.join(meta.get('devices', [])) or '—'} "
-             f"({', '.join(meta.get('precisions', [])) or 'precision not recorded'}; PyTorch {', '.join(meta.get('torchs', [])) or '—'}); "
+             f"({', '.join(meta.get('precisions', [])) or 'precision not recorded'}{_threads_said(meta)}; PyTorch {', '.join(meta.get('torchs', [])) or '—'}); "
              f"engine {meta.get('engine_version', '—')}; manifest `{_shown_path(meta.get('manifest_path'))}`.", "",
              "## Results", "", to_markdown(report).rstrip(), ""]
     verdicts = verdict_lines(report)
@@ -218,3 +218,13 @@ def publish_readme(readme: Path, report: dict, results: Path) -> str:
     """`--readme`: rewrite the run's section and its page; the line that says what happened."""
     changed, page = rewrite_readme(readme, report, results)
     return f"{readme}: results section {'rewritten' if changed else 'already up to date'}; full report: {page}"
+
+
+def _threads_said(meta: dict) -> str:
+    """The CPU thread counts the tasks trained with (they change results in their last digits)."""
+    counts = meta.get("cpu_threads") or []
+    if not counts:
+        return ""
+    if len(counts) == 1:
+        return f"; {counts[0]} CPU thread(s) per task"
+    return f"; CPU threads per task differ: {', '.join(map(str, counts))}"

@@ -231,6 +231,7 @@ def _facts(report: dict) -> list[tuple[str, str]]:
             ("manifest", meta.get("manifest_path") or "—"), ("executor", meta.get("executor") or "—"),
             ("devices", ", ".join(meta.get("devices", [])) or "—"), ("PyTorch", ", ".join(meta.get("torchs", [])) or "—"),
             ("precision", ", ".join(meta.get("precisions", [])) or "—"),
+            ("CPU threads per task", ", ".join(map(str, meta.get("cpu_threads", []))) or "—"),
             ("engine version", str(meta.get("engine_version", "—"))),
             ("tasks", f"{report['tasks_done']} of {report['tasks']} done"),
             ("verdict metric", str(report.get("primary", PRIMARY_NAME))),

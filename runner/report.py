@@ -304,7 +304,8 @@ def provenance(results: Path, run, tasks: list[TaskRow], bootstrap: int,  # noqa
             "trained_from": span[0], "trained_to": span[1],
             "manifest_path": run["manifest_path"], "manifest": run["manifest"], "executor": run["executor"],
             "engine_version": ENGINE_VERSION, "bootstrap": bootstrap,
-            **{f"{k}s": sorted({e[k] for e in envs if e.get(k)}) for k in ("device", "torch", "python", "host", "precision")}}
+            **{f"{k}s": sorted({e[k] for e in envs if e.get(k)}) for k in ("device", "torch", "python", "host", "precision")},
+            "cpu_threads": sorted({int(e["threads"]) for e in envs if e.get("threads") and str(e.get("device", "")).startswith("CPU")})}
 
 
 def judging_of(manifest_yaml: str) -> dict:

@@ -297,9 +297,10 @@ def test_swapped_metrics_files_are_never_published_as_the_other_tasks_result(tin
 
 
 @pytest.mark.e2e
-def test_a_run_with_another_thread_count_than_its_finished_tasks_says_so(tiny_reference, tmp_path):
-    """On the CPU the thread count (cores / max_parallel) changes a task's numbers: a run that gives its
-    tasks another count than its finished tasks recorded says so before it trains."""
+def test_a_resume_with_another_max_parallel_keeps_the_thread_count_its_finished_tasks_used(tiny_reference, tmp_path):
+    """On the CPU the thread count (cores / max_parallel) changes a task's numbers in their last digits: a
+    resume at another --max-parallel gives the task it retrains the count the finished ones recorded, says
+    so, and so publishes the numbers an uninterrupted run gave."""
     import json
 
     manifest, reference, _ = tiny_reference
@@ -309,9 +310,16 @@ def test_a_run_with_another_thread_count_than_its_finished_tasks_says_so(tiny_re
     (sup / "metrics.json").unlink()
     cores = os.cpu_count() or 1
     other = 1 if recorded != cores else 2  # --max-parallel giving another count than the reference's
-    r = run_cli("run", str(manifest), "--results", str(results), "--max-parallel", str(other))
-    assert r.returncode == 0, r.stderr
     now = max(1, cores // other)
     if now == recorded:
         pytest.skip(f"{cores} cores: no --max-parallel gives another thread count than {recorded}")
-    assert f"finished task(s) trained on the CPU with {recorded} thread(s); this run gives each task {now}" in r.stderr, r.stderr
+    r = run_cli("run", str(manifest), "--results", str(results), "--max-parallel", str(other))
+    assert r.returncode == 0, r.stderr
+    assert (f"each task trains with {recorded} CPU thread(s), the count this results dir's" in r.stderr
+            and f"cores / max_parallel would give {now}" in r.stderr), r.stderr
+    assert json.loads((sup / "metrics.json").read_text())["environment"]["threads"] == recorded
+    ref = (reference / "tiny" / "results.md").read_text().split("\n\n")[0]
+    assert (results / "tiny" / "results.md").read_text().split("\n\n")[0] == ref
+    r = run_cli("report", "--results", str(results), "--docs", str(tmp_path / "docs"))
+    assert r.returncode == 0, r.stderr
+    assert f"; {recorded} CPU thread(s) per task;" in (tmp_path / "docs" / "tiny.md").read_text()
