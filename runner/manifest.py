@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from runner.arms import DEFAULT_METHODS, METHODS
+from runner.arms import DEFAULT_METHODS, METHODS, pretraining_of
 from runner.choices import StrictModel, one_of
 from runner.data.sources import DatasetSpec
 from runner.data.splits import LabelBudget
@@ -129,6 +129,7 @@ class CompareSpec(StrictModel):
         "that `plan` assumes to say how many seeds reach the margin, until an earlier run in the results dir measured it")
 
 
+MAX_TASKS = 10_000  # a three-study manifest with 5 seeds is ~200; each task is a process, a folder and store rows
 MAX_SEEDS = 100  # beyond it the verdicts gain nothing a study can pay for, and planning alone takes minutes
 
 
@@ -176,6 +177,25 @@ class Manifest(TrainSettings):
                 raise ValueError(f"compare.{key}: {arm!r} is not one of the methods run ({', '.join(self.methods)})")
         if self.compare.model1 is not None and self.compare.model1 == self.compare.model2:
             raise ValueError("compare: model1 and model2 are the same arm")
+        return self
+
+    def task_count(self) -> int:
+        """The tasks `plan` makes: per trained data set and seed, one pretraining per pretraining the arms
+        share and one task per budget and arm; per external test set, one evaluation per classifier of the
+        data set it tests."""
+        pre = len({p.name for m in self.methods if (p := pretraining_of(m))})
+        per_seed = pre + len(self.labels.budgets()) * len(self.methods)
+        classifiers = len(self.seeds) * len(self.labels.budgets()) * len(self.methods)
+        trained = sum(1 for s in self.datasets.values() if s.external_test_of is None)
+        return trained * len(self.seeds) * per_seed + (len(self.datasets) - trained) * classifiers
+
+    @model_validator(mode="after")
+    def _bounded_tasks(self) -> "Manifest":
+        n = self.task_count()
+        if n > MAX_TASKS:
+            raise ValueError(f"{n:,} tasks ({len(self.datasets)} data sets x {len(self.seeds)} seeds x "
+                             f"{len(self.labels.budgets())} label budgets x {len(self.methods)} methods, and their "
+                             f"pretrainings); a manifest makes at most {MAX_TASKS:,}: split it into several")
         return self
 
     @model_validator(mode="after")

@@ -125,7 +125,30 @@ def reference_markdown() -> str:
         if example:
             lines += ["", "```yaml", example, "```"]
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + limits_markdown())
+
+
+def limits_markdown() -> list[str]:
+    """The bounds a manifest and a run are held to, from the constants that enforce them."""
+    from runner.choices import MAX_INT
+    from runner.contracts import CONTROL_MAX_BYTES
+    from runner.data.cache import MAX_IMAGES, ROOM_MARGIN
+    from runner.executors.specs import MAX_PARALLEL
+    from runner.manifest import MAX_DEPTH, MAX_MANIFEST_BYTES, MAX_NODES, MAX_SEEDS, MAX_TASKS
+
+    rows = [("a manifest file", f"at most {MAX_MANIFEST_BYTES:,} bytes, {MAX_NODES:,} YAML entries, nested {MAX_DEPTH} deep"),
+            ("any integer setting", f"at most {MAX_INT:,}"),
+            ("`seeds`", f"at most {MAX_SEEDS}"),
+            ("tasks a manifest makes", f"at most {MAX_TASKS:,} (data sets x seeds x (budgets x methods + pretrainings), "
+                                       "and one evaluation per classifier for each external test set)"),
+            ("`max_parallel`, `--max-parallel`", f"at most {MAX_PARALLEL:,}"),
+            ("images one data set decodes", f"at most {MAX_IMAGES:,}"),
+            ("the image cache", f"a data set's decoded images must fit on the cache's disk with {ROOM_MARGIN >> 20} MB to "
+                                "spare, checked before decoding; `plan` prints what it takes and what is free"),
+            ("a control request (`control/*.json`)", f"at most {CONTROL_MAX_BYTES:,} bytes, a regular file")]
+    return ["## Limits", "",
+            "What `plan` and `run` refuse, with one line naming the key and the bound (exit 2), before anything trains:",
+            "", "| what | bound |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows), ""]
 
 
 def undescribed() -> list[str]:

@@ -463,6 +463,23 @@ def test_the_numbers_that_size_a_run_are_bounded(write_manifest):
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run_cli("run", str(write_manifest(GOOD)), "--max-parallel", "99999999999")
     assert r.returncode == 2 and "--max-parallel: 99999999999: between 1 and 1024" in r.stderr, r.stderr
+    # 30 budgets x 4 methods + 1 pretraining, x 100 seeds: 12,100 tasks, refused before any image is decoded
+    many = GOOD.replace("labels: {fractions: [0.5, 1.0]}", f"labels: {{fractions: {[round(0.03 * i, 2) for i in range(1, 31)]}}}")
+    r = cli_here("plan", str(write_manifest(many + f"seeds: {list(range(100))}\n")))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "12,100 tasks (1 data sets x 100 seeds x 30 label budgets x 4 methods" in r.stderr and "at most 10,000" in r.stderr
+
+
+def test_a_data_set_of_more_images_than_the_limit_is_refused_before_decoding(write_manifest, monkeypatch, tmp_path):
+    """The image limit per data set (runner.data.cache.MAX_IMAGES, 2,000,000; lowered here to 30) ends
+    `plan` in one line before a single image is decoded: no cache entry is written."""
+    import runner.data.cache as cache
+
+    monkeypatch.setattr(cache, "MAX_IMAGES", 30)
+    r = cli_here("plan", str(write_manifest(GOOD)), "--results", str(tmp_path / "r"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "40 images to decode; a data set holds at most 30" in r.stderr and "syn" in r.stderr, r.stderr
+    assert not list((tmp_path / "r").rglob("images.npy"))
 
 
 def test_hostile_data_sets_are_one_line_each_in_plan(tmp_path, write_manifest):

@@ -206,11 +206,18 @@ def entry_bytes(n: int, size: int, channels: str | int) -> int:
     return n * size * size * (1 if channels == 1 else 4)
 
 
+MAX_IMAGES = 2_000_000  # images one data set decodes (CheXpert, the largest chest X-ray set in use, has 224k)
+
+
 def _check_room(cache_dir: Path, n: int, size: int, channels: str | int) -> None:
     """Refuse, before decoding, an entry the disk cannot hold: said with what it needs and what is free
-    on the cache's own disk (decoding 200k images into a full disk took minutes, then failed)."""
+    on the cache's own disk (decoding 200k images into a full disk took minutes, then failed); and a data
+    set of more images than MAX_IMAGES."""
     from runner.errors import DISK_FULL, DataError
 
+    if n > MAX_IMAGES:
+        raise DataError(f"{n:,} images to decode; a data set holds at most {MAX_IMAGES:,} (select classes, or split the "
+                        "data set into several)")
     cache_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache_dir).free
     need = entry_bytes(n, size, channels) if channels != "auto" else n * size * size  # auto: gray at least, RGB if colour
