@@ -61,14 +61,34 @@ class FileTooLarge(ValueError):
         self.size = size
 
 
+def open_regular(path: str | Path, limit: int | None = None):  # noqa: ANN201 - a binary file object
+    """A regular file opened for reading, or NotRegularFile: opened without waiting (a FIFO's open
+    blocks until a writer comes: a damaged results dir hung `status`), then checked on the descriptor
+    itself, so a file swapped for a FIFO, a device or a folder is never read. FileTooLarge past `limit`
+    bytes; FileNotFoundError and other OSErrors as they come."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(str(path))
+        if limit is not None and st.st_size > limit:
+            raise FileTooLarge(st.st_size)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_regular_file(path: Path, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes (a FIFO would block, /dev/zero never ends):
     NotRegularFile or FileTooLarge otherwise; FileNotFoundError and other OSErrors as they come."""
-    import stat
+    with open_regular(path, limit) as f:
+        return f.read()
 
-    st = path.stat()
-    if not stat.S_ISREG(st.st_mode):
-        raise NotRegularFile(str(path))
-    if st.st_size > limit:
-        raise FileTooLarge(st.st_size)
-    return path.read_bytes()
+
+def read_json(path: str | Path, limit: int = 256 << 20) -> Any:
+    """A JSON file the runner wrote (metrics, results, indexes), read as read_regular_file reads."""
+    return json.loads(read_regular_file(Path(path), limit))

@@ -209,11 +209,12 @@ def power_warnings(manifest: Manifest, results: Path) -> list[str]:
 
 def _measured_spread(results_json: Path, primary: str) -> dict[tuple[str, str], tuple[float, float]]:
     """(dataset, budget) -> (SD of the per-seed differences, test-sample SE) from an earlier report."""
-    import json
     import statistics
 
+    from runner.atomic import read_json
+
     try:
-        rep = json.loads(results_json.read_text())
+        rep = read_json(results_json)
     except (OSError, ValueError):
         return {}
     out = {}

@@ -191,8 +191,10 @@ class TaskSpec(StrictModel):
         """A task.json as the plan wrote it, for an executor (the worker checks it itself and says more)."""
         from runner.errors import UserError
 
+        from runner.atomic import read_regular_file
+
         try:
-            return cls.model_validate_json(Path(path).read_bytes())
+            return cls.model_validate_json(read_regular_file(Path(path), 64 << 20))
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()
             raise UserError(f"{path}: not a task spec byol-runner can read ({' '.join(first[:3])}); "

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -32,8 +33,15 @@ def slug(text: str) -> str:
 def _save(fig, path: Path, rect: tuple = (0, 0, 1, 1)) -> Path:  # noqa: ANN001 - rect: the panels' share of the figure
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout(rect=rect)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from runner.atomic import temp_path
+
+    tmp = temp_path(path)
+    try:  # written aside and renamed: a stop mid-write leaves no half figure, and a FIFO there is replaced, not waited on
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from runner import arms as A
-from runner.atomic import atomic_write_text
+from runner.atomic import atomic_write_text, read_json, read_regular_file
 from runner.contracts import read_events
 from runner.report import budget_order, shown
 from runner.tables import PRIMARY as PRIMARY_NAME
@@ -50,7 +50,7 @@ class _Drawer:
         self.out = out
         self.code = _figure_code()
         try:
-            memo = json.loads((out / FIGURE_MEMO).read_text())
+            memo = read_json(out / FIGURE_MEMO)
             self.memo = memo if isinstance(memo, dict) else {}
         except (OSError, ValueError):
             self.memo = {}
@@ -247,7 +247,10 @@ def _html_figures(report: dict, results: Path) -> list[str]:
     figs = sorted(report.get("figures", []), key=lambda f: next((i for i, k in enumerate(FIGURE_ORDER) if Path(f).stem.startswith(k)), 9))
     imgs = []
     for f in figs:
-        data = base64.b64encode((results / report["run"] / f).read_bytes()).decode()
+        try:
+            data = base64.b64encode(read_regular_file(results / report["run"] / f, 64 << 20)).decode()
+        except (OSError, ValueError):  # drawn a moment ago; gone or replaced since: the page goes without it
+            continue
         imgs.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(_caption(f))}"><figcaption>{esc(_caption(f))} '
                     f'<span style="color:#9aa1ab">({esc(f)})</span></figcaption></figure>')
     return imgs

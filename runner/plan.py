@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.atomic import atomic_write_text
+from runner.atomic import atomic_write_text, read_json
 from runner.data.cache import Progress, file_sha256, no_progress
 from runner.data.dataset import accounting, external_spec, prepare
 from runner.data.sources import RootedSource
@@ -254,7 +254,7 @@ def inspect_result(results: Path, tid: str, require: tuple[str, ...] = ()) -> tu
     recorded (a classifier an external test set scores needs its model.pt)."""
     folder = results / "tasks" / tid
     try:
-        data = json.loads((folder / "metrics.json").read_bytes())
+        data = read_json(folder / "metrics.json")
     except FileNotFoundError:
         return "missing", None
     except (OSError, ValueError):

@@ -132,10 +132,10 @@ def predict(results: Path, task: str, images: list[str], device: str = "cpu") ->
 
 
 def _kind(folder: Path) -> str | None:
-    import json
+    from runner.atomic import read_json
 
     try:
-        return json.loads((folder / "task.json").read_text()).get("kind")
+        return read_json(folder / "task.json").get("kind")
     except (OSError, ValueError, AttributeError):
         return None
 

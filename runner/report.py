@@ -35,9 +35,12 @@ MODEL2 = A.role_candidates("model2")
 
 
 def _load_json(path: Path) -> dict | None:
+    """None for a file that is missing, unreadable, not a regular file or not JSON."""
+    from runner.atomic import read_json
+
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+        return read_json(path)
+    except (OSError, ValueError):
         return None
 
 

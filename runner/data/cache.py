@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.atomic import atomic_write_text, temp_path
+from runner.atomic import atomic_write_text, open_regular, read_json, temp_path
 from runner.data.arrays import SYNTHETIC_VERSION, load_npz_images, synthetic_images
 from runner.data.decode import DECODE_VERSION, Decoded, ImageSettings, decode_array, decode_file
 from runner.data.sources import DatasetBase, Item, NpzSource, RootedSource, SyntheticSource, expand_path
@@ -97,7 +97,7 @@ class FileHashes:
         memo: dict[str, list] = {}
         if self.memo_path is not None and self.memo_path.is_file():
             try:
-                memo = json.loads(self.memo_path.read_text())
+                memo = read_json(self.memo_path)
             except (OSError, ValueError):
                 memo = {}
         out, fresh, changed = [], {}, False
@@ -125,11 +125,13 @@ class FileHashes:
 def file_sha(path: Path) -> str:
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO in place of a file would block for ever
             while chunk := f.read(1 << 20):
                 h.update(chunk)
     except OSError as e:
-        h.update(f"unreadable:{e.errno}".encode())  # decoding will name the file and the reason
+        h.update(f"unreadable:{e.errno}".encode())
+    except ValueError:  # NotRegularFile
+        h.update(b"not a regular file")  # decoding will name the file and the reason
     return h.hexdigest()
 
 
@@ -231,7 +233,7 @@ def _read_entry(entry: Path, key: str) -> ImageTable:
     """An entry as written: its index names this key, and images.npy has the sha256 the index recorded
     (random bytes, another entry's file of the same shape, or an entry from before entries carried a
     digest are decoded again, never trained on)."""
-    index = json.loads((entry / "index.json").read_text())
+    index = read_json(entry / "index.json")
     if "images_sha256" not in index:
         raise OlderEntry("written before cache entries carried their digest")
     if index.get("key") != key:

@@ -47,7 +47,12 @@ def _no_space(e: BaseException, tmp: Path) -> bool:
 
 
 def safe_load(path: str | Path, device: str | torch.device = "cpu") -> Any:
-    return torch.load(path, map_location=device, weights_only=True)
+    """torch.load of tensors and plain values only (never unpickles code), from a regular file only (a
+    FIFO in its place would block the reader)."""
+    from runner.atomic import open_regular
+
+    with open_regular(path) as f:
+        return torch.load(f, map_location=device, weights_only=True)
 
 
 def rng_state(device_gen: torch.Generator) -> dict:

@@ -7,6 +7,7 @@ actions go to the scheduler as control files (`runner.commands.request`), or sta
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +128,12 @@ def detail(results: Path, task: TaskRow, log_lines: int = 40) -> str:
         when = time.strftime("%H:%M:%S", time.localtime(e["ts"])) if isinstance(e.get("ts"), (int, float)) else "--:--:--"
         parts.append(f"{when} {'ERROR ' if e['kind'] == 'error' else ''}{e['message']}")
     try:
-        tail = (folder / "worker.log").read_text(errors="replace").splitlines()[-log_lines:]
-    except OSError:
+        from runner.atomic import open_regular
+
+        with open_regular(folder / "worker.log") as f:  # a FIFO there would freeze the TUI
+            f.seek(max(0, os.fstat(f.fileno()).st_size - (64 << 10)))
+            tail = f.read().decode(errors="replace").splitlines()[-log_lines:]
+    except (OSError, ValueError):
         tail = []
     if any(line.strip() for line in tail):
         parts.append("--- worker.log (tail) ---")

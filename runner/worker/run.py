@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from runner.arms import CLASSIFIER_KINDS, EVALUATE
+from runner.atomic import read_json
 from runner.contracts import ENGINE_VERSION, EventKind, TaskSpec, event_line
 from runner.data.cache import file_sha
 from runner.errors import StartError, UserError
@@ -49,7 +50,7 @@ def load_task(path: Path, data_root: str | None = None) -> TaskSpec:
     where a container mounts it: the spec is checked against the data set where it is, not where the
     runner saw it."""
     try:
-        raw = json.loads(path.read_bytes())
+        raw = read_json(path)
         if data_root is not None and isinstance(raw, dict) and isinstance(raw.get("data"), dict):
             data = raw["data"]
             if "root" in data:
