@@ -113,10 +113,11 @@ def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, s
     run_dir = results / manifest.name
     run_dir.mkdir(parents=True, exist_ok=True)
     text = manifest._text if manifest._text is not None else Path(manifest_path).read_text()  # the copy that was planned
-    (run_dir / "manifest.yaml").write_text(text)
     import json
 
     from runner.atomic import atomic_write_text
+
+    atomic_write_text(run_dir / "manifest.yaml", text, fsync=False)  # renamed into place: whatever was there is replaced, never opened
 
     atomic_write_text(run_dir / "data.json", json.dumps(plan.data, indent=1), fsync=False)  # every image accounted for
     sched = Scheduler(plan, results, ex, slots, store, retries=manifest.executor.retries, retry_failed=retry_failed,

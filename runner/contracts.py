@@ -24,6 +24,7 @@ from pydantic import Field
 from runner.arms import KINDS
 from runner.choices import StrictModel, one_of
 from runner.data.sources import DatasetSpec
+from runner.errors import first_line
 from runner.ml.config import TrainSettings
 
 ENGINE_VERSION = 4  # bump when a code change alters results: it is part of every task id (4: RandomResizedCrop sampling)
@@ -153,7 +154,7 @@ class ControlRequest(StrictModel):
                 out.append(cls.model_validate_json(data))
             except (OSError, ValueError) as e:
                 f.unlink(missing_ok=True)
-                print(f"note: ignored {f}: not a control request ({str(e).splitlines()[0][:120]})", file=sys.stderr)
+                print(f"note: ignored {f}: not a control request ({first_line(e, 120)})", file=sys.stderr)
         return out
 
 

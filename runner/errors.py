@@ -6,6 +6,19 @@ import errno
 from pathlib import Path
 
 
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's first line of text, for a one-line message: its type when it has no text (str() of
+    some of torch's and numpy's is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
+def described(e: BaseException, limit: int = 160) -> str:
+    """`Type: first line`, or the type alone when the exception has no text."""
+    text = first_line(e, limit)
+    return type(e).__name__ if text == type(e).__name__ else f"{type(e).__name__}: {text}"
+
+
 class UserError(Exception):
     """Bad input (manifest, data, usage): the message says what is wrong and where."""
 

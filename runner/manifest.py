@@ -21,7 +21,7 @@ from runner.arms import DEFAULT_METHODS, METHODS, pretraining_of
 from runner.choices import StrictModel, one_of
 from runner.data.sources import DatasetSpec
 from runner.data.splits import LabelBudget
-from runner.errors import ManifestError
+from runner.errors import ManifestError, first_line
 from runner.executors.specs import LocalSpec, executor_specs
 from runner.ml.config import TrainSettings
 
@@ -399,7 +399,7 @@ def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e, 300)
         raise ManifestError(f"{where}: not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"

@@ -323,3 +323,40 @@ def test_a_resume_with_another_max_parallel_keeps_the_thread_count_its_finished_
     r = run_cli("report", "--results", str(results), "--docs", str(tmp_path / "docs"))
     assert r.returncode == 0, r.stderr
     assert f"; {recorded} CPU thread(s) per task;" in (tmp_path / "docs" / "tiny.md").read_text()
+
+
+@pytest.mark.e2e
+def test_fifos_in_place_of_a_runs_files_hang_no_command(tiny_reference, tmp_path):
+    """What bench/damage.py found: a FIFO where a metrics.json was hung `status` (and every reader of
+    it), one where the run's manifest.yaml copy was hung `run`, and an empty model.pt gave `predict` a
+    traceback. Each command now finishes: status and report leave the task out and say so, run trains
+    the task again and publishes the reference's numbers, predict names the file in one line."""
+    from PIL import Image
+
+    manifest, reference, _ = tiny_reference
+    results = copy_results(reference, tmp_path / "results")
+    sup = _task_of(results, "supervised", fraction=1.0)
+    ft = _task_of(results, "finetune", fraction=1.0)
+    (sup / "metrics.json").unlink()
+    os.mkfifo(sup / "metrics.json")
+    figure = sorted((results / "tiny" / "figures").glob("*.png"))[0]
+    figure.unlink()
+    os.mkfifo(figure)
+    (results / "tiny" / "manifest.yaml").unlink()
+    os.mkfifo(results / "tiny" / "manifest.yaml")
+    (ft / "model.pt").write_bytes(b"")
+
+    r = run_cli("status", "--results", str(results), timeout=60)
+    assert r.returncode == 0 and "damaged" in r.stdout, r.stdout + r.stderr
+    r = run_cli("report", "--results", str(results), "--format", "md", timeout=90)
+    assert r.returncode == 0 and f"missing, unreadable or another task's ({sup.name[:8]})" in r.stdout, r.stdout + r.stderr
+    image = tmp_path / "one.png"
+    Image.new("L", (32, 32), 90).save(image)
+    r = run_cli("predict", ft.name, str(image), "--results", str(results), timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "not a readable model file (EOFError)" in r.stderr, r.stderr
+
+    r = run_cli("run", str(manifest), "--results", str(results), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (results / "tiny" / "manifest.yaml").is_file() and figure.is_file()
+    ref = (reference / "tiny" / "results.md").read_text().split("\n\n")[0]
+    assert (results / "tiny" / "results.md").read_text().split("\n\n")[0] == ref

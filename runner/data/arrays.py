@@ -6,7 +6,7 @@ import zipfile
 
 import numpy as np
 
-from runner.errors import DataError
+from runner.errors import DataError, first_line
 
 SYNTHETIC_VERSION = 2  # bump when the generator's pixels change
 
@@ -18,7 +18,7 @@ def _open_npz(path: str) -> np.lib.npyio.NpzFile:
         if isinstance(e, ValueError) and "pickle" in str(e) or isinstance(e, (zipfile.BadZipFile, EOFError)):
             # numpy reads a file that is no zip as a pickle, and says so: what it is not is the point
             raise DataError(f"{path}: not an npz archive (a zip of .npy arrays, as np.savez writes)") from None
-        raise DataError(f"{path}: not a readable .npz file ({str(e).splitlines()[0][:160]})") from None
+        raise DataError(f"{path}: not a readable .npz file ({first_line(e)})") from None
 
 
 def _member(z, path: str, name: str) -> np.ndarray:  # noqa: ANN001 - an NpzFile
@@ -26,7 +26,7 @@ def _member(z, path: str, name: str) -> np.ndarray:  # noqa: ANN001 - an NpzFile
     try:
         return np.asarray(z[name])
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path}: {name} cannot be read as a plain array ({str(e).splitlines()[0][:120]}); "
+        raise DataError(f"{path}: {name} cannot be read as a plain array ({first_line(e, 120)}); "
                         "save numbers, not Python objects (np.savez with uint8 images and integer labels)") from None
 
 

@@ -16,7 +16,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from runner.choices import StrictModel
-from runner.errors import DataError
+from runner.errors import DataError, first_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 KNOWN_EXTENSIONS = (*IMAGE_EXTENSIONS, ".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
@@ -551,7 +551,7 @@ def _read_csv(path: Path, encoding: str | None = None, delimiter: str | None = N
         # skipinitialspace + strip: Kaggle's head CT header is "id, hemorrhage" (note the space).
         df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, skipinitialspace=True, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{path}: not a readable CSV file ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{path}: not a readable CSV file ({first_line(e)})") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runner.errors import described
 from runner.ml.checkpoint import atomic_save, safe_load
 
 FORMAT = 1
@@ -128,7 +129,7 @@ def load(path: Path) -> dict:
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such file (the classifier task has not finished, or its folder was removed)") from None
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: torch raises several kinds
-        raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        raise ModelFileError(f"{path}: not a readable model file ({described(e)})") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a byol-runner model file of format {FORMAT}")
     return saved
