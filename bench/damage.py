@@ -62,7 +62,6 @@ run: {{device: cpu, progress_every_s: 5, checkpoint_every_steps: 2}}
 executor: {{max_parallel: 1, retries: 0}}
 """
 DAMAGES = ("empty", "half", "garbage", "foreign", "fifo")
-SAID = ("note", "warning", "damaged", "foreign", "moved", "missing", "left out", "not its", "error", "refus", "skipp")
 ALLOWED = {"status": {0, 2}, "report": {0, 2}, "run": {0, 2}, "predict": {0, 2}}
 TIMEOUT = {"status": 60, "report": 90, "run": 300, "predict": 60}
 
@@ -93,9 +92,13 @@ def arms_of(report: dict) -> dict:
     return out
 
 
-def said(r: dict) -> bool:
-    text = (r["err"] + "\n" + r["out"]).lower()
-    return any(w in text for w in SAID)
+def said(r: dict, report: dict | None = None) -> bool:
+    """Whether a command said something was wrong: any line on stderr (a clean rerun of the pristine run
+    prints none: the control case checks it), a "Left out:" line in the printed report, or the JSON
+    report's list of tasks left out."""
+    if r["err"].strip() or "left out:" in r["out"].lower():
+        return True
+    return bool(report and report.get("not_own"))
 
 
 def make_run(base: Path, name: str, data_seed: int, seed: int) -> tuple[Path, Path]:
@@ -178,7 +181,7 @@ def file_case(ctx: dict, rel: Path, how: str, seed: int) -> dict:
     shutil.copytree(ctx["pristine"], results, symlinks=True)
     target = results / rel
     rng = random.Random(seed)
-    if not damage(target, how, counterpart(rel, ctx["pristine"], ctx["foreign"]), rng):
+    if how != "none" and not damage(target, how, counterpart(rel, ctx["pristine"], ctx["foreign"]), rng):
         shutil.rmtree(work, ignore_errors=True)
         return {"file": str(rel), "damage": how, "skipped": "no counterpart"}
     findings: list[str] = []
@@ -191,11 +194,12 @@ def file_case(ctx: dict, rel: Path, how: str, seed: int) -> dict:
             findings.append(f"{cmd}: {bad}")
         elif cmd == "report" and r["rc"] == 0:
             try:
-                numbers = arms_of(json.loads(r["out"]))
+                printed = json.loads(r["out"])
+                numbers = arms_of(printed)
             except json.JSONDecodeError:
-                numbers = None
+                printed, numbers = None, None
                 findings.append("report: --format json printed no JSON")
-            if numbers is not None and numbers != ctx["arms"] and not said(r):
+            if numbers is not None and numbers != ctx["arms"] and not said(r, printed):
                 findings.append("report: silent (the every-arm table changed, nothing said)")
     if rel.parts[0] == "tasks":
         for tid, expected in ctx["predictions"].items():
@@ -223,6 +227,8 @@ def file_case(ctx: dict, rel: Path, how: str, seed: int) -> dict:
         if numbers is not None and numbers != ctx["arms"] and not said(r):
             findings.append("run: silent (published numbers differ from the pristine run's, nothing said)")
     shutil.rmtree(work, ignore_errors=True)
+    if how == "none" and said(r):  # the control: an undamaged copy must pass without a word, or "said" means nothing
+        findings.append("control: the rerun of an undamaged copy printed on stderr: " + r["err"].strip()[:200])
     return {"file": str(rel), "damage": how, "findings": findings, "run_rc": r["rc"], "said": said(r)}
 
 
@@ -343,8 +349,9 @@ def main() -> int:
         if "files" in args.parts:
             files = sorted(p.relative_to(pristine) for p in pristine.rglob("*") if p.is_file() and not p.is_symlink()
                            and args.match in str(p.relative_to(pristine)))
-            cases = [(f, how) for f in files for how in DAMAGES]
-            say(f"files: {len(files)} files x {len(DAMAGES)} damages = {len(cases)} cases")
+            cases = [(Path("runner.db"), "none")] + [(f, how) for f in files for how in DAMAGES]
+            say(f"files: {len(files)} files x {len(DAMAGES)} damages = {len(cases) - 1} cases, and one undamaged copy "
+                "(the control)")
             t1 = time.monotonic()
             tally: dict[str, int] = {}
             pool = ThreadPoolExecutor(args.jobs)
