@@ -191,3 +191,28 @@ def test_a_run_that_cannot_start_says_why_on_screen(tmp_path, monkeypatch):
 
     asyncio.run(scenario())
     assert app.proc.returncode == 2
+
+
+def test_a_runner_db_being_created_reads_as_no_run_yet_and_an_old_empty_one_as_damaged(tmp_path):
+    """A run started from the TUI creates runner.db and then its tables: a refresh in between read a
+    table-less file and the TUI's worker died with "damaged" (seen in CI under load). A young file
+    without tables is "no run yet"; one older than CREATING_S is damaged and says so."""
+    import os
+    import sqlite3
+
+    from runner.store import StoreDamaged
+    from runner.tui.state import CREATING_S, curve, read_snapshot
+
+    results = tmp_path / "results"
+    results.mkdir()
+    db = results / "runner.db"
+    with sqlite3.connect(db) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA user_version=0")
+    snap = read_snapshot(results)
+    assert snap.run is None and snap.tasks == []
+    assert curve(results, "abc") == {}
+    old = time.time() - CREATING_S - 60
+    os.utime(db, (old, old))
+    with pytest.raises(StoreDamaged, match="tables"):
+        read_snapshot(results)

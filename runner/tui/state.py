@@ -38,12 +38,35 @@ class Snapshot:
         return sum(1 for t in self.tasks if t.status == "done")
 
 
+CREATING_S = 30.0  # a runner.db without tables this young is one a run started a moment ago is creating
+
+
+def _open(db: Path) -> Store | None:
+    """The store read-only, or None when there is none yet: no file, or a file the run just started
+    (from this TUI, say) has created and not yet given its tables (reading it then failed the TUI's
+    refresh with "damaged"). An older file without tables is damaged, and said so."""
+    from runner.store import StoreDamaged
+
+    if not db.is_file():
+        return None
+    try:
+        return Store(db, readonly=True)
+    except StoreDamaged:
+        try:
+            young = time.time() - db.stat().st_mtime < CREATING_S
+        except OSError:
+            return None
+        if young:
+            return None
+        raise
+
+
 def read_snapshot(results: Path, run_name: str | None = None) -> Snapshot:
     t0 = time.perf_counter()
     db = results / "runner.db"
-    if not db.is_file():
+    store = _open(db)
+    if store is None:
         return Snapshot(None)
-    store = Store(db, readonly=True)
     try:
         run = store.latest_run(run_name)
         if run is None:
@@ -68,9 +91,9 @@ def curve(results: Path, task_id: str) -> dict[str, list[tuple[float, float]]]:
     """The series of one task's points: loss per step, validation loss, tau, the collapse monitor and
     the pretraining monitor (kNN AUROC, and the untrained network's)."""
     db = results / "runner.db"
-    if not db.is_file():
+    store = _open(db)
+    if store is None:
         return {}
-    store = Store(db, readonly=True)
     try:
         rows = store.points(task_id)
     finally:
