@@ -96,7 +96,7 @@ def predict(results: Path, task: str, images: list[str], device: str = "cpu") ->
 
     folder = find_task(results, task)
     try:
-        model = saved.load(folder / "model.pt")
+        model = saved.load(folder / "model.pt", folder.name)
     except saved.ModelFileError as e:
         kind = _kind(folder)
         why = f" (a {kind} task has no classifier)" if kind in ("pretrain", "noop", "evaluate") else ""

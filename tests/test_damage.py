@@ -360,3 +360,24 @@ def test_fifos_in_place_of_a_runs_files_hang_no_command(tiny_reference, tmp_path
     assert (results / "tiny" / "manifest.yaml").is_file() and figure.is_file()
     ref = (reference / "tiny" / "results.md").read_text().split("\n\n")[0]
     assert (results / "tiny" / "results.md").read_text().split("\n\n")[0] == ref
+
+
+@pytest.mark.e2e
+def test_predict_refuses_a_model_file_of_another_task(tiny_reference, tmp_path):
+    """bench/damage.py found it: another task's model.pt (of this run or another, of the same kind)
+    in a classifier's folder was scored by `predict` as that classifier, with nothing said. It is
+    refused in one line naming both tasks (`run` trains that task again: the file no longer matches the
+    checksum its metrics.json recorded, as the checksum tests above hold); the other task still scores."""
+    from PIL import Image
+
+    _, reference, _ = tiny_reference
+    results = copy_results(reference, tmp_path / "results")
+    sup = _task_of(results, "supervised", fraction=1.0)
+    ft = _task_of(results, "finetune", fraction=1.0)
+    (sup / "model.pt").write_bytes((ft / "model.pt").read_bytes())
+    image = tmp_path / "one.png"
+    Image.new("L", (32, 32), 90).save(image)
+    r = cli_here("predict", sup.name, str(image), "--results", str(results))
+    assert r.returncode == 2 and f"is the classifier of task {ft.name}, not of task {sup.name}" in r.stderr, r.stderr
+    r = cli_here("predict", ft.name, str(image), "--results", str(results))
+    assert r.returncode == 0, r.stderr

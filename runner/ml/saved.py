@@ -123,7 +123,9 @@ class ModelFileError(Exception):
     """model.pt cannot be read or does not describe a classifier this version scores."""
 
 
-def load(path: Path) -> dict:
+def load(path: Path, task: str | None = None) -> dict:
+    """A saved classifier; with `task`, it must be that task's (a model.pt copied or swapped from
+    another task's folder, of this run or another, is refused: predict scored with it silently)."""
     try:
         saved = safe_load(path, "cpu")
     except FileNotFoundError:
@@ -132,6 +134,9 @@ def load(path: Path) -> dict:
         raise ModelFileError(f"{path}: not a readable model file ({described(e)})") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a byol-runner model file of format {FORMAT}")
+    if task is not None and saved.get("task") != task:
+        raise ModelFileError(f"{path} is the classifier of task {str(saved.get('task'))[:16]}, not of task {task} (copied or "
+                             "swapped from another folder): `byol-runner run` with the same manifest trains it again")
     return saved
 
 

@@ -46,7 +46,7 @@ def evaluate(task: TaskSpec, results: Path, ctx, log: EventLog) -> dict:  # noqa
     if task.model is None or not inside(results / task.model, results):
         raise StartError(f"task {task.id}: model {task.model!r} is not a model.pt inside the results dir {results}")
     try:
-        model = saved.load(results / task.model)
+        model = saved.load(results / task.model, Path(task.model).parent.name)
         # scored as the classifier scored its own test split (its evaluation view and precision), here
         ctx = dataclasses.replace(ctx, run=saved.scoring_run(model, task.settings.run.device))
         scorer = saved.Scorer(model, results, ctx.device, ctx)
