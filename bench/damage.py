@@ -243,7 +243,7 @@ def alive_children(pid: int) -> list[int]:
                 cmd = (d / "cmdline").read_bytes()
             except (OSError, IndexError, ValueError):
                 continue
-            kids.setdefault(ppid, []).append(int(d.name)) if b"runner.worker" in cmd or b"worker" in cmd else None
+            kids.setdefault(ppid, []).append(int(d.name)) if b"worker" in cmd else None
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -265,6 +265,18 @@ def phase_of(results: Path) -> str:
     if (results / "dmg" / "results.json").exists():
         return "report"
     return f"{done}/5 tasks done" if results.exists() else "planning"
+
+
+def report_complete(results: Path) -> bool:
+    """The run recorded done and its report in place: a stop that comes now comes after the work."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{results / 'runner.db'}?mode=ro", uri=True) as db:
+            row = db.execute("SELECT status FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+    except sqlite3.Error:
+        return False
+    return row == ("done",) and all((results / "dmg" / f"results.{x}").is_file() for x in ("md", "csv", "json", "html"))
 
 
 def signal_case(ctx: dict, sig_name: str, at: float) -> dict:
@@ -302,8 +314,12 @@ def signal_case(ctx: dict, sig_name: str, at: float) -> dict:
         findings += [f"a worker ({c}) outlived its killed runner by 60 s" for c in workers if running(c)]
     if "Traceback (most recent call last)" in err:
         findings.append("stopped run: traceback: " + err.strip().splitlines()[-1][:200])
+    if findings or (sent and p.returncode not in expected):
+        (ctx["tmp"].parent / f"byol-damage-{sig_name}-{at:.2f}.stderr").write_text(err)  # the whole of it, to read
     # SIGINT: 130, or the signal itself (-2), which a shell reports as 130 too: seen once in the report phase
     expected = {"SIGINT": {130, -2}, "SIGHUP": {130}, "SIGTERM": {130}, "SIGKILL": {-9}, "SIGKILL-worker": {0}}[sig_name]
+    if sig_name in ("SIGTERM", "SIGHUP") and p.returncode == -getattr(signal, sig_name) and report_complete(results):
+        expected = expected | {p.returncode}  # the run had ended, its report written: the signal's own death is right
     if sent and p.returncode not in expected and not findings:
         findings.append(f"stopped run: exit {p.returncode}, expected {sorted(expected)}: "
                         + (err.strip().splitlines() or ["(no output)"])[-1][:200])

@@ -131,6 +131,8 @@ def _execute(manifest_path, manifest: Manifest, results: Path, plan: Plan, ex, s
             outcome = sched.run(text, str(Path(manifest_path).resolve()), lock)
         try:
             with stops_as_interrupt():  # a stop now: said, not a silent death (the run is recorded already)
+                if sched.late_stop:  # it came as the run ended, while the executor shut down
+                    raise KeyboardInterrupt
                 tasks = store.run_tasks(outcome.run_id)
                 rep = R.build(results, manifest.name, tasks, R.arch_of(text), **R.judging_of(text))
                 rep["meta"] = R.provenance(results, store.run(outcome.run_id), tasks, 1000, store.attempt_span([t.id for t in tasks]))

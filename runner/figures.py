@@ -18,7 +18,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+# Figures, not pyplot: pyplot keeps every figure in a global registry until it is closed, so one a stop
+# interrupts (Ctrl-C while the report is drawn, in a process that goes on: the TUI) would stay there.
+from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 
 from runner.arms import ARMS  # noqa: E402
@@ -41,12 +43,12 @@ def _save(fig, path: Path, rect: tuple = (0, 0, 1, 1)) -> Path:  # noqa: ANN001 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-        plt.close(fig)
     return path
 
 
 def confusion(out: Path, dataset: str, budget: str, mats: dict[str, np.ndarray], class_names: list[str]) -> Path:
-    fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.2), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(mats), 3.2))
+    axes = fig.subplots(1, len(mats), squeeze=False)
     for ax, (method, m) in zip(axes[0], mats.items()):
         ax.imshow(m, cmap="Blues", vmin=0, vmax=max(m.max(), 1))
         for (i, j), v in np.ndenumerate(m):
@@ -69,7 +71,8 @@ def pretrain_loss(out: Path, dataset: str, curves: dict[tuple[str, int], list[tu
     names = sorted({name for name, _ in curves})
     rows = 2 if monitor and any(monitor.values()) else 1
     cols = max(len(names), 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.5 * rows), squeeze=False)
+    fig = Figure(figsize=(5.5 * cols, 3.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes[0], names):
         for (n, seed), pts in sorted(curves.items()):
             if n == name and pts:
@@ -98,7 +101,8 @@ def pretrain_loss(out: Path, dataset: str, curves: dict[tuple[str, int], list[tu
 
 
 def finetune_loss(out: Path, dataset: str, budget: str, curves: dict[str, dict[int, list[tuple]]]) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=False)
+    fig = Figure(figsize=(10, 3.5))
+    axes = fig.subplots(1, 2, sharey=False)
     for method, by_seed in curves.items():
         for seed, pts in sorted(by_seed.items()):
             train = [(s, v) for s, v, _ in pts if v is not None]
@@ -123,7 +127,8 @@ def finetune_loss(out: Path, dataset: str, budget: str, curves: dict[str, dict[i
 
 def label_efficiency(out: Path, dataset: str, budgets: list[str], series: dict[str, dict[str, dict]]) -> Path:
     """series[method][budget] = the bootstrap result of that arm (metric -> value, ci)."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    fig = Figure(figsize=(12, 3.8))
+    axes = fig.subplots(1, 2)
     x = np.arange(len(budgets))
     for k, (method, by_budget) in enumerate(series.items()):
         for ax, metric in zip(axes, ("accuracy", "auroc")):

@@ -64,6 +64,7 @@ class Scheduler:
         # a stop anywhere in between ends that attempt (and cancels its worker if it got one)
         self.starting: tuple[str, int, object] | None = None
         self.started_workers = 0
+        self.late_stop: str | None = None  # a stop that came while the executor shut down (see StopSignals)
         self.adopted: dict[int, Handle] = {}
         self.taken_over = 0
         self.removed_temp = (0, 0)
@@ -177,7 +178,8 @@ class Scheduler:
             self._take_over(run_id)
             self._show(True)
             try:
-                self._loop(run_id)
+                self._loop(run_id, stopping)
+                stopping.check()  # a stop in the last round that a finalizer dropped
             except KeyboardInterrupt:
                 stopping.stopping = True  # a second Ctrl-C now does not cut the cleanup short
                 n = len(self.running)
@@ -194,8 +196,10 @@ class Scheduler:
             self.store.end_run(run_id, "done" if code == 0 else "failed", code)
             return self._outcome(run_id, code, t0)
         finally:
+            stopping.closing = True  # a stop from now on is kept for the caller (late_stop), not raised
             self.executor.close()
             stopping.restore()  # after the executor is closed: a late Ctrl-C cannot interrupt that
+            self.late_stop = stopping.late
             if own:
                 lock.release()
 
@@ -207,9 +211,10 @@ class Scheduler:
         failed = {by_id[t].label: self.errors.get(t) or "" for t, s in self.status.items() if s == S.FAILED}
         return RunOutcome(run_id, code, counts, self.started_workers, time.time() - t0, self.taken_over, self.removed_temp, failed)
 
-    def _loop(self, run_id: int) -> None:
+    def _loop(self, run_id: int, stopping: StopSignals) -> None:
         by_id = self.plan.by_id()
         while True:
+            stopping.check()
             changed = self._reap()
             for r in self.running.values():
                 events = r.tail.read()

@@ -109,46 +109,85 @@ class ReportInterrupted(KeyboardInterrupt):
     """A stop while a finished run's report was written: its tasks are recorded, the report is not."""
 
 
+def _quiet_interrupts(previous):  # noqa: ANN001, ANN202
+    """An unraisablehook. Python runs finalizers and weakref callbacks (garbage collection) between any
+    two bytecodes; a KeyboardInterrupt a signal handler raises inside one is printed as 'Exception
+    ignored in ...' with a traceback, and dropped: the stop would be lost, with a traceback said. While
+    the handlers below are in place such a KeyboardInterrupt is not printed, and the stop is raised
+    again at their next check (found by bench/damage.py: SIGTERM while the report's figures were drawn)."""
+
+    def hook(unraisable) -> None:  # noqa: ANN001
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        previous(unraisable)
+
+    return hook
+
+
 @contextlib.contextmanager
 def stops_as_interrupt():  # noqa: ANN201
     """SIGTERM and SIGHUP raise KeyboardInterrupt inside the block, as Ctrl-C does, instead of ending the
-    process on the spot with nothing said (a stop during the final report). Only the main thread can
-    set signal handlers: elsewhere, nothing changes."""
+    process on the spot with nothing said (a stop during the final report). A stop that came while a
+    finalizer ran (where Python drops the exception) is raised when the block ends. Only the main
+    thread can set signal handlers: elsewhere, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    got: list[int] = []
 
     def handle(signum, frame) -> None:  # noqa: ANN001
         if signum == signal.SIGHUP:
             _detach_output()
+        got.append(signum)
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    hook, sys.unraisablehook = sys.unraisablehook, _quiet_interrupts(sys.unraisablehook)
     try:
         yield
+        if got:  # raised inside a finalizer and dropped there: the stop still stands
+            raise KeyboardInterrupt
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = hook
 
 
 class StopSignals:
     """Ctrl-C, SIGTERM and SIGHUP (a closed terminal or ssh session) stop the run: the first raises KeyboardInterrupt in the loop and is named in the
     attempts' records; any further one while the runner stops its tasks and records them is ignored
-    (it would leave the run and its attempts marked running), with a line saying so."""
+    (it would leave the run and its attempts marked running), with a line saying so. Once the run has
+    ended (`closing`: the executor shuts down its preloader or containers) a stop is kept in `late`
+    for the caller, not raised: it would cut that shutdown short."""
 
     def __init__(self) -> None:
         self.name: str | None = None
         self.stopping = False
+        self.closing = False
+        self.late: str | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        self.hook, sys.unraisablehook = sys.unraisablehook, _quiet_interrupts(sys.unraisablehook)
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
         if signum == signal.SIGHUP:  # its terminal (or ssh session) is gone: what it prints from now on goes nowhere
             _detach_output()
+        name = {signal.SIGINT: "Ctrl-C", signal.SIGHUP: "SIGHUP (its terminal closed)"}.get(signum, "SIGTERM")
+        if self.closing:
+            if self.name is None:
+                self.late = self.late or name
+            return
         if self.name is None and not self.stopping:
-            self.name = {signal.SIGINT: "Ctrl-C", signal.SIGHUP: "SIGHUP (its terminal closed)"}.get(signum, "SIGTERM")
+            self.name = name
             raise KeyboardInterrupt
         print("byol-runner: stopping the running tasks and recording them; this takes a few seconds", file=sys.stderr)
+
+    def check(self) -> None:
+        """Raise the stop a finalizer dropped (see _quiet_interrupts): a signal came, and no
+        KeyboardInterrupt reached the loop."""
+        if self.name is not None and not self.stopping:
+            raise KeyboardInterrupt
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = self.hook

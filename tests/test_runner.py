@@ -221,6 +221,38 @@ def test_a_stop_while_the_final_report_is_written_says_so_and_report_writes_it(t
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("where", ["report", "loop"])
+def test_a_stop_that_lands_in_a_finalizer_still_stops_the_run_and_prints_no_traceback(tiny_reference, tmp_path, where):
+    """Python drops (and prints, with a traceback) an exception raised inside a finalizer, which
+    garbage collection runs at any moment: a SIGTERM landing there was lost and its KeyboardInterrupt
+    printed as 'Exception ignored' (bench/damage.py, SIGTERM while the report's figures were drawn).
+    The stop must still end the run as any SIGTERM does, with no traceback: during the report, exit
+    130 naming the command that writes it; during the run, the running tasks recorded interrupted."""
+    manifest, reference, _ = tiny_reference
+    if where == "report":
+        results = copy_results(reference, tmp_path / "results")
+        (results / "tiny" / "results.md").unlink()
+    else:
+        results = tmp_path / "results"
+        manifest = tiny(tmp_path, pre_epochs=40)
+    r = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(manifest), "--results", str(results)], cwd=REPO,
+                       env={**os.environ, **fault_env(f"finalizer-stop-{where}")}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    with sqlite3.connect(results / "runner.db") as db:
+        run = db.execute("SELECT status, exit_code FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        rows = db.execute("SELECT status, error FROM attempts WHERE status != 'done'").fetchall()
+    if where == "report":
+        assert "stopped while the report was written" in r.stderr, r.stderr
+        assert run == ("done", 0)
+    else:
+        assert "resume with: byol-runner run " in r.stderr, r.stderr
+        assert run == ("interrupted", 130)
+        assert rows and all(s == "interrupted" and e == "stopped by SIGTERM" for s, e in rows), rows
+
+
+@pytest.mark.e2e
 def test_a_second_runner_on_the_same_results_is_refused(tmp_path):
     results = tmp_path / "results"
     manifest = tiny(tmp_path, pre_epochs=40)
