@@ -284,7 +284,7 @@ def status(results_cli: str | None, run_name: str | None = None) -> dict:
         tasks = store.run_tasks(run["id"])
     # a run marked running whose runner is gone was killed: say so
     state = "stopped" if run["status"] == "running" and not pid_alive(run["pid"]) else run["status"]
-    from runner.report import foreign_metrics
+    from runner.report import foreign_metrics, weights_of
 
     not_own = set(foreign_metrics(results, tasks))
     return {
@@ -294,7 +294,7 @@ def status(results_cli: str | None, run_name: str | None = None) -> dict:
                    "status": "damaged" if t.id in not_own else t.status, "epoch": t.epoch, "step": t.step, "total": t.total,
                    "loss": t.loss, "img_per_s": t.img_per_s, "attempts": t.attempts,
                    "error": NOT_OWN if t.id in not_own else t.error, "degenerate": _degenerate(results, t)} for t in tasks],
-        "disk": task_disk(results, [t.id for t in tasks]),
+        "disk": task_disk(results, [t.id for t in tasks]) | {"weights": weights_of(run["manifest"])},
     }
 
 

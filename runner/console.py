@@ -431,8 +431,11 @@ def disk_line(disk: dict) -> str:
     """"disk: 216.4 MB in the task folders; networks: 1 encoder.pt 44.8 MB, 4 model.pt 179.0 MB"."""
     mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
     nets = ", ".join(f"{n} {name} {mb(b)}" for name, (n, b) in sorted(disk["networks"].items()))
+    kept = {"bf16": "weights kept in bf16, compressed (run.weights)",
+            "fp32": "weights kept in fp32; run.weights: bf16 keeps a third of it"}.get(disk.get("weights", ""), "")
     return f"disk: {mb(disk['bytes'])} in the task folders" + (f"; networks: {nets}" if nets else "") + (
-        " (a linear probe's model.pt names its encoder and a control's says how to build its network again: a few KB each)")
+        f" ({kept + '; ' if kept and nets else ''}a linear probe's model.pt names its encoder and a control's says how to "
+        "build its network again: a few KB each)")
 
 
 def print_doctor(checks: list[dict]) -> None:

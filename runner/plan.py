@@ -23,7 +23,7 @@ from runner.data.sources import RootedSource
 from runner.errors import DataError
 from runner.manifest import Manifest
 from runner.ml.config import TrainSettings
-from runner.arms import ARMS, EVALUATE, KIND_SETTINGS, PRETRAININGS, needs_imagenet, pretraining_of
+from runner.arms import ARMS, CLASSIFIER_KINDS, EVALUATE, KIND_SETTINGS, PRETRAININGS, needs_imagenet, pretraining_of
 from runner.contracts import ENGINE_VERSION
 
 @dataclass
@@ -116,6 +116,8 @@ class _TaskMaker:
             "settings": {k: self.hashed[k] for k in sections}, "deps": [d.id for d in deps],
             "precision": self.settings["run"]["precision"],  # as asked: auto resolves where the worker runs
         }
+        if self.settings["run"].get("weights", "fp32") != "fp32" and kind in ("pretrain", *CLASSIFIER_KINDS):
+            identity["weights"] = self.settings["run"]["weights"]  # the network kept is the one scored (fp32 hashes as before)
         if pretraining and pretraining != "byol":  # BYOL from random init hashes as it always has
             identity["pretraining"] = pretraining
         starts_imagenet = kind in ("supervised-imagenet", "imagenet-linear") or bool(pretraining and PRETRAININGS[pretraining].init == "imagenet")

@@ -352,6 +352,17 @@ def primary_of(manifest_yaml: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)  # the TUI asks on every refresh
+def weights_of(manifest_yaml: str) -> str:
+    """run.weights of a run's manifest: the precision its networks are kept in ("fp32" when unreadable)."""
+    import yaml
+
+    try:
+        keep = ((yaml.safe_load(manifest_yaml) or {}).get("run") or {}).get("weights", "fp32")
+    except (yaml.YAMLError, AttributeError):
+        keep = "fp32"
+    return keep if keep in ("fp32", "bf16") else "fp32"
+
+
 def arch_of(manifest_yaml: str) -> str:
     import yaml
 

@@ -237,3 +237,57 @@ run: {{device: cpu}}
     assert plain.returncode == 0 and re.match(rf"{re.escape(files[0])}\tclass[01]\tp\(class1\) 0\.\d{{4}}$", plain.stdout.strip())
     unknown = cli_here("predict", "zzzz", files[0], "--results", str(results))
     assert unknown.returncode == 2 and "0 tasks under" in unknown.stderr and "start with 'zzzz'" in unknown.stderr
+
+
+@pytest.mark.e2e
+def test_weights_kept_in_bf16_make_a_third_of_the_files_and_predict_gives_what_was_scored(tmp_path):
+    """run.weights: bf16 (what the demo uses to keep its results dir small): encoder.pt and the
+    fine-tuned and supervised model.pt hold well under half the fp32 bytes, and `predict` with every
+    classifier (fine-tune, supervised, the probe on the rounded encoder) returns the probabilities its
+    metrics.json stores: the network kept is the network scored. The ids differ from fp32's."""
+    import torch
+
+    from runner.data.dataset import prepare
+    from runner.manifest import load_manifest
+    from runner.ml.metrics import stored_probs
+    from runner.ml.models import Backbone, Classifier
+    from runner.plan import make_plan
+
+    data = _png_folder(tmp_path / "pngs")
+    manifest = tmp_path / "w.yaml"
+    manifest.write_text(f"""\
+name: w
+datasets:
+  png: {{source: imagefolder, root: {data}, image_size: 24, split: {{val: 0.25, test: 0.25}}, positive: class1}}
+methods: [byol-finetune, byol-linear, supervised]
+labels: {{fractions: [1.0], validation: full, min_validation_per_class: 2}}
+seeds: [0]
+model: {{arch: resnet18}}
+pretrain: {{epochs: 2, min_steps: 0, batch_size: 8, proj_hidden: 64, pred_hidden: 64, proj_dim: 16, warmup_epochs: 1}}
+finetune: {{epochs: 2, min_steps: 4, batch_size: 8}}
+run: {{device: cpu, weights: bf16}}
+""")
+    results = tmp_path / "results"
+    r = run_cli("run", str(manifest), "--results", str(results))
+    assert r.returncode == 0, r.stdout + r.stderr
+    fp32_bytes = sum(t.numel() * 4 for t in Classifier(Backbone("resnet18", 3), 2).state_dict().values())
+    tasks = _tasks(results)
+    [pre] = [tid for tid, m in tasks.items() if m["kind"] == "pretrain"]
+    assert (results / "tasks" / pre / "encoder.pt").stat().st_size < fp32_bytes / 2.5
+    ds = prepare("png", load_manifest(manifest).datasets["png"], results / "cache")
+    test_files = [str(data / ds.keys[i]) for i in ds.splits["test"]]
+    scored = {tid: m for tid, m in tasks.items() if m["kind"] != "pretrain"}
+    assert sorted(m["kind"] for m in scored.values()) == ["finetune", "linear", "supervised"]
+    for tid, m in scored.items():
+        if m["kind"] != "linear":  # (a probe keeps its head and names the encoder)
+            size = (results / "tasks" / tid / "model.pt").stat().st_size
+            assert size < fp32_bytes / 2.5, (m["kind"], size, fp32_bytes)
+            state = torch.load(results / "tasks" / tid / "model.pt", weights_only=True)["state_dict"]
+            assert state["codec"] == "bf16-planes-zlib-1"
+        out = cli_here("predict", tid[:8], *test_files, "--results", str(results), "--json")
+        assert out.returncode == 0, out.stderr
+        probs = np.array([[row["probs"]["class0"], row["probs"]["class1"]] for row in json.loads(out.stdout)["rows"]])
+        assert stored_probs(probs) == m["predictions"]["test_probs"], m["kind"]
+    manifest.write_text(manifest.read_text().replace("weights: bf16", "weights: fp32"))
+    fp32_ids = {t.id for t in make_plan(load_manifest(manifest), results).tasks}
+    assert not fp32_ids & set(tasks), "fp32 and bf16 tasks share an id"

@@ -432,6 +432,13 @@ def test_status_at_80_columns_cuts_no_name_and_no_number(tmp_path, monkeypatch):
     C.print_status(st)
     assert buf.getvalue().splitlines()[-1].startswith(
         "disk: 216.4 MB in the task folders; networks: 1 encoder.pt 44.8 MB, 4 model.pt 179.0 MB (a linear probe's")
+    # and the precision they are kept in, with the setting that changes it
+    for keep, says in (("fp32", "weights kept in fp32; run.weights: bf16 keeps a third of it; "),
+                       ("bf16", "weights kept in bf16, compressed (run.weights); ")):
+        buf.truncate(0), buf.seek(0)
+        C.print_status(st | {"disk": st["disk"] | {"weights": keep}})
+        assert buf.getvalue().splitlines()[-1].startswith(
+            f"disk: 216.4 MB in the task folders; networks: 1 encoder.pt 44.8 MB, 4 model.pt 179.0 MB ({says}a linear probe's")
 
 
 def test_a_results_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path, write_manifest):

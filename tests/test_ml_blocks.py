@@ -438,3 +438,31 @@ def test_a_control_backbone_is_built_again_to_the_bit_from_its_initialisation_or
     other = dict(saved, rebuild=dict(saved["rebuild"], rng_state=torch.manual_seed(8).get_state()))
     with pytest.raises(ModelFileError, match=r"not the network the task scored: rerun the task .*--retry 01234567"):
         rebuilt_backbone(other)
+
+
+def test_weights_kept_in_bf16_read_back_to_the_bit_and_refuse_what_is_not_rounded():
+    """run.weights: bf16 keeps each float tensor's rounded value exactly (any shape, a 0-d one too);
+    other tensors as they are; a network not rounded first is refused (its file would hold another
+    network than the one scored); a codec this version does not know is named."""
+    import io
+
+    from runner.ml.weights import pack, round_, unpack
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(5, 2))
+    net[1].running_var.mul_(1e-30)  # values near bf16's smallest: still exact after rounding
+    with pytest.raises(ValueError, match="not rounded to bf16"):
+        pack(net.state_dict(), "bf16")
+    round_(net, "bf16")
+    state = {**net.state_dict(), "scalar": torch.tensor(-2.5)}
+    buf = io.BytesIO()
+    torch.save(pack(state, "bf16"), buf)
+    buf.seek(0)
+    back = unpack(torch.load(buf, weights_only=True))
+    assert list(back) == list(state)
+    for k, t in state.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
+    assert back["1.num_batches_tracked"].dtype == torch.int64
+    assert pack(state, "fp32") is state and unpack(state) is state  # fp32 files: the state dict as it is
+    with pytest.raises(ValueError, match="stored as 'zstd-9'"):
+        unpack({"codec": "zstd-9", "tensors": {}})

@@ -164,9 +164,12 @@ class _Pretraining:
 
     def finish(self) -> dict:
         """encoder.pt (atomically), and the pretraining's summary for metrics.json."""
+        from runner.ml.weights import pack, round_
+
         method = self.method
-        atomic_save({"arch": self.arch, "in_channels": self.channels, "state_dict": method.encoder().state_dict()},
-                    self.ctx.task_dir / "encoder.pt")
+        keep = self.ctx.run.weights  # rounded here, before its dependants read it: they all read this file
+        atomic_save({"arch": self.arch, "in_channels": self.channels,
+                     "state_dict": pack(round_(method.encoder(), keep).state_dict(), keep)}, self.ctx.task_dir / "encoder.pt")
         out = {"method": method.name, "init": self.init, "steps": self.total, "batch_size": self.bs, "images": self.n,
                "final_proj_std": float(method.monitor(self.z)) if self.z is not None else self.last_proj_std}
         if self.monitor is not None:

@@ -28,6 +28,7 @@ import torch
 
 from runner.errors import described
 from runner.ml.checkpoint import atomic_save, safe_load
+from runner.ml.weights import unpack
 
 FORMAT = 1
 
@@ -153,7 +154,7 @@ class Scorer:
         k = len(self.class_names)
         if saved["probe"] is None:
             self.model = Classifier(Backbone(saved["arch"], saved["in_channels"]), k)
-            self.model.load_state_dict(saved["state_dict"])
+            self.model.load_state_dict(unpack(saved["state_dict"]))
             self.model = ctx.place(self.model)
         else:
             state = saved["backbone"]
@@ -166,7 +167,7 @@ class Scorer:
                     enc = results / saved["encoder"]["path"]
                     if file_sha256(enc) != saved["encoder"]["sha256"]:
                         raise ModelFileError(f"{enc}: missing or not the encoder this probe was fitted on (sha256 differs)")
-                    state = safe_load(enc, "cpu")["state_dict"]
+                    state = unpack(safe_load(enc, "cpu")["state_dict"])
                 self.backbone = Backbone(saved["arch"], saved["in_channels"])
                 self.backbone.load_state_dict(state)
             self.backbone = self.backbone.to(device)

@@ -191,9 +191,11 @@ def resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dev_gen: to
 
 
 def load_encoder(path: Path, device: torch.device) -> Backbone:
+    from runner.ml.weights import unpack
+
     state = safe_load(path, "cpu")
     backbone = Backbone(state["arch"], int(state["in_channels"]))
-    backbone.load_state_dict(state["state_dict"])
+    backbone.load_state_dict(unpack(state["state_dict"]))
     return backbone.to(device)
 
 

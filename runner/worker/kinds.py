@@ -180,11 +180,15 @@ def classifier(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, ct
         backbone, task.kind != "supervised", (ds.pixels(labels.train), ds.labels[labels.train]),
         (ds.pixels(labels.val), ds.labels[labels.val]) if labels.selecting else None, labels.k, task.settings.finetune, size, ctx,
     )
+    from runner.ml.weights import round_
+
+    round_(model, task.settings.run.weights)  # the network as model.pt keeps it is the one scored (run.weights)
     val_probs = T.predict(model, T.to_device_images(ds.pixels(labels.val), ctx.device), size, ctx).numpy() if labels.selecting else None
     probs = T.predict(model, T.to_device_images(ds.pixels(labels.test), ctx.device), size, ctx).numpy()
     from runner.ml.saved import cpu_state
+    from runner.ml.weights import pack
 
-    return val_probs, probs, selection, {"state_dict": cpu_state(model)}
+    return val_probs, probs, selection, {"state_dict": pack(cpu_state(model), task.settings.run.weights)}
 
 
 def probe(task: TaskSpec, ds, labels: Labels, encoder_path: Path | None, ctx) -> tuple:  # noqa: ANN001
