@@ -252,6 +252,26 @@ def test_a_stop_that_lands_in_a_finalizer_still_stops_the_run_and_prints_no_trac
         assert rows and all(s == "interrupted" and e == "stopped by SIGTERM" for s, e in rows), rows
 
 
+def test_an_interrupt_that_passed_through_c_code_still_exits_130_not_by_sigint(tmp_path):
+    """CPython run as `python -m` (how the tests, the benchmarks and many users start byol-runner)
+    ends by SIGINT, whatever its exit code, once a KeyboardInterrupt has left code run through PyRun_*
+    (as a C extension runs Python), even one caught further up: a stop during the report printed its
+    line and then died as if by Ctrl-C (exit -2). The CLI's "interrupted" path must end 130."""
+    (tmp_path / "stopped_cli.py").write_text("""
+import ctypes, sys
+from runner import cli
+def stopped(args):
+    ctypes.pythonapi.PyRun_SimpleString(b"raise KeyboardInterrupt")  # as a C extension meets a stop
+    raise KeyboardInterrupt("stopped while the report was written")
+cli.cmd_status = stopped
+sys.exit(cli.main(["status"]))
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    r = subprocess.run([sys.executable, "-m", "stopped_cli"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert "interrupted: stopped while the report was written" in r.stderr
+
+
 @pytest.mark.e2e
 def test_a_second_runner_on_the_same_results_is_refused(tmp_path):
     results = tmp_path / "results"
