@@ -284,6 +284,8 @@ def signal_case(ctx: dict, sig_name: str, at: float) -> dict:
     results = work / "results"
     p = subprocess.Popen(CLI + ["run", str(ctx["manifest"]), "--results", str(results)], cwd=ctx["dir"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         # as from a terminal, also when this script runs under nohup (which the runner now honours)
+                         preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGHUP, signal.SIGINT)],
                          env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
     time.sleep(at)
     phase = phase_of(results)

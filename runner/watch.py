@@ -109,6 +109,13 @@ class ReportInterrupted(KeyboardInterrupt):
     """A stop while a finished run's report was written: its tasks are recorded, the report is not."""
 
 
+def stop_signals() -> list[int]:
+    """SIGINT, SIGTERM and SIGHUP, less those this process was started with ignored: `nohup` ignores
+    SIGHUP (the user asked the run to outlive its terminal) and a shell without job control ignores
+    SIGINT for a background job (`cmd &`); a stop handler there would undo that choice."""
+    return [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) != signal.SIG_IGN]
+
+
 def _quiet_interrupts(previous):  # noqa: ANN001, ANN202
     """An unraisablehook. Python runs finalizers and weakref callbacks (garbage collection) between any
     two bytecodes; a KeyboardInterrupt a signal handler raises inside one is printed as 'Exception
@@ -141,7 +148,7 @@ def stops_as_interrupt():  # noqa: ANN201
         got.append(signum)
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, handle) for sig in stop_signals()}
     hook, sys.unraisablehook = sys.unraisablehook, _quiet_interrupts(sys.unraisablehook)
     try:
         yield
@@ -165,7 +172,7 @@ class StopSignals:
         self.stopping = False
         self.closing = False
         self.late: str | None = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in stop_signals()}
         self.hook, sys.unraisablehook = sys.unraisablehook, _quiet_interrupts(sys.unraisablehook)
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001

@@ -493,7 +493,8 @@ def test_a_closed_terminal_stops_the_run_cleanly(tmp_path):
     results = tmp_path / "results"
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(tiny(tmp_path, pre_epochs=40)), "--results",
-                             str(results)], cwd=REPO, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, start_new_session=True)
+                             str(results)], cwd=REPO, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # as a terminal starts it (not nohup)
     os.close(slave)
     try:
         _wait_for_checkpoint(results)
@@ -511,6 +512,33 @@ def test_a_closed_terminal_stops_the_run_cleanly(tmp_path):
         rows = db.execute("SELECT status, error FROM attempts WHERE status != 'done'").fetchall()
     assert run == ("interrupted", 130)
     assert rows and all(s == "interrupted" and e == "stopped by SIGHUP (its terminal closed)" for s, e in rows), rows
+
+
+@pytest.mark.e2e
+def test_a_run_under_nohup_outlives_its_terminal(tmp_path):
+    """`nohup byol-runner run ...` starts the runner with SIGHUP ignored: the user asked the run to
+    outlive its terminal, so SIGHUP must not stop it (the stop handlers used to replace the ignore).
+    Ctrl-C still stops it as usual."""
+    results = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(tiny(tmp_path, pre_epochs=40)), "--results",
+                             str(results)], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # what nohup does
+    try:
+        _wait_for_checkpoint(results)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(3)
+        assert proc.poll() is None, proc.communicate()[1]  # still running
+        with sqlite3.connect(results / "runner.db") as db:
+            assert db.execute("SELECT COUNT(*) FROM attempts WHERE status = 'interrupted'").fetchone()[0] == 0
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    with sqlite3.connect(results / "runner.db") as db:
+        rows = db.execute("SELECT status, error FROM attempts WHERE status != 'done'").fetchall()
+    assert rows and all(s == "interrupted" and e == "stopped by Ctrl-C" for s, e in rows), rows
 
 
 @pytest.mark.e2e
