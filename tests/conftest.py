@@ -10,6 +10,17 @@ from pathlib import Path
 
 import pytest
 
+# The tests stop runs with SIGINT and SIGHUP as a terminal does, and a runner keeps a signal it was
+# started with ignored (nohup's SIGHUP, a background job's SIGINT: runner.watch.stop_signals). So the
+# suite's own children must not inherit such an ignore from however the suite was started (CI under
+# nohup, or as a background job). A Python handler, unlike an ignore, is reset to the default in a
+# child at exec; this process still shrugs the signal off, as it was asked to.
+import signal as _signal  # noqa: E402
+
+for _sig in (_signal.SIGHUP, _signal.SIGINT):
+    if _signal.getsignal(_sig) == _signal.SIG_IGN:
+        _signal.signal(_sig, lambda signum, frame: None)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BYOL_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
 
