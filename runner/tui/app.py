@@ -329,6 +329,8 @@ class RunnerApp(App):
     def tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if event.pane.id == "queue":  # the keys act on the table at once (or the find box `/` opened), no Tab needed
             self.query_one("#find" if self.finding else "#tasks").focus()
+        elif event.pane.id == "results":  # the arrows, Home/End and PgUp/PgDn scroll the tables at once (sideways too)
+            self.query_one("#results-scroll", ScrollableContainer).focus(scroll_visible=False)
         self.finding = False
 
     def _selected_task(self) -> TaskRow | None:
