@@ -352,22 +352,23 @@ def primary_of(manifest_yaml: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)  # the TUI asks on every refresh
-def weights_of(manifest_yaml: str) -> str:
-    """run.weights of a run's manifest: the precision its networks are kept in ("fp32" when unreadable)."""
+def _setting(manifest_yaml: str, section: str, key: str, default: str) -> str:
+    """One setting of a run's stored manifest (`default` when the text or the section is unreadable)."""
     import yaml
 
     try:
-        keep = ((yaml.safe_load(manifest_yaml) or {}).get("run") or {}).get("weights", "fp32")
+        value = ((yaml.safe_load(manifest_yaml) or {}).get(section) or {}).get(key, default)
     except (yaml.YAMLError, AttributeError):
-        keep = "fp32"
+        return default
+    return value if isinstance(value, str) else default
+
+
+def weights_of(manifest_yaml: str) -> str:
+    """run.weights of a run's manifest: the precision its networks are kept in ("fp32" when unreadable)."""
+    keep = _setting(manifest_yaml, "run", "weights", "fp32")
     return keep if keep in ("fp32", "bf16") else "fp32"
 
 
 def arch_of(manifest_yaml: str) -> str:
-    import yaml
-
-    try:
-        arch = (yaml.safe_load(manifest_yaml) or {}).get("model", {}).get("arch", "resnet50")
-    except (yaml.YAMLError, AttributeError):
-        arch = "resnet50"
+    arch = _setting(manifest_yaml, "model", "arch", "resnet50")
     return {"resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResNet50", "resnet101": "ResNet101"}.get(arch, arch)
