@@ -1,21 +1,26 @@
-"""The CPU path of a BYOL step, side by side: where its time goes, and how fast three ways of running it are.
+"""The CPU path of a BYOL step (and of a supervised one), side by side: where its time goes, and how fast
+each way of running it is.
 
-- `today`: the product's BYOL step as the worker ran it before the CPU settings (fp32, channels_last,
-  eager; runner.ml.pretrain.pretrain_step with the views made by runner.ml.augment);
-- `reference`: a plain PyTorch step written here: torchvision's resnet18, the same BYOL heads and loss,
-  an EMA target, SGD, eager fp32, NCHW (what a user would write in an afternoon);
-- `cpu`: the product's step with `run.precision: bf16` (bf16 autocast; on a CPU with native bf16, e.g.
-  AVX512-BF16, its convolutions and matrix products run in bf16). Not the default on the CPU: see
-  `Context.bf16`.
+- `today`: the product's step as the worker ran it before the CPU work of issue #31 (fp32,
+  channels_last, eager, every convolution through PyTorch's oneDNN kernels; runner.ml.pretrain's step
+  with the views made by runner.ml.augment);
+- `reference` (BYOL only): a plain PyTorch step written here: torchvision's resnet18, the same BYOL
+  heads and loss, an EMA target, SGD, eager fp32, NCHW (what a user would write in an afternoon);
+- `fp32`: the product's step now, as a CPU run gets it by default: the convolutions whose output map
+  has at most 2x2 pixels computed as one matrix product (runner.ml.models.SmallMapConv2d);
+- `bf16`: the same with `run.precision: bf16` (bf16 autocast; on a CPU with native bf16, AVX512-BF16
+  or AMX, its convolutions and matrix products run in bf16). Opt-in on the CPU: see `Context.bf16`.
 
-Each is timed on the same random images (BYOL's throughput does not depend on their content), for the
+Each is timed on the same random images (throughput does not depend on their content), for the
 compute only (views made once) and end to end (the views made every step), in `--rounds` interleaved
 rounds of `--steps` timed steps after `--warmup`, so that a busy moment of the machine touches every
-path alike; the median round is reported with the spread. Beside it: a per-op profile of today's
-step (torch.profiler, self CPU time by category), the FLOPs of one step (torch.utils.flop_counter),
-and the fraction of this machine's peak each path reaches: the nominal fp32 peak (cores × 2 FMA pipes ×
-SIMD lanes × 2 FLOP × clock, from /proc/cpuinfo) and the rate of a large matrix product in fp32 and in
-bf16 measured in the same run (what the hardware gives a kernel that does nothing else).
+path alike; the median round is reported with the spread, and the ratios to `today` are of the
+medians. Beside it: a per-op profile (torch.profiler, self CPU time by category) of today's step and
+of the bf16 one, the FLOPs of one step (torch.utils.flop_counter; a convolution's padding counted as
+PyTorch counts it), and the fraction of this machine's peak each path reaches: the nominal fp32 peak
+(cores x 2 FMA pipes x SIMD lanes x 2 FLOP x clock, from /proc/cpuinfo) and the rate of a large matrix
+product in fp32 and in bf16 measured in the same run (what the hardware gives a kernel that does
+nothing else).
 
     python bench/cpu_path.py [--size 64] [--batch 64] [--channels 3] [--rounds 3] [--steps 8]
 """
@@ -104,10 +109,20 @@ class Reference:
 # ---- the product's step -------------------------------------------------------------------------
 
 
+def oneDNN_only(module: nn.Module) -> nn.Module:
+    """Every convolution of `module` through PyTorch's own kernels again (today's path)."""
+    from runner.ml.models import SmallMapConv2d
+
+    for m in module.modules():
+        if type(m) is SmallMapConv2d:
+            m.__class__ = nn.Conv2d
+    return module
+
+
 class Product:
     """runner.ml's BYOL step with the given run settings, views made by runner.ml.augment."""
 
-    def __init__(self, run, channels: int, size: int, batch: int, hidden: int, dim: int) -> None:  # noqa: ANN001 - a RunSpec
+    def __init__(self, run, channels: int, size: int, batch: int, hidden: int, dim: int, today: bool = False) -> None:  # noqa: ANN001 - a RunSpec
         from runner.ml.augment import preset_for
         from runner.ml.config import PretrainSpec, TrainSettings
         from runner.ml.models import Backbone
@@ -116,7 +131,10 @@ class Product:
 
         self.ctx = Context(torch.device("cpu"), run, Path("."), 0, lambda *a, **k: None)
         settings = TrainSettings(pretrain=PretrainSpec(proj_hidden=hidden, proj_dim=dim, pred_hidden=hidden))
-        self.method = make_method("byol", Backbone("resnet18", channels), settings, batch, self.ctx)
+        backbone = Backbone("resnet18", channels)
+        self.method = make_method("byol", oneDNN_only(backbone) if today else backbone, settings, batch, self.ctx)
+        if today:
+            oneDNN_only(self.method.model)  # the target network is a copy made in make_method
         self.forward = self.ctx.maybe_compile(self.method.model)
         self.aug1, self.aug2 = preset_for("auto", channels, "pretrain")
         self.size = size
@@ -131,6 +149,35 @@ class Product:
         pretrain_step(self.method, self.forward, self.ctx, (v1, v2), 0.1, 1, 100)
 
 
+class Supervised:
+    """A supervised fine-tuning step as runner.ml trains one: the classifier on one augmented view,
+    cross-entropy, AdamW (foreach, as on the CPU)."""
+
+    def __init__(self, run, channels: int, size: int, batch: int, today: bool = False) -> None:  # noqa: ANN001 - a RunSpec
+        from runner.ml.augment import preset_for
+        from runner.ml.models import Backbone, Classifier
+        from runner.ml.train import Context
+
+        self.ctx = Context(torch.device("cpu"), run, Path("."), 0, lambda *a, **k: None)
+        clf = Classifier(Backbone("resnet18", channels), 2)
+        self.model = self.ctx.place(oneDNN_only(clf) if today else clf)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, foreach=True)
+        self.aug, _ = preset_for("auto", channels, "finetune")
+        self.labels = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(1))
+        self.size = size
+        self.g = torch.Generator().manual_seed(0)
+
+    def views(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.ctx.view(x, self.aug, self.size, self.g),)
+
+    def step(self, v: torch.Tensor) -> None:
+        with self.ctx.amp:
+            loss = F.cross_entropy(self.model(v).float(), self.labels)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
 def _rate(fn, steps: int, warmup: int, batch: int) -> float:  # noqa: ANN001
     for _ in range(warmup):
         fn()
@@ -140,17 +187,18 @@ def _rate(fn, steps: int, warmup: int, batch: int) -> float:  # noqa: ANN001
     return batch * steps / (time.perf_counter() - t0)
 
 
-def _flops(path: Product, v1: torch.Tensor, v2: torch.Tensor, batch: int) -> float:
+def _flops(path: Product | Supervised, views: tuple[torch.Tensor, ...], batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        path.step(v1, v2)
+        path.step(*views)
     return counter.get_total_flops() / batch
 
 
-def _profile(path: Product, x: torch.Tensor, steps: int = 4) -> dict[str, float]:
-    """Self CPU time of today's end-to-end step by category (share of the total)."""
+def _profile(path: Product | Supervised, x: torch.Tensor, steps: int = 4) -> dict[str, float]:
+    """Self CPU time of an end-to-end step by category (share of the total). The small-map
+    convolutions are matrix products, counted with the heads': the profiler names ops, not layers."""
     from torch.profiler import ProfilerActivity, profile
 
     def step() -> None:
@@ -163,7 +211,9 @@ def _profile(path: Product, x: torch.Tensor, steps: int = 4) -> dict[str, float]
     cats = {"convolution": ("conv", "mkldnn"), "batch_norm": ("batch_norm", "native_batch_norm"),
             "augmentation": ("grid_sampler", "affine_grid", "conv_depthwise", "reflection_pad", "matmul", "bmm", "clamp", "pow",
                              "where", "index", "rand", "randperm", "exp"),
-            "optimizer and EMA": ("foreach", "_fused", "lerp", "addcdiv", "norm"), "linear (heads)": ("addmm", "mm", "linear")}
+            "optimizer and EMA": ("foreach", "_fused", "lerp", "addcdiv", "norm"),
+            "matrix products (heads; 2x2 convolutions)": ("addmm", "mm", "linear"),
+            "im2col of the 2x2 convolutions": ("cat", "constant_pad", "slice_backward")}
     out: dict[str, float] = {}
     total = 0.0
     for e in prof.key_averages():
@@ -190,36 +240,56 @@ def main() -> None:
     from runner.ml.train import native_bf16_cpu
 
     torch.manual_seed(0)
-    today_run = RunSpec(device="cpu", precision="fp32", channels_last=True, compile=False)
-    cpu_run = RunSpec(device="cpu", precision="bf16")
-    x = torch.randint(0, 256, (args.batch, args.channels, args.size, args.size), dtype=torch.uint8)
-    paths = {"today": Product(today_run, args.channels, args.size, args.batch, args.hidden, args.dim),
-             "reference": Reference(args.channels, args.hidden, args.dim),
-             "cpu": Product(cpu_run, args.channels, args.size, args.batch, args.hidden, args.dim)}
-    fixed = paths["today"].views(x)
+    fp32 = RunSpec(device="cpu", precision="fp32", channels_last=True, compile=False)
+    bf16 = RunSpec(device="cpu", precision="bf16", channels_last=True, compile=False)
+    c, size, batch = args.channels, args.size, args.batch
+    x = torch.randint(0, 256, (batch, c, size, size), dtype=torch.uint8)
+    byol = {"today": Product(fp32, c, size, batch, args.hidden, args.dim, today=True),
+            "reference": Reference(c, args.hidden, args.dim),
+            "fp32": Product(fp32, c, size, batch, args.hidden, args.dim),
+            "bf16": Product(bf16, c, size, batch, args.hidden, args.dim)}
+    supervised = {"today": Supervised(fp32, c, size, batch, today=True), "fp32": Supervised(fp32, c, size, batch),
+                  "bf16": Supervised(bf16, c, size, batch)}
+    fixed = byol["today"].views(x)
     plain = tuple(v.contiguous().float() for v in fixed)
-    rates: dict[str, list[float]] = {f"{name}/{part}": [] for name in paths for part in ("compute", "end_to_end")}
+    fixed_sup = supervised["today"].views(x)
+    rates: dict[str, list[float]] = {}
     for _ in range(args.rounds):
-        for name, p in paths.items():
+        for name, p in byol.items():
             views = plain if name == "reference" else fixed
-            rates[f"{name}/compute"].append(_rate(lambda p=p, v=views: p.step(*v), args.steps, args.warmup, args.batch))
-            make = (lambda p=p: p.step(*paths["today"].views(x)) if isinstance(p, Reference) else p.step(*p.views(x)))
-            rates[f"{name}/end_to_end"].append(_rate(make, args.steps, args.warmup, args.batch))
-    flops = _flops(paths["today"], *fixed, args.batch)
+            rates.setdefault(f"byol/{name}/compute", []).append(_rate(lambda p=p, v=views: p.step(*v), args.steps, args.warmup, batch))
+            make = (lambda p=p: p.step(*byol["today"].views(x)) if isinstance(p, Reference) else p.step(*p.views(x)))
+            rates.setdefault(f"byol/{name}/end_to_end", []).append(_rate(make, args.steps, args.warmup, batch))
+        for name, p in supervised.items():
+            rates.setdefault(f"supervised/{name}/compute", []).append(
+                _rate(lambda p=p: p.step(*fixed_sup), args.steps, args.warmup, batch))
+            rates.setdefault(f"supervised/{name}/end_to_end", []).append(
+                _rate(lambda p=p: p.step(*p.views(x)), args.steps, args.warmup, batch))
+        print("round", {k: round(v[-1], 1) for k, v in rates.items()}, file=sys.stderr, flush=True)
+    flops = {"byol": _flops(byol["today"], fixed, batch), "supervised": _flops(supervised["today"], fixed_sup, batch)}
     peak = peak_gflops()
     median = {k: statistics.median(v) for k, v in rates.items()}
-    out = {"setting": {"arch": "resnet18", "size": args.size, "batch": args.batch, "channels": args.channels,
-                       "head_hidden": args.hidden, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "native_bf16": native_bf16_cpu()},
-           "machine": peak, "gflop_per_image": round(flops / 1e9, 3),
+
+    def today(k: str) -> float:
+        kind, _, part = k.split("/")
+        return median[f"{kind}/today/{part}"]
+
+    def gflops(k: str) -> float:
+        return median[k] * flops[k.split("/")[0]] / 1e9
+
+    out = {"setting": {"arch": "resnet18", "size": size, "batch": batch, "channels": c, "head_hidden": args.hidden,
+                       "threads": torch.get_num_threads(), "torch": torch.__version__, "native_bf16": native_bf16_cpu(),
+                       "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
+           "machine": peak, "gflop_per_image": {k: round(v / 1e9, 3) for k, v in flops.items()},
            "img_per_s": {k: {"median": round(v, 2), "rounds": [round(r, 2) for r in rates[k]],
                              "spread": round((max(rates[k]) - min(rates[k])) / v, 3)} for k, v in median.items()},
-           "ratio_to_today": {k: round(v / median[f"today/{k.split('/')[1]}"], 3) for k, v in median.items()},
-           "gflops": {k: round(v * flops / 1e9, 1) for k, v in median.items()},
-           "fraction_of_nominal_fp32_peak": {k: round(v * flops / 1e9 / peak["nominal_fp32_gflops"], 3) for k, v in median.items()},
-           "fraction_of_gemm": {k: round(v * flops / 1e9 / peak["gemm_bf16_gflops" if k.startswith("cpu") else "gemm_fp32_gflops"], 3)
-                                for k, v in median.items()},
-           "profile_today_end_to_end": _profile(paths["today"], x)}
+           "ratio_to_today": {k: round(v / today(k), 3) for k, v in median.items()},
+           "gflops": {k: round(gflops(k), 1) for k in median},
+           "fraction_of_nominal_fp32_peak": {k: round(gflops(k) / peak["nominal_fp32_gflops"], 3) for k in median},
+           "fraction_of_gemm": {k: round(gflops(k) / peak["gemm_bf16_gflops" if "/bf16/" in k else "gemm_fp32_gflops"], 3)
+                                for k in median},
+           "profile_byol_today_end_to_end": _profile(byol["today"], x),
+           "profile_byol_bf16_end_to_end": _profile(byol["bf16"], x)}
     print(json.dumps(out, indent=1))
 
 

@@ -28,8 +28,10 @@ def small_byol(channels: int = 1) -> BYOL:
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_the_resnets_are_torchvisions_weight_for_weight(arch):
     """Our ResNets (written here: importing torchvision costs a worker seconds) build torchvision's
-    networks: the same seed gives the same weights under the same names, the same outputs, and the
-    ImageNet weights files are found under torchvision's names."""
+    networks: the same seed gives the same weights under the same names, the same outputs (to the bit
+    where no convolution's map is 2x2 or smaller; to float rounding at 64 px, where the last stage's
+    are, which SmallMapConv2d computes as matrix products on the CPU), and the ImageNet weights files
+    are found under torchvision's names."""
     import torchvision
 
     from runner.ml.models import IMAGENET_URLS, ResNet
@@ -41,10 +43,67 @@ def test_the_resnets_are_torchvisions_weight_for_weight(arch):
     a, b = ours.state_dict(), theirs.state_dict()
     assert list(a) == list(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
+        x = torch.randn(2, 3, 96, 96)  # the last stage's maps 3x3: PyTorch's convolutions throughout
         assert torch.equal(ours(x), theirs(x))
+        x = torch.randn(2, 3, 64, 64)  # 2x2: the small-map path
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
     assert IMAGENET_URLS[arch] == torchvision.models.get_model_weights(arch).DEFAULT.url
+
+
+@pytest.mark.parametrize("cin,cout,size,stride,bias,layout,bf16", [
+    (64, 96, 2, 1, False, "channels_last", False),   # a 2x2 map, same size out
+    (32, 64, 4, 2, False, "channels_last", False),   # 4x4 in, 2x2 out: the first conv of a last stage
+    (48, 48, 1, 1, True, "contiguous", False),       # 1x1 (32 px images), NCHW, with a bias
+    (40, 24, 3, 2, False, "channels_last", False),   # 3x3 in, 2x2 out: an odd size
+    (64, 64, 2, 1, False, "channels_last", True),    # under bf16 autocast
+])
+def test_a_small_map_convolution_is_pytorchs_convolution_in_value_gradient_and_layout(cin, cout, size, stride, bias, layout, bf16):
+    """SmallMapConv2d computes a 3x3 convolution whose output map has at most 2x2 pixels as one matrix
+    product on the CPU. It must be the same function as PyTorch's: the same output (shape, dtype,
+    memory layout), the same gradients for input, weight and bias, to float rounding (bf16's where
+    autocast asks for bf16); and the same module to everything that saves or loads one."""
+    import torch.nn.functional as F
+
+    from runner.ml.models import SmallMapConv2d
+
+    torch.manual_seed(0)
+    conv = SmallMapConv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
+    x = torch.randn(3, cin, size, size)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    outs = {}
+    for way in ("small-map", "pytorch"):
+        xi = x.clone().requires_grad_()
+        conv.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = conv(xi) if way == "small-map" else F.conv2d(xi, conv.weight, conv.bias, stride=stride, padding=1)
+        assert y.is_contiguous(memory_format=fmt)
+        (y.float() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        outs[way] = (y, xi.grad, conv.weight.grad.clone(), None if conv.bias is None else conv.bias.grad.clone())
+    (y, gx, gw, gb), (ry, rgx, rgw, rgb) = outs["small-map"], outs["pytorch"]
+    assert y.shape == ry.shape and y.dtype == ry.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
+    for ours, theirs in ((y, ry), (gx, rgx), (gw, rgw), (gb, rgb)):
+        if theirs is not None:
+            torch.testing.assert_close(ours.float(), theirs.float(), **tol)
+    assert list(conv.state_dict()) == list(nn.Conv2d(cin, cout, 3, bias=bias).state_dict())
+
+
+def test_a_small_map_convolution_leaves_larger_maps_to_pytorch_exactly():
+    """At 3x3 output pixels and more, and for a 1x1 kernel, it is PyTorch's convolution to the bit."""
+    import torch.nn.functional as F
+
+    from runner.ml.models import SmallMapConv2d
+
+    torch.manual_seed(0)
+    conv = SmallMapConv2d(16, 16, 3, padding=1, bias=False)
+    x = torch.randn(2, 16, 3, 3).to(memory_format=torch.channels_last)
+    assert torch.equal(conv(x), F.conv2d(x, conv.weight, padding=1))
+    one = SmallMapConv2d(16, 8, 1, bias=False)
+    x = torch.randn(2, 16, 2, 2)
+    assert torch.equal(one(x), F.conv2d(x, one.weight))
 
 
 def test_heads_have_the_papers_shape():
