@@ -274,6 +274,10 @@ def main() -> None:
         kind, _, part = k.split("/")
         return median[f"{kind}/today/{part}"]
 
+    def paired(k: str) -> list[float]:
+        kind, _, part = k.split("/")
+        return [a / b for a, b in zip(rates[k], rates[f"{kind}/today/{part}"])]
+
     def gflops(k: str) -> float:
         return median[k] * flops[k.split("/")[0]] / 1e9
 
@@ -284,6 +288,11 @@ def main() -> None:
            "img_per_s": {k: {"median": round(v, 2), "rounds": [round(r, 2) for r in rates[k]],
                              "spread": round((max(rates[k]) - min(rates[k])) / v, 3)} for k, v in median.items()},
            "ratio_to_today": {k: round(v / today(k), 3) for k, v in median.items()},
+           # the same ratio taken within each round (the paths timed minutes apart at most), then the median
+           # and range over rounds: what a busy moment of the machine moves least
+           "ratio_to_today_within_rounds": {k: {"median": round(statistics.median(r), 3), "min": round(min(r), 3),
+                                                "max": round(max(r), 3)}
+                                            for k in median for r in [paired(k)]},
            "gflops": {k: round(gflops(k), 1) for k in median},
            "fraction_of_nominal_fp32_peak": {k: round(gflops(k) / peak["nominal_fp32_gflops"], 3) for k in median},
            "fraction_of_gemm": {k: round(gflops(k) / peak["gemm_bf16_gflops" if "/bf16/" in k else "gemm_fp32_gflops"], 3)
