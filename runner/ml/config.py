@@ -33,8 +33,10 @@ class RunSpec(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible, else cpu")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on cuda, fp32 on the CPU; bf16 on a CPU with native bf16 (AVX512-BF16, "
-        "AMX) is about 1.4× faster but was seen not to be bit-reproducible for tiny images (16 px); part of the task ids")
-    compile: bool = Field(False, description="torch.compile the networks (faster on a GPU after a minute of compiling)")
+        "AMX) ran a BYOL step at about 1.5× the fp32 step (bench/cpu_path.py, 64 px) but rounds activations to 3 "
+        "significant digits, so it is asked for, not the default; part of the task ids")
+    compile: bool = Field(False, description="torch.compile the networks (faster on a GPU after a minute of compiling; "
+                          "not faster on a 2-core CPU: docs/speed.md)")
     channels_last: bool = Field(True, description="images and networks in channels_last layout (faster convolutions on GPUs and with oneDNN)")
     weights: Literal["fp32", "bf16"] = Field(
         "fp32", description="the precision encoder.pt and the classifiers' model.pt keep a network in. bf16: its weights are "

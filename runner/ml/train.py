@@ -46,9 +46,11 @@ class Context:
     @property
     def bf16(self) -> bool:
         """bf16 autocast: asked for, or `auto` on a GPU. On a CPU `auto` is fp32, also where the CPU
-        computes bf16 natively (AVX512-BF16, AMX; `native_bf16_cpu`): there bf16 is about 1.4× faster
-        (bench/cpu_path.py), but oneDNN's bf16 kernels were seen to give different weight gradients
-        from run to run for a ResNet at 16 px, so a CPU run is bf16 only when the manifest asks."""
+        computes bf16 natively (AVX512-BF16, AMX; `native_bf16_cpu`): there a BYOL step in bf16 ran
+        1.5× the fp32 one at 64 px (bench/cpu_path.py), but it rounds every activation to 3
+        significant digits and its numbers are not fp32's, so a CPU run is bf16 only when the manifest
+        asks. (Its steps repeat to the bit, at 16 px too, since SmallMapConv2d took over the 1x1 and
+        2x2 maps whose oneDNN bf16 kernels did not: a test holds it.)"""
         return self.run.precision == "bf16" or (self.run.precision == "auto" and self.device.type == "cuda")
 
     @property
