@@ -118,3 +118,20 @@ def test_the_checks_see_what_a_page_says():
     [block] = _yaml_blocks("```yaml\npretrain: {epoch: 3}\n```\n")
     with pytest.raises(ManifestError, match="pretrain.epoch: unknown key"):
         parse_manifest(yaml.safe_dump(_as_manifest(yaml.safe_load(block))))
+
+
+def test_the_monitor_manifest_is_the_cpu_studys_chest_xray_and_valid(tmp_path, monkeypatch):
+    """experiments/monitor-cpu.yaml (how long BYOL must pretrain at CPU scale; the speed page and the
+    studies page quote it) pretrains on the CPU study's chest X-ray data set, exactly, and validates."""
+    import yaml
+
+    from runner.manifest import parse_manifest
+
+    text = (REPO / "experiments" / "monitor-cpu.yaml").read_text()
+    monitor, study = yaml.safe_load(text), yaml.safe_load((REPO / "experiments" / "study-cpu.yaml").read_text())
+    assert monitor["datasets"] == {"pneumonia": study["datasets"]["pneumonia"]}
+    assert monitor["model"] == study["model"] and monitor["run"]["precision"] == study["run"]["precision"]
+    (tmp_path / "chest_xray").mkdir()
+    monkeypatch.setenv("BYOL_DATA", str(tmp_path))
+    manifest = parse_manifest(text, "monitor-cpu.yaml")
+    assert manifest.run.monitor_every_steps == 250 and manifest.pretrain.min_steps == 3000
